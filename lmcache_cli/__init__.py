@@ -1,0 +1,1 @@
+"""The `lmcache` command: a thin Typer layer over lmcache_core."""

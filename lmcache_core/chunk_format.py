@@ -1,0 +1,320 @@
+"""Chunk bytes <-> tensor: one safetensors file holding the tensor ``kv_chunk``.
+
+Layout (standard safetensors, readable by the ``safetensors`` library)::
+
+    u64 little-endian N | N bytes of JSON header, space padded | payload
+
+The header's ``__metadata__`` holds ``lmcache.format`` ("1"), ``lmcache.key`` and
+``lmcache.checksum`` (``xxh3_128:<hex>`` over the payload). Everything here
+validates before it allocates, and nothing is ever unpickled. Functions are
+pure and thread-safe.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import xxhash
+
+from lmcache_core.errors import CorruptChunkError
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT_VERSION = "1"
+TENSOR_NAME = "kv_chunk"
+CHECKSUM_ALGO = "xxh3_128"
+SUFFIX = ".safetensors"
+# Our headers are ~300 bytes; the bound keeps a lying length from allocating gigabytes.
+MAX_HEADER_BYTES = 64 * 1024
+_ALIGN = 8
+
+# safetensors dtype name -> (torch attribute name, item size in bytes)
+_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+}
+_TORCH_TO_ST = {v[0]: k for k, v in _DTYPES.items()}
+
+# torch.frombuffer over an immutable ``bytes`` warns; we only wrap bytes that we
+# alone hold (fresh from a socket or file), so the aliasing is harmless.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    """What the header alone says about a chunk."""
+
+    key: str | None
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    nbytes: int  # payload size
+    data_offset: int  # 8 + header length: where the payload starts
+    checksum: str | None
+    version: str | None
+
+    @property
+    def total_size(self) -> int:
+        return self.data_offset + self.nbytes
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, _DTYPES[self.dtype][0])  # type: ignore[no-any-return]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "nbytes": self.nbytes,
+            "checksum": self.checksum,
+            "format": self.version,
+        }
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """safetensors name of a torch dtype; ``ValueError`` if it has none."""
+    name = str(dtype).removeprefix("torch.")
+    try:
+        return _TORCH_TO_ST[name]
+    except KeyError:
+        raise ValueError(
+            f"dtype {dtype} cannot be stored; supported: {', '.join(sorted(_TORCH_TO_ST))}"
+        ) from None
+
+
+def checksum(payload: Any) -> str:
+    """``xxh3_128:<hex>`` of a bytes-like payload."""
+    return f"{CHECKSUM_ALGO}:{xxhash.xxh3_128_hexdigest(payload)}"
+
+
+def payload_view(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes as a zero-copy memoryview (copies only if on GPU or strided)."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(_uint8()).numpy()).cast("B")
+
+
+def _uint8() -> torch.dtype:
+    import torch
+
+    return torch.uint8
+
+
+def encode_header(tensor: torch.Tensor, key: str, payload: memoryview | None = None) -> bytes:
+    """The 8-byte length and JSON header for ``tensor`` stored under ``key``.
+
+    Args:
+        tensor: the chunk.
+        key: ``CacheEngineKey.to_string()`` of the chunk.
+        payload: ``payload_view(tensor)`` when the caller already has it.
+    """
+    if payload is None:
+        payload = payload_view(tensor)
+    header = {
+        "__metadata__": {
+            "lmcache.format": FORMAT_VERSION,
+            "lmcache.key": key,
+            "lmcache.checksum": checksum(payload),
+        },
+        TENSOR_NAME: {
+            "dtype": dtype_name(tensor.dtype),
+            "shape": list(tensor.shape),
+            "data_offsets": [0, payload.nbytes],
+        },
+    }
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    raw += b" " * (-(len(raw) + 8) % _ALIGN)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def encode(tensor: torch.Tensor, key: str) -> tuple[bytes, memoryview]:
+    """Header bytes and a zero-copy payload view; write them one after the other."""
+    payload = payload_view(tensor)
+    return encode_header(tensor, key, payload), payload
+
+
+def encode_bytes(tensor: torch.Tensor, key: str) -> bytes:
+    """The whole chunk as one ``bytes`` (one copy of the payload)."""
+    header, payload = encode(tensor, key)
+    return b"".join((header, payload))
+
+
+def header_length(prefix: bytes | memoryview) -> int:
+    """Total header size (8 + N) from the first 8 bytes; validates the bound."""
+    if len(prefix) < 8:
+        raise CorruptChunkError(f"truncated: {len(prefix)} bytes, need 8 for the header length")
+    (n,) = struct.unpack_from("<Q", prefix, 0)
+    if n < 2 or n > MAX_HEADER_BYTES:
+        raise CorruptChunkError(f"header length {n} outside [2, {MAX_HEADER_BYTES}]")
+    return 8 + int(n)
+
+
+def parse_header(prefix: bytes | memoryview, total_size: int | None = None) -> ChunkHeader:
+    """Validate and parse a header from the first ``8 + N`` bytes (or more).
+
+    Args:
+        prefix: at least the header bytes.
+        total_size: the object's full size when known; must equal header + payload.
+
+    Raises:
+        CorruptChunkError: anything inconsistent, before any payload allocation.
+    """
+    end = header_length(prefix)
+    if len(prefix) < end:
+        raise CorruptChunkError(f"truncated: header needs {end} bytes, have {len(prefix)}")
+    try:
+        doc = json.loads(bytes(prefix[8:end]))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptChunkError(f"header is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise CorruptChunkError("header is not a JSON object")
+    meta = doc.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CorruptChunkError("__metadata__ is not an object of strings")
+    tensors = [k for k in doc if k != "__metadata__"]
+    if tensors != [TENSOR_NAME]:
+        raise CorruptChunkError(f"expected exactly one tensor {TENSOR_NAME!r}, found {tensors[:4]}")
+    info = doc[TENSOR_NAME]
+    if not isinstance(info, dict):
+        raise CorruptChunkError("tensor entry is not an object")
+    dtype = info.get("dtype")
+    if dtype not in _DTYPES:
+        raise CorruptChunkError(f"unknown dtype {dtype!r:.40}")
+    shape = info.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 16
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
+    ):
+        raise CorruptChunkError("shape is not a list of at most 16 non-negative ints")
+    offsets = info.get("data_offsets")
+    nbytes = math.prod(shape) * _DTYPES[dtype][1]
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or offsets[0] != 0
+        or offsets[1] != nbytes
+    ):
+        raise CorruptChunkError(f"data_offsets {offsets!r:.60} do not match shape x dtype = {nbytes}")
+    if total_size is not None and total_size != end + nbytes:
+        raise CorruptChunkError(
+            f"size {total_size} does not match header ({end}) + payload ({nbytes})"
+        )
+    return ChunkHeader(
+        key=meta.get("lmcache.key"),
+        dtype=dtype,
+        shape=tuple(shape),
+        nbytes=nbytes,
+        data_offset=end,
+        checksum=meta.get("lmcache.checksum"),
+        version=meta.get("lmcache.format"),
+    )
+
+
+def check_identity(header: ChunkHeader, expected_key: str | None) -> None:
+    """Refuse chunks that are not ours: wrong version, no checksum, another key."""
+    if header.version != FORMAT_VERSION:
+        raise CorruptChunkError(f"not an lmcache chunk (format {header.version!r:.20})")
+    if not header.checksum or not header.checksum.startswith(CHECKSUM_ALGO + ":"):
+        raise CorruptChunkError(f"unsupported checksum {header.checksum!r:.40}")
+    if expected_key is not None and header.key != expected_key:
+        raise CorruptChunkError(f"chunk holds key {header.key!r:.120}, expected {expected_key!r:.120}")
+
+
+def verify_payload(header: ChunkHeader, payload: Any) -> None:
+    """Raise ``CorruptChunkError`` unless the payload matches the header's checksum."""
+    if checksum(payload) != header.checksum:
+        raise CorruptChunkError("checksum mismatch")
+
+
+def read_header(f: BinaryIO, total_size: int | None = None) -> ChunkHeader:
+    """Read and validate only the header from a file positioned at its start."""
+    first = f.read(8)
+    end = header_length(first)
+    rest = f.read(end - 8)
+    return parse_header(first + rest, total_size)
+
+
+def decode(
+    buf: bytes | bytearray | memoryview,
+    expected_key: str | None = None,
+    *,
+    verify: bool = True,
+) -> torch.Tensor:
+    """Decode a whole chunk, zero-copy over ``buf`` (the tensor aliases it).
+
+    Args:
+        buf: the chunk's bytes; the caller must not reuse them afterwards.
+        expected_key: the key string the chunk must carry (None accepts any).
+        verify: check the payload checksum.
+
+    Raises:
+        CorruptChunkError: bad header, size, key or checksum.
+    """
+    import torch
+
+    mv = memoryview(buf).cast("B") if not isinstance(buf, bytes) else memoryview(buf)
+    header = parse_header(mv[: min(len(mv), 8 + MAX_HEADER_BYTES)], total_size=len(mv))
+    check_identity(header, expected_key)
+    payload = mv[header.data_offset :]
+    if verify:
+        verify_payload(header, payload)
+    if header.nbytes == 0:
+        return torch.empty(header.shape, dtype=header.torch_dtype)
+    flat = torch.frombuffer(buf, dtype=torch.uint8, count=header.nbytes, offset=header.data_offset)
+    return flat.view(header.torch_dtype).view(header.shape)
+
+
+def read_payload_into(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor) -> None:
+    """Fill the uint8 tensor ``dest`` (``header.nbytes`` long) from ``f`` at the payload.
+
+    Raises:
+        CorruptChunkError: the file ends early.
+    """
+    view = memoryview(dest.numpy()).cast("B") if header.nbytes else memoryview(b"")
+    done = 0
+    while done < header.nbytes:
+        n = f.readinto(view[done:])  # type: ignore[attr-defined]
+        if not n:
+            raise CorruptChunkError(f"truncated payload: {done} of {header.nbytes} bytes")
+        done += n
+
+
+def write_chunk(f: BinaryIO | io.RawIOBase, tensor: torch.Tensor, key: str) -> int:
+    """Write header and payload straight from the tensor's memory; returns bytes written."""
+    header, payload = encode(tensor, key)
+    _write_all(f, header)
+    _write_all(f, payload)
+    return len(header) + payload.nbytes
+
+
+def _write_all(f: Any, data: Any) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = f.write(view)
+        if n is None:  # non-blocking raw stream with nothing written: not our files
+            raise OSError("short write")
+        view = view[n:]

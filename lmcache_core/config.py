@@ -1,0 +1,345 @@
+"""Engine configuration and metadata, with LMCache's field names.
+
+``LMCacheEngineConfig`` is built from defaults, a YAML file (LMCache's form) or
+``LMCACHE_<FIELD>`` environment variables; every value is validated and the
+source of each is remembered for ``lmcache config``. Instances are plain
+dataclasses: immutable by convention, safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from lmcache_core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+GB = 1024**3
+ENV_PREFIX = "LMCACHE_"
+CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+
+SERDE = "safetensors"
+# LMCache's serde names that we map onto the one safe format.
+_LEGACY_SERDE = {"torch": SERDE, "safetensor": SERDE, "safetensors": SERDE}
+# LMCache fields that this toolkit reads but has no use for; accepted for compatibility.
+_IGNORED_LMCACHE_FIELDS = frozenset(
+    {
+        "save_decode_cache",
+        "enable_blending",
+        "blend_recompute_ratio",
+        "blend_min_tokens",
+        "blend_separator",
+        "blend_add_special_in_precomp",
+    }
+)
+_DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+@dataclass
+class LMCacheEngineConfig:
+    """Configuration of a store: which tiers, how big, where.
+
+    Fields absent (``None``/0) switch a tier off: no remote, no disk.
+
+    Attributes:
+        chunk_size: tokens per chunk.
+        local_device: memory tier device (``cpu``, ``cuda``, ``cuda:N``) or
+            ``file://<dir>`` for a disk tier (LMCache's spelling).
+        max_local_cache_size: memory-tier budget in GB (1 GB = 1024**3 bytes).
+        remote_url: remote store URL (``redis://``, ``s3://``, ...) or None.
+        remote_serde: chunk encoding; only ``safetensors`` (legacy names map to it).
+        pipelined_backend: use ``LMCPipelinedRemoteBackend`` for the remote tier.
+        local_disk: disk tier directory (path or ``file://``), or None.
+        max_local_disk_size: disk-tier budget in GB; 0 means ``max_local_cache_size``.
+        remote_timeout: seconds each remote call may take.
+        prefetch: hybrid only: copy matching remote chunks into local tiers at start.
+    """
+
+    chunk_size: int = 256
+    local_device: str | None = "cpu"
+    max_local_cache_size: float = 5.0
+    remote_url: str | None = None
+    remote_serde: str = SERDE
+    pipelined_backend: bool = False
+    local_disk: str | None = None
+    max_local_disk_size: float = 0.0
+    remote_timeout: float = 5.0
+    prefetch: bool = False
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for f in _fields():
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name)))
+        for f in _fields():
+            self.sources.setdefault(f.name, "default")
+
+    # -- constructors --------------------------------------------------------------
+
+    @classmethod
+    def from_defaults(cls, **overrides: Any) -> LMCacheEngineConfig:
+        """Defaults with keyword overrides; unknown fields raise ``ConfigError``."""
+        values = _check_names(overrides, "keyword")
+        cfg = cls(**values)
+        for name in values:
+            cfg.sources[name] = "argument"
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> LMCacheEngineConfig:
+        """Read an LMCache-style YAML file."""
+        import yaml
+
+        p = Path(path)
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError("config file", f"cannot read {p}: {exc.strerror or exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError("config file", f"{p} is not valid YAML: {exc}") from exc
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError("config file", f"{p} must hold a mapping of fields")
+        values = _check_names(raw, f"file {p}")
+        cfg = cls(**values)
+        for name in values:
+            cfg.sources[name] = f"file {p}"
+        return cfg
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> LMCacheEngineConfig:
+        """``LMCACHE_CONFIG_FILE`` (if set), then ``LMCACHE_<FIELD>`` overrides."""
+        env = os.environ if environ is None else environ
+        path = env.get(CONFIG_FILE_ENV)
+        cfg = cls.from_file(path) if path else cls()
+        overrides: dict[str, Any] = {}
+        for f in _fields():
+            var = ENV_PREFIX + f.name.upper()
+            if var in env:
+                overrides[f.name] = env[var]
+        return cfg.replace(_source="environment", **overrides)
+
+    def replace(self, _source: str = "argument", **overrides: Any) -> LMCacheEngineConfig:
+        """A copy with some fields changed (validated), remembering their source."""
+        values = _check_names(overrides, "keyword")
+        sources = dict(self.sources)
+        new = dataclasses.replace(self, sources=sources, **values)
+        for name in values:
+            new.sources[name] = _source if _source != "environment" else (
+                f"env {ENV_PREFIX}{name.upper()}"
+            )
+        return new
+
+    # -- derived values ------------------------------------------------------------
+
+    @property
+    def local_memory_device(self) -> str | None:
+        """The memory tier's device, or None when ``local_device`` names a disk."""
+        if self.local_device and not self.local_device.startswith("file://"):
+            return self.local_device
+        return None
+
+    @property
+    def disk_path(self) -> str | None:
+        """The disk tier's directory: ``local_disk``, else ``local_device=file://<dir>``."""
+        src = self.local_disk
+        if not src and self.local_device and self.local_device.startswith("file://"):
+            src = self.local_device
+        if not src:
+            return None
+        return src[len("file://") :] if src.startswith("file://") else src
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return int(self.max_local_cache_size * GB)
+
+    @property
+    def disk_budget_bytes(self) -> int:
+        size = self.max_local_disk_size if self.max_local_disk_size > 0 else self.max_local_cache_size
+        return int(size * GB)
+
+    def to_dict(self, mask_secrets: bool = True) -> dict[str, Any]:
+        """Field values, URLs with credentials masked unless asked otherwise."""
+        out: dict[str, Any] = {}
+        for f in _fields():
+            value = getattr(self, f.name)
+            if mask_secrets and isinstance(value, str) and "://" in value:
+                value = mask_url(value)
+            out[f.name] = value
+        return out
+
+
+def _fields() -> list[dataclasses.Field[Any]]:
+    return [f for f in dataclasses.fields(LMCacheEngineConfig) if f.name != "sources"]
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in _fields()]
+
+
+def _check_names(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    known = set(_field_names())
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in _IGNORED_LMCACHE_FIELDS:
+            logger.warning("config field %s (from %s) is not used by lmcache toolkit; ignored", name, where)
+            continue
+        if name not in known:
+            raise ConfigError(
+                str(name), f"unknown field (from {where}); accepted: {', '.join(sorted(known))}"
+            )
+        out[name] = value
+    return out
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Validate one field, parsing strings (from env or YAML) into its type."""
+    if name == "chunk_size":
+        n = _as_int(name, value)
+        if n < 1:
+            raise ConfigError(name, f"must be >= 1, got {n}")
+        return n
+    if name in ("max_local_cache_size", "max_local_disk_size", "remote_timeout"):
+        x = _as_float(name, value)
+        if x < 0 or x != x or x == float("inf"):
+            raise ConfigError(name, f"must be a finite number >= 0, got {value!r}")
+        if name == "remote_timeout" and x == 0:
+            raise ConfigError(name, "must be > 0 seconds")
+        return x
+    if name in ("pipelined_backend", "prefetch"):
+        return _as_bool(name, value)
+    if name == "local_device":
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str) or not (
+            _DEVICE_RE.fullmatch(value) or (value.startswith("file://") and len(value) > 7)
+        ):
+            raise ConfigError(name, f"{value!r} is not one of cpu, cuda, cuda:N, file://<dir>")
+        return value
+    if name == "local_disk":
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise ConfigError(name, "must be a directory path or file://<dir>")
+        if value.startswith("file://"):
+            value = value  # kept as written; disk_path strips the scheme
+        elif "://" in value:
+            raise ConfigError(name, f"must be a local directory, got {mask_url(value)}")
+        return value
+    if name == "remote_url":
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str) or "://" not in value:
+            raise ConfigError(name, f"must be a URL such as redis://host:6379 or s3://bucket/prefix, got {value!r:.80}")
+        return value
+    if name == "remote_serde":
+        if value == "cachegen":
+            raise ConfigError(
+                name, "'cachegen' is not supported (it needs LMCache's GPU codec); use 'safetensors'"
+            )
+        if value not in _LEGACY_SERDE:
+            raise ConfigError(name, f"{value!r} is not one of safetensors (legacy: torch, safetensor)")
+        if value != SERDE:
+            logger.warning("remote_serde=%r is stored as safe 'safetensors' chunks instead", value)
+        return SERDE
+    return value
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(name, f"expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    raise ConfigError(name, f"expected an integer, got {value!r:.80}")
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(name, f"expected a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(name, f"expected a number (GB or seconds), got {value!r:.80}") from None
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(name, f"expected true or false, got {value!r:.80}")
+
+
+def mask_url(url: str) -> str:
+    """Replace the password (and secret query values) of a URL with ``***``.
+
+    ``redis://user:pw@host:6379/0`` -> ``redis://user:***@host:6379/0``.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, sep, _pw = userinfo.partition(":")
+        netloc = f"{user}:***@{hostport}" if sep else f"***@{hostport}"
+    query = parts.query
+    if query:
+        pairs = []
+        for item in query.split("&"):
+            k, eq, v = item.partition("=")
+            if eq and re.search(r"secret|password|token|key|credential", k, re.I):
+                v = "***"
+            pairs.append(f"{k}{eq}{v}")
+        query = "&".join(pairs)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+@dataclass
+class LMCacheEngineMetadata:
+    """Who is caching: model, parallelism, KV layout. Immutable by convention.
+
+    ``kv_shape`` is a full chunk's shape, ``(num_layers, 2, chunk_size, heads, head_size)``
+    for fmt ``vllm``; ``kv_dtype`` a ``torch.dtype``.
+    """
+
+    model_name: str
+    world_size: int = 1
+    worker_id: int = 0
+    fmt: str = "vllm"
+    kv_dtype: Any = None
+    kv_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        from lmcache_core.key import FORMATS
+
+        if self.fmt not in FORMATS:
+            raise ConfigError("fmt", f"{self.fmt!r} is not one of {', '.join(FORMATS)}")
+        if self.kv_shape is not None:
+            self.kv_shape = tuple(int(d) for d in self.kv_shape)
+
+
+@dataclass
+class LMCacheMemPoolMetadata:
+    """Shape and dtype of a full chunk and the memory budget (GB), for slot pools."""
+
+    kv_shape: tuple[int, ...]
+    kv_dtype: Any
+    max_local_cache_size: float = 5.0
+
+    def __post_init__(self) -> None:
+        self.kv_shape = tuple(int(d) for d in self.kv_shape)

@@ -1,0 +1,51 @@
+"""The project's few exception types.
+
+Each inherits from the builtin a caller would naturally catch (``ValueError``,
+``OSError``, ``ConnectionError``), so code that knows nothing of lmcache still
+handles them, and each carries what failed (key, path, store) for the message.
+"""
+
+from __future__ import annotations
+
+
+class LMCacheError(Exception):
+    """Base class of every error raised on purpose by lmcache_core."""
+
+
+class ConfigError(LMCacheError, ValueError):
+    """A configuration field is unknown or has an invalid value."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class CorruptChunkError(LMCacheError, ValueError):
+    """Stored bytes are not a valid chunk (bad header, size or checksum).
+
+    Backends never let this reach a ``get`` caller: a corrupt chunk is a miss.
+    It surfaces only from the codec and from ``verify``-style tools.
+    """
+
+    def __init__(self, reason: str, *, where: str | None = None) -> None:
+        super().__init__(f"{where}: {reason}" if where else reason)
+        self.reason = reason
+        self.where = where
+
+
+class StoreUnavailableError(LMCacheError, ConnectionError):
+    """A remote store did not answer in time, refused, or its circuit is open."""
+
+    def __init__(self, store: str, reason: str) -> None:
+        super().__init__(f"{store}: {reason}")
+        self.store = store
+        self.reason = reason
+
+
+class StoreFullError(LMCacheError, OSError):
+    """The store has no room for the chunk (budget, ENOSPC, Redis maxmemory)."""
+
+    def __init__(self, store: str, reason: str) -> None:
+        super().__init__(f"{store}: {reason}")
+        self.store = store
+        self.reason = reason

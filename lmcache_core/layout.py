@@ -1,0 +1,111 @@
+"""Key <-> object path inside a store (shared by the disk tier and fsspec remotes).
+
+    <fmt>/<model>/<world_size>-<worker_id>/<hash[:2]>/<chunk_hash>.safetensors
+
+The model name is percent-encoded (everything but ``A-Za-z0-9._-``, and a leading
+``.``), so it never holds ``/``, never is ``.`` or ``..``, and a name like
+``../../etc`` cannot leave the store root. Encoded names longer than one path
+component are split into components of at most ``_SEGMENT`` characters, each
+but the last ending in ``+`` (a character the encoding never emits), so paths
+stay within filesystem limits and remain reversible without reading the file.
+Pure functions; thread-safe.
+"""
+
+from __future__ import annotations
+
+from lmcache_core.chunk_format import SUFFIX
+from lmcache_core.key import FORMATS, CacheEngineKey
+
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_SEGMENT = 200
+_CONT = "+"
+
+
+def encode_model(name: str) -> str:
+    """Path-safe, reversible form of a model name (may contain ``/`` between segments)."""
+    out: list[str] = []
+    for i, ch in enumerate(name):
+        if ch in _SAFE and not (ch == "." and i == 0):
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
+    encoded = "".join(out)
+    if len(encoded) <= _SEGMENT:
+        return encoded
+    segments: list[str] = []
+    rest = encoded
+    while len(rest) > _SEGMENT:
+        cut = _SEGMENT - 1
+        # Never split inside a %XX escape, and never start a segment with '.'
+        # (a segment of '.' or '..' would be a traversal).
+        while rest[cut - 1] == "%" or rest[cut - 2] == "%" or rest[cut] == ".":
+            cut -= 1
+        segments.append(rest[:cut] + _CONT)
+        rest = rest[cut:]
+    segments.append(rest)
+    return "/".join(segments)
+
+
+def decode_model(encoded: str) -> str:
+    """Inverse of ``encode_model``; ``ValueError`` when not a valid encoding."""
+    parts = encoded.split("/")
+    for p in parts[:-1]:
+        if not p.endswith(_CONT):
+            raise ValueError(f"not an encoded model name: {encoded!r:.80}")
+    joined = "".join(p[:-1] for p in parts[:-1]) + parts[-1]
+    raw = bytearray()
+    i = 0
+    while i < len(joined):
+        ch = joined[i]
+        if ch == "%":
+            try:
+                raw.append(int(joined[i + 1 : i + 3], 16))
+            except ValueError:
+                raise ValueError(f"bad escape in model name {encoded!r:.80}") from None
+            i += 3
+        elif ch in _SAFE:
+            raw.extend(ch.encode())
+            i += 1
+        else:
+            raise ValueError(f"unexpected {ch!r} in encoded model name")
+    name = raw.decode("utf-8")
+    if encode_model(name) != encoded:  # only the canonical spelling maps back
+        raise ValueError(f"not the canonical encoding of {name!r:.80}")
+    return name
+
+
+def model_prefix(fmt: str, model_name: str) -> str:
+    """Relative directory holding every chunk of one model and fmt (for listing)."""
+    return f"{fmt}/{encode_model(model_name)}"
+
+
+def key_to_path(key: CacheEngineKey) -> str:
+    """Relative object path of a chunk, '/'-separated."""
+    h = key.chunk_hash
+    return (
+        f"{model_prefix(key.fmt, key.model_name)}/{key.world_size}-{key.worker_id}/"
+        f"{h[:2]}/{h}{SUFFIX}"
+    )
+
+
+def path_to_key(rel_path: str) -> CacheEngineKey:
+    """Inverse of ``key_to_path``; ``ValueError`` for anything that is not a chunk path."""
+    parts = rel_path.strip("/").split("/")
+    if len(parts) < 5 or not parts[-1].endswith(SUFFIX):
+        raise ValueError(f"not a chunk path: {rel_path!r:.120}")
+    fmt, model_parts, rank, prefix, fname = parts[0], parts[1:-3], parts[-3], parts[-2], parts[-1]
+    if fmt not in FORMATS:
+        raise ValueError(f"not a chunk path (fmt {fmt!r:.20}): {rel_path!r:.120}")
+    chunk_hash = fname[: -len(SUFFIX)]
+    ws, dash, wid = rank.partition("-")
+    if not dash or not ws.isdigit() or not wid.isdigit() or prefix != chunk_hash[:2]:
+        raise ValueError(f"not a chunk path: {rel_path!r:.120}")
+    key = CacheEngineKey(fmt, decode_model("/".join(model_parts)), int(ws), int(wid), chunk_hash)
+    if key_to_path(key) != "/".join(parts):
+        raise ValueError(f"not a canonical chunk path: {rel_path!r:.120}")
+    return key
+
+
+def is_chunk_name(name: str) -> bool:
+    """True for names that look like chunk objects (temp files never do)."""
+    return name.endswith(SUFFIX) and not name.startswith(".")

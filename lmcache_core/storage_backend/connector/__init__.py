@@ -1,0 +1,1 @@
+"""Remote transports, chosen by URL scheme through ``registry``."""

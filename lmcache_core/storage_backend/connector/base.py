@@ -1,0 +1,75 @@
+"""The small interface every remote transport implements.
+
+A connector moves chunk *bytes* by key; it knows nothing of tensors, checksums,
+timeouts or retries (``LMCRemoteBackend`` adds those once, for every connector).
+Each connector maps keys to its own object names (fsspec: ``layout.key_to_path``
+under the URL's prefix; Redis: ``<prefix>`` + ``key.to_string()``).
+
+Implementations must be thread-safe and fork-safe (reopen clients in a child).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from lmcache_core.key import CacheEngineKey
+
+# bytes-like: bytes, bytearray, memoryview; a list means "these buffers, concatenated"
+Payload = "bytes | bytearray | memoryview | Sequence[bytes | memoryview]"
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """One listed chunk object: its key, size and modification time when known."""
+
+    key: CacheEngineKey
+    size: int | None = None
+    mtime: float | None = None
+
+
+class RemoteConnector(abc.ABC):
+    """Bytes by key on a remote medium.
+
+    Methods raise ``OSError``/``ConnectionError``/``TimeoutError`` (or the client's
+    own exceptions) on transport failure; ``None``/``False`` mean absent.
+    """
+
+    #: the URL with secrets masked, safe to print
+    display_url: str = ""
+
+    @abc.abstractmethod
+    def get(self, key: CacheEngineKey) -> bytes | None:
+        """The stored bytes, or None when absent."""
+
+    def get_many(self, keys: Sequence[CacheEngineKey]) -> list[bytes | None]:
+        """Bytes aligned with ``keys``; connectors override with a concurrent fetch."""
+        return [self.get(k) for k in keys]
+
+    @abc.abstractmethod
+    def put(self, key: CacheEngineKey, parts: Sequence[bytes | memoryview]) -> None:
+        """Store the concatenation of ``parts`` (header, payload) under ``key``, atomically."""
+
+    def put_many(self, items: Sequence[tuple[CacheEngineKey, Sequence[bytes | memoryview]]]) -> None:
+        for key, parts in items:
+            self.put(key, parts)
+
+    @abc.abstractmethod
+    def exists(self, key: CacheEngineKey) -> bool: ...
+
+    @abc.abstractmethod
+    def delete(self, key: CacheEngineKey) -> bool:
+        """Remove ``key``; True if it was there."""
+
+    @abc.abstractmethod
+    def list(self) -> Iterator[RemoteObject]:
+        """Every chunk object under this connector's prefix; foreign names skipped."""
+
+    def get_range(self, key: CacheEngineKey, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` of the object (for header-only reads); default reads all."""
+        data = self.get(key)
+        return None if data is None else data[start:end]
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release clients and sockets. Idempotent."""

@@ -1,0 +1,565 @@
+"""Local tiers: CPU/GPU memory (``LMCLocalBackend``) and a disk directory
+(``LMCLocalDiskBackend``), with the seed's names and signatures.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator, Optional
+
+import torch
+
+from lmcache_core import chunk_format, layout
+from lmcache_core.chunk_format import ChunkHeader
+from lmcache_core.config import LMCacheEngineConfig, LMCacheEngineMetadata, LMCacheMemPoolMetadata
+from lmcache_core.errors import CorruptChunkError, StoreFullError
+from lmcache_core.key import CacheEngineKey
+from lmcache_core.storage_backend.abstract_backend import (
+    ChunkInfo,
+    LMCBackendInterface,
+    check_chunk,
+    check_key,
+)
+from lmcache_core.storage_backend.evictor import LRUIndex
+from lmcache_core.storage_backend.mem_pool import BufferPool
+
+logger = logging.getLogger(__name__)
+
+TEMP_SUFFIX = ".tmp"
+# A temp file of a live process on another host (shared directory) is only
+# removed once it is this old: no single chunk write takes an hour.
+STALE_TEMP_SECONDS = 3600.0
+
+
+class LocalBackendEndSignal:
+    """Queued to stop a put worker after everything before it is written."""
+
+
+def _chunk_shape(metadata: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
+    shape = getattr(metadata, "kv_shape", None)
+    dtype = getattr(metadata, "kv_dtype", None)
+    if shape and isinstance(dtype, torch.dtype):
+        return tuple(int(d) for d in shape), dtype
+    return None
+
+
+class LMCLocalBackend(LMCBackendInterface):
+    """KV chunks in CPU or GPU memory, LRU under ``max_local_cache_size`` GB.
+
+    When ``metadata`` fixes the chunk shape, the budget's worth of slots is
+    allocated and touched at construction, so a put is one copy into warm memory.
+    ``get`` is zero-copy when ``dst_device`` is the storage device: the returned
+    tensor shares memory with the cache and must not be modified. A slot is
+    reused only after every tensor returned from it is released.
+
+    Thread-safe; not process-safe (memory is per process).
+    """
+
+    def __init__(
+        self,
+        config: LMCacheEngineConfig,
+        metadata: LMCacheMemPoolMetadata | LMCacheEngineMetadata | None = None,
+        dst_device: str = "cuda",
+    ) -> None:
+        super().__init__(dst_device)
+        self.config = config
+        self.device = config.local_memory_device or "cpu"
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"local_device={self.device!r} but no CUDA device is available")
+        self._index: LRUIndex[CacheEngineKey] = LRUIndex(config.memory_budget_bytes)
+        self._chunks: dict[CacheEngineKey, torch.Tensor] = {}
+        self._pending: dict[CacheEngineKey, torch.Tensor] = {}
+        self._lock = threading.Lock()
+        pin = torch.device(self.device).type == "cpu" and torch.device(dst_device).type == "cuda"
+        self._pool = BufferPool(self.device, max_bytes=config.memory_budget_bytes, pin_memory=pin)
+        fixed = _chunk_shape(metadata)
+        if fixed is not None:
+            slot = math.prod(fixed[0]) * fixed[1].itemsize
+            if slot > 0:
+                self._pool.reserve(config.memory_budget_bytes // slot, slot)
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._closed = False
+        self._worker = threading.Thread(target=self.put_worker, name="lmcache-mem-put", daemon=True)
+        self._worker.start()
+
+    def describe(self) -> str:
+        return f"memory ({self.device})"
+
+    # -- writes --------------------------------------------------------------------
+
+    def put(self, key: CacheEngineKey, kv_chunk: torch.Tensor, blocking: bool = True) -> None:
+        check_key(key)
+        check_chunk(kv_chunk)
+        self._index.check_fits(kv_chunk.numel() * kv_chunk.element_size())
+        if self._closed:
+            raise RuntimeError("backend is closed")
+        if blocking:
+            self.put_blocking(key, kv_chunk)
+        else:
+            self.put_nonblocking(key, kv_chunk)
+
+    def put_blocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
+        self._store(key, kv_chunk, only_if_pending=False)
+
+    def put_nonblocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
+        """Queue the write; the caller must not modify ``kv_chunk`` until it is stored."""
+        with self._lock:
+            self._pending[key] = kv_chunk
+        self._queue.put((key, kv_chunk))
+
+    def put_worker(self) -> None:
+        """Body of the background writer thread: store queued chunks in order."""
+        while True:
+            item = self._queue.get()
+            try:
+                if isinstance(item, LocalBackendEndSignal):
+                    return
+                key, chunk = item
+                try:
+                    self._store(key, chunk, only_if_pending=True)
+                except Exception:
+                    self.stats.incr("put_failures")
+                    logger.exception("background put of %s failed", key)
+                    with self._lock:
+                        if self._pending.get(key) is chunk:
+                            del self._pending[key]
+            finally:
+                self._queue.task_done()
+
+    def _store(self, key: CacheEngineKey, kv_chunk: torch.Tensor, *, only_if_pending: bool) -> None:
+        nbytes = kv_chunk.numel() * kv_chunk.element_size()
+        with self._lock:
+            self._evict(self._index.victims_for(nbytes, exclude=key))
+        buf = self._pool.acquire(nbytes)
+        stored = buf.view(kv_chunk.dtype).view(kv_chunk.shape) if nbytes else torch.empty(
+            kv_chunk.shape, dtype=kv_chunk.dtype, device=self.device
+        )
+        stored.copy_(kv_chunk)
+        with self._lock:
+            if only_if_pending:
+                if self._pending.get(key) is not kv_chunk:
+                    return  # removed (or replaced) while queued
+                del self._pending[key]
+            self._chunks[key] = stored
+            self._index.add(key, nbytes)
+            # Concurrent writers may have filled the budget meanwhile.
+            self._evict(self._index.victims_for(0, exclude=key))
+        self.stats.incr("puts")
+
+    def _evict(self, victims: list[CacheEngineKey]) -> None:
+        for victim in victims:
+            self._index.pop(victim)
+            self._chunks.pop(victim, None)
+            self.stats.incr("evictions")
+
+    # -- reads ---------------------------------------------------------------------
+
+    def get(self, key: CacheEngineKey) -> Optional[torch.Tensor]:
+        check_key(key)
+        with self._lock:
+            chunk = self._chunks.get(key)
+            if chunk is not None:
+                self._index.touch(key)
+            else:
+                pending = self._pending.get(key)
+                chunk = pending.clone() if pending is not None else None
+        if chunk is None:
+            self.stats.incr("misses")
+            return None
+        self.stats.incr("hits")
+        return self._to_dst(chunk)
+
+    def contains(self, key: CacheEngineKey) -> bool:
+        check_key(key)
+        with self._lock:
+            return key in self._chunks or key in self._pending
+
+    def remove(self, key: CacheEngineKey) -> bool:
+        check_key(key)
+        with self._lock:
+            was_pending = self._pending.pop(key, None) is not None
+            present = self._index.pop(key) is not None
+            self._chunks.pop(key, None)
+        return present or was_pending
+
+    def list(self) -> list[CacheEngineKey]:
+        with self._lock:
+            return list(self._index) + [k for k in self._pending if k not in self._chunks]
+
+    def list_info(self) -> list[ChunkInfo]:
+        with self._lock:
+            return [ChunkInfo(k, self._index.size_of(k)) for k in self._index]
+
+    def read_header(self, key: CacheEngineKey) -> Optional[ChunkHeader]:
+        with self._lock:
+            chunk = self._chunks.get(key)
+        if chunk is None:
+            return None
+        cpu = chunk.cpu()
+        return chunk_format.parse_header(chunk_format.encode_header(cpu, key.to_string()))
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._index.used
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(LocalBackendEndSignal())
+        self._worker.join()
+
+
+# -- disk ------------------------------------------------------------------------------
+
+_HOST = socket.gethostname().replace(".", "_")
+_temp_counter = iter(range(1 << 62))
+_temp_lock = threading.Lock()
+
+
+def _temp_path(final: str) -> str:
+    """Process- and thread-unique temp name in the same directory as ``final``.
+
+    It starts with '.' and ends in '.tmp', so it never looks like a chunk, and it
+    carries host and pid so a restart can tell a dead writer's leftovers.
+    """
+    with _temp_lock:
+        n = next(_temp_counter)
+    d, name = os.path.split(final)
+    return os.path.join(d, f".{name}.{_HOST}.{os.getpid()}.{n}{TEMP_SUFFIX}")
+
+
+def save_disk(path: str, kv_chunk: torch.Tensor, key: str | None = None, fsync: bool = False) -> int:
+    """Atomically write ``kv_chunk`` in the chunk format at ``path``.
+
+    Writes a temp file in the same directory, then ``os.replace``: readers see
+    the old file or the whole new one, never a torn one. Returns bytes written.
+
+    Raises:
+        OSError: the write failed; no partial file is left behind.
+    """
+    check_chunk(kv_chunk)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb", buffering=0) as f:
+            n = chunk_format.write_chunk(f, kv_chunk, key if key is not None else "")
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return n
+
+
+def _is_stale_temp(name: str, mtime: float, now: float) -> bool:
+    parts = name[: -len(TEMP_SUFFIX)].rsplit(".", 3)
+    if len(parts) == 4 and parts[1] == _HOST and parts[2].isdigit():
+        pid = int(parts[2])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # alive, owned by someone else
+    return now - mtime > STALE_TEMP_SECONDS
+
+
+def scan_store(root: str) -> Iterator[tuple[str, os.stat_result, CacheEngineKey | None]]:
+    """Walk a store directory: (path, stat, key or None for non-chunk files)."""
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                    continue
+                if not e.is_file(follow_symlinks=False):
+                    continue  # symlinks and devices are never chunks
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed by another process meanwhile
+            key: CacheEngineKey | None = None
+            if layout.is_chunk_name(e.name):
+                try:
+                    key = layout.path_to_key(e.path[len(root) + 1 :].replace(os.sep, "/"))
+                except ValueError:
+                    key = None
+            yield e.path, st, key
+
+
+class LMCLocalDiskBackend(LMCBackendInterface):
+    """KV chunks as files in one directory, LRU under a byte budget.
+
+    The directory comes from ``config.local_disk`` or ``local_device="file://<dir>"``;
+    the budget from ``max_local_disk_size`` (GB) when > 0, else
+    ``max_local_cache_size``. Writes are atomic (temp file + ``os.replace``); at
+    start the index and byte count are rebuilt from the directory, so a restart
+    reuses the cache and the budget holds, and dead writers' temp files are
+    removed. A corrupt, truncated or foreign file is a miss and is deleted.
+
+    Thread-safe. Several processes may share one directory: each sees the others'
+    chunks, and a chunk removed by another process is a miss, never an error;
+    the budget is enforced by each process over the chunks it knows.
+    """
+
+    def __init__(
+        self,
+        config: LMCacheEngineConfig,
+        metadata: LMCacheMemPoolMetadata | LMCacheEngineMetadata | None = None,
+        dst_device: str = "cuda",
+        *,
+        fsync: bool = False,
+        put_workers: int = 2,
+    ) -> None:
+        super().__init__(dst_device)
+        root = config.disk_path
+        if not root:
+            raise ValueError("local_disk: no directory configured (set local_disk or local_device=file://<dir>)")
+        self.config = config
+        self.root = os.path.abspath(os.path.expanduser(root))
+        os.makedirs(self.root, exist_ok=True)
+        self.fsync = fsync
+        self._index: LRUIndex[CacheEngineKey] = LRUIndex(config.disk_budget_bytes)
+        self._lock = threading.Lock()
+        self._futures: dict[CacheEngineKey, Future[None]] = {}
+        pin = torch.device(dst_device).type == "cuda"
+        fixed = _chunk_shape(metadata)
+        slot = math.prod(fixed[0]) * fixed[1].itemsize if fixed else 0
+        # A few warm read buffers: enough for a batch in flight, not a second cache.
+        self._pool = BufferPool("cpu", max_bytes=max(8 * slot, 256 << 20), pin_memory=pin)
+        self._executor = ThreadPoolExecutor(max_workers=put_workers, thread_name_prefix="lmcache-disk-put")
+        self._closed = False
+        self.stale_temps_removed = 0
+        self._rebuild_index()
+
+    def describe(self) -> str:
+        return f"disk {self.root}"
+
+    def _path(self, key: CacheEngineKey) -> str:
+        return os.path.join(self.root, *layout.key_to_path(key).split("/"))
+
+    def _rebuild_index(self) -> None:
+        now = time.time()
+        found: list[tuple[float, CacheEngineKey, int]] = []
+        for path, st, key in scan_store(self.root):
+            name = os.path.basename(path)
+            if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                if _is_stale_temp(name, st.st_mtime, now):
+                    try:
+                        os.unlink(path)
+                        self.stale_temps_removed += 1
+                    except OSError:
+                        pass
+                continue
+            if key is not None:
+                found.append((max(st.st_atime, st.st_mtime), key, st.st_size))
+        found.sort(key=lambda item: item[0])
+        with self._lock:
+            for _, key, size in found:
+                self._index.add(key, size)
+            over = self._index.victims_for(0)
+        for key in over:  # the budget may have shrunk since the last run
+            self._drop(key)
+        if self.stale_temps_removed:
+            logger.info("removed %d stale temp files under %s", self.stale_temps_removed, self.root)
+
+    # -- writes --------------------------------------------------------------------
+
+    def put(self, key: CacheEngineKey, kv_chunk: torch.Tensor, blocking: bool = True) -> None:
+        check_key(key)
+        check_chunk(kv_chunk)
+        self._index.check_fits(kv_chunk.numel() * kv_chunk.element_size())
+        if self._closed:
+            raise RuntimeError("backend is closed")
+        if blocking:
+            self.put_blocking(key, kv_chunk)
+        else:
+            self.put_nonblocking(key, kv_chunk)
+
+    def put_blocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
+        """Write now; ``OSError``/``StoreFullError`` when the disk refuses."""
+        nbytes = kv_chunk.numel() * kv_chunk.element_size()
+        # Estimate the file size before writing so eviction makes room first.
+        estimate = nbytes + 512
+        with self._lock:
+            victims = self._index.victims_for(estimate, exclude=key)
+        for victim in victims:
+            self._drop(victim)
+        path = self._path(key)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            size = save_disk(path, kv_chunk, key.to_string(), fsync=self.fsync)
+        except OSError as exc:
+            self.stats.incr("put_failures")
+            if exc.errno == 28:  # ENOSPC
+                raise StoreFullError(self.describe(), f"no space left writing {key}") from exc
+            raise
+        with self._lock:
+            self._index.add(key, size)
+            over = self._index.victims_for(0, exclude=key)
+        for victim in over:
+            self._drop(victim)
+        self.stats.incr("puts")
+
+    def put_nonblocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
+        """Write on the worker pool; the caller must not modify ``kv_chunk`` meanwhile."""
+        self.buffer_sweeper()
+        future = self._executor.submit(self.put_worker, key, kv_chunk)
+        with self._lock:
+            self._futures[key] = future
+
+    def put_worker(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:  # type: ignore[override]
+        """One background write; failures are logged and counted, never silent."""
+        try:
+            self.put_blocking(key, kv_chunk)
+        except Exception:
+            logger.exception("background write of %s to %s failed", key, self.root)
+            self.stats.incr("background_put_failures")
+
+    def buffer_sweeper(self) -> None:
+        """Forget finished futures (and so the chunks they held)."""
+        with self._lock:
+            done = [k for k, f in self._futures.items() if f.done()]
+            for k in done:
+                del self._futures[k]
+
+    def _wait_pending(self, key: CacheEngineKey) -> None:
+        with self._lock:
+            future = self._futures.get(key)
+        if future is not None:
+            future.result()
+
+    def _drop(self, key: CacheEngineKey) -> bool:
+        with self._lock:
+            self._index.pop(key)
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            return False
+        self.stats.incr("evictions")
+        return True
+
+    # -- reads ---------------------------------------------------------------------
+
+    def get(self, key: CacheEngineKey) -> Optional[torch.Tensor]:
+        check_key(key)
+        self._wait_pending(key)
+        path = self._path(key)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                header = chunk_format.read_header(f, total_size=size)
+                chunk_format.check_identity(header, key.to_string())
+                buf = self._pool.acquire(header.nbytes)
+                chunk_format.read_payload_into(f, header, buf)
+            chunk_format.verify_payload(header, buf.numpy())
+        except FileNotFoundError:
+            with self._lock:
+                self._index.pop(key)
+            self.stats.incr("misses")
+            return None
+        except CorruptChunkError as exc:
+            self._quarantine(key, path, exc)
+            return None
+        except OSError as exc:  # EIO and friends: a miss, the file may be fine later
+            logger.warning("reading %s failed: %s", path, exc)
+            self.stats.incr("read_errors")
+            self.stats.incr("misses")
+            return None
+        with self._lock:
+            if key in self._index:
+                self._index.touch(key)
+            else:  # written by another process
+                self._index.add(key, size)
+        self.stats.incr("hits")
+        tensor = buf.view(header.torch_dtype).view(header.shape) if header.nbytes else torch.empty(
+            header.shape, dtype=header.torch_dtype
+        )
+        return self._to_dst(tensor)
+
+    def _quarantine(self, key: CacheEngineKey, path: str, exc: Exception) -> None:
+        logger.warning("corrupt chunk %s removed: %s", path, exc)
+        self.stats.incr("corrupt")
+        self.stats.incr("misses")
+        with self._lock:
+            self._index.pop(key)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+    def contains(self, key: CacheEngineKey) -> bool:
+        check_key(key)
+        with self._lock:
+            future = self._futures.get(key)
+            if key in self._index or (future is not None and not future.done()):
+                return True
+        try:
+            size = os.stat(self._path(key)).st_size
+        except OSError:
+            return False
+        with self._lock:
+            self._index.add(key, size)
+        return True
+
+    def remove(self, key: CacheEngineKey) -> bool:
+        check_key(key)
+        self._wait_pending(key)
+        with self._lock:
+            self._futures.pop(key, None)
+        return self._drop(key)
+
+    def list_info(self) -> list[ChunkInfo]:
+        """Rescans the directory, so chunks of other processes are listed too."""
+        self.buffer_sweeper()
+        with self._lock:
+            pending = [k for k, f in self._futures.items() if not f.done()]
+        infos = [
+            ChunkInfo(key, st.st_size, st.st_mtime, st.st_atime)
+            for _, st, key in scan_store(self.root)
+            if key is not None
+        ]
+        seen = {i.key for i in infos}
+        return infos + [ChunkInfo(k) for k in pending if k not in seen]
+
+    def list(self) -> list[CacheEngineKey]:
+        return [info.key for info in self.list_info()]
+
+    def read_header(self, key: CacheEngineKey) -> Optional[ChunkHeader]:
+        check_key(key)
+        self._wait_pending(key)
+        try:
+            with open(self._path(key), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                return chunk_format.read_header(f, total_size=size)
+        except (OSError, CorruptChunkError):
+            return None
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._index.used
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown(wait=True)
+        self.buffer_sweeper()

@@ -1,0 +1,102 @@
+"""Reusable warm buffers, so hot paths copy into touched memory instead of
+allocating (a fresh 32 MiB allocation page-faults at about a fifth of the speed
+of a copy into warm memory on these machines).
+
+A buffer is handed out as a view; it is free again once nobody holds a view of
+it, which the pool learns from the storage's reference count. So a tensor
+returned to a caller stays valid for as long as the caller keeps it, and memory
+is reused as soon as the caller lets go. Thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+import torch
+
+_PAGE = 4096
+
+
+def _use_count(t: torch.Tensor) -> int:
+    return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
+
+
+_HAVE_USE_COUNT = hasattr(torch._C, "_storage_Use_Count")
+
+
+class BufferPool:
+    """Warm uint8 buffers on one device, grouped by capacity.
+
+    Args:
+        device: where buffers live (``cpu``, ``cuda``, ``cuda:N``).
+        max_bytes: most bytes retained for reuse; beyond it buffers are plain allocations.
+        pin_memory: page-lock CPU buffers (faster, asynchronous copies to a GPU).
+    """
+
+    def __init__(self, device: str = "cpu", max_bytes: int = 1 << 30, pin_memory: bool = False) -> None:
+        self.device = torch.device(device)
+        self.max_bytes = max_bytes
+        self.pin_memory = bool(pin_memory and self.device.type == "cpu" and torch.cuda.is_available())
+        self.retained_bytes = 0
+        self._free: dict[int, deque[tuple[torch.Tensor, int]]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def capacity_for(nbytes: int) -> int:
+        return max(_PAGE, -(-nbytes // _PAGE) * _PAGE)
+
+    def _allocate(self, capacity: int, touch: bool) -> torch.Tensor:
+        buf = torch.empty(capacity, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)
+        if touch:
+            buf.zero_()  # fault the pages in now, not on the hot path
+        return buf
+
+    def reserve(self, count: int, nbytes: int) -> int:
+        """Pre-allocate and touch up to ``count`` buffers for chunks of ``nbytes``.
+
+        Returns the number reserved (bounded by ``max_bytes``).
+        """
+        capacity = self.capacity_for(nbytes)
+        made = 0
+        with self._lock:
+            while made < count and self.retained_bytes + capacity <= self.max_bytes:
+                self._retain(self._allocate(capacity, touch=True))
+                made += 1
+        return made
+
+    def _retain(self, buf: torch.Tensor) -> None:
+        baseline = _use_count(buf) if _HAVE_USE_COUNT else 0
+        self._free.setdefault(buf.numel(), deque()).append((buf, baseline))
+        self.retained_bytes += buf.numel()
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor of ``nbytes`` (uninitialised), warm when one is free."""
+        capacity = self.capacity_for(nbytes)
+        with self._lock:
+            ring = self._free.get(capacity)
+            if ring and _HAVE_USE_COUNT:
+                for _ in range(len(ring)):
+                    buf, baseline = ring[0]
+                    ring.rotate(-1)
+                    if _use_count(buf) <= baseline:
+                        return buf[:nbytes]
+            if _HAVE_USE_COUNT and self.retained_bytes + capacity <= self.max_bytes:
+                buf = self._allocate(capacity, touch=False)
+                self._retain(buf)
+                return buf[:nbytes]
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)
+
+    def clear(self) -> None:
+        """Forget retained buffers (views already handed out stay valid)."""
+        with self._lock:
+            self._free.clear()
+            self.retained_bytes = 0
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "retained_bytes": self.retained_bytes,
+                "buffers": sum(len(r) for r in self._free.values()),
+            }

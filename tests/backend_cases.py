@@ -1,0 +1,75 @@
+"""The backends the conformance suite runs over.
+
+Each ``BackendCase`` knows how to open a fresh backend (and reopen the same
+store, for persistent media). Local cases live here; remote and hybrid cases
+come from ``cases_remote.py`` and ``cases_hybrid.py`` so each tier's owner edits
+one file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from lmcache_core.config import LMCacheEngineConfig
+from lmcache_core.storage_backend.abstract_backend import LMCBackendInterface
+
+
+@dataclass
+class CaseContext:
+    """What a factory gets: a private temp dir and pytest's request (for server fixtures)."""
+
+    tmp_path: Path
+    request: pytest.FixtureRequest
+
+    def fixture(self, name: str) -> Any:
+        return self.request.getfixturevalue(name)
+
+
+@dataclass(frozen=True)
+class BackendCase:
+    """How to open one kind of backend.
+
+    ``make(ctx, budget_gb)`` opens the store (``budget_gb`` bounds local tiers);
+    calling it again with the same ctx reopens the same store when ``persistent``.
+    """
+
+    name: str
+    make: Callable[[CaseContext, float], LMCBackendInterface]
+    evicts: bool = True  # has a local LRU budget
+    persistent: bool = False  # a second make() sees the first one's chunks
+
+
+def _memory(ctx: CaseContext, budget_gb: float) -> LMCBackendInterface:
+    from lmcache_core.storage_backend.local_backend import LMCLocalBackend
+
+    return LMCLocalBackend(LMCacheEngineConfig(max_local_cache_size=budget_gb), None, "cpu")
+
+
+def _disk(ctx: CaseContext, budget_gb: float) -> LMCBackendInterface:
+    from lmcache_core.storage_backend.local_backend import LMCLocalDiskBackend
+
+    cfg = LMCacheEngineConfig(local_device=None, local_disk=str(ctx.tmp_path / "disk"), max_local_disk_size=budget_gb)
+    return LMCLocalDiskBackend(cfg, None, "cpu")
+
+
+LOCAL_CASES = [
+    BackendCase("memory", _memory),
+    BackendCase("disk", _disk, persistent=True),
+]
+
+
+def all_cases() -> list[BackendCase]:
+    cases = list(LOCAL_CASES)
+    try:
+        from tests.cases_remote import REMOTE_CASES
+    except ImportError:
+        REMOTE_CASES = []
+    try:
+        from tests.cases_hybrid import HYBRID_CASES
+    except ImportError:
+        HYBRID_CASES = []
+    return cases + list(REMOTE_CASES) + list(HYBRID_CASES)

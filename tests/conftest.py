@@ -1,0 +1,48 @@
+"""Shared fixtures. Server fixtures (redis, S3) live in ``tests/servers.py``."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import pytest
+
+from lmcache_core.key import CacheEngineKey
+from lmcache_core.storage_backend.abstract_backend import LMCBackendInterface
+from tests.backend_cases import BackendCase, CaseContext, all_cases
+
+try:  # server fixtures, when the remote tier's tests are present
+    from tests.servers import *  # noqa: F401,F403
+except ImportError:
+    pass
+
+CASES = all_cases()
+
+
+@pytest.fixture(params=CASES, ids=[c.name for c in CASES])
+def case(request: pytest.FixtureRequest) -> BackendCase:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def open_store(
+    case: BackendCase, tmp_path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., LMCBackendInterface]]:
+    """``open_store(budget_gb=1.0)`` opens (or reopens) the case's store; all closed at the end."""
+    ctx = CaseContext(tmp_path, request)
+    opened: list[LMCBackendInterface] = []
+
+    def _open(budget_gb: float = 1.0) -> LMCBackendInterface:
+        backend = case.make(ctx, budget_gb)
+        opened.append(backend)
+        return backend
+
+    yield _open
+    for b in opened:
+        b.close()
+
+
+def make_key(i: int | str = 0, model: str = "test/model", fmt: str = "vllm", ws: int = 1, wid: int = 0) -> CacheEngineKey:
+    """A valid key whose hash is derived from ``i``."""
+    import hashlib
+
+    return CacheEngineKey(fmt, model, ws, wid, hashlib.sha256(str(i).encode()).hexdigest())
