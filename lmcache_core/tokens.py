@@ -1,0 +1,185 @@
+"""Token-level access: store a prompt's KV by prefix-hash chunks, find and fetch
+the longest cached prefix. Thread-safe when the backend is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from lmcache_core.key import CacheEngineKey, chunk_hashes
+from lmcache_core.storage_backend.abstract_backend import LMCBackendInterface
+
+#: the token axis of a chunk tensor, per fmt
+TOKEN_AXIS = {"vllm": 2, "huggingface": 3}
+
+Progress = Callable[[int, int, int], None]  # (chunks done, chunks total, bytes done)
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What ``ChunkedKVStore.store`` did."""
+
+    tokens: int
+    chunks: int
+    stored: int
+    skipped: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class PrefixLookup:
+    """How much of a prompt is cached: leading tokens and chunks, overall and per tier."""
+
+    tokens: int
+    chunks: int
+    total_tokens: int
+    total_chunks: int
+    per_tier: dict[str, int] = field(default_factory=dict)  # tier name -> cached leading tokens
+
+
+class ChunkedKVStore:
+    """A backend addressed by token ids instead of keys.
+
+    Args:
+        backend: any ``LMCBackendInterface``.
+        model_name, fmt, world_size, worker_id: the key fields of every chunk.
+        chunk_size: tokens per chunk (LMCache's default is 256).
+    """
+
+    def __init__(
+        self,
+        backend: LMCBackendInterface,
+        model_name: str,
+        *,
+        fmt: str = "vllm",
+        chunk_size: int = 256,
+        world_size: int = 1,
+        worker_id: int = 0,
+    ) -> None:
+        if fmt not in TOKEN_AXIS:
+            raise ValueError(f"fmt: {fmt!r} is not one of {', '.join(TOKEN_AXIS)}")
+        self.backend = backend
+        self.model_name = model_name
+        self.fmt = fmt
+        self.chunk_size = chunk_size
+        self.world_size = world_size
+        self.worker_id = worker_id
+        # Validate the key fields once, with a clear message, before any work.
+        CacheEngineKey(fmt, model_name, world_size, worker_id, "0")
+
+    @property
+    def token_axis(self) -> int:
+        return TOKEN_AXIS[self.fmt]
+
+    def keys_for(self, token_ids: Sequence[int] | Any) -> list[CacheEngineKey]:
+        """The chunk keys of a token sequence, in order."""
+        return [
+            CacheEngineKey(self.fmt, self.model_name, self.world_size, self.worker_id, h)
+            for h in chunk_hashes(token_ids, self.chunk_size)
+        ]
+
+    def split(self, kv: torch.Tensor, n_tokens: int) -> list[torch.Tensor]:
+        """``kv`` cut along its token axis into ``chunk_size`` pieces (last may be partial)."""
+        if not isinstance(kv, torch.Tensor):
+            raise TypeError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+        axis = self.token_axis
+        if kv.dim() != 5:
+            raise ValueError(
+                f"kv must have 5 dimensions ({_layout(self.fmt)}), got shape {tuple(kv.shape)}"
+            )
+        if kv.shape[axis] != n_tokens:
+            raise ValueError(
+                f"kv has {kv.shape[axis]} tokens on axis {axis} ({_layout(self.fmt)}) "
+                f"but {n_tokens} token ids were given"
+            )
+        return list(torch.split(kv, self.chunk_size, dim=axis))
+
+    def store(
+        self,
+        token_ids: Sequence[int] | Any,
+        kv: torch.Tensor,
+        *,
+        skip_existing: bool = True,
+        blocking: bool = True,
+        progress: Progress | None = None,
+    ) -> StoreResult:
+        """Split ``kv`` by chunk, key each by prefix hash and put them.
+
+        Args:
+            skip_existing: do not rewrite chunks the backend already has.
+            blocking: wait for the writes (else they go to the backend's workers).
+            progress: called after each chunk with (done, total, bytes).
+        """
+        keys = self.keys_for(token_ids)
+        pieces = self.split(kv, _length(token_ids))
+        stored = skipped = nbytes = 0
+        for i, (key, piece) in enumerate(zip(keys, pieces)):
+            size = piece.numel() * piece.element_size()
+            if skip_existing and self.backend.contains(key):
+                skipped += 1
+            else:
+                self.backend.put(key, piece.contiguous(), blocking=blocking)
+                stored += 1
+                nbytes += size
+            if progress is not None:
+                progress(i + 1, len(keys), nbytes)
+        return StoreResult(_length(token_ids), len(keys), stored, skipped, nbytes)
+
+    def lookup(self, token_ids: Sequence[int] | Any) -> PrefixLookup:
+        """Leading tokens cached, overall and per tier, without reading payloads."""
+        n = _length(token_ids)
+        keys = self.keys_for(token_ids)
+        chunks = _prefix_hits(self.backend, keys)
+        per_tier: dict[str, int] = {}
+        tiers = getattr(self.backend, "tiers", None)
+        if callable(tiers):
+            for name, tier in tiers():
+                per_tier[name] = self._tokens(_prefix_hits(tier, keys), n)
+        else:
+            per_tier[self.backend.describe()] = self._tokens(chunks, n)
+        return PrefixLookup(self._tokens(chunks, n), chunks, n, len(keys), per_tier)
+
+    def retrieve(self, token_ids: Sequence[int] | Any) -> tuple[torch.Tensor | None, int]:
+        """The KV of the longest cached prefix and how many tokens it covers.
+
+        Chunks are fetched in one ``batched_get``; the prefix ends at the first
+        miss (a chunk that vanished or failed its checksum counts as a miss).
+        """
+        n = _length(token_ids)
+        keys = self.keys_for(token_ids)
+        hits = _prefix_hits(self.backend, keys)
+        if hits == 0:
+            return None, 0
+        found: list[torch.Tensor] = []
+        for chunk in self.backend.batched_get(keys[:hits]):
+            if chunk is None:
+                break
+            found.append(chunk)
+        if not found:
+            return None, 0
+        kv = found[0] if len(found) == 1 else torch.cat(found, dim=self.token_axis)
+        covered = min(n, sum(int(c.shape[self.token_axis]) for c in found))
+        return kv, covered
+
+    def _tokens(self, chunks: int, n: int) -> int:
+        return min(n, chunks * self.chunk_size)
+
+
+def _prefix_hits(backend: LMCBackendInterface, keys: list[CacheEngineKey]) -> int:
+    for i, key in enumerate(keys):
+        if not backend.contains(key):
+            return i
+    return len(keys)
+
+
+def _length(token_ids: Sequence[int] | Any) -> int:
+    if hasattr(token_ids, "shape"):
+        return int(token_ids.shape[0]) if len(token_ids.shape) else 0
+    return len(token_ids)
+
+
+def _layout(fmt: str) -> str:
+    return "[layers, 2, tokens, heads, head_size]" if fmt == "vllm" else "[layers, 2, heads, tokens, head_size]"
