@@ -63,13 +63,15 @@ LOCAL_CASES = [
 
 
 def all_cases() -> list[BackendCase]:
+    from importlib.util import find_spec
+
     cases = list(LOCAL_CASES)
-    try:
+    if find_spec("tests.cases_remote"):
         from tests.cases_remote import REMOTE_CASES
-    except ImportError:
-        REMOTE_CASES = []
-    try:
+
+        cases += REMOTE_CASES
+    if find_spec("tests.cases_hybrid"):
         from tests.cases_hybrid import HYBRID_CASES
-    except ImportError:
-        HYBRID_CASES = []
-    return cases + list(REMOTE_CASES) + list(HYBRID_CASES)
+
+        cases += HYBRID_CASES
+    return cases

@@ -10,10 +10,7 @@ from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend.abstract_backend import LMCBackendInterface
 from tests.backend_cases import BackendCase, CaseContext, all_cases
 
-try:  # server fixtures, when the remote tier's tests are present
-    from tests.servers import *  # noqa: F401,F403
-except ImportError:
-    pass
+from tests.servers import *  # noqa: F401,F403  (redis, S3 fixtures)
 
 CASES = all_cases()
 
