@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-_PAGE = 4096
+_ALIGN = 64  # bytes; keeps every buffer aligned for any dtype and SIMD loads
 
 
 def _use_count(t: torch.Tensor) -> int:
@@ -45,7 +45,7 @@ class BufferPool:
 
     @staticmethod
     def capacity_for(nbytes: int) -> int:
-        return max(_PAGE, -(-nbytes // _PAGE) * _PAGE)
+        return max(_ALIGN, -(-nbytes // _ALIGN) * _ALIGN)
 
     def _allocate(self, capacity: int, touch: bool) -> torch.Tensor:
         buf = torch.empty(capacity, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)

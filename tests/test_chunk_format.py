@@ -1,0 +1,100 @@
+"""Chunk format: safetensors compatibility, validation before allocation, checksums."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load as st_load
+
+from lmcache_core import chunk_format as cf
+from lmcache_core.errors import CorruptChunkError
+
+KEY = "vllm@m@1@0@" + "ab" * 32
+
+
+def sample(dtype=torch.bfloat16) -> torch.Tensor:
+    return torch.randn(2, 2, 8, 2, 4).to(dtype)
+
+
+def test_round_trip_and_safetensors_library_reads_it():
+    t = sample()
+    raw = cf.encode_bytes(t, KEY)
+    assert torch.equal(cf.decode(raw, KEY), t)
+    loaded = st_load(raw)
+    assert list(loaded) == ["kv_chunk"] and torch.equal(loaded["kv_chunk"], t)
+
+
+def test_header_alone_answers_listing_questions():
+    t = sample(torch.float16)
+    raw = cf.encode_bytes(t, KEY)
+    n = cf.header_length(raw[:8])
+    h = cf.parse_header(raw[:n])
+    assert h.key == KEY and h.dtype == "F16" and h.shape == tuple(t.shape)
+    assert h.nbytes == t.numel() * 2 and h.total_size == len(raw)
+    assert h.checksum.startswith("xxh3_128:") and h.data_offset % 8 == 0
+
+
+def test_checksum_mismatch_is_corrupt():
+    raw = bytearray(cf.encode_bytes(sample(), KEY))
+    raw[-1] ^= 0x01
+    with pytest.raises(CorruptChunkError, match="checksum"):
+        cf.decode(bytes(raw), KEY)
+
+
+def test_wrong_key_is_corrupt():
+    raw = cf.encode_bytes(sample(), KEY)
+    with pytest.raises(CorruptChunkError, match="expected"):
+        cf.decode(raw, KEY.replace("ab", "cd"))
+
+
+def _with_header(header: object, payload: bytes = b"", raw_len: int | None = None) -> bytes:
+    body = json.dumps(header).encode()
+    return struct.pack("<Q", raw_len if raw_len is not None else len(body)) + body + payload
+
+
+@pytest.mark.parametrize(
+    "blob, reason",
+    [
+        (b"", "truncated"),
+        (struct.pack("<Q", 2**62) + b"{}", "header length"),
+        (_with_header([1, 2]), "not a JSON object"),
+        (_with_header({"kv_chunk": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, b"x"), "unknown dtype"),
+        (_with_header({"kv_chunk": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, b"x" * 8), "data_offsets"),
+        (_with_header({"kv_chunk": {"dtype": "F32", "shape": [2**39, 2**39], "data_offsets": [0, 8]}}), "data_offsets"),
+        (_with_header({"kv_chunk": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}, b"xx"), "size"),
+        (_with_header({"a": {}, "b": {}}), "exactly one tensor"),
+        (b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!", "not JSON"),
+    ],
+)
+def test_lying_headers_are_rejected(blob, reason):
+    with pytest.raises(CorruptChunkError, match=reason):
+        cf.decode(blob)
+
+
+def test_foreign_safetensors_without_our_metadata_is_refused():
+    from safetensors.torch import save
+
+    raw = save({"kv_chunk": torch.ones(4)})
+    with pytest.raises(CorruptChunkError, match="not an lmcache chunk"):
+        cf.decode(raw)
+
+
+def test_every_truncation_is_detected():
+    raw = cf.encode_bytes(torch.arange(16, dtype=torch.float32), KEY)
+    for cut in range(len(raw)):
+        with pytest.raises(CorruptChunkError):
+            cf.decode(raw[:cut], KEY)
+
+
+def test_decode_is_zero_copy_over_bytearray():
+    raw = bytearray(cf.encode_bytes(torch.arange(8, dtype=torch.int64), KEY))
+    t = cf.decode(raw, KEY)
+    assert t.untyped_storage().data_ptr() == torch.frombuffer(raw, dtype=torch.uint8).data_ptr() + cf.header_length(raw[:8])
+
+
+def test_unsupported_dtype_is_value_error():
+    with pytest.raises(ValueError, match="cannot be stored"):
+        cf.encode_bytes(torch.zeros(2, dtype=torch.complex64), KEY)

@@ -1,0 +1,64 @@
+"""Store layout: reversible, listable per model, bounded, traversal-proof."""
+
+from __future__ import annotations
+
+import posixpath
+
+import pytest
+
+from lmcache_core import CacheEngineKey
+from lmcache_core.layout import decode_model, encode_model, key_to_path, model_prefix, path_to_key
+
+H = "0f" * 32
+NAMES = [
+    "meta-llama/Llama-3.1-8B-Instruct",
+    "../../etc/passwd",
+    "/abs/path/model",
+    ".",
+    "..",
+    ".hidden",
+    "a%2Fb",
+    "ｍｏｄｅｌ／ｘ",  # full-width look-alikes
+    "model*?[x]\\",
+    "x" * 512,
+    "é" * 300,
+    "a b+c",
+]
+
+
+@pytest.mark.parametrize("name", NAMES, ids=range(len(NAMES)))
+def test_round_trip_and_no_traversal(name):
+    key = CacheEngineKey("vllm", name, 8, 5, H)
+    path = key_to_path(key)
+    assert path_to_key(path) == key
+    assert decode_model(encode_model(name)) == name
+    parts = path.split("/")
+    assert all(p not in ("", ".", "..") for p in parts)
+    assert not path.startswith("/")
+    assert posixpath.normpath(path) == path
+    assert all(len(p.encode()) <= 255 for p in parts)
+    assert path.startswith(model_prefix("vllm", name) + "/")
+
+
+def test_models_do_not_share_prefixes_by_accident():
+    a = model_prefix("vllm", "m") + "/"
+    b = model_prefix("vllm", "m2") + "/"
+    assert not b.startswith(a)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "vllm/m/1-0/0f/" + H + ".tmp",
+        "vllm/m/1-0/aa/" + H + ".safetensors",
+        "tf/m/1-0/0f/" + H + ".safetensors",
+        "vllm/m/1-0/0f/.x.safetensors",
+        "vllm/m%2/1-0/0f/" + H + ".safetensors",
+        "vllm/a/b/1-0/0f/" + H + ".safetensors",
+        "vllm/m/1-1/0f/" + H + ".safetensors",
+        "readme.txt",
+    ],
+)
+def test_foreign_paths_are_refused(path):
+    with pytest.raises(ValueError):
+        path_to_key(path)
