@@ -1,0 +1,203 @@
+"""A loopback TCP proxy for fault tests: forward, blackhole, delay or reset.
+
+Point a client at ``proxy.port`` instead of the server's port, then switch
+``proxy.mode`` at any time; the new mode applies to open connections too, so a
+client's pooled sockets hang (or break) exactly like new ones::
+
+    with TcpProxy(("127.0.0.1", server_port)) as proxy:
+        client = connect(port=proxy.port)
+        proxy.set_mode("blackhole")   # accepted, never answered
+        ...
+        proxy.set_mode("forward")     # the server "comes back"
+
+Modes:
+    ``forward``: pass bytes both ways (after ``delay`` seconds, if set).
+    ``delay``: like forward, but every chunk of bytes waits ``delay`` seconds.
+    ``blackhole``: accept, read and discard what the client sends, never answer.
+    ``reset``: close connections at once with a TCP RST (SO_LINGER 0).
+
+With no ``target`` only ``blackhole`` and ``reset`` make sense. Thread-safe: the
+mode may be changed from any thread. Not meant for production traffic.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import threading
+from typing import Literal
+
+Mode = Literal["forward", "delay", "blackhole", "reset"]
+_MODES = ("forward", "delay", "blackhole", "reset")
+_POLL = 0.05  # how often idle threads notice a mode change or stop()
+
+
+class TcpProxy:
+    """A TCP proxy on ``127.0.0.1:<free port>`` whose behaviour can be switched.
+
+    Args:
+        target: ``(host, port)`` to forward to, or None for a server that never answers.
+        mode: initial mode (see the module docstring).
+        delay: seconds each forwarded chunk waits in ``delay`` mode.
+
+    Thread-safe.
+    """
+
+    def __init__(
+        self, target: tuple[str, int] | None = None, mode: Mode = "forward", delay: float = 1.0
+    ) -> None:
+        if target is None and mode in ("forward", "delay"):
+            mode = "blackhole"
+        self.target = target
+        self.delay = delay
+        self._mode: Mode = "forward"
+        self.set_mode(mode)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(128)
+        self._listener.settimeout(_POLL)
+        self.host = "127.0.0.1"
+        self.port: int = self._listener.getsockname()[1]
+        self.accepted = 0
+        self._thread = threading.Thread(target=self._accept_loop, name="tcp-proxy", daemon=True)
+        self._thread.start()
+
+    # -- control ---------------------------------------------------------------------
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    def set_mode(self, mode: Mode, delay: float | None = None) -> None:
+        """Switch behaviour; applies to open connections as well as new ones."""
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
+        if mode in ("forward", "delay") and self.target is None:
+            raise ValueError(f"mode {mode!r} needs a target to forward to")
+        if delay is not None:
+            self.delay = delay
+        self._mode = mode
+        if mode == "reset":
+            self.reset_all()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def reset_all(self) -> None:
+        """Abort every open connection with a RST."""
+        with self._lock:
+            conns = list(self._conns)
+            self._conns.clear()
+        for s in conns:
+            _abort(s)
+
+    def close(self) -> None:
+        """Stop accepting and drop every connection. Idempotent."""
+        self._stop.set()
+        self._thread.join(timeout=2)
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+        self.reset_all()
+
+    def __enter__(self) -> TcpProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- machinery -------------------------------------------------------------------
+
+    def _track(self, *socks: socket.socket) -> None:
+        with self._lock:
+            self._conns.update(socks)
+
+    def _untrack(self, *socks: socket.socket) -> None:
+        with self._lock:
+            for s in socks:
+                self._conns.discard(s)
+        for s in socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            if self._mode == "reset":
+                _abort(client)
+                continue
+            threading.Thread(
+                target=self._serve, args=(client,), name="tcp-proxy-conn", daemon=True
+            ).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        self._track(client)
+        upstream: socket.socket | None = None
+        try:
+            if self.target is not None and self._mode in ("forward", "delay"):
+                try:
+                    upstream = socket.create_connection(self.target, timeout=5)
+                except OSError:
+                    _abort(client)
+                    return
+                self._track(upstream)
+            self._pump(client, upstream)
+        finally:
+            self._untrack(client, *([upstream] if upstream is not None else []))
+
+    def _pump(self, client: socket.socket, upstream: socket.socket | None) -> None:
+        socks = [client] + ([upstream] if upstream is not None else [])
+        while not self._stop.is_set():
+            mode = self._mode
+            if mode == "reset":
+                for s in socks:
+                    _abort(s)
+                return
+            try:
+                readable, _, _ = select.select(socks, [], [], _POLL)
+            except (OSError, ValueError):
+                return  # a socket was closed under us (reset_all)
+            for s in readable:
+                try:
+                    data = s.recv(1 << 20)
+                except OSError:
+                    return
+                if not data:
+                    return
+                mode = self._mode
+                if mode == "blackhole" or upstream is None:
+                    continue  # swallowed: the sender waits for an answer forever
+                if mode == "delay" and self._stop.wait(self.delay):
+                    return
+                other = upstream if s is client else client
+                try:
+                    other.sendall(data)
+                except OSError:
+                    return
+
+
+def _abort(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0 so the peer sees a RST, not a clean FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
