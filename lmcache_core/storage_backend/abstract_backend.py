@@ -145,6 +145,9 @@ class LMCBackendInterface(metaclass=abc.ABCMeta):
         raw = chunk_format.encode_header(cpu, key.to_string())
         return chunk_format.parse_header(raw)
 
+    def touch(self, key: CacheEngineKey) -> None:
+        """Mark ``key`` recently used without reading it (tiers with an LRU override)."""
+
     def describe(self) -> str:
         """A one-line description safe to print (no secrets)."""
         return type(self).__name__

@@ -181,6 +181,10 @@ class LMCLocalBackend(LMCBackendInterface):
         with self._lock:
             return key in self._chunks or key in self._pending
 
+    def touch(self, key: CacheEngineKey) -> None:
+        with self._lock:
+            self._index.touch(key)
+
     def remove(self, key: CacheEngineKey) -> bool:
         check_key(key)
         with self._lock:
@@ -518,6 +522,10 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         with self._lock:
             self._index.add(key, size)
         return True
+
+    def touch(self, key: CacheEngineKey) -> None:
+        with self._lock:
+            self._index.touch(key)
 
     def remove(self, key: CacheEngineKey) -> bool:
         check_key(key)

@@ -1,0 +1,317 @@
+"""Local tier(s) in front of a remote one: write-through, read-through, prefetch."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Iterable, Optional
+
+import torch
+
+from lmcache_core.chunk_format import ChunkHeader
+from lmcache_core.config import LMCacheEngineConfig, LMCacheEngineMetadata, LMCacheMemPoolMetadata
+from lmcache_core.key import CacheEngineKey
+from lmcache_core.storage_backend.abstract_backend import (
+    ChunkInfo,
+    LMCBackendInterface,
+    check_chunk,
+    check_key,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class LMCHybridBackend(LMCBackendInterface):
+    """Memory and/or disk tiers in front of an optional remote store.
+
+    * write-through: ``put`` stores in every local tier now, and in the remote
+      (non-blocking unless ``blocking=True``);
+    * read-through: a miss in a fast tier that hits a slower one fills the
+      faster tiers (memory at once, disk in the background);
+    * ``batched_get`` serves local hits and fetches all local misses from the
+      remote in one batched call (pipelined when configured);
+    * ``config.prefetch``: a background thread copies this model's / rank's
+      remote chunks into the local tiers, bounded by local capacity; it never
+      blocks construction and skips foreign keys;
+    * a remote that is down never raises into the caller: local tiers keep serving.
+
+    Thread-safe.
+    """
+
+    def __init__(
+        self,
+        config: LMCacheEngineConfig,
+        metadata: LMCacheEngineMetadata | None,
+        mpool_metadata: LMCacheMemPoolMetadata | None = None,
+        dst_device: str = "cuda",
+    ) -> None:
+        super().__init__(dst_device)
+        from lmcache_core.storage_backend.local_backend import LMCLocalBackend, LMCLocalDiskBackend
+
+        self.config = config
+        self.metadata = metadata
+        self._tiers: list[tuple[str, LMCBackendInterface]] = []
+        try:
+            if config.local_memory_device is not None:
+                self._tiers.append(("memory", LMCLocalBackend(config, mpool_metadata, dst_device)))
+            if config.disk_path is not None:
+                self._tiers.append(("disk", LMCLocalDiskBackend(config, mpool_metadata, dst_device)))
+            self.remote: LMCBackendInterface | None = None
+            if config.remote_url is not None:
+                from lmcache_core.storage_backend.remote_backend import (
+                    LMCPipelinedRemoteBackend,
+                    LMCRemoteBackend,
+                )
+
+                cls = LMCPipelinedRemoteBackend if config.pipelined_backend else LMCRemoteBackend
+                self.remote = cls(config, metadata, dst_device)
+        except BaseException:
+            for _, tier in self._tiers:
+                tier.close()
+            raise
+        if not self._tiers:
+            raise ValueError("LMCHybridBackend needs a local tier (local_device or local_disk)")
+        self._closing = threading.Event()
+        self.prefetch_done = threading.Event()
+        self.prefetched = 0
+        self._prefetch_thread: threading.Thread | None = None
+        if config.prefetch and self.remote is not None:
+            self._prefetch_thread = threading.Thread(
+                target=self._prefetch, name="lmcache-prefetch", daemon=True
+            )
+            self._prefetch_thread.start()
+        else:
+            self.prefetch_done.set()
+
+    # -- introspection -------------------------------------------------------------
+
+    @property
+    def local_tiers(self) -> list[tuple[str, LMCBackendInterface]]:
+        return list(self._tiers)
+
+    def tiers(self) -> list[tuple[str, LMCBackendInterface]]:
+        """Every tier, fastest first, as (name, backend)."""
+        out = list(self._tiers)
+        if self.remote is not None:
+            out.append(("remote", self.remote))
+        return out
+
+    def describe(self) -> str:
+        return " + ".join(t.describe() for _, t in self.tiers())
+
+    # -- writes --------------------------------------------------------------------
+
+    def put(self, key: CacheEngineKey, kv_chunk: torch.Tensor, blocking: bool = True) -> None:
+        check_key(key)
+        check_chunk(kv_chunk)
+        stored = 0
+        too_large: ValueError | None = None
+        source = kv_chunk
+        for name, tier in self._tiers:
+            try:
+                tier.put(key, kv_chunk, blocking=True)
+                stored += 1
+                if name == "memory":
+                    # The memory tier's copy is immutable to us: hand it to the
+                    # remote writer so the caller may reuse its buffer at once.
+                    source = tier.get(key) if not blocking else kv_chunk
+                    if source is None:
+                        source = kv_chunk
+            except ValueError as exc:  # larger than this tier's budget
+                too_large = exc
+            except OSError as exc:
+                logger.warning("%s tier put of %s failed: %s", name, key, exc)
+                self.stats.incr(f"{name}_put_failures")
+        if self.remote is not None:
+            try:
+                self.remote.put(key, source, blocking=blocking)
+                stored += 1
+            except ValueError:
+                raise
+            except Exception as exc:  # remote down: local tiers still hold it
+                logger.warning("remote put of %s failed: %s", key, exc)
+                self.stats.incr("remote_put_failures")
+                if stored == 0:
+                    raise
+        if stored == 0:
+            if too_large is not None:
+                raise too_large
+            raise OSError(f"no tier could store {key}")
+
+    # -- reads ---------------------------------------------------------------------
+
+    def get(self, key: CacheEngineKey) -> Optional[torch.Tensor]:
+        check_key(key)
+        for i, (name, tier) in enumerate(self._tiers):
+            chunk = tier.get(key)
+            if chunk is not None:
+                self.stats.incr(f"hits_{name}")
+                self._fill(key, chunk, self._tiers[:i])
+                self._touch_below(key, i)
+                return chunk
+        chunk = self._remote_get(key)
+        if chunk is None:
+            self.stats.incr("misses")
+            return None
+        self.stats.incr("hits_remote")
+        self._fill(key, chunk, self._tiers)
+        return chunk
+
+    def batched_get(self, keys: Iterable[CacheEngineKey]) -> list[Optional[torch.Tensor]]:
+        keys = [check_key(k) for k in keys]
+        results: list[Optional[torch.Tensor]] = [None] * len(keys)
+        missing = list(range(len(keys)))
+        for i, (name, tier) in enumerate(self._tiers):
+            if not missing:
+                break
+            got = tier.batched_get([keys[j] for j in missing])
+            still: list[int] = []
+            for j, chunk in zip(missing, got):
+                if chunk is None:
+                    still.append(j)
+                else:
+                    results[j] = chunk
+                    self.stats.incr(f"hits_{name}")
+                    self._fill(keys[j], chunk, self._tiers[:i])
+                    self._touch_below(keys[j], i)
+            missing = still
+        if missing and self.remote is not None:
+            try:
+                got = list(self.remote.batched_get([keys[j] for j in missing]))
+            except Exception as exc:
+                logger.warning("remote batched_get failed: %s", exc)
+                self.stats.incr("remote_errors")
+                got = [None] * len(missing)
+            for j, chunk in zip(missing, got):
+                if chunk is not None:
+                    results[j] = chunk
+                    self.stats.incr("hits_remote")
+                    self._fill(keys[j], chunk, self._tiers)
+        self.stats.incr("misses", sum(r is None for r in results))
+        return results
+
+    def _remote_get(self, key: CacheEngineKey) -> Optional[torch.Tensor]:
+        if self.remote is None:
+            return None
+        try:
+            return self.remote.get(key)
+        except Exception as exc:  # remotes degrade to a miss themselves; belt and braces
+            logger.warning("remote get of %s failed: %s", key, exc)
+            self.stats.incr("remote_errors")
+            return None
+
+    def _fill(self, key: CacheEngineKey, chunk: torch.Tensor, tiers: list[tuple[str, LMCBackendInterface]]) -> None:
+        """Copy a chunk read from a slower tier into faster ones (best effort)."""
+        for name, tier in tiers:
+            try:
+                # Memory fills are one fast copy; disk fills go to the tier's workers.
+                tier.put(key, chunk, blocking=(name == "memory"))
+            except (ValueError, OSError, RuntimeError) as exc:
+                logger.debug("filling %s tier with %s skipped: %s", name, key, exc)
+
+    def _touch_below(self, key: CacheEngineKey, i: int) -> None:
+        # A hit in a fast tier is a use of the chunk in the slower local tiers too,
+        # so their LRU order matches what callers actually read.
+        for _, tier in self._tiers[i + 1 :]:
+            tier.touch(key)
+
+    def contains(self, key: CacheEngineKey) -> bool:
+        check_key(key)
+        if any(tier.contains(key) for _, tier in self._tiers):
+            return True
+        if self.remote is None:
+            return False
+        try:
+            return self.remote.contains(key)
+        except Exception:
+            self.stats.incr("remote_errors")
+            return False
+
+    def remove(self, key: CacheEngineKey) -> bool:
+        check_key(key)
+        found = False
+        for _, tier in self.tiers():
+            try:
+                found = tier.remove(key) or found
+            except Exception as exc:
+                logger.warning("remove of %s from %s failed: %s", key, tier.describe(), exc)
+        return found
+
+    def list_info(self) -> list[ChunkInfo]:
+        seen: dict[CacheEngineKey, ChunkInfo] = {}
+        for _, tier in self.tiers():
+            try:
+                infos = tier.list_info()
+            except Exception as exc:
+                logger.warning("listing %s failed: %s", tier.describe(), exc)
+                continue
+            for info in infos:
+                seen.setdefault(info.key, info)
+        return list(seen.values())
+
+    def list(self) -> list[CacheEngineKey]:
+        return [info.key for info in self.list_info()]
+
+    def read_header(self, key: CacheEngineKey) -> Optional[ChunkHeader]:
+        for _, tier in self.tiers():
+            try:
+                header = tier.read_header(key)
+            except Exception:
+                continue
+            if header is not None:
+                return header
+        return None
+
+    # -- prefetch ------------------------------------------------------------------
+
+    def _prefetch(self) -> None:
+        """Copy this rank's remote chunks into the local tiers, up to their capacity."""
+        assert self.remote is not None
+        try:
+            meta = self.metadata
+            if meta is None:
+                logger.warning("prefetch needs engine metadata (model, rank); skipped")
+                return
+            budget = self.config.memory_budget_bytes if self._tiers[0][0] == "memory" else (
+                self.config.disk_budget_bytes
+            )
+            used = 0
+            for info in self.remote.list_info():
+                if self._closing.is_set():
+                    return
+                k = info.key
+                if (k.model_name, k.fmt, k.world_size, k.worker_id) != (
+                    meta.model_name, meta.fmt, meta.world_size, meta.worker_id
+                ):
+                    continue
+                if info.size is not None and used + info.size > budget:
+                    continue
+                if all(tier.contains(k) for _, tier in self._tiers):
+                    continue
+                chunk = self._remote_get(k)
+                if chunk is None:
+                    continue
+                size = chunk.numel() * chunk.element_size()
+                if used + size > budget:
+                    break
+                self._fill(k, chunk, self._tiers)
+                used += size
+                self.prefetched += 1
+        except Exception as exc:
+            logger.warning("prefetch stopped: %s", exc)
+        finally:
+            self.prefetch_done.set()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        if self._prefetch_thread is not None:
+            self._prefetch_thread.join(timeout=max(5.0, 3 * self.config.remote_timeout))
+        for _, tier in self.tiers():
+            try:
+                tier.close()
+            except Exception as exc:
+                logger.warning("closing %s failed: %s", tier.describe(), exc)
