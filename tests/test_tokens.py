@@ -1,0 +1,102 @@
+"""Token-level store / lookup / retrieve, checked against an independent computation."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from lmcache_core import CacheEngineKey, LMCacheEngineConfig, LMCacheEngineMetadata
+from lmcache_core.storage_backend import CreateStorageBackend, open_backend
+from lmcache_core.tokens import ChunkedKVStore
+
+CHUNK = 16
+
+
+def kv_for(n_tokens: int, fmt: str = "vllm", seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, 2, n_tokens, 3, 4) if fmt == "vllm" else (2, 2, 3, n_tokens, 4)
+    return torch.randn(shape, generator=g).to(torch.bfloat16)
+
+
+def expected_keys(tokens: list[int], model: str, fmt: str = "vllm") -> list[CacheEngineKey]:
+    keys, prev = [], ""
+    for i in range(0, len(tokens), CHUNK):
+        raw = b"".join(t.to_bytes(8, "little", signed=True) for t in tokens[i : i + CHUNK])
+        prev = hashlib.sha256(prev.encode() + raw).hexdigest()
+        keys.append(CacheEngineKey(fmt, model, 1, 0, prev))
+    return keys
+
+
+@pytest.mark.parametrize("fmt", ["vllm", "huggingface"])
+def test_store_splits_by_chunk_and_keys_by_prefix_hash(tmp_path, fmt):
+    tokens = list(range(100, 150))  # 3 full chunks + 2 tokens
+    kv = kv_for(len(tokens), fmt)
+    with open_backend(str(tmp_path)) as backend:
+        store = ChunkedKVStore(backend, "org/m", fmt=fmt, chunk_size=CHUNK)
+        result = store.store(tokens, kv)
+        assert (result.chunks, result.stored, result.skipped) == (4, 4, 0)
+        axis = 2 if fmt == "vllm" else 3
+        for i, key in enumerate(expected_keys(tokens, "org/m", fmt)):
+            piece = kv.narrow(axis, i * CHUNK, min(CHUNK, len(tokens) - i * CHUNK))
+            assert torch.equal(backend.get(key), piece)
+        again = store.store(tokens, kv)
+        assert (again.stored, again.skipped) == (0, 4)
+
+
+def test_lookup_and_retrieve_longest_prefix(tmp_path):
+    tokens = list(range(64))
+    kv = kv_for(64)
+    with open_backend(str(tmp_path)) as backend:
+        store = ChunkedKVStore(backend, "m", chunk_size=CHUNK)
+        store.store(tokens, kv)
+        # A longer prompt sharing the first 40 tokens: 2 full chunks are cached.
+        query = tokens[:40] + [999] * 30
+        look = store.lookup(query)
+        assert (look.tokens, look.chunks, look.total_chunks) == (32, 2, 5)
+        got, n = store.retrieve(query)
+        assert n == 32 and torch.equal(got, kv[:, :, :32])
+        # Remove the middle chunk: the prefix stops before it.
+        backend.remove(expected_keys(tokens, "m")[1])
+        got, n = store.retrieve(tokens)
+        assert n == 16 and torch.equal(got, kv[:, :, :16])
+        assert store.retrieve([5, 6, 7]) == (None, 0)
+
+
+def test_partial_last_chunk_counts_its_tokens(tmp_path):
+    tokens = list(range(20))
+    kv = kv_for(20)
+    with open_backend(str(tmp_path)) as backend:
+        store = ChunkedKVStore(backend, "m", chunk_size=CHUNK)
+        store.store(tokens, kv)
+        got, n = store.retrieve(tokens)
+        assert n == 20 and torch.equal(got, kv)
+        assert store.lookup(tokens).tokens == 20
+
+
+def test_lookup_per_tier(tmp_path):
+    cfg = LMCacheEngineConfig.from_defaults(local_device="cpu", local_disk=str(tmp_path), max_local_cache_size=0.01)
+    backend = CreateStorageBackend(cfg, LMCacheEngineMetadata("m"), "cpu")
+    tokens = list(range(48))
+    store = ChunkedKVStore(backend, "m", chunk_size=CHUNK)
+    store.store(tokens, kv_for(48))
+    memory = dict(backend.tiers())["memory"]
+    memory.remove(expected_keys(tokens, "m")[2])
+    look = store.lookup(tokens)
+    assert look.tokens == 48
+    assert look.per_tier == {"memory": 32, "disk": 48}
+    backend.close()
+
+
+def test_bad_kv_shapes(tmp_path):
+    with open_backend(str(tmp_path)) as backend:
+        store = ChunkedKVStore(backend, "m", chunk_size=CHUNK)
+        with pytest.raises(ValueError, match="tokens"):
+            store.store(list(range(10)), kv_for(12))
+        with pytest.raises(ValueError, match="5 dimensions"):
+            store.store(list(range(10)), torch.zeros(10, 4))
+        with pytest.raises(TypeError):
+            store.store([1], [[1.0]])
+    with pytest.raises(ValueError, match="model_name"):
+        ChunkedKVStore(backend, "a@b")
