@@ -21,6 +21,7 @@ from lmcache_core.chunk_format import ChunkHeader
 from lmcache_core.config import LMCacheEngineConfig, LMCacheEngineMetadata, LMCacheMemPoolMetadata
 from lmcache_core.errors import CorruptChunkError, StoreFullError
 from lmcache_core.key import CacheEngineKey
+from lmcache_core.storage_backend import disk_io
 from lmcache_core.storage_backend.abstract_backend import (
     ChunkInfo,
     LMCBackendInterface,
@@ -253,11 +254,11 @@ def save_disk(path: str, kv_chunk: torch.Tensor, key: str | None = None, fsync: 
     check_chunk(kv_chunk)
     tmp = _temp_path(path)
     try:
-        with open(tmp, "wb", buffering=0) as f:
+        with disk_io.open_write(tmp) as f:
             n = chunk_format.write_chunk(f, kv_chunk, key if key is not None else "")
             if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+                disk_io.fsync(f, tmp)
+        disk_io.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -367,7 +368,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             if name.startswith(".") and name.endswith(TEMP_SUFFIX):
                 if _is_stale_temp(name, st.st_mtime, now):
                     try:
-                        os.unlink(path)
+                        disk_io.unlink(path)
                         self.stale_temps_removed += 1
                     except OSError:
                         pass
@@ -454,7 +455,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         with self._lock:
             self._index.pop(key)
         try:
-            os.unlink(self._path(key))
+            disk_io.unlink(self._path(key))
         except FileNotFoundError:
             return False
         self.stats.incr("evictions")
@@ -467,7 +468,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         self._wait_pending(key)
         path = self._path(key)
         try:
-            with open(path, "rb", buffering=0) as f:
+            with disk_io.open_read(path) as f:
                 size = os.fstat(f.fileno()).st_size
                 header = chunk_format.read_header(f, total_size=size)
                 chunk_format.check_identity(header, key.to_string())
@@ -505,7 +506,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         with self._lock:
             self._index.pop(key)
         try:
-            os.unlink(path)
+            disk_io.unlink(path)
         except OSError:
             pass
 
@@ -554,7 +555,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         check_key(key)
         self._wait_pending(key)
         try:
-            with open(self._path(key), "rb") as f:
+            with disk_io.open_read(self._path(key)) as f:
                 size = os.fstat(f.fileno()).st_size
                 return chunk_format.read_header(f, total_size=size)
         except (OSError, CorruptChunkError):
