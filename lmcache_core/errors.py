@@ -7,6 +7,8 @@ handles them, and each carries what failed (key, path, store) for the message.
 
 from __future__ import annotations
 
+import errno as _errno
+
 
 class LMCacheError(Exception):
     """Base class of every error raised on purpose by lmcache_core."""
@@ -43,9 +45,13 @@ class StoreUnavailableError(LMCacheError, ConnectionError):
 
 
 class StoreFullError(LMCacheError, OSError):
-    """The store has no room for the chunk (budget, ENOSPC, Redis maxmemory)."""
+    """The store has no room for the chunk (budget, ENOSPC, Redis maxmemory).
+
+    ``errno`` is ``ENOSPC``, so code that only knows builtins recognises a full store.
+    """
 
     def __init__(self, store: str, reason: str) -> None:
         super().__init__(f"{store}: {reason}")
+        self.errno = _errno.ENOSPC
         self.store = store
         self.reason = reason
