@@ -1,0 +1,540 @@
+"""Chunk bytes in Redis: ``redis://``, ``rediss://`` (TLS), ``unix://`` and Redis Cluster.
+
+URLs::
+
+    redis://[user:password@]host:port/db        rediss://...   (TLS; ssl_* options pass through)
+    unix:///path/to/redis.sock?db=N
+    redis+cluster://[user:password@]host:port[,host:port...]
+
+The Redis key of a chunk is ``<prefix>`` + ``key.to_string()``; ``prefix`` defaults to
+``lmcache:`` and is given as the ``prefix`` option or a ``?prefix=`` query parameter.
+Values are chunk bytes. ``list()`` walks ``SCAN MATCH <escaped prefix>*`` on every
+primary, never ``KEYS``, and skips names that are not chunk keys or not strings.
+
+Copies are what a 32 MiB chunk costs most on these machines, so on a standalone server
+(``redis``, ``rediss``, ``unix``) two redis-py hooks are used:
+
+* a command packer that sends ``[header, payload]`` as one ``SET`` value without first
+  joining them (one fewer 32 MiB allocation and copy per put);
+* a reply buffer that reads a large bulk reply with ``recv_into`` straight into one
+  uninitialised buffer, returned as a writable ``memoryview`` (redis-py's own buffer
+  copies a reply three to four times).
+
+Both fall back to redis-py's stock behaviour if its internals change. Cluster clients
+use the stock paths (redis-py does not let node connections take these hooks).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+from lmcache_core.config import mask_url
+from lmcache_core.errors import StoreFullError, StoreUnavailableError
+from lmcache_core.key import CacheEngineKey
+from lmcache_core.storage_backend.connector.base import RemoteConnector, RemoteObject
+
+DEFAULT_PREFIX = "lmcache:"
+INSTALL_HINT = "pip install 'lmcache-toolkit[redis]'"
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+STANDALONE_SCHEMES = ("redis", "rediss", "unix")
+# Names per SCAN reply and per STRLEN pipeline: big enough to amortise round trips,
+# small enough that one reply never holds the server up.
+SCAN_COUNT = 1000
+# Replies at least this long are read with recv_into (below it redis-py's buffer is fine).
+LARGE_REPLY_BYTES = 256 * 1024
+_GLOB_SPECIAL = "\\*?[]"
+
+_T = TypeVar("_T")
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+        import redis.cluster  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            f"Redis stores need the redis package: {INSTALL_HINT}"
+        ) from exc
+    return redis
+
+
+def escape_glob(text: str) -> str:
+    """Escape Redis glob characters (``* ? [ ] \\``) so ``text`` matches only itself."""
+    return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in text)
+
+
+def split_prefix(url: str) -> tuple[str, str | None]:
+    """Remove ``prefix=`` from the URL's query; returns (url without it, the prefix or None)."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url, None
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = None
+    kept = []
+    for name, value in pairs:
+        if name == "prefix":
+            prefix = value
+        else:
+            kept.append((name, value))
+    if prefix is None:
+        return url, None
+    return urlunsplit(parts._replace(query=urlencode(kept))), prefix
+
+
+class RedisConnector(RemoteConnector):
+    """Chunk bytes by key in one Redis database or a Redis Cluster.
+
+    Thread-safe (redis-py pools connections; one client per process) and fork-safe: a
+    child process notices the pid change and opens its own client, never touching the
+    parent's sockets. Every call is bounded by ``timeout`` (connect and each socket
+    read/write); a stale pooled connection (server restarted) is retried once on a fresh
+    one. Transport failures raise ``StoreUnavailableError``; Redis at ``maxmemory``
+    raises ``StoreFullError``.
+
+    Args:
+        url: see the module docstring; secrets in it never reach a message.
+        timeout: seconds for connecting and for each socket operation.
+        **options: ``prefix`` (default ``lmcache:``), ``health_check_interval`` (seconds,
+            default 30), and any redis-py client option (``ssl_ca_certs``,
+            ``ssl_cert_reqs``, ``max_connections``, ``username``, ...).
+
+    Raises:
+        ValueError: a malformed URL, an unknown scheme, or an empty prefix.
+        ImportError: the redis package is missing.
+    """
+
+    def __init__(self, url: str, *, timeout: float, **options: Any) -> None:
+        self._redis = _import_redis()
+        if not isinstance(url, str) or "://" not in url:
+            raise ValueError("Redis store URL must look like redis://host:port/db")
+        if not timeout or timeout <= 0:
+            raise ValueError(f"timeout: must be > 0 seconds, got {timeout!r}")
+        self.display_url = mask_url(url)
+        self.timeout = float(timeout)
+        stripped, url_prefix = split_prefix(url)
+        opt_prefix = options.pop("prefix", None)
+        if url_prefix is not None and opt_prefix is not None and url_prefix != opt_prefix:
+            raise ValueError("prefix given both in the URL and as an option, with different values")
+        prefix = opt_prefix if opt_prefix is not None else url_prefix
+        prefix = DEFAULT_PREFIX if prefix is None else prefix
+        if not isinstance(prefix, str) or not prefix:
+            # An empty prefix would make list() a scan of the whole database.
+            raise ValueError("prefix: must be a non-empty string (default 'lmcache:')")
+        self.prefix = prefix
+        self._prefix_bytes = prefix.encode("utf-8")
+        scheme = urlsplit(stripped).scheme.lower()
+        self.cluster = scheme in CLUSTER_SCHEMES
+        if not self.cluster and scheme not in STANDALONE_SCHEMES:
+            raise ValueError(
+                f"not a Redis URL scheme: {scheme!r}; known: "
+                f"{', '.join(STANDALONE_SCHEMES + CLUSTER_SCHEMES)}"
+            )
+        self._url = stripped
+        self._options = options
+        options.setdefault("health_check_interval", 30)
+        # Parse now so a malformed URL fails at construction, not at the first call.
+        if self.cluster:
+            self._cluster_args = _parse_cluster_url(stripped)
+        else:
+            self._redis.connection.parse_url(stripped)
+        self._hooks = {} if self.cluster else _fast_path_hooks(int(options.get("protocol") or 2))
+        #: whether ``put`` sends header and payload without joining them first
+        self.zero_copy_put = "command_packer" in self._hooks
+        self._lock = threading.Lock()
+        self._client_obj: Any = None
+        self._pid = -1
+        self._closed = False
+
+    # -- clients -------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        client = self._client_obj
+        if client is not None and self._pid == os.getpid():
+            return client
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailableError(self.display_url, "connector is closed")
+            if self._client_obj is None or self._pid != os.getpid():
+                # In a forked child the parent's client is dropped unclosed: closing it
+                # would shut sockets the parent still uses.
+                self._client_obj = self._make_client()
+                self._pid = os.getpid()
+            return self._client_obj
+
+    def _retry(self) -> Any:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # One retry, on connection errors only: it replaces a pooled connection that a
+        # server restart left dead. Timeouts are not retried here; the backend decides.
+        return Retry(NoBackoff(), 1, supported_errors=(self._redis.exceptions.ConnectionError,))
+
+    def _make_client(self) -> Any:
+        redis = self._redis
+        common = {
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
+            "client_name": "lmcache",
+        }
+        if self.cluster:
+            args = dict(self._cluster_args)
+            kwargs = {**common, **args.pop("kwargs"), **self._options}
+            try:
+                return redis.cluster.RedisCluster(
+                    startup_nodes=args["startup_nodes"], retry=self._retry(), **kwargs
+                )
+            except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
+                raise StoreUnavailableError(self.display_url, f"cannot reach the cluster: {exc}") from exc
+        # RESP2: every server and proxy speaks it, and it needs no HELLO round trip.
+        kwargs: dict[str, Any] = {**self._hooks, **common, "retry": self._retry(), "protocol": 2}
+        kwargs.update(self._options)
+        pool = redis.ConnectionPool.from_url(self._url, **kwargs)
+        return redis.Redis(connection_pool=pool)
+
+    def _name(self, key: CacheEngineKey) -> bytes:
+        if not isinstance(key, CacheEngineKey):
+            raise TypeError(f"key must be a CacheEngineKey, got {type(key).__name__}")
+        return self._prefix_bytes + key.to_string().encode("utf-8")
+
+    def _parse_name(self, name: bytes | str) -> CacheEngineKey | None:
+        if isinstance(name, str):
+            name = name.encode("utf-8", "surrogateescape")
+        if not name.startswith(self._prefix_bytes):
+            return None
+        try:
+            return CacheEngineKey.from_string(name[len(self._prefix_bytes) :].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None  # a foreign name under our prefix: not ours to list
+
+    def _call(self, what: str, fn: Callable[[Any], _T]) -> _T:
+        """Run ``fn(client)``, translating redis-py errors into the project's."""
+        redis = self._redis
+        try:
+            return fn(self._client())
+        except redis.exceptions.OutOfMemoryError as exc:
+            raise StoreFullError(self.display_url, f"{what}: Redis is at maxmemory ({exc})") from exc
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
+            raise StoreUnavailableError(self.display_url, f"{what}: {type(exc).__name__}: {exc}") from exc
+
+    # -- RemoteConnector -----------------------------------------------------------
+
+    def get(self, key: CacheEngineKey) -> bytes | None:
+        """The stored bytes, or None when absent or not a string.
+
+        Large values come back as a writable ``memoryview`` (bytes-like, read once off
+        the socket); ``chunk_format.decode`` wraps it without copying.
+        """
+        name = self._name(key)
+        return self._call("GET", lambda c: _none_on_wrongtype(self._redis, lambda: c.get(name)))
+
+    def get_many(self, keys: Sequence[CacheEngineKey]) -> list[bytes | None]:
+        """One ``MGET`` (per slot on a cluster); aligned with ``keys``, None for misses."""
+        names = [self._name(k) for k in keys]
+        if not names:
+            return []
+        if self.cluster:
+            values = self._call("MGET", lambda c: c.mget_nonatomic(names))
+        else:
+            values = self._call("MGET", lambda c: c.mget(names))
+        return list(values)
+
+    def put(self, key: CacheEngineKey, parts: Sequence[bytes | memoryview]) -> None:
+        """``SET`` the concatenation of ``parts``; one command, so readers never see half."""
+        name = self._name(key)
+        value = self._value(parts)
+        self._call("SET", lambda c: c.execute_command("SET", name, value))
+
+    def put_many(self, items: Sequence[tuple[CacheEngineKey, Sequence[bytes | memoryview]]]) -> None:
+        """All ``SET``s in one pipeline (per node on a cluster)."""
+        if not items:
+            return
+        commands = [(self._name(k), self._value(parts)) for k, parts in items]
+
+        def run(c: Any) -> None:
+            pipe = c.pipeline(transaction=False)
+            for name, value in commands:
+                pipe.execute_command("SET", name, value)
+            pipe.execute()
+
+        self._call("SET (pipeline)", run)
+
+    def exists(self, key: CacheEngineKey) -> bool:
+        name = self._name(key)
+        return bool(self._call("EXISTS", lambda c: c.exists(name)))
+
+    def delete(self, key: CacheEngineKey) -> bool:
+        name = self._name(key)
+        return bool(self._call("DEL", lambda c: c.delete(name)))
+
+    def get_range(self, key: CacheEngineKey, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` via ``GETRANGE`` (header-only reads); None when absent."""
+        name = self._name(key)
+        if end <= start:
+            return b"" if self.exists(key) else None
+        data = self._call(
+            "GETRANGE",
+            lambda c: _none_on_wrongtype(self._redis, lambda: c.getrange(name, start, end - 1)),
+        )
+        if data is None:
+            return None
+        if not data and not self.exists(key):  # GETRANGE answers "" for a missing key too
+            return None
+        return bytes(data)
+
+    def list(self) -> Iterator[RemoteObject]:
+        """Every chunk under the prefix with its size (``STRLEN``); no mtime in Redis.
+
+        Walks ``SCAN`` on each primary, so it sees a consistent-enough snapshot without
+        blocking the server; names that do not parse as keys, or hold non-strings, are
+        skipped.
+        """
+        pattern = escape_glob(self.prefix) + "*"
+        for node in self._call("SCAN", self._scan_targets):
+            batch: list[tuple[bytes, CacheEngineKey]] = []
+            for name in self._scan(node, pattern):
+                key = self._parse_name(name)
+                if key is not None:
+                    batch.append((name, key))
+                if len(batch) >= SCAN_COUNT:
+                    yield from self._sized(node, batch)
+                    batch = []
+            if batch:
+                yield from self._sized(node, batch)
+
+    def close(self) -> None:
+        """Disconnect every pooled connection. Idempotent; later calls raise."""
+        with self._lock:
+            self._closed = True
+            client, self._client_obj = self._client_obj, None
+            owned = self._pid == os.getpid()
+        if client is not None and owned:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - best effort; the sockets go with the object
+                pass
+
+    def __repr__(self) -> str:
+        return f"RedisConnector({self.display_url!r}, prefix={self.prefix!r})"
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _value(self, parts: Sequence[bytes | memoryview] | bytes | bytearray | memoryview) -> Any:
+        if isinstance(parts, (bytes, bytearray, memoryview)):
+            return parts
+        if self.zero_copy_put:
+            return ChunkValue(parts)
+        return b"".join(parts)
+
+    def _scan_targets(self, client: Any) -> list[Any]:
+        if self.cluster:
+            return [node.redis_connection or client.get_redis_connection(node)
+                    for node in client.get_primaries()]
+        return [client]
+
+    def _scan(self, node: Any, pattern: str) -> Iterator[bytes]:
+        cursor = 0
+        while True:
+            cursor, names = self._call(
+                "SCAN", lambda _c, cur=cursor: node.scan(cursor=cur, match=pattern, count=SCAN_COUNT)
+            )
+            yield from names
+            if int(cursor) == 0:
+                return
+
+    def _sized(self, node: Any, batch: list[tuple[bytes, CacheEngineKey]]) -> Iterator[RemoteObject]:
+        def run(_c: Any) -> list[Any]:
+            pipe = node.pipeline(transaction=False)
+            for name, _key in batch:
+                pipe.strlen(name)
+            return pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+
+        sizes = self._call("STRLEN", run)
+        for (_name, key), size in zip(batch, sizes, strict=True):
+            # An error (WRONGTYPE) marks a non-string under our prefix; 0 a key deleted
+            # between SCAN and STRLEN. Neither is a chunk.
+            if isinstance(size, int) and size > 0:
+                yield RemoteObject(key, size=size)
+
+
+def _none_on_wrongtype(redis: Any, fn: Callable[[], _T]) -> _T | None:
+    try:
+        return fn()
+    except redis.exceptions.ResponseError as exc:
+        if str(exc).startswith("WRONGTYPE"):
+            return None  # a hash/list/... under our prefix is foreign: a miss
+        raise
+
+
+def _parse_cluster_url(url: str) -> dict[str, Any]:
+    """``redis+cluster://[user:pw@]h:p[,h:p...][/0][?opts]`` -> RedisCluster arguments."""
+    from redis.cluster import ClusterNode
+    from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    kwargs: dict[str, Any] = {}
+    if userinfo:
+        user, sep, password = userinfo.partition(":")
+        if user:
+            kwargs["username"] = unquote(user)
+        if sep:
+            kwargs["password"] = unquote(password)
+    nodes = []
+    for item in hosts.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith("["):  # [ipv6]:port
+            host, _, port = item[1:].partition("]:")
+        else:
+            host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"Redis Cluster node {item!r} is not host:port")
+        nodes.append(ClusterNode(unquote(host), int(port)))
+    if not nodes:
+        raise ValueError("Redis Cluster URL names no node: redis+cluster://host:port[,host:port]")
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError("Redis Cluster has only database 0")
+    for name, value in parse_qsl(parts.query):
+        if name == "ssl":
+            kwargs["ssl"] = value.lower() in ("1", "true", "yes", "on")
+        elif name in URL_QUERY_ARGUMENT_PARSERS:
+            kwargs[name] = URL_QUERY_ARGUMENT_PARSERS[name](value)
+        else:
+            kwargs[name] = value
+    if parts.scheme.lower().startswith("rediss"):
+        kwargs["ssl"] = True
+    return {"startup_nodes": nodes, "kwargs": kwargs}
+
+
+# -- redis-py hooks for a standalone server ------------------------------------------
+
+
+class ChunkValue:
+    """A command argument made of several buffers, sent back to back as one value."""
+
+    __slots__ = ("parts", "nbytes")
+
+    def __init__(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        # cast("B") makes len() a byte count whatever the source's format was.
+        self.parts = [memoryview(p).cast("B") for p in parts]
+        self.nbytes = sum(p.nbytes for p in self.parts)
+
+
+class _ChunkValuePacker:
+    """redis-py command packer that sends ``ChunkValue`` arguments without joining them.
+
+    Other commands go to redis-py's own packer. Stateless, so one instance serves every
+    connection of every thread.
+    """
+
+    def __init__(self) -> None:
+        from redis._parsers.encoders import Encoder
+        from redis.connection import PythonRespSerializer
+
+        self._encode = Encoder("utf-8", "strict", False).encode
+        self._plain = PythonRespSerializer(6000, self._encode)
+
+    def pack(self, *args: Any) -> list[bytes | memoryview]:
+        if not any(type(a) is ChunkValue for a in args):
+            return self._plain.pack(*args)  # type: ignore[no-any-return]
+        if isinstance(args[0], str) and " " in args[0]:
+            args = tuple(args[0].encode().split()) + args[1:]
+        out: list[bytes | memoryview] = []
+        buff = b"*%d\r\n" % len(args)
+        for arg in args:
+            if type(arg) is ChunkValue:
+                out.append(buff + b"$%d\r\n" % arg.nbytes)
+                out.extend(arg.parts)
+                buff = b"\r\n"
+            else:
+                enc = self._encode(arg)
+                buff += b"$%d\r\n" % len(enc) + bytes(enc) + b"\r\n"
+        out.append(buff)
+        return out
+
+
+_HOOKS: dict[int, dict[str, Any]] = {}
+_HOOKS_LOCK = threading.Lock()
+
+
+def _fast_path_hooks(protocol: int) -> dict[str, Any]:
+    """Connection kwargs for the zero-copy put and the recv_into reply buffer.
+
+    Returns ``{}`` (stock redis-py) where its internals are not what we expect.
+    """
+    with _HOOKS_LOCK:
+        if protocol not in _HOOKS:
+            _HOOKS[protocol] = _build_hooks(protocol)
+        return dict(_HOOKS[protocol])
+
+
+def _build_hooks(protocol: int) -> dict[str, Any]:
+    hooks: dict[str, Any] = {}
+    try:
+        from redis.connection import AbstractConnection
+
+        if "command_packer" in inspect.signature(AbstractConnection.__init__).parameters:
+            hooks["command_packer"] = _ChunkValuePacker()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        pass
+    try:
+        hooks["parser_class"] = _large_reply_parser(protocol)
+    except (ImportError, AttributeError):
+        pass
+    return hooks
+
+
+def _large_reply_parser(protocol: int) -> type:
+    import numpy
+    from redis._parsers.resp2 import _RESP2Parser
+    from redis._parsers.resp3 import _RESP3Parser
+    from redis._parsers.socket import SENTINEL, SERVER_CLOSED_CONNECTION_ERROR, SocketBuffer
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import InvalidResponse
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    class LargeReplyBuffer(SocketBuffer):  # type: ignore[misc]
+        """SocketBuffer whose large bulk reads land in one bytearray, copied once."""
+
+        def read(self, length: int, timeout: Any = SENTINEL) -> Any:
+            if length < LARGE_REPLY_BYTES:
+                return super().read(length, timeout)
+            total = length + 2  # the value and its CRLF
+            # numpy.empty, not bytearray(n): bytearray zero-fills, which costs as much
+            # as the network read itself for a 32 MiB chunk.
+            view = memoryview(numpy.empty(total, dtype=numpy.uint8))
+            got = self._buffer.readinto(view)  # whatever redis-py already buffered
+            sock = self._sock
+            custom = timeout is not SENTINEL
+            if custom:
+                sock.settimeout(timeout)
+            try:
+                while got < total:
+                    n = sock.recv_into(view[got:])
+                    if n == 0:
+                        raise RedisConnectionError(SERVER_CLOSED_CONNECTION_ERROR)
+                    got += n
+            except TimeoutError:  # socket.timeout is TimeoutError since 3.10
+                raise RedisTimeoutError("Timeout reading from socket") from None
+            except OSError as exc:
+                raise RedisConnectionError(f"Error while reading from socket: {exc.args}") from None
+            finally:
+                if custom:
+                    sock.settimeout(self.socket_timeout)
+            if view[length:] != b"\r\n":
+                raise InvalidResponse("Protocol Error: bulk reply without CRLF")
+            return view[:length]
+
+    base = _RESP3Parser if protocol == 3 else _RESP2Parser
+
+    class LargeReplyParser(base):  # type: ignore[misc, valid-type]
+        def on_connect(self, connection: Any) -> None:
+            super().on_connect(connection)
+            self._buffer = LargeReplyBuffer(self._sock, self.socket_read_size, connection.socket_timeout)
+
+    return LargeReplyParser
