@@ -1,0 +1,745 @@
+"""Benchmark engine: put/get throughput and latency of stores beside the raw medium.
+
+Used by ``lmcache bench`` and the scripts under ``scripts/``. Every operation on
+a store is measured in the same run, on the same bytes, beside the medium it
+sits on, so the ratio says what the store costs on top of the hardware:
+
+==================  ===========================================================
+store kind          raw medium baseline
+==================  ===========================================================
+memory (``cpu://``) ``copy_`` into warm, pre-allocated memory
+disk (a directory)  one ``write()`` of the tensor's memory into a new file;
+                    ``readinto`` a warm pre-allocated tensor (hot and cold)
+Redis               redis-py ``SET``/``GET`` of the payload bytes
+fsspec (``s3://``)  ``pipe_file``/``cat_file`` of the payload bytes
+hybrid              the raw medium of its slowest tier
+==================  ===========================================================
+
+Operations: ``put`` (blocking), ``put_nonblocking`` (``put(blocking=False)`` for
+every chunk, then ``close()``: the time until everything is durable),
+``get``, ``batched_get`` (``batch`` keys per call, against the raw medium's
+sequential reads of the same objects) and, for disk, ``get_cold`` after the page
+cache is dropped (``/proc/sys/vm/drop_caches`` as root, else
+``posix_fadvise(DONTNEED)`` per file). Raw and store operations are interleaved
+chunk by chunk, so noise from other processes hits both sides alike.
+
+GB/s are decimal (1e9 bytes) of tensor payload per second of wall time. Everything
+the run writes (chunks under a private model name, raw objects under a private
+prefix) is removed at the end, also on failure.
+
+This module never imports the CLI; it is not thread-safe (run one bench at a time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import torch
+
+from lmcache_core.config import LMCacheEngineMetadata, mask_url
+from lmcache_core.key import CacheEngineKey
+from lmcache_core.storage_backend import open_backend, store_kind
+from lmcache_core.storage_backend.abstract_backend import LMCBackendInterface
+
+__all__ = [
+    "REFERENCE_SHAPE",
+    "BenchReport",
+    "BenchTarget",
+    "chunk_shape_for",
+    "machine_info",
+    "run_bench",
+]
+
+#: Llama-3.1-8B, 256 tokens, vLLM layout: 32 MiB in bf16.
+REFERENCE_SHAPE: tuple[int, ...] = (32, 2, 256, 8, 128)
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+_NB_RAW = 1 << 20  # raw object ids of the non-blocking phase
+ROW_KEYS = ("store", "op", "gbps", "p50_ms", "p99_ms", "raw_op", "raw_gbps", "ratio")
+
+Progress = Callable[[str], None]
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchReport:
+    """The result of ``run_bench``.
+
+    Attributes:
+        rows: one dict per (store, op): ``store, op, gbps, p50_ms, p99_ms, raw_op,
+            raw_gbps, ratio`` (ours / raw), plus ``kind, chunk_bytes, samples,
+            raw_p50_ms, raw_p99_ms, note``.
+        machine: CPU, cores, memory, OS, Python and torch versions.
+        params: chunk shape, dtype, bytes, count and batch of the run.
+        errors: ``{"store", "error"}`` for stores that could not be benchmarked.
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    machine: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (plain dicts, lists, numbers and strings)."""
+        return {
+            "machine": dict(self.machine),
+            "params": dict(self.params),
+            "rows": [dict(r) for r in self.rows],
+            "errors": [dict(e) for e in self.errors],
+        }
+
+
+@dataclass
+class BenchTarget:
+    """A store to benchmark that a URL alone cannot open (e.g. a hybrid).
+
+    Attributes:
+        name: shown in the ``store`` column.
+        open: builds a fresh backend from the run's metadata (private model name,
+            chunk shape and dtype); called once per phase, and each instance must
+            see the chunks earlier ones stored durably.
+        kind: ``memory``, ``disk``, ``redis``, ``fsspec`` or ``hybrid``.
+        raw_url: the URL whose raw medium is the baseline (for a hybrid, its
+            slowest tier); defaults to ``name``.
+        raw_options: options for the raw client (``endpoint_url`` etc. for S3).
+    """
+
+    name: str
+    open: Callable[[LMCacheEngineMetadata], LMCBackendInterface]
+    kind: str
+    raw_url: str | None = None
+    raw_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    mem = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = round(int(line.split()[1]) * 1024 / 1024**3, 1)
+                    break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "root": hasattr(os, "geteuid") and os.geteuid() == 0,
+    }
+
+
+def chunk_shape_for(
+    chunk_bytes: int | None, kv_shape: Sequence[int] | None, dtype: torch.dtype
+) -> tuple[int, ...]:
+    """The chunk shape of a run: ``kv_shape``, else the reference shape with as many
+    tokens as make ``chunk_bytes`` (flat when that does not divide), else the reference.
+    """
+    if kv_shape is not None:
+        shape = tuple(int(d) for d in kv_shape)
+        if not shape or any(d <= 0 for d in shape):
+            raise ValueError(f"kv_shape must be positive dimensions, got {kv_shape!r}")
+        return shape
+    if chunk_bytes is None:
+        return REFERENCE_SHAPE
+    if chunk_bytes <= 0 or chunk_bytes % dtype.itemsize:
+        raise ValueError(f"chunk_bytes must be a positive multiple of {dtype.itemsize}, got {chunk_bytes}")
+    layers, kv, _, heads, head = REFERENCE_SHAPE
+    per_token = layers * kv * heads * head * dtype.itemsize
+    if chunk_bytes % per_token == 0:
+        return (layers, kv, chunk_bytes // per_token, heads, head)
+    return (chunk_bytes // dtype.itemsize,)
+
+
+# -- measurement helpers -----------------------------------------------------------------
+
+
+class _Series:
+    """Per-operation wall times (ns) and the payload bytes they moved."""
+
+    def __init__(self) -> None:
+        self.times: list[int] = []
+        self.nbytes = 0
+        self.total_ns: int | None = None  # set for phases timed as a whole
+
+    @contextlib.contextmanager
+    def op(self, nbytes: int) -> Iterator[None]:
+        t0 = time.perf_counter_ns()
+        yield
+        self.times.append(time.perf_counter_ns() - t0)
+        self.nbytes += nbytes
+
+    def gbps(self) -> float | None:
+        total = self.total_ns if self.total_ns is not None else sum(self.times)
+        return round(self.nbytes / total, 3) if total > 0 and self.nbytes else None
+
+    def pct_ms(self, q: float) -> float | None:
+        if not self.times:
+            return None
+        ts = sorted(self.times)
+        # linear interpolation between closest ranks (numpy's default)
+        pos = (len(ts) - 1) * q
+        lo, hi = math.floor(pos), math.ceil(pos)
+        v = ts[lo] + (ts[hi] - ts[lo]) * (pos - lo)
+        return round(v / 1e6, 3)
+
+
+def _row(
+    store: str,
+    kind: str,
+    op: str,
+    ours: _Series,
+    raw_op: str,
+    raw: _Series | None,
+    chunk_bytes: int,
+    note: str = "",
+) -> dict[str, Any]:
+    g = ours.gbps()
+    rg = raw.gbps() if raw is not None else None
+    return {
+        "store": store,
+        "op": op,
+        "gbps": g,
+        "p50_ms": ours.pct_ms(0.5),
+        "p99_ms": ours.pct_ms(0.99),
+        "raw_op": raw_op,
+        "raw_gbps": rg,
+        "ratio": round(g / rg, 3) if g and rg else None,
+        "kind": kind,
+        "chunk_bytes": chunk_bytes,
+        "samples": len(ours.times),
+        "raw_p50_ms": raw.pct_ms(0.5) if raw is not None else None,
+        "raw_p99_ms": raw.pct_ms(0.99) if raw is not None else None,
+        "note": note,
+    }
+
+
+def _payload(t: torch.Tensor) -> memoryview:
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+# -- raw media ---------------------------------------------------------------------------
+
+
+class _RawMedium:
+    """The bare medium under a store: same bytes, no format, no index."""
+
+    put_op = "put"
+    get_op = "get"
+
+    def put(self, i: int, chunk: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def get(self, i: int) -> None:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:  # noqa: B027 - optional
+        """Remove everything written."""
+
+
+class _RawMemory(_RawMedium):
+    put_op = "copy_ (warm)"
+    get_op = "copy_ (warm)"
+
+    def __init__(self, n: int, chunk_bytes: int) -> None:
+        # Touched now, so copies hit warm pages like a pre-allocated pool's.
+        self._slots = [torch.zeros(chunk_bytes, dtype=torch.uint8) for _ in range(n)]
+        self._out = torch.zeros(chunk_bytes, dtype=torch.uint8)
+
+    def put(self, i: int, chunk: torch.Tensor) -> None:
+        self._slots[i % len(self._slots)].copy_(chunk.reshape(-1).view(torch.uint8))
+
+    def get(self, i: int) -> None:
+        self._out.copy_(self._slots[i % len(self._slots)])
+
+    def cleanup(self) -> None:
+        self._slots.clear()
+
+
+class _RawFile(_RawMedium):
+    put_op = "write()"
+    get_op = "readinto (warm buffer)"
+
+    def __init__(self, directory: str, chunk_bytes: int) -> None:
+        self.dir = directory
+        os.makedirs(directory, exist_ok=True)
+        self._buf = torch.zeros(chunk_bytes, dtype=torch.uint8)
+        self._view = _payload(self._buf)
+
+    def _path(self, i: int) -> str:
+        return os.path.join(self.dir, f"{i}.bin")
+
+    def put(self, i: int, chunk: torch.Tensor) -> None:
+        view = _payload(chunk)
+        with open(self._path(i), "wb", buffering=0) as f:
+            while view:
+                view = view[f.write(view) :]
+
+    def get(self, i: int) -> None:
+        with open(self._path(i), "rb", buffering=0) as f:
+            done, n = 0, len(self._view)
+            while done < n:
+                got = f.readinto(self._view[done:])
+                if not got:
+                    break
+                done += got
+
+    def paths(self, ids: Sequence[int]) -> list[str]:
+        return [self._path(i) for i in ids]
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _RawRedis(_RawMedium):
+    put_op = "redis-py SET"
+    get_op = "redis-py GET"
+
+    def __init__(self, url: str, token: str) -> None:
+        import redis
+
+        parts = urlsplit(url)
+        scheme = parts.scheme
+        # Our own query options (prefix, timeouts) mean nothing to redis-py.
+        clean = urlunsplit((scheme.replace("+cluster", ""), parts.netloc, parts.path, "", ""))
+        if "cluster" in scheme:
+            from redis.cluster import RedisCluster
+
+            self.client: Any = RedisCluster.from_url(clean)
+        else:
+            self.client = redis.Redis.from_url(clean)
+        self.prefix = f"lmcache-bench-raw:{token}:"
+        self._written: set[int] = set()
+
+    def put(self, i: int, chunk: torch.Tensor) -> None:
+        self.client.set(f"{self.prefix}{i}", _payload(chunk))
+        self._written.add(i)
+
+    def get(self, i: int) -> None:
+        self.client.get(f"{self.prefix}{i}")
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            for i in self._written:
+                self.client.delete(f"{self.prefix}{i}")
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+
+class _RawFsspec(_RawMedium):
+    def __init__(self, url: str, token: str, options: Mapping[str, Any]) -> None:
+        import fsspec
+
+        parts = urlsplit(url)
+        self.put_op = f"{parts.scheme} pipe_file"
+        self.get_op = f"{parts.scheme} cat_file"
+        fs_opts = {k: v for k, v in options.items() if k in _FSSPEC_OPTIONS}
+        self.fs = fsspec.filesystem(parts.scheme, **fs_opts)
+        base = (parts.netloc + parts.path).rstrip("/")
+        self.dir = f"{base}/.lmcache-bench-raw-{token}"
+        self._written: set[int] = set()
+        self._bytes_only = False
+
+    def _path(self, i: int) -> str:
+        return f"{self.dir}/{i}.bin"
+
+    def put(self, i: int, chunk: torch.Tensor) -> None:
+        view = _payload(chunk)
+        if self._bytes_only:
+            self.fs.pipe_file(self._path(i), bytes(view))
+        else:
+            try:
+                self.fs.pipe_file(self._path(i), view)  # no copy where the client takes a buffer
+            except TypeError:
+                self._bytes_only = True
+                self.fs.pipe_file(self._path(i), bytes(view))
+        self._written.add(i)
+
+    def get(self, i: int) -> None:
+        self.fs.cat_file(self._path(i))
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            self.fs.rm([self._path(i) for i in self._written])
+
+
+_FSSPEC_OPTIONS = frozenset(
+    {
+        "endpoint_url",
+        "key",
+        "secret",
+        "token",
+        "anon",
+        "client_kwargs",
+        "config_kwargs",
+        "use_ssl",
+        "region_name",
+    }
+)
+
+
+def _raw_for(
+    kind: str, url: str, token: str, chunk_bytes: int, n: int, options: Mapping[str, Any]
+) -> _RawMedium:
+    if kind == "memory":
+        return _RawMemory(n, chunk_bytes)
+    if kind == "disk":
+        root = url[len("file://") :] if url.startswith("file://") else url
+        root = os.path.abspath(os.path.expanduser(root))
+        # Same filesystem as the store, so both sides write through the same page cache.
+        return _RawFile(os.path.join(root, f".lmcache-bench-raw-{token}"), chunk_bytes)
+    if kind == "redis":
+        return _RawRedis(url, token)
+    return _RawFsspec(url, token, options)
+
+
+def _kind_of(url: str) -> str:
+    kind = store_kind(url)
+    if kind != "remote":
+        return kind
+    return "redis" if urlsplit(url).scheme.lower() in _REDIS_SCHEMES else "fsspec"
+
+
+# -- page cache --------------------------------------------------------------------------
+
+
+def drop_page_cache(paths: Sequence[str]) -> str:
+    """Evict ``paths`` from the page cache; returns the method used.
+
+    As root: ``sync`` then ``/proc/sys/vm/drop_caches``. Otherwise (or when that is
+    refused): ``fdatasync`` then ``posix_fadvise(DONTNEED)`` per file (dirty pages
+    cannot be dropped, hence the sync first).
+    """
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        try:
+            os.sync()
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("1\n")
+            return "drop_caches"
+        except OSError:
+            pass
+    for p in paths:
+        with contextlib.suppress(OSError):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return "posix_fadvise"
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+def run_bench(
+    stores: Sequence[str | BenchTarget],
+    *,
+    chunk_bytes: int | None = None,
+    kv_shape: tuple[int, ...] | None = None,
+    dtype: str = "bfloat16",
+    count: int = 8,
+    batch: int = 16,
+    progress: Progress | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> BenchReport:
+    """Benchmark each store beside its raw medium.
+
+    Args:
+        stores: store URLs (as for ``open_backend``: ``cpu://``, a directory,
+            ``redis://...``, ``s3://...``) or ``BenchTarget`` objects.
+        chunk_bytes: chunk size; the shape is the reference layout with as many
+            tokens as fit (ignored when ``kv_shape`` is given).
+        kv_shape: exact chunk shape (default: ``REFERENCE_SHAPE``, 32 MiB in bf16).
+        dtype: torch dtype name of the chunks.
+        count: chunks per timed operation (at least 2).
+        batch: keys per ``batched_get`` call; the store holds ``max(count, batch)`` chunks.
+        progress: called with a short message before each phase.
+        options: per store URL, extra ``open_backend`` options (also given to the
+            raw fsspec client: ``endpoint_url``, ``key``, ``secret``, ...).
+
+    Returns:
+        A ``BenchReport``; stores that failed are in ``report.errors``.
+
+    Raises:
+        ValueError: bad shape, dtype, count or batch.
+    """
+    tdtype = getattr(torch, dtype, None)
+    if not isinstance(tdtype, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    if count < 2 or batch < 1:
+        raise ValueError(f"count must be >= 2 and batch >= 1, got count={count} batch={batch}")
+    shape = chunk_shape_for(chunk_bytes, kv_shape, tdtype)
+    nbytes = math.prod(shape) * tdtype.itemsize
+    n = max(count, batch)
+    say = progress or (lambda _msg: None)
+    report = BenchReport(
+        machine=machine_info(),
+        params={
+            "kv_shape": list(shape),
+            "dtype": dtype,
+            "chunk_bytes": nbytes,
+            "count": count,
+            "batch": batch,
+        },
+    )
+    say(f"generating {n + 1} chunks of {nbytes / 2**20:.1f} MiB")
+    gen = torch.Generator().manual_seed(0)
+    # Random payloads: nothing in the path may profit from compressible or equal data.
+    chunks = [torch.randn(shape, generator=gen, dtype=torch.float32).to(tdtype) for _ in range(n + 1)]
+    for target in stores:
+        tgt = (
+            target
+            if isinstance(target, BenchTarget)
+            else _target_for(target, (options or {}).get(target, {}), n)
+        )
+        try:
+            report.rows.extend(_bench_store(tgt, chunks, shape, tdtype, nbytes, count, batch, say))
+        except Exception as exc:  # one broken store must not lose the others' figures
+            report.errors.append(
+                {
+                    "store": mask_url(tgt.name) if "@" in tgt.name else tgt.name,
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
+            )
+    return report
+
+
+def _target_for(url: str, opts: Mapping[str, Any], n: int) -> BenchTarget:
+    kind = _kind_of(url)
+
+    def opener(meta: LMCacheEngineMetadata) -> LMCBackendInterface:
+        extra: dict[str, Any] = dict(opts)
+        if kind == "memory":
+            # Room for every chunk of the run plus slack, pre-allocated as the slot pool.
+            nbytes = math.prod(meta.kv_shape or ()) * meta.kv_dtype.itemsize
+            extra.setdefault("max_local_cache_size", (n + 2) * nbytes / 1024**3)
+        elif kind == "disk":
+            # Never evict the user's chunks to make room for ours.
+            extra.setdefault("max_local_disk_size", float(1 << 20))
+        return open_backend(url, dst_device="cpu", metadata=meta, **extra)
+
+    return BenchTarget(name=url, open=opener, kind=kind, raw_url=url, raw_options=dict(opts))
+
+
+def _bench_store(
+    tgt: BenchTarget,
+    chunks: list[torch.Tensor],
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    nbytes: int,
+    count: int,
+    batch: int,
+    say: Progress,
+) -> list[dict[str, Any]]:
+    token = secrets.token_hex(4)
+    model = f"lmcache-bench-{token}"
+    meta = LMCacheEngineMetadata(model_name=model, kv_dtype=dtype, kv_shape=shape)
+    n = len(chunks) - 1
+    kind = tgt.kind
+    # mask_url would turn ``cpu://`` into ``cpu:``; only URLs can hold secrets.
+    name = mask_url(tgt.name) if kind in ("redis", "fsspec", "hybrid") else tgt.name
+
+    def key(i: int, phase: int) -> CacheEngineKey:
+        # ``phase`` (one hex digit) keeps each phase's keys apart.
+        return CacheEngineKey("vllm", model, 1, 0, f"{phase:x}{i:063x}")
+
+    def open_store() -> LMCBackendInterface:
+        return tgt.open(meta)
+
+    raw_kind = _kind_of(tgt.raw_url or tgt.name) if kind == "hybrid" else kind
+    raw = _raw_for(raw_kind, tgt.raw_url or tgt.name, token, nbytes, n + 1, tgt.raw_options)
+    written: list[CacheEngineKey] = []
+    rows: list[dict[str, Any]] = []
+    store: LMCBackendInterface | None = None
+    try:
+        # 1. non-blocking put until durable, on its own instance: close() is the drain.
+        say(f"{name}: put_nonblocking x{n}")
+        nb_keys = [key(i, 0xB) for i in range(n)]
+        raw_nb, ours_nb = _Series(), _Series()
+        t0 = time.perf_counter_ns()
+        for i in range(n):
+            with raw_nb.op(nbytes):
+                raw.put(_NB_RAW + i, chunks[i])  # new objects, as ours are
+        raw_nb.total_ns = time.perf_counter_ns() - t0
+        nb_store = open_store()
+        try:
+            _warm(nb_store, key(n, 0xC), chunks[n])
+            written.append(key(n, 0xC))
+            written.extend(nb_keys)
+            t0 = time.perf_counter_ns()
+            for i in range(n):
+                with ours_nb.op(nbytes):
+                    nb_store.put(nb_keys[i], chunks[i], blocking=False)
+        finally:
+            nb_store.close()
+        ours_nb.total_ns = time.perf_counter_ns() - t0
+        failed = nb_store.stats["background_put_failures"] + nb_store.stats["put_failures"]
+        del nb_store  # a memory tier's slots go back before the next instance allocates its own
+        rows.append(
+            _row(
+                name,
+                kind,
+                "put_nonblocking",
+                ours_nb,
+                raw.put_op + " (sequential)",
+                raw_nb,
+                nbytes,
+                "GB/s until close() returned; p50/p99 are the submit latency"
+                + (f"; {failed} background writes failed" if failed else ""),
+            )
+        )
+
+        store = open_store()
+        # 2. blocking put, interleaved with the raw medium chunk by chunk.
+        say(f"{name}: put x{n}")
+        _warm(store, key(n, 0xD), chunks[n])
+        written.append(key(n, 0xD))
+        keys = [key(i, 0xA) for i in range(n)]
+        raw_put, ours_put = _Series(), _Series()
+        for i in range(n):
+            with raw_put.op(nbytes):
+                raw.put(i, chunks[i])
+            written.append(keys[i])
+            with ours_put.op(nbytes):
+                store.put(keys[i], chunks[i])
+        rows.append(_row(name, kind, "put", ours_put, raw.put_op, raw_put, nbytes))
+
+        # 3. get, hot.
+        say(f"{name}: get x{count}")
+        raw_get, ours_get = _Series(), _Series()
+        misses = 0
+        for i in range(count):
+            with raw_get.op(nbytes):
+                raw.get(i)
+            with ours_get.op(nbytes):
+                got = store.get(keys[i])
+            misses += got is None
+            del got  # hand pool buffers back before the next read
+        note = f"{misses} misses" if misses else ""
+        if kind == "memory":
+            note = "zero-copy (returns a view of the cache)" + (f"; {note}" if note else "")
+        rows.append(_row(name, kind, "get", ours_get, raw.get_op, raw_get, nbytes, note))
+
+        # 4. batched_get against sequential raw reads of the same objects.
+        rounds = max(2, count // batch)
+        say(f"{name}: batched_get {batch} x{rounds}")
+        raw_b, ours_b = _Series(), _Series()
+        bkeys = keys[:batch]
+        for _ in range(rounds):
+            with raw_b.op(nbytes * batch):
+                for i in range(batch):
+                    raw.get(i)
+            with ours_b.op(nbytes * batch):
+                got_all = store.batched_get(bkeys)
+            misses = sum(g is None for g in got_all)
+            del got_all
+        rows.append(
+            _row(
+                name,
+                kind,
+                f"batched_get[{batch}]",
+                ours_b,
+                raw.get_op + f" x{batch} sequential",
+                raw_b,
+                nbytes,
+                "p50/p99 per batch" + (f"; {misses} misses" if misses else ""),
+            )
+        )
+
+        # 5. cold reads (disk): page cache dropped, then raw and ours interleaved.
+        if kind == "disk" and isinstance(raw, _RawFile):
+            say(f"{name}: get_cold x{count}")
+            ours_paths = [store._path(k) for k in keys[:count]] if hasattr(store, "_path") else []
+            method = drop_page_cache(raw.paths(range(count)) + ours_paths)
+            raw_c, ours_c = _Series(), _Series()
+            for i in range(count):
+                with raw_c.op(nbytes):
+                    raw.get(i)
+                with ours_c.op(nbytes):
+                    got = store.get(keys[i])
+                del got
+            rows.append(
+                _row(
+                    name,
+                    kind,
+                    "get_cold",
+                    ours_c,
+                    raw.get_op.replace("warm buffer", "warm buffer, cold file"),
+                    raw_c,
+                    nbytes,
+                    f"page cache dropped via {method}",
+                )
+            )
+    finally:
+        say(f"{name}: cleaning up")
+        _cleanup(store, open_store if store is None else None, written, raw, kind, tgt.name, model)
+    return rows
+
+
+def _warm(store: LMCBackendInterface, key: CacheEngineKey, chunk: torch.Tensor) -> None:
+    """One untimed put + get, so lazy setup (threads, connections, pools) is not timed."""
+    store.put(key, chunk)
+    got = store.get(key)
+    del got
+
+
+def _cleanup(
+    store: LMCBackendInterface | None,
+    reopen: Callable[[], LMCBackendInterface] | None,
+    written: list[CacheEngineKey],
+    raw: _RawMedium,
+    kind: str,
+    url: str,
+    model: str,
+) -> None:
+    try:
+        if store is None and reopen is not None and written:
+            with contextlib.suppress(Exception):
+                store = reopen()
+        if store is not None:
+            for k in written:
+                with contextlib.suppress(Exception):
+                    store.remove(k)
+            with contextlib.suppress(Exception):
+                store.close()
+    finally:
+        raw.cleanup()
+        if kind in ("disk", "hybrid"):
+            _remove_empty_model_dirs(url, model)
+
+
+def _remove_empty_model_dirs(url: str, model: str) -> None:
+    """Remove the directories our private model name created, if empty now."""
+    if store_kind(url) != "disk":
+        return
+    from lmcache_core import layout
+
+    root = os.path.abspath(os.path.expanduser(url[len("file://") :] if url.startswith("file://") else url))
+    for fmt in ("vllm", "huggingface"):
+        top = os.path.join(root, *layout.model_prefix(fmt, model).split("/"))
+        for dirpath, _dirs, _files in sorted(os.walk(top, topdown=False), key=lambda w: -len(w[0])):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)
+        fmt_dir = os.path.join(root, fmt)
+        with contextlib.suppress(OSError):
+            os.rmdir(fmt_dir)  # only when no other model lives there
