@@ -30,7 +30,7 @@ import inspect
 import os
 import threading
 from typing import Any, Callable, Iterator, Sequence, TypeVar
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from lmcache_core.config import mask_url
 from lmcache_core.errors import StoreFullError, StoreUnavailableError
@@ -69,20 +69,20 @@ def escape_glob(text: str) -> str:
 
 def split_prefix(url: str) -> tuple[str, str | None]:
     """Remove ``prefix=`` from the URL's query; returns (url without it, the prefix or None)."""
-    parts = urlsplit(url)
-    if not parts.query:
+    # String surgery, not urlunsplit: that turns "unix:///path" into "unix:/path".
+    base, sep, query = url.partition("?")
+    if not sep:
         return url, None
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
     prefix = None
     kept = []
-    for name, value in pairs:
+    for name, value in parse_qsl(query, keep_blank_values=True):
         if name == "prefix":
             prefix = value
         else:
             kept.append((name, value))
     if prefix is None:
         return url, None
-    return urlunsplit(parts._replace(query=urlencode(kept))), prefix
+    return (f"{base}?{urlencode(kept)}" if kept else base), prefix
 
 
 class RedisConnector(RemoteConnector):

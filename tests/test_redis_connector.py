@@ -1,0 +1,309 @@
+"""RedisConnector against real redis-server processes (and a real 3-node cluster)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+
+import pytest
+
+from lmcache_core.errors import StoreFullError, StoreUnavailableError
+from lmcache_core.key import CacheEngineKey
+from lmcache_core.storage_backend.connector.redis_connector import (
+    LARGE_REPLY_BYTES,
+    RedisConnector,
+    escape_glob,
+    split_prefix,
+)
+from tests.conftest import make_key
+from tests.tcp_proxy import TcpProxy
+
+TIMEOUT = 2.0
+
+
+def _prefix() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+def conn(redis_server):
+    c = RedisConnector(redis_server.url, timeout=TIMEOUT, prefix=_prefix())
+    yield c
+    c.close()
+
+
+def _value(n: int, seed: int = 0) -> tuple[bytes, memoryview]:
+    header = b"H%07d" % seed
+    payload = memoryview(bytes((seed + i) % 251 for i in range(256)) * (n // 256 + 1))[:n]
+    return header, payload
+
+
+# -- URLs, prefix, masking ------------------------------------------------------------
+
+
+def test_split_prefix_and_escape_glob():
+    assert split_prefix("redis://h:1/0?prefix=ab%2A&db=2") == ("redis://h:1/0?db=2", "ab*")
+    assert split_prefix("redis://h:1/0") == ("redis://h:1/0", None)
+    assert escape_glob("a*b?c[d]e\\f") == "a\\*b\\?c\\[d\\]e\\\\f"
+
+
+def test_prefix_defaults_option_and_query(redis_server):
+    assert RedisConnector(redis_server.url, timeout=1).prefix == "lmcache:"
+    assert RedisConnector(redis_server.url + "?prefix=q:", timeout=1).prefix == "q:"
+    assert RedisConnector(redis_server.url, timeout=1, prefix="o:").prefix == "o:"
+    with pytest.raises(ValueError, match="prefix"):
+        RedisConnector(redis_server.url + "?prefix=a:", timeout=1, prefix="b:")
+    with pytest.raises(ValueError, match="prefix"):
+        RedisConnector(redis_server.url, timeout=1, prefix="")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://h:1", "redis+cluster://", "redis+cluster://h:notaport", "redis+cluster://h:1/3"],
+)
+def test_bad_urls_are_value_errors(url):
+    with pytest.raises(ValueError):
+        RedisConnector(url, timeout=1)
+
+
+def test_password_and_db_from_url_and_masked(redis_server_factory):
+    server = redis_server_factory("--requirepass", "s3cr3t-pw", "--user", "alice", "on", ">alice-pw", "~*", "&*", "+@all")
+    for url in (
+        f"redis://:s3cr3t-pw@127.0.0.1:{server.port}/3",
+        f"redis://alice:alice-pw@127.0.0.1:{server.port}/3",
+    ):
+        c = RedisConnector(url + "?prefix=pw:", timeout=TIMEOUT)
+        assert "pw@" not in c.display_url and "***" in c.display_url
+        assert "s3cr3t" not in repr(c) and "alice-pw" not in repr(c)
+        c.put(make_key(1), [b"hello"])
+        assert bytes(c.get(make_key(1))) == b"hello"
+        c.close()
+    with server.client(password="s3cr3t-pw", db=3) as raw:
+        assert raw.get(b"pw:" + make_key(1).to_string().encode()) == b"hello"
+    with server.client(password="s3cr3t-pw", db=0) as raw:
+        assert raw.dbsize() == 0  # the /3 in the URL chose the database
+    bad = RedisConnector(f"redis://:wrong-pw@127.0.0.1:{server.port}/0", timeout=TIMEOUT)
+    with pytest.raises(StoreUnavailableError) as info:
+        bad.get(make_key(1))
+    assert "wrong-pw" not in str(info.value)
+    assert "***" in str(info.value)
+
+
+def test_unix_socket_with_db_query(redis_server_factory):
+    server = redis_server_factory(unixsocket=True)
+    c = RedisConnector(f"{server.unix_url}?db=2&prefix=ux:", timeout=TIMEOUT)
+    c.put(make_key(1), [b"over a unix socket"])
+    assert bytes(c.get(make_key(1))) == b"over a unix socket"
+    assert [o.key for o in c.list()] == [make_key(1)]
+    with server.client(db=2) as raw:
+        assert raw.exists(b"ux:" + make_key(1).to_string().encode())
+    c.close()
+
+
+def test_missing_redis_package_says_what_to_install(monkeypatch, redis_server):
+    monkeypatch.setitem(sys.modules, "redis", None)
+    with pytest.raises(ImportError, match=r"pip install 'lmcache-toolkit\[redis\]'"):
+        RedisConnector(redis_server.url, timeout=1)
+
+
+# -- bytes in, bytes out ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1000, LARGE_REPLY_BYTES + 123, 3 * 1024 * 1024])
+def test_put_get_exact_bytes(conn, size):
+    header, payload = _value(size, seed=size % 7)
+    conn.put(make_key(size), [header, payload])
+    got = conn.get(make_key(size))
+    assert bytes(got) == header + bytes(payload)
+    assert conn.exists(make_key(size))
+
+
+def test_zero_copy_put_is_used_on_standalone(conn):
+    # The standalone fast path must be active on the redis-py this project pins;
+    # if redis-py's internals move, this fails so someone looks (puts still work).
+    assert conn.zero_copy_put
+
+
+def test_get_many_aligned_with_misses_and_large_values(conn):
+    keys = [make_key(f"m{i}") for i in range(5)]
+    values = {}
+    for i, k in enumerate(keys):
+        if i in (1, 3):
+            continue
+        header, payload = _value(LARGE_REPLY_BYTES * (i + 1), seed=i)
+        values[k] = header + bytes(payload)
+    conn.put_many([(k, [v]) for k, v in values.items()])
+    got = conn.get_many(keys)
+    assert len(got) == 5
+    assert got[1] is None and got[3] is None
+    for k, g in zip(keys, got, strict=True):
+        if k in values:
+            assert bytes(g) == values[k]
+    assert conn.get_many([]) == []
+
+
+def test_delete_and_get_range(conn):
+    header, payload = _value(LARGE_REPLY_BYTES + 10)
+    conn.put(make_key(1), [header, payload])
+    assert conn.get_range(make_key(1), 0, 8) == header
+    assert conn.get_range(make_key(1), 8, 12) == bytes(payload[:4])
+    assert conn.get_range(make_key(1), 5, 5) == b""
+    assert conn.get_range(make_key(2), 0, 8) is None
+    assert conn.delete(make_key(1)) is True
+    assert conn.delete(make_key(1)) is False
+    assert conn.get(make_key(1)) is None
+    assert not conn.exists(make_key(1))
+    assert conn.get_range(make_key(1), 0, 8) is None
+
+
+# -- listing ----------------------------------------------------------------------------
+
+
+def test_list_uses_escaped_prefix_and_skips_foreign_entries(redis_server):
+    tag = uuid.uuid4().hex[:8]
+    globby = RedisConnector(redis_server.url, timeout=TIMEOUT, prefix=f"g{tag}[ab]*?\\:")
+    # Names an unescaped pattern "g<tag>[ab]*?\:*" would match, but which are not our prefix.
+    lookalike = RedisConnector(redis_server.url, timeout=TIMEOUT, prefix=f"g{tag}aXY:")
+    lookalike.put(make_key("other"), [b"x"])
+    mine = {make_key(i, model=m) for i in range(3) for m in ("org/a", "b")}
+    for k in mine:
+        globby.put(k, [b"chunk-bytes"])
+    with redis_server.client() as raw:
+        p = globby.prefix.encode()
+        raw.set(p + b"not-a-key", b"x")
+        raw.set(p + b"vllm@m@1@0@NOTHEX", b"x")
+        raw.set(p + b"\xff\xfe@bad-utf8", b"x")
+        raw.hset(p + make_key("hash").to_string().encode(), "f", "v")  # a key name, wrong type
+        raw.set(p + make_key("empty").to_string().encode(), b"")
+    listed = list(globby.list())
+    assert {o.key for o in listed} == mine
+    assert all(o.size == len(b"chunk-bytes") and o.mtime is None for o in listed)
+    assert globby.get(make_key("hash")) is None  # WRONGTYPE is a miss, not an error
+    assert globby.get_range(make_key("hash"), 0, 8) is None
+    assert {o.key for o in lookalike.list()} == {make_key("other")}
+
+
+def test_list_many_keys_spans_scan_batches(conn):
+    keys = [make_key(f"many{i}") for i in range(1500)]
+    conn.put_many([(k, [b"v"]) for k in keys])
+    assert {o.key for o in conn.list()} == set(keys)
+
+
+# -- cluster ------------------------------------------------------------------------------
+
+
+def test_cluster_spreads_keys_over_slots_and_lists_all(redis_cluster):
+    c = RedisConnector(redis_cluster.url, timeout=TIMEOUT, prefix=_prefix())
+    keys = [make_key(f"c{i}") for i in range(40)]
+    c.put_many([(k, [b"h", memoryview(b"payload-%d" % i)]) for i, k in enumerate(keys[:20])])
+    for i, k in enumerate(keys[20:], start=20):
+        c.put(k, [b"h", b"payload-%d" % i])
+    per_node = []
+    for node in redis_cluster.nodes:
+        with node.client() as raw:
+            per_node.append(sum(1 for _ in raw.scan_iter(match=escape_glob(c.prefix) + "*")))
+    assert sum(per_node) == 40
+    assert sum(1 for n in per_node if n > 0) >= 2, per_node  # really spread over masters
+    assert {o.key for o in c.list()} == set(keys)
+    got = c.get_many([keys[0], make_key("absent"), keys[39]])
+    assert bytes(got[0]) == b"hpayload-0" and got[1] is None and bytes(got[2]) == b"hpayload-39"
+    assert c.get_range(keys[5], 0, 4) == b"hpay"
+    assert c.delete(keys[0]) and not c.exists(keys[0])
+    c.close()
+
+
+def test_cluster_url_with_several_nodes(redis_cluster):
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in redis_cluster.ports)
+    c = RedisConnector(url, timeout=TIMEOUT, prefix=_prefix())
+    c.put(make_key(1), [b"x"])
+    assert bytes(c.get(make_key(1))) == b"x"
+    c.close()
+
+
+# -- failures -------------------------------------------------------------------------------
+
+
+def test_dead_server_is_unavailable_fast_and_recovers_after_restart(redis_server_private):
+    c = RedisConnector(redis_server_private.url, timeout=TIMEOUT, prefix="d:")
+    c.put(make_key(1), [b"before"])
+    redis_server_private.kill()
+    for call in (lambda: c.get(make_key(1)), lambda: c.put(make_key(2), [b"x"]), lambda: list(c.list())):
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailableError):
+            call()
+        assert time.monotonic() - start < TIMEOUT * 3
+    redis_server_private.restart()
+    # The pooled connection died with the server; the same connector reconnects by itself.
+    assert c.get(make_key(1)) is None  # the server restarted empty
+    c.put(make_key(1), [b"after"])
+    assert bytes(c.get(make_key(1))) == b"after"
+    c.close()
+
+
+def test_blackholed_server_times_out_within_bound():
+    with TcpProxy(None, mode="blackhole") as proxy:
+        c = RedisConnector(f"redis://127.0.0.1:{proxy.port}/0", timeout=0.5)
+        for call in (
+            lambda: c.get(make_key(1)),
+            lambda: c.put(make_key(1), [b"h", memoryview(b"x" * 4_000_000)]),
+            lambda: c.exists(make_key(1)),
+            lambda: c.get_many([make_key(1), make_key(2)]),
+        ):
+            start = time.monotonic()
+            with pytest.raises(StoreUnavailableError):
+                call()
+            assert time.monotonic() - start < 0.5 * 3
+        c.close()
+
+
+def test_maxmemory_noeviction_is_store_full_and_reads_keep_working(redis_server_factory):
+    server = redis_server_factory("--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
+    c = RedisConnector(server.url, timeout=TIMEOUT, prefix="full:")
+    c.put(make_key(0), [b"first"])
+    with pytest.raises(StoreFullError) as info:
+        for i in range(1, 50):
+            c.put(make_key(i), [b"h", memoryview(b"\0" * 512 * 1024)])
+    assert isinstance(info.value, OSError)
+    assert bytes(c.get(make_key(0))) == b"first"
+    assert c.exists(make_key(0))
+    c.close()
+
+
+def test_closed_connector_refuses_calls(redis_server):
+    c = RedisConnector(redis_server.url, timeout=TIMEOUT, prefix=_prefix())
+    c.put(make_key(1), [b"x"])
+    c.close()
+    c.close()  # idempotent
+    with pytest.raises(StoreUnavailableError, match="closed"):
+        c.get(make_key(1))
+
+
+def test_fork_child_gets_its_own_client(conn):
+    conn.put(make_key("fork"), [b"from parent"])
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: use the inherited connector, report, and leave at once
+        try:
+            ok = bytes(conn.get(make_key("fork"))) == b"from parent"
+            conn.put(make_key("child"), [b"from child"])
+            os.write(write_fd, b"ok" if ok else b"bad")
+        except BaseException as exc:  # noqa: BLE001
+            os.write(write_fd, repr(exc).encode()[:200])
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    report = os.read(read_fd, 256)
+    os.close(read_fd)
+    os.waitpid(pid, 0)
+    assert report == b"ok"
+    # The parent's pooled sockets were not touched by the child.
+    assert bytes(conn.get(make_key("child"))) == b"from child"
+    assert bytes(conn.get(make_key("fork"))) == b"from parent"
+
+
+def test_key_type_checked(conn):
+    with pytest.raises(TypeError):
+        conn.get("vllm@m@1@0@ab")  # type: ignore[arg-type]
+    assert isinstance(make_key(1), CacheEngineKey)
