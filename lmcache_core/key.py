@@ -17,6 +17,9 @@ if TYPE_CHECKING:  # torch is heavy; `lmcache --help` must not import it
 
 FORMATS = ("vllm", "huggingface")
 MAX_MODEL_NAME_CHARS = 512
+# Also bounded in UTF-8 bytes: a store path percent-encodes each byte as 3 characters,
+# and 512 four-byte characters would make a path longer than PATH_MAX (4096).
+MAX_MODEL_NAME_BYTES = 1024
 _HASH_RE = re.compile(r"[0-9a-f]{1,128}")
 _SEP = "@"
 
@@ -108,9 +111,11 @@ def _check_model_name(name: Any) -> None:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         raise ValueError("model_name: must not contain control characters")
     try:
-        name.encode("utf-8")
+        encoded = name.encode("utf-8")
     except UnicodeEncodeError as exc:  # lone surrogates cannot be stored anywhere
         raise ValueError("model_name: not encodable as UTF-8") from exc
+    if len(encoded) > MAX_MODEL_NAME_BYTES:
+        raise ValueError(f"model_name: longer than {MAX_MODEL_NAME_BYTES} bytes in UTF-8")
 
 
 def chunk_hashes(

@@ -19,10 +19,17 @@ from lmcache_core.key import FORMATS, CacheEngineKey
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _SEGMENT = 200
 _CONT = "+"
+# Bound on an encoded model name (3 characters per UTF-8 byte of a valid key's
+# at most 1024): keeps a chunk path under PATH_MAX (4096) below a root of < 800 characters.
+MAX_ENCODED_MODEL_CHARS = 3072
 
 
 def encode_model(name: str) -> str:
-    """Path-safe, reversible form of a model name (may contain ``/`` between segments)."""
+    """Path-safe, reversible form of a model name (may contain ``/`` between segments).
+
+    Raises:
+        ValueError: the encoded name would exceed ``MAX_ENCODED_MODEL_CHARS``.
+    """
     out: list[str] = []
     for i, ch in enumerate(name):
         if ch in _SAFE and not (ch == "." and i == 0):
@@ -30,6 +37,11 @@ def encode_model(name: str) -> str:
         else:
             out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
     encoded = "".join(out)
+    if len(encoded) > MAX_ENCODED_MODEL_CHARS:
+        raise ValueError(
+            f"model_name: encodes to {len(encoded)} path characters, "
+            f"more than {MAX_ENCODED_MODEL_CHARS} (too many non-ASCII characters)"
+        )
     if len(encoded) <= _SEGMENT:
         return encoded
     segments: list[str] = []
