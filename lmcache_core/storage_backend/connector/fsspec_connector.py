@@ -1,0 +1,366 @@
+"""Chunk bytes in any fsspec filesystem: S3 (and MinIO/Ceph), GCS, Azure, local, memory.
+
+Objects live at ``<prefix>/`` + ``layout.key_to_path(key)``, the same layout as
+the disk tier, so a store can be listed per model by prefix and copied with
+ordinary tools. Batched reads and writes use fsspec's batch ``cat``/``pipe``,
+which async filesystems (s3fs, gcsfs, adlfs) run concurrently.
+
+Writes are atomic: object stores publish an object only when its single PUT
+completes; local directories get a temp name and ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+import uuid
+from datetime import datetime
+from typing import Any, Iterator, Sequence
+from urllib.parse import parse_qsl, urlsplit
+
+from lmcache_core import layout
+from lmcache_core.config import mask_url
+from lmcache_core.key import CacheEngineKey
+from lmcache_core.storage_backend.connector.base import RemoteConnector, RemoteObject
+
+logger = logging.getLogger(__name__)
+
+TEMP_SUFFIX = ".tmp"
+# s3fs splits bodies of 2 * chunksize or more into a multipart upload; we raise
+# chunksize with the body so every chunk is one PUT (atomic, one round trip)
+# up to S3's 5 GiB single-PUT limit.
+_S3_DEFAULT_CHUNKSIZE = 50 * 2**20
+# Connections per S3 client: enough for a pipelined batch of 16 plus puts.
+_S3_POOL_CONNECTIONS = 32
+_BOOL_OPTIONS = {"anon", "use_ssl", "requester_pays", "version_aware"}
+_S3_ALIASES = {"region": "region_name", "access_key": "key", "secret_key": "secret"}
+
+
+class PartsReader(io.RawIOBase):
+    """A seekable read-only file over several buffers, without joining them.
+
+    botocore accepts ``bytes`` or a file object as a request body but not a
+    ``memoryview``; this hands it the header and the tensor's own memory, so a
+    32 MiB chunk is not copied into one ``bytes`` first. Not thread-safe (one
+    request reads it).
+    """
+
+    def __init__(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        super().__init__()
+        self._parts = [memoryview(p).cast("B") for p in parts]
+        self._size = sum(p.nbytes for p in self._parts)
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        out = memoryview(buffer).cast("B")
+        written = 0
+        start = 0  # offset of the current part in the whole body
+        for part in self._parts:
+            end = start + part.nbytes
+            if self._pos < end and written < out.nbytes:
+                lo = self._pos - start
+                n = min(part.nbytes - lo, out.nbytes - written)
+                out[written : written + n] = part[lo : lo + n]
+                written += n
+                self._pos += n
+            start = end
+        return written
+
+
+def _parse_query(query: str) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in _BOOL_OPTIONS:
+            options[name] = value.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            options[name] = value
+    return options
+
+
+def _timestamp(info: dict[str, Any]) -> float | None:
+    for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(field)
+        if value is None:
+            continue
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
+
+
+class FsspecConnector(RemoteConnector):
+    """Bytes by key in an fsspec filesystem under a URL prefix.
+
+    Args:
+        url: ``s3://bucket/prefix``, ``gs://bucket/prefix``, ``memory://name``,
+            ``file:///dir`` or ``fsspec+<protocol>://...``. Query parameters
+            (``?endpoint_url=...&region=...``) are options too; keyword options win.
+        timeout: seconds for the client's connect and read timeouts (S3).
+        **options: filesystem options. For S3: ``endpoint_url``, ``key``,
+            ``secret``, ``token``, ``region`` (or ``region_name``), ``profile``,
+            ``client_kwargs``, ``config_kwargs`` and anything ``S3FileSystem``
+            takes; unset ones come from the environment and AWS profile as usual.
+
+    Raises:
+        ValueError: a URL without a bucket/prefix where one is needed.
+        ImportError: the protocol's package (s3fs, gcsfs, adlfs) is missing.
+
+    Thread-safe; fork-safe (a child process opens its own filesystem client).
+    """
+
+    def __init__(self, url: str, *, timeout: float, **options: Any) -> None:
+        import fsspec
+
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        protocol = scheme.removeprefix("fsspec+")
+        if protocol == "s3a":  # Hadoop's spelling of the same store
+            protocol = "s3"
+        self.protocol = protocol
+        # mask_url re-joins the URL and would turn file:///x into file:/x; only
+        # URLs that can hold a secret (userinfo, query) need it.
+        self.display_url = mask_url(url) if ("@" in url or "?" in url) else url
+        merged = _parse_query(parts.query)
+        merged.update(options)
+        self._cls = fsspec.get_filesystem_class(protocol)
+        plain = f"{protocol}://{parts.netloc}{parts.path}"
+        root = self._cls._strip_protocol(plain)
+        root = root.rstrip("/") if isinstance(root, str) else str(root)
+        if protocol == "s3" and not root:
+            raise ValueError(f"{self.display_url}: an S3 URL needs a bucket, e.g. s3://bucket/prefix")
+        if protocol in ("file", "local"):
+            if not root or root == "/":
+                raise ValueError(f"{self.display_url}: needs a directory, e.g. file:///var/cache/lmcache")
+            root = os.path.abspath(os.path.expanduser(root))
+        self.root = root
+        self.timeout = float(timeout)
+        self._fs_kwargs = self._filesystem_options(protocol, merged, self.timeout)
+        self._local = protocol in ("file", "local")
+        # A ranged GET from byte 0 skips the HEAD that s3fs sends before a plain
+        # cat_file (one round trip instead of two per chunk).
+        self._cat_kwargs: dict[str, Any] = {"start": 0} if protocol == "s3" else {}
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._fs = self._open()
+        if self._local:
+            os.makedirs(self.root, exist_ok=True)
+
+    @staticmethod
+    def _filesystem_options(protocol: str, options: dict[str, Any], timeout: float) -> dict[str, Any]:
+        opts = dict(options)
+        # Other processes write the same store: a listing cache would hide their chunks.
+        opts.setdefault("use_listings_cache", False)
+        if protocol != "s3":
+            return opts
+        for alias, name in _S3_ALIASES.items():
+            if alias in opts:
+                opts[name] = opts.pop(alias)
+        client_kwargs = dict(opts.pop("client_kwargs", None) or {})
+        if "region_name" in opts:
+            client_kwargs["region_name"] = opts.pop("region_name")
+        config_kwargs = dict(opts.pop("config_kwargs", None) or {})
+        config_kwargs.setdefault("connect_timeout", timeout)
+        config_kwargs.setdefault("read_timeout", timeout)
+        config_kwargs.setdefault("max_pool_connections", _S3_POOL_CONNECTIONS)
+        # Retries and backoff live in LMCRemoteBackend, one policy for every
+        # connector; botocore's own retries would stack under its timeout.
+        config_kwargs.setdefault("retries", {"total_max_attempts": 1})
+        if client_kwargs:
+            opts["client_kwargs"] = client_kwargs
+        opts["config_kwargs"] = config_kwargs
+        return opts
+
+    def _open(self) -> Any:
+        # fsspec's instance cache shares one client among connectors with the
+        # same options (building an S3 client costs ~0.3 s); it is per process,
+        # so a forked child gets its own.
+        fs = self._cls(**self._fs_kwargs)
+        if self.protocol == "s3":
+            fs.retries = 1  # s3fs retries with sleeps of its own; see config_kwargs
+        return fs
+
+    @property
+    def fs(self) -> Any:
+        """The filesystem client, reopened after a fork (async clients are per process)."""
+        if self._pid != os.getpid() or self._fs is None:
+            with self._lock:
+                if self._pid != os.getpid() or self._fs is None:
+                    self._fs = self._open()
+                    self._pid = os.getpid()
+        return self._fs
+
+    def path(self, key: CacheEngineKey) -> str:
+        """The object's full path in the filesystem (without protocol)."""
+        return f"{self.root}/{layout.key_to_path(key)}"
+
+    # -- reads ---------------------------------------------------------------------
+
+    def get(self, key: CacheEngineKey) -> bytes | None:
+        try:
+            data = self.fs.cat_file(self.path(key), **self._cat_kwargs)
+        except FileNotFoundError:
+            return None
+        return bytes(data) if not isinstance(data, bytes) else data
+
+    def get_many(self, keys: Sequence[CacheEngineKey]) -> list[bytes | None]:
+        """One batch ``cat``: concurrent GETs on async filesystems, aligned with ``keys``."""
+        if not keys:
+            return []
+        paths = [self.path(k) for k in keys]
+        fs = self.fs
+        found = fs.cat(paths, on_error="return", **self._cat_kwargs)
+        out: list[bytes | None] = []
+        for p in paths:
+            value = found.get(p)
+            if value is None:
+                value = found.get(fs._strip_protocol(p))
+            if value is None or isinstance(value, FileNotFoundError):
+                out.append(None)
+            elif isinstance(value, BaseException):
+                raise value
+            else:
+                out.append(value if isinstance(value, bytes) else bytes(value))
+        return out
+
+    def get_range(self, key: CacheEngineKey, start: int, end: int) -> bytes | None:
+        try:
+            return bytes(self.fs.cat_file(self.path(key), start=start, end=end))
+        except FileNotFoundError:
+            return None
+
+    def exists(self, key: CacheEngineKey) -> bool:
+        path = self.path(key)
+        fs = self.fs
+        if self.protocol == "s3":
+            # One HEAD; s3fs's exists() follows a 404 with a listing to look for a "directory".
+            bucket, obj, _ = fs.split_path(path)
+            try:
+                fs.call_s3("head_object", Bucket=bucket, Key=obj)
+            except FileNotFoundError:
+                return False
+            return True
+        return bool(fs.isfile(path))
+
+    # -- writes --------------------------------------------------------------------
+
+    def put(self, key: CacheEngineKey, parts: Sequence[bytes | memoryview]) -> None:
+        if self._local:
+            self._put_local(self.path(key), parts)
+            return
+        body, size = self._body(parts)
+        self.fs.pipe_file(self.path(key), body, **self._pipe_kwargs(size))
+
+    def put_many(self, items: Sequence[tuple[CacheEngineKey, Sequence[bytes | memoryview]]]) -> None:
+        """One batch ``pipe`` (concurrent PUTs on async filesystems)."""
+        if self._local:
+            for key, parts in items:
+                self._put_local(self.path(key), parts)
+            return
+        bodies: dict[str, Any] = {}
+        largest = 0
+        for key, parts in items:
+            body, size = self._body(parts)
+            bodies[self.path(key)] = body
+            largest = max(largest, size)
+        if bodies:
+            self.fs.pipe(bodies, **self._pipe_kwargs(largest))
+
+    def _body(self, parts: Sequence[bytes | memoryview]) -> tuple[Any, int]:
+        size = sum(memoryview(p).nbytes for p in parts)
+        if self.protocol == "s3":
+            return PartsReader(parts), size
+        return b"".join(parts), size
+
+    def _pipe_kwargs(self, size: int) -> dict[str, Any]:
+        if self.protocol == "s3":
+            return {"chunksize": max(_S3_DEFAULT_CHUNKSIZE, size)}
+        return {}
+
+    def _put_local(self, final: str, parts: Sequence[bytes | memoryview]) -> None:
+        # fsspec's mv() is shutil.move, which does not promise an atomic replace;
+        # os.replace does (POSIX rename), and the temp name never looks like a chunk.
+        directory, name = os.path.split(final)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+        try:
+            with open(tmp, "wb", buffering=0) as f:
+                for part in parts:
+                    view = memoryview(part).cast("B")
+                    while view.nbytes:
+                        n = f.write(view)
+                        view = view[n:]
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def delete(self, key: CacheEngineKey) -> bool:
+        if not self.exists(key):
+            return False
+        try:
+            self.fs.rm_file(self.path(key))
+        except FileNotFoundError:
+            return False
+        return True
+
+    # -- listing -------------------------------------------------------------------
+
+    def list(self) -> Iterator[RemoteObject]:
+        """Every chunk under the prefix; temp files and foreign objects are skipped."""
+        fs = self.fs
+        try:
+            found = fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return
+        base = fs._strip_protocol(self.root).rstrip("/") + "/"
+        for name, info in found.items():
+            name = fs._strip_protocol(name)
+            if not name.startswith(base) or not layout.is_chunk_name(name.rsplit("/", 1)[-1]):
+                continue
+            try:
+                key = layout.path_to_key(name[len(base) :])
+            except ValueError:
+                logger.debug("skipping foreign object %s", name)
+                continue
+            size = info.get("size")
+            yield RemoteObject(key, int(size) if size is not None else None, _timestamp(info))
+
+    def close(self) -> None:
+        """Forget the client. Idempotent.
+
+        The filesystem instance is shared through fsspec's instance cache with
+        any other connector on the same store, so its pooled sockets are not
+        closed here; they close with the process.
+        """
+        self._fs = None
+
+    def __repr__(self) -> str:
+        return f"FsspecConnector({self.display_url!r})"
