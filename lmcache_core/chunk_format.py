@@ -15,8 +15,11 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import struct
+import threading
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -133,16 +136,20 @@ def encode_header(tensor: torch.Tensor, key: str, payload: memoryview | None = N
     """
     if payload is None:
         payload = payload_view(tensor)
+    return _header_bytes(tensor, key, payload.nbytes, checksum(payload))
+
+
+def _header_bytes(tensor: torch.Tensor, key: str, nbytes: int, digest: str) -> bytes:
     header = {
         "__metadata__": {
             "lmcache.format": FORMAT_VERSION,
             "lmcache.key": key,
-            "lmcache.checksum": checksum(payload),
+            "lmcache.checksum": digest,
         },
         TENSOR_NAME: {
             "dtype": dtype_name(tensor.dtype),
             "shape": list(tensor.shape),
-            "data_offsets": [0, payload.nbytes],
+            "data_offsets": [0, nbytes],
         },
     }
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
@@ -295,20 +302,86 @@ def read_payload_into(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor) -> N
         CorruptChunkError: the file ends early.
     """
     view = memoryview(dest.numpy()).cast("B") if header.nbytes else memoryview(b"")
-    done = 0
-    while done < header.nbytes:
-        n = f.readinto(view[done:])  # type: ignore[attr-defined]
-        if not n:
-            raise CorruptChunkError(f"truncated payload: {done} of {header.nbytes} bytes")
-        done += n
+    _readinto_exact(f, view, 0, header.nbytes)
+
+
+def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor) -> None:
+    """``read_payload_into`` + ``verify_payload``, hashing each piece while the next is read.
+
+    The hash holds the GIL and ``readinto`` releases it, so on a helper thread
+    the checksum costs about one piece instead of the whole payload. Small
+    payloads are read, then hashed, on the calling thread.
+
+    Raises:
+        CorruptChunkError: the file ends early or the checksum does not match.
+    """
+    n = header.nbytes
+    if n < OVERLAP_MIN_BYTES:
+        read_payload_into(f, header, dest)
+        verify_payload(header, dest.numpy() if n else b"")
+        return
+    view = memoryview(dest.numpy()).cast("B")
+    state = xxhash.xxh3_128()
+    pending: Future[None] | None = None
+    try:
+        for start in range(0, n, PIECE_BYTES):
+            end = min(start + PIECE_BYTES, n)
+            _readinto_exact(f, view, start, end)
+            if pending is not None:
+                pending.result()  # the hash is a stream: pieces go in order
+            pending = _helper().submit(state.update, view[start:end])
+    finally:
+        # Never return (or raise) while the helper still reads ``dest``: the
+        # caller may hand the buffer to someone else right away.
+        if pending is not None:
+            pending.result()
+    if f"{CHECKSUM_ALGO}:{state.hexdigest()}" != header.checksum:
+        raise CorruptChunkError("checksum mismatch")
+
+
+def _readinto_exact(f: BinaryIO, view: memoryview, start: int, end: int) -> None:
+    done = start
+    while done < end:
+        got = f.readinto(view[done:end])  # type: ignore[attr-defined]
+        if not got:
+            raise CorruptChunkError(f"truncated payload: {done} of {end} bytes")
+        done += got
 
 
 def write_chunk(f: BinaryIO | io.RawIOBase, tensor: torch.Tensor, key: str) -> int:
-    """Write header and payload straight from the tensor's memory; returns bytes written."""
-    header, payload = encode(tensor, key)
+    """Write header and payload straight from the tensor's memory; returns bytes written.
+
+    For large payloads on a seekable file the checksum runs on a helper thread
+    while the payload is written (``write`` releases the GIL): the header,
+    whose size does not depend on the checksum's value, is written last, at
+    offset 0. The bytes on disk are the same either way.
+    """
+    payload = payload_view(tensor)
+    if payload.nbytes < OVERLAP_MIN_BYTES or not _seekable(f):
+        header = encode_header(tensor, key, payload)
+        _write_all(f, header)
+        _write_all(f, payload)
+        return len(header) + payload.nbytes
+    digest = _helper().submit(checksum, payload)
+    try:
+        header_size = len(_header_bytes(tensor, key, payload.nbytes, _PLACEHOLDER_CHECKSUM))
+        f.seek(header_size)
+        _write_all(f, payload)
+    finally:
+        value = digest.result()  # also when the write failed: the helper reads ``payload``
+    header = _header_bytes(tensor, key, payload.nbytes, value)
+    if len(header) != header_size:  # cannot happen: hex digests have a fixed width
+        raise AssertionError("checksum changed the header size")
+    f.seek(0)
     _write_all(f, header)
-    _write_all(f, payload)
-    return len(header) + payload.nbytes
+    return header_size + payload.nbytes
+
+
+def _seekable(f: Any) -> bool:
+    try:
+        return bool(f.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _write_all(f: Any, data: Any) -> None:
@@ -318,3 +391,37 @@ def _write_all(f: Any, data: Any) -> None:
         if n is None:  # non-blocking raw stream with nothing written: not our files
             raise OSError("short write")
         view = view[n:]
+
+
+# -- the checksum helper thread ---------------------------------------------------------
+
+#: Payloads below this are hashed inline: a thread handoff (~50 us) costs more than it hides.
+OVERLAP_MIN_BYTES = 4 << 20
+#: Read-and-hash pipeline granularity: the hash of the last piece is not hidden.
+PIECE_BYTES = 2 << 20
+_PLACEHOLDER_CHECKSUM = f"{CHECKSUM_ALGO}:{'0' * 32}"
+_helper_pool: ThreadPoolExecutor | None = None
+_helper_lock = threading.Lock()
+
+
+def _helper() -> ThreadPoolExecutor:
+    """The process's checksum helpers: one per concurrent reader/writer is enough."""
+    global _helper_pool
+    pool = _helper_pool
+    if pool is None:
+        with _helper_lock:
+            if _helper_pool is None:
+                _helper_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lmcache-checksum")
+            pool = _helper_pool
+    return pool
+
+
+def _forget_helper_after_fork() -> None:
+    # A forked child has the executor object but none of its threads.
+    global _helper_pool, _helper_lock
+    _helper_pool = None
+    _helper_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_helper_after_fork)
