@@ -1,17 +1,27 @@
-"""Entry point of the `lmcache` command; composes the command modules."""
+"""Entry point of the `lmcache` command: root options, then the commands, one module each."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
+from lmcache_cli.commands import bench, config, evict, get, lookup, ls, put, show, stats, verify, warm
+from lmcache_cli.errors import ErrorReportingGroup
+from lmcache_cli.output import OutputFormat
+from lmcache_cli.state import STORE_ENV, CliState, check_exclusive
 from lmcache_core import __version__
 
 app = typer.Typer(
     name="lmcache",
+    cls=ErrorReportingGroup,
     help="Put, get, list, inspect, warm, evict, verify and benchmark KV-cache chunks.",
     no_args_is_help=True,
+    # Locals in a traceback may hold credentials (URLs, passwords): never print them.
     pretty_exceptions_show_locals=False,
     add_completion=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -23,10 +33,46 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ctx: typer.Context,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            metavar="URL",
+            help=f"Store: a directory, file://, cpu://, redis://, s3://... (env {STORE_ENV}) "
+            "[default: $XDG_CACHE_HOME/lmcache].",
+            show_default=False,
+        ),
+    ] = None,
+    config_file: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            metavar="FILE",
+            help="LMCache YAML describing a tiered store (env LMCACHE_CONFIG_FILE).",
+            show_default=False,
+        ),
+    ] = None,
+    format_: Annotated[
+        OutputFormat, typer.Option("--format", help="human (tables) or json (for scripts); commands take it too.")
+    ] = OutputFormat.human,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No messages or progress on stderr.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
-    """lmcache: KV-cache chunk store tool."""
+    """lmcache: look inside, move and measure KV-cache chunk stores."""
+    check_exclusive(store, config_file)
+    ctx.obj = CliState(store_option=store, config_option=config_file, fmt=format_, quiet=quiet)
+
+
+for _module, _name in (
+    (put, "put"), (get, "get"), (ls, "ls"), (show, "show"), (lookup, "lookup"), (warm, "warm"),
+    (evict, "evict"), (verify, "verify"), (stats, "stats"), (bench, "bench"), (config, "config"),
+):
+    app.command(_name)(getattr(_module, _name))
 
 
 def main() -> None:
+    """Console-script entry point."""
     app()

@@ -1,0 +1,1 @@
+"""One module per `lmcache` command; `lmcache_cli.main` composes them."""

@@ -1,0 +1,101 @@
+"""`lmcache bench`: put/get throughput and latency per store, against the raw medium."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from lmcache_cli.errors import CliError, usage_error
+from lmcache_cli.output import Column
+from lmcache_cli.state import FormatOption, get_state
+
+QUICK = {"chunk_mb": 4.0, "count": 8, "batch": 4}
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        raise usage_error(f"--kv-shape {text!r}: expected integers like 32,2,256,8,128") from None
+    if len(shape) != 5 or shape[1] != 2 or min(shape) < 1:
+        raise usage_error(f"--kv-shape {text!r}: expected L,2,T,H,D (5 positive sizes, the second 2)")
+    return shape
+
+
+def bench(
+    ctx: typer.Context,
+    stores: Annotated[list[str] | None, typer.Option("--store", "-s", metavar="URL", help="Store to measure (repeatable) [default: the global store].")] = None,
+    chunk_mb: Annotated[float | None, typer.Option("--chunk-mb", min=0.001, help="Chunk size in MiB [default: 32, Llama-3.1-8B's 256-token chunk].")] = None,
+    kv_shape: Annotated[str | None, typer.Option("--kv-shape", metavar="L,2,T,H,D", help="Chunk shape instead of --chunk-mb.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="bfloat16, float16, float32 or float8_e4m3fn.")] = "bfloat16",
+    count: Annotated[int | None, typer.Option("--count", "-n", min=1, help="Chunks per measurement [default: 8].")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", min=1, help="Chunks per batched get [default: 16].")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Small run (4 MiB chunks, 8 of them) for a first look.")] = False,
+    format_: FormatOption = None,
+) -> None:
+    """Measure put/get GB/s and latency per store against the raw medium.
+
+    Put, get and batched get through each store and the raw medium in the same
+    run: GB/s, p50/p99 latency and the ratio to raw. Removes what it wrote.
+
+    \b
+    Examples:
+      lmcache bench --quick
+      lmcache bench -s /mnt/nvme/lmcache -s redis://localhost:6379 --chunk-mb 32 --format json
+    """
+    state = get_state(ctx)
+    out = state.output(format_)
+    if chunk_mb is not None and kv_shape is not None:
+        raise usage_error("give --chunk-mb or --kv-shape, not both")
+    shape = _parse_shape(kv_shape) if kv_shape is not None else None
+    if quick:
+        chunk_mb = chunk_mb if chunk_mb is not None or shape is not None else QUICK["chunk_mb"]
+        count = count or int(QUICK["count"])
+        batch = batch or int(QUICK["batch"])
+    urls = list(stores or [])
+    if not urls:
+        url, _ = state.store_url()
+        if url is None:
+            raise usage_error("bench measures stores named by URL; give --store URL (a --config store has none)")
+        urls = [url]
+    try:
+        from lmcache_core.bench import run_bench
+    except ModuleNotFoundError as exc:
+        if exc.name != "lmcache_core.bench":
+            raise
+        raise CliError("the benchmark engine (lmcache_core.bench) is not installed in this build") from None
+    kwargs: dict[str, object] = {"dtype": dtype}
+    if count is not None:
+        kwargs["count"] = count
+    if batch is not None:
+        kwargs["batch"] = batch
+    report = run_bench(
+        urls,
+        chunk_bytes=int(chunk_mb * (1 << 20)) if chunk_mb is not None else None,
+        kv_shape=shape,
+        progress=out.message,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    if out.json:
+        out.data(report.to_dict())
+        return
+    out.table(
+        [Column("STORE"), Column("OP")]
+        + [Column(c, right=True) for c in ("GB/s", "p50 ms", "p99 ms", "RAW OP", "RAW GB/s", "RATIO")],
+        [
+            [
+                r["store"], r["op"], _f(r["gbps"]), _f(r["p50_ms"]), _f(r["p99_ms"]),
+                r.get("raw_op") or "-", _f(r.get("raw_gbps")), _f(r.get("ratio")),
+            ]
+            for r in report.rows
+        ],
+    )
+
+
+def _f(x: object) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, (int, float)):
+        return f"{x:.2f}" if abs(x) >= 0.01 or x == 0 else f"{x:.2g}"
+    return str(x)

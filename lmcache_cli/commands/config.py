@@ -1,0 +1,37 @@
+"""`lmcache config`: the effective configuration and where each value came from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from lmcache_cli.output import Column
+from lmcache_cli.state import FormatOption, get_state
+from lmcache_core.config import mask_url
+
+
+def config(ctx: typer.Context, format_: FormatOption = None) -> None:
+    """Show the effective configuration and where each value came from."""
+    state = get_state(ctx)
+    out = state.output(format_)
+    url, url_source = state.store_url()
+    path, path_source = state.config_file()
+    cfg = state.config()
+    values = cfg.to_dict(mask_secrets=True)
+    from lmcache_core.store_ops import Store
+
+    store_desc = Store(url, cfg).describe() if url else Store(None, cfg).describe()
+    rows: list[dict[str, Any]] = [
+        {"name": "store", "value": mask_url(url) if url else store_desc, "source": url_source},
+        {"name": "config_file", "value": path, "source": path_source},
+    ]
+    for name, value in values.items():
+        rows.append({"name": name, "value": value, "source": cfg.sources.get(name, "default")})
+    if out.json:
+        out.data({"store": rows[0]["value"], "settings": rows})
+        return
+    out.table(
+        [Column("SETTING"), Column("VALUE"), Column("SOURCE")],
+        [[r["name"], "-" if r["value"] is None else r["value"], r["source"]] for r in rows],
+    )

@@ -1,0 +1,112 @@
+"""`lmcache evict`: remove chunks by pattern, model, age, or LRU down to a size."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from lmcache_cli.errors import CliError, usage_error
+from lmcache_cli.options import ModelOption, OlderThanOption, PatternArgument, age_option, size_option
+from lmcache_cli.output import Column, Output
+from lmcache_cli.state import FormatOption, get_state
+from lmcache_cli.units import human_age, human_size
+from lmcache_core import store_ops
+
+PLAN_ROWS_SHOWN = 20
+
+
+def stdin_is_terminal() -> bool:
+    """Whether someone can answer a prompt (tests replace this)."""
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def evict(
+    ctx: typer.Context,
+    pattern: PatternArgument = None,
+    model: ModelOption = None,
+    older_than: OlderThanOption = None,
+    to_size: Annotated[str | None, typer.Option("--to-size", metavar="SIZE", help="Remove least recently used chunks (among those selected) until the store holds at most SIZE.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show the plan.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    format_: FormatOption = None,
+) -> None:
+    """Remove chunks by pattern, model, age, or LRU down to a size.
+
+    Shows the plan, then asks before removing (unless --yes); without a terminal
+    to ask on it refuses unless --yes is given.
+
+    \b
+    Examples:
+      lmcache evict --older-than 7d --dry-run
+      lmcache evict --to-size 50GiB --yes
+      lmcache evict 'vllm@old-model@*' --yes
+    """
+    state = get_state(ctx)
+    out = state.output(format_)
+    max_age = age_option(older_than, "--older-than")
+    target = size_option(to_size, "--to-size")
+    if pattern is None and model is None and max_age is None and target is None:
+        raise usage_error("say what to evict: PATTERN, --model, --older-than or --to-size ('*' for everything)")
+    now = time.time()
+    with state.open_store() as store:
+        plan = store_ops.plan_evict(
+            store.entries(), pattern=pattern, model=model, older_than=max_age, to_size=target, now=now
+        )
+        where = store.describe()
+        if not out.json:
+            _show_plan(out, plan, now, where)
+        if not plan.victims or dry_run:
+            out.data({"store": where, "dry_run": dry_run, "plan": plan.to_dict(now), "removed": 0, "bytes_freed": 0})
+            if not plan.victims and out.human:
+                out.message("nothing to evict")
+            return
+        if not yes:
+            if not stdin_is_terminal():
+                raise CliError(
+                    f"refusing to remove {len(plan.victims)} chunks without confirmation (no terminal); "
+                    "rerun with --yes, or --dry-run to see the plan"
+                )
+            if not typer.confirm(
+                f"Remove {len(plan.victims)} chunks ({human_size(plan.freed)}) from {where}?", err=True
+            ):
+                out.message("cancelled; nothing removed")
+                return
+        removed, freed, failures = store_ops.run_evict(store, plan)
+    out.data(
+        {
+            "store": where,
+            "dry_run": False,
+            "plan": plan.to_dict(now),
+            "removed": removed,
+            "bytes_freed": freed,
+            "failures": failures,
+        }
+    )
+    if out.human:
+        out.line(f"removed {removed} chunks, freed {human_size(freed)}")
+    if failures:
+        for f in failures[:10]:
+            out.warn(f)
+        out.error(f"{len(failures)} chunks could not be removed; check permissions and rerun")
+        raise typer.Exit(1)
+
+
+def _show_plan(out: Output, plan: store_ops.EvictPlan, now: float, where: str) -> None:
+    if plan.victims:
+        rows = [
+            [v.key.to_string(), human_size(v.size), human_age(None if v.last_used is None else now - v.last_used)]
+            for v in plan.victims[:PLAN_ROWS_SHOWN]
+        ]
+        out.table([Column("EVICT"), Column("SIZE", right=True), Column("LAST USED", right=True)], rows)
+        if len(plan.victims) > PLAN_ROWS_SHOWN:
+            out.line(f"... and {len(plan.victims) - PLAN_ROWS_SHOWN} more")
+    out.line(
+        f"plan: remove {len(plan.victims)} chunks, freeing {human_size(plan.freed)} "
+        f"({human_size(plan.before)} -> {human_size(plan.after)}) in {where}"
+    )

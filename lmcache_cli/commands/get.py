@@ -1,0 +1,118 @@
+"""`lmcache get`: a chunk to a .safetensors file, or the longest cached prefix of a prompt."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from lmcache_cli.errors import CliError, usage_error
+from lmcache_cli.options import (
+    ChunkSizeOption,
+    KvFmt,
+    KvFmtOption,
+    TokensOption,
+    WorkerIdOption,
+    WorldSizeOption,
+    parse_key,
+)
+from lmcache_cli.output import Output
+from lmcache_cli.state import CliState, FormatOption, get_state
+from lmcache_cli.units import human_size
+
+
+def get(
+    ctx: typer.Context,
+    key: Annotated[str | None, typer.Argument(help="Chunk key: fmt@model@world_size@worker_id@hash.", show_default=False)] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", metavar="OUT.safetensors", help="File to write.")] = None,
+    tokens: TokensOption = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="With --tokens: model name of the keys.")] = None,
+    fmt: KvFmtOption = KvFmt.vllm,
+    chunk_size: ChunkSizeOption = None,
+    world_size: WorldSizeOption = 1,
+    worker_id: WorkerIdOption = 0,
+    format_: FormatOption = None,
+) -> None:
+    """Write a chunk, or a prompt's longest cached prefix, to a file.
+
+    The chunk is checked against its checksum first; a prefix is written as one
+    tensor "kv" with the number of tokens it covers in its metadata.
+
+    \b
+    Examples:
+      lmcache get vllm@llama@1@0@0a1b2c -o chunk.safetensors
+      lmcache get --tokens prompt.json --model llama -o prefix.safetensors
+    """
+    state = get_state(ctx)
+    out = state.output(format_)
+    if output is None:
+        raise usage_error("give the file to write with -o OUT.safetensors")
+    if tokens is not None or model is not None:
+        if key is not None:
+            raise usage_error("give either KEY or --tokens/--model, not both")
+        if tokens is None or model is None:
+            raise usage_error("--tokens and --model go together")
+        _get_prefix(state, out, tokens, model, fmt.value, chunk_size, world_size, worker_id, output)
+        return
+    if key is None:
+        raise usage_error("give a KEY, or --tokens FILE --model NAME")
+    chunk_key = parse_key(key)
+    from lmcache_cli.tensor_files import write_atomic
+    from lmcache_core import chunk_format
+
+    with state.open_store() as store:
+        chunk, check = store.read(chunk_key)
+        if chunk is None or not check.ok:
+            if check.reason == "not found" or chunk is None and not store.is_disk:
+                raise CliError(f"{chunk_key}: not in {store.describe()}; list keys with `lmcache ls`")
+            raise CliError(f"{chunk_key}: {check.reason}; not written (run `lmcache verify --fix`)")
+        header, payload = chunk_format.encode(chunk, chunk_key.to_string())
+        size = write_atomic(output, [header, payload])
+    result = {
+        "key": chunk_key.to_string(),
+        "output": output,
+        "bytes": size,
+        "dtype": str(chunk.dtype).removeprefix("torch."),
+        "shape": list(chunk.shape),
+    }
+    out.data(result)
+    if out.human:
+        out.message(f"wrote {output} ({result['dtype']} {tuple(chunk.shape)}, {human_size(size)})")
+
+
+def _get_prefix(
+    state: CliState, out: Output, tokens_path: str, model: str, fmt: str, chunk_size: int | None,
+    world_size: int, worker_id: int, output: str,
+) -> None:
+    from lmcache_cli.tensor_files import load_tokens, write_safetensors
+    from lmcache_core.tokens import ChunkedKVStore
+
+    token_ids = load_tokens(tokens_path)
+    size = chunk_size or state.config().chunk_size
+    with state.open_store() as store:
+        kvstore = ChunkedKVStore(
+            store.backend, model, fmt=fmt, chunk_size=size, world_size=world_size, worker_id=worker_id
+        )
+        kv, covered = kvstore.retrieve(token_ids)
+        where = store.describe()
+    total = len(token_ids)
+    if kv is None or covered == 0:
+        raise CliError(f"no cached prefix of these {total} tokens for model {model!r} in {where}; nothing written")
+    nbytes = write_safetensors(
+        output,
+        {"kv": kv},
+        {"lmcache.model": model, "lmcache.fmt": fmt, "lmcache.tokens": str(covered), "lmcache.total_tokens": str(total)},
+    )
+    chunks = -(-covered // size)
+    result = {
+        "model": model,
+        "output": output,
+        "tokens": covered,
+        "total_tokens": total,
+        "chunks": chunks,
+        "bytes": nbytes,
+        "shape": list(kv.shape),
+    }
+    out.data(result)
+    if out.human:
+        out.message(f"wrote {output}: {covered} of {total} tokens cached ({chunks} chunks, {human_size(nbytes)})")

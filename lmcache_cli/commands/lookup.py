@@ -1,0 +1,52 @@
+"""`lmcache lookup`: how much of a prompt's prefix is cached, per tier."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from lmcache_cli.options import ChunkSizeOption, KvFmt, KvFmtOption, WorkerIdOption, WorldSizeOption
+from lmcache_cli.output import Column
+from lmcache_cli.state import FormatOption, get_state
+from lmcache_core import store_ops
+
+
+def lookup(
+    ctx: typer.Context,
+    tokens: Annotated[str, typer.Option("--tokens", "-t", metavar="FILE", help="Token ids: a .json list or a 1-D .npy array.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name of the keys.")],
+    fmt: KvFmtOption = KvFmt.vllm,
+    chunk_size: ChunkSizeOption = None,
+    world_size: WorldSizeOption = 1,
+    worker_id: WorkerIdOption = 0,
+    format_: FormatOption = None,
+) -> None:
+    """Show how much of a prompt's prefix is cached, per tier.
+
+    \b
+    Example:
+      lmcache lookup --tokens prompt.json --model llama
+    """
+    from lmcache_cli.tensor_files import load_tokens
+
+    state = get_state(ctx)
+    out = state.output(format_)
+    token_ids = load_tokens(tokens)
+    size = chunk_size or state.config().chunk_size
+    with state.open_store() as store:
+        result = store_ops.prefix_lookup(
+            store, token_ids, model=model, fmt=fmt.value, chunk_size=size, world_size=world_size, worker_id=worker_id
+        )
+        result["store"] = store.describe()
+    if out.json:
+        out.data(result)
+        return
+    out.line(
+        f"cached prefix: {result['tokens']} of {result['total_tokens']} tokens "
+        f"({result['chunks']} of {result['total_chunks']} chunks of {size})"
+    )
+    out.table(
+        [Column("TIER"), Column("TOKENS", right=True), Column("CHUNKS", right=True)],
+        [[t["tier"], t["tokens"], t["chunks"]] for t in result["per_tier"]],
+    )

@@ -1,0 +1,117 @@
+"""`lmcache put`: store one tensor under a key, or a prompt's KV split into chunks."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+import typer
+
+from lmcache_cli.errors import usage_error
+from lmcache_cli.options import (
+    ChunkSizeOption,
+    KvFmt,
+    KvFmtOption,
+    TokensOption,
+    WorkerIdOption,
+    WorldSizeOption,
+    parse_key,
+)
+from lmcache_cli.output import Output
+from lmcache_cli.progress import progress_bar
+from lmcache_cli.state import CliState, FormatOption, get_state
+from lmcache_cli.units import human_size
+
+
+def put(
+    ctx: typer.Context,
+    key: Annotated[str | None, typer.Argument(help="Chunk key: fmt@model@world_size@worker_id@hash.", show_default=False)] = None,
+    file: Annotated[str | None, typer.Argument(help="Tensor file: .safetensors, .npy or .pt (weights only).", show_default=False)] = None,
+    tensor: Annotated[str | None, typer.Option("--tensor", help="Which tensor of a multi-tensor file.")] = None,
+    tokens: TokensOption = None,
+    kv: Annotated[str | None, typer.Option("--kv", metavar="FILE", help="With --tokens: the prompt's KV tensor file.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="With --tokens: model name of the keys.")] = None,
+    fmt: KvFmtOption = KvFmt.vllm,
+    chunk_size: ChunkSizeOption = None,
+    world_size: WorldSizeOption = 1,
+    worker_id: WorkerIdOption = 0,
+    format_: FormatOption = None,
+) -> None:
+    """Store a tensor under KEY, or a prompt's KV by prefix-hash chunks.
+
+    \b
+    Examples:
+      lmcache put vllm@llama@1@0@0a1b2c chunk.safetensors
+      lmcache put --tokens prompt.json --kv kv.safetensors --model llama
+    """
+    state = get_state(ctx)
+    out = state.output(format_)
+    if tokens is not None or kv is not None or model is not None:
+        if key is not None or file is not None:
+            raise usage_error("give either KEY FILE or --tokens/--kv/--model, not both")
+        if tokens is None or kv is None or model is None:
+            raise usage_error("--tokens, --kv and --model go together")
+        _put_tokens(state, out, tokens, kv, tensor, model, fmt.value, chunk_size, world_size, worker_id)
+        return
+    if key is None or file is None:
+        raise usage_error("give KEY FILE, or --tokens FILE --kv FILE --model NAME")
+    chunk_key = parse_key(key)
+    from lmcache_cli.tensor_files import load_tensor
+
+    chunk = load_tensor(file, tensor)
+    with state.open_store() as store:
+        store.backend.put(chunk_key, chunk.contiguous(), blocking=True)
+        where = store.describe()
+    nbytes = chunk.numel() * chunk.element_size()
+    result = {
+        "key": chunk_key.to_string(),
+        "store": where,
+        "dtype": str(chunk.dtype).removeprefix("torch."),
+        "shape": list(chunk.shape),
+        "bytes": nbytes,
+    }
+    out.data(result)
+    if out.human:
+        out.message(f"stored {chunk_key} ({result['dtype']} {tuple(chunk.shape)}, {human_size(nbytes)}) in {where}")
+
+
+def _put_tokens(
+    state: CliState, out: Output, tokens_path: str, kv_path: str, tensor: str | None, model: str, fmt: str,
+    chunk_size: int | None, world_size: int, worker_id: int,
+) -> None:
+    from lmcache_cli.tensor_files import load_tensor, load_tokens
+    from lmcache_core.tokens import ChunkedKVStore
+
+    token_ids = load_tokens(tokens_path)
+    kv = load_tensor(kv_path, tensor)
+    size = chunk_size or state.config().chunk_size
+    n_chunks = math.ceil(len(token_ids) / size)
+    with state.open_store() as store:
+        kvstore = ChunkedKVStore(
+            store.backend, model, fmt=fmt, chunk_size=size, world_size=world_size, worker_id=worker_id
+        )
+        with progress_bar(out, "put", kv.numel() * kv.element_size(), n_chunks) as bar:
+            last = [0]
+
+            def advance(done: int, total: int, nbytes: int) -> None:
+                bar.advance(1, nbytes - last[0])
+                last[0] = nbytes
+
+            result = kvstore.store(token_ids, kv, progress=advance)
+        where = store.describe()
+    payload = {
+        "model": model,
+        "store": where,
+        "tokens": result.tokens,
+        "chunks": result.chunks,
+        "stored": result.stored,
+        "skipped": result.skipped,
+        "bytes": result.nbytes,
+        "chunk_size": size,
+    }
+    out.data(payload)
+    if out.human:
+        out.message(
+            f"stored {result.stored} of {result.chunks} chunks ({result.tokens} tokens, "
+            f"{human_size(result.nbytes)}; {result.skipped} already cached) in {where}"
+        )

@@ -1,0 +1,68 @@
+"""`lmcache verify`: read every chunk, check header and checksum; find stray temp files."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from lmcache_cli.output import Column
+from lmcache_cli.progress import progress_bar
+from lmcache_cli.state import FormatOption, get_state
+from lmcache_cli.units import human_size
+from lmcache_core import store_ops
+
+
+def verify(
+    ctx: typer.Context,
+    fix: Annotated[bool, typer.Option("--fix", help="Remove bad chunks and stale temp files.")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Chunks checked in parallel.")] = 4,
+    format_: FormatOption = None,
+) -> None:
+    """Check every chunk's header and checksum; find stray temp files.
+
+    Exit code 1 when something bad remains (after --fix, when given).
+
+    \b
+    Examples:
+      lmcache verify
+      lmcache verify --fix
+    """
+    state = get_state(ctx)
+    out = state.output(format_)
+    with state.open_store() as store:
+        entries = store.entries()
+        total = sum(e.size or 0 for e in entries)
+        with progress_bar(out, "verify", total or None, len(entries)) as bar:
+            last = [0]
+
+            def advance(done: int, nbytes: int) -> None:
+                bar.advance(1, nbytes - last[0])
+                last[0] = nbytes
+
+            report = store_ops.verify_store(store, fix=fix, jobs=jobs, progress=advance)
+        where = store.describe()
+    left = report.remaining_problems
+    if out.json:
+        out.data({"store": where, **report.to_dict()})
+    else:
+        removed = set(report.removed)
+        rows = [[b.where, b.reason, "removed" if b.where in removed else "bad"] for b in report.bad]
+        rows += [
+            [t.path, f"temp file, {human_size(t.size)}" + ("" if t.stale else " (writer alive)"),
+             "removed" if t.path in removed else ("stray" if t.stale else "in use")]
+            for t in report.temps
+        ]
+        if rows:
+            out.table([Column("CHUNK / FILE"), Column("PROBLEM"), Column("STATE")], rows)
+        stray = sum(1 for t in report.temps if t.stale)
+        out.line(
+            f"checked {report.checked} chunks in {where}: {report.ok} ok, {len(report.bad)} bad, "
+            f"{stray} stray temp files" + (f"; removed {len(report.removed)}" if fix else "")
+        )
+    for failure in report.fix_failures:
+        out.warn(f"could not remove {failure}")
+    if left:
+        hint = "check permissions and rerun" if fix else "rerun with --fix to remove them"
+        out.error(f"{left} problems remain in {where}; {hint}")
+        raise typer.Exit(1)

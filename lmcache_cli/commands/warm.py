@@ -1,0 +1,113 @@
+"""`lmcache warm`: copy chunks between any two stores, skipping what is there, verifying each."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from lmcache_cli.errors import CliError, usage_error
+from lmcache_cli.options import ModelOption, PatternArgument
+from lmcache_cli.output import Column
+from lmcache_cli.progress import progress_bar
+from lmcache_cli.state import FormatOption, get_state
+from lmcache_cli.units import human_rate, human_size
+from lmcache_core import store_ops
+from lmcache_core.config import mask_url
+
+
+def warm(
+    ctx: typer.Context,
+    pattern: PatternArgument = None,
+    src: Annotated[str | None, typer.Option("--from", metavar="URL", help="Source store [default: the global store].")] = None,
+    dst: Annotated[str | None, typer.Option("--to", metavar="URL", help="Destination store [default: the global store].")] = None,
+    model: ModelOption = None,
+    keys_file: Annotated[str | None, typer.Option("--keys", metavar="FILE", help="Copy the keys listed in FILE (one a line; - for stdin) instead of listing the source.")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=256, help="Chunks copied in parallel.")] = 8,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be copied and skipped.")] = False,
+    format_: FormatOption = None,
+) -> None:
+    """Copy chunks between stores (skips existing, verifies each).
+
+    Typical: S3 -> local disk before a node starts serving, or local -> S3 in CI.
+
+    Chunks the destination already has are skipped; each copy is read back and
+    checked against the source checksum. Exit code 1 if any chunk failed.
+
+    \b
+    Examples:
+      lmcache warm --from s3://bucket/kv --to /mnt/nvme/lmcache --model llama -j 16
+      lmcache ls -q llama | lmcache warm --keys - --from /data/a --to redis://cache:6379
+    """
+    state = get_state(ctx)
+    out = state.output(format_)
+    if src is None and dst is None:
+        raise usage_error("give --from URL and/or --to URL (the other defaults to the global store)")
+    src_store = state.open_store(src)
+    dst_store = state.open_store(dst)
+    with src_store, dst_store:
+        if src_store.describe() == dst_store.describe():
+            raise usage_error(f"--from and --to are the same store ({src_store.describe()})")
+        if keys_file is not None:
+            if pattern is not None or model is not None:
+                raise usage_error("--keys lists the chunks itself; drop PATTERN/--model")
+            lines = sys.stdin if keys_file == "-" else _read_lines(keys_file)
+            try:
+                keys = store_ops.read_keys(lines)
+            except ValueError as exc:
+                raise usage_error(f"--keys {keys_file}: {exc}") from None
+            sizes: dict[str, int | None] = {}
+        else:
+            entries = store_ops.select(src_store.entries(), pattern=pattern, model=model)
+            keys = [e.key for e in entries]
+            sizes = {e.key.to_string(): e.size for e in entries}
+        total_bytes = sum(s or 0 for s in sizes.values()) or None
+        header = {"from": src_store.describe(), "to": dst_store.describe()}
+        if dry_run:
+            plan = [(k, dst_store.contains(k)) for k in keys]
+            copy = [k for k, have in plan if not have]
+            report = {
+                **header,
+                "dry_run": True,
+                "to_copy": len(copy),
+                "to_skip": len(plan) - len(copy),
+                "bytes": sum(sizes.get(k.to_string()) or 0 for k in copy),
+                "keys": [k.to_string() for k in copy],
+            }
+            if out.json:
+                out.data(report)
+                return
+            if copy:
+                out.table([Column("WOULD COPY")], [[k.to_string()] for k in copy])
+            out.line(
+                f"dry run: would copy {len(copy)} chunks ({human_size(report['bytes'])}), "
+                f"skip {report['to_skip']} already in {header['to']}"
+            )
+            return
+        with progress_bar(out, "warm", total_bytes, len(keys)) as bar:
+            result = store_ops.warm(
+                src_store, dst_store, keys, jobs=jobs, progress=lambda outcome, n: bar.advance(1, n)
+            )
+    report = {**header, "dry_run": False, **result.to_dict()}
+    if out.json:
+        out.data(report)
+    else:
+        if result.failed:
+            out.table([Column("FAILED"), Column("REASON")], [[k, r] for k, r in result.failed])
+        out.line(
+            f"copied {result.copied}, skipped {result.skipped}, failed {len(result.failed)}: "
+            f"{human_size(result.bytes_copied)} in {result.seconds:.2f}s ({human_rate(result.gbps * 1e9)}) "
+            f"{header['from']} -> {header['to']}"
+        )
+    if result.failed:
+        out.error(f"{len(result.failed)} chunks failed to copy; rerun warm to retry them (copied ones are skipped)")
+        raise typer.Exit(1)
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readlines()
+    except OSError as exc:
+        raise CliError(f"--keys {mask_url(path)}: {exc.strerror or exc}; give a readable file or - for stdin") from None

@@ -1,0 +1,100 @@
+"""One table from exception type to a one-line message, and the group that applies it.
+
+Every failure reaches the user as ``error: <what failed>; <what to do>`` on stderr
+with exit code 1 (2 for usage errors). ``LMCACHE_DEBUG=1`` re-raises instead,
+so the full traceback shows (without local variables, which may hold credentials).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from lmcache_cli.output import mask_secrets
+from lmcache_core.errors import ConfigError, CorruptChunkError, StoreFullError, StoreUnavailableError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A failure the command diagnosed itself; ``message`` is the line to print."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def usage_error(message: str) -> CliError:
+    """A bad argument or option combination (exit 2)."""
+    return CliError(message, EXIT_USAGE)
+
+
+def _filename(exc: OSError) -> str:
+    return f" {exc.filename}" if exc.filename else ""
+
+
+# Checked in order: the first matching type wins, so subclasses come first.
+ERROR_TABLE: list[tuple[type[BaseException], Callable[[Any], str]]] = [
+    (CliError, lambda e: e.message),
+    (ConfigError, lambda e: f"configuration: {e}; fix the config file or LMCACHE_* variable (see `lmcache config`)"),
+    (CorruptChunkError, lambda e: f"corrupt chunk: {e}; run `lmcache verify --fix` to remove bad chunks"),
+    (StoreUnavailableError, lambda e: f"store unavailable: {e}; check the URL and that the server is up"),
+    (StoreFullError, lambda e: f"store full: {e}; free space with `lmcache evict --to-size SIZE`"),
+    (ModuleNotFoundError, lambda e: f"missing Python package {e.name!r}; install it (pip install 'lmcache-toolkit[remote]' for redis/s3)"),
+    (ImportError, lambda e: f"{e}"),
+    (FileNotFoundError, lambda e: f"no such file or directory:{_filename(e)}; check the path"),
+    (PermissionError, lambda e: f"permission denied:{_filename(e)}; check ownership or choose another --store"),
+    (IsADirectoryError, lambda e: f"is a directory:{_filename(e)}; give a file path"),
+    (ConnectionError, lambda e: f"connection failed: {e}; check the URL and that the server is up"),
+    (TimeoutError, lambda e: f"timed out: {e}; check the server, or raise remote_timeout"),
+    (OSError, lambda e: f"I/O error:{_filename(e)}: {e.strerror or e}; check the disk and the path"),
+    (ValueError, lambda e: f"{e}"),
+    (TypeError, lambda e: f"{e}"),
+    (NotImplementedError, lambda e: f"not supported by this store: {e}"),
+]
+
+
+def describe_error(exc: BaseException) -> tuple[str, int]:
+    """The one-line message and exit code for an exception."""
+    for etype, render in ERROR_TABLE:
+        if isinstance(exc, etype):
+            code = exc.code if isinstance(exc, CliError) else EXIT_FAILURE
+            return mask_secrets(render(exc)), code
+    return (
+        mask_secrets(f"unexpected {type(exc).__name__}: {exc} (rerun with LMCACHE_DEBUG=1 for a traceback)"),
+        EXIT_FAILURE,
+    )
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("LMCACHE_DEBUG", "").strip() not in ("", "0", "false", "no")
+
+
+class ErrorReportingGroup(TyperGroup):
+    """Runs a command and turns any exception into one ``error:`` line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, click.exceptions.Exit, click.Abort):
+            raise
+        except click.UsageError as exc:
+            path = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            sys.stderr.write(f"error: {mask_secrets(exc.format_message())} (see `{path} --help`)\n")
+            raise typer.Exit(EXIT_USAGE) from None
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            if debug_enabled():
+                raise
+            message, code = describe_error(exc)
+            sys.stderr.write(f"error: {message}\n")
+            raise typer.Exit(code) from None

@@ -1,0 +1,78 @@
+"""Argument parsers and option types shared by several commands."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+import typer
+
+from lmcache_cli.errors import usage_error
+from lmcache_cli.units import parse_age, parse_size
+from lmcache_core.key import CacheEngineKey
+
+
+class KvFmt(str, enum.Enum):
+    """KV layout names (``--fmt``)."""
+
+    vllm = "vllm"
+    huggingface = "huggingface"
+
+
+class SortBy(str, enum.Enum):
+    """``ls --sort`` orders."""
+
+    name = "name"
+    size = "size"
+    age = "age"
+
+
+def parse_key(text: str) -> CacheEngineKey:
+    """A key from its ``fmt@model@world_size@worker_id@hash`` string (usage error if bad)."""
+    try:
+        return CacheEngineKey.from_string(text)
+    except ValueError as exc:
+        raise usage_error(f"invalid key {text!r:.120}: {exc}") from None
+
+
+def size_option(text: str | None, option: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise usage_error(f"{option}: {exc}") from None
+
+
+def age_option(text: str | None, option: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_age(text)
+    except ValueError as exc:
+        raise usage_error(f"{option}: {exc}") from None
+
+
+ModelOption = Annotated[str | None, typer.Option("--model", "-m", metavar="NAME", help="Only chunks of this model name.")]
+KvFmtFilter = Annotated[KvFmt | None, typer.Option("--fmt", help="Only chunks of this KV layout.")]
+OlderThanOption = Annotated[
+    str | None,
+    typer.Option("--older-than", metavar="AGE", help="Only chunks not written or read for AGE (90s, 30m, 12h, 7d, 2w)."),
+]
+PatternArgument = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="PATTERN",
+        help="Glob on the key string (fmt@model@ws@worker@hash), e.g. 'vllm@llama*'; text without * ? [ matches as a substring.",
+        show_default=False,
+    ),
+]
+TokensOption = Annotated[
+    str | None, typer.Option("--tokens", "-t", metavar="FILE", help="Token ids: a .json list or a 1-D .npy array.")
+]
+ChunkSizeOption = Annotated[
+    int | None, typer.Option("--chunk-size", min=1, help="Tokens per chunk [default: the config's chunk_size, 256].")
+]
+WorldSizeOption = Annotated[int, typer.Option("--world-size", min=1, help="Tensor-parallel world size of the keys.")]
+WorkerIdOption = Annotated[int, typer.Option("--worker-id", min=0, help="Worker rank of the keys.")]
+KvFmtOption = Annotated[KvFmt, typer.Option("--fmt", help="KV layout: vllm [L,2,T,H,D] or huggingface [L,2,H,T,D].")]

@@ -1,0 +1,148 @@
+"""The one place that writes: data to stdout, messages to stderr, in human, json or quiet mode.
+
+Human tables are rich tables on a terminal and plain aligned columns otherwise
+(pipes, files, CI logs), so scripts never see wrapped or truncated cells.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from lmcache_core.config import mask_url
+
+
+class OutputFormat(str, enum.Enum):
+    """``--format`` values."""
+
+    human = "human"
+    json = "json"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column; ``right`` aligns numbers."""
+
+    title: str
+    right: bool = False
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+class Output:
+    """Writes a command's results.
+
+    Args:
+        fmt: ``human`` or ``json``; json prints one JSON document on stdout.
+        quiet: no messages or progress on stderr (data and errors still appear).
+    """
+
+    def __init__(self, fmt: OutputFormat = OutputFormat.human, quiet: bool = False) -> None:
+        self.fmt = fmt
+        self.quiet = quiet
+
+    @property
+    def json(self) -> bool:
+        return self.fmt == OutputFormat.json
+
+    @property
+    def human(self) -> bool:
+        return self.fmt == OutputFormat.human
+
+    # sys.stdout/err are looked up at each call: CliRunner swaps them per invocation.
+    @property
+    def stdout(self) -> Any:
+        return sys.stdout
+
+    @property
+    def stderr(self) -> Any:
+        return sys.stderr
+
+    @property
+    def progress_enabled(self) -> bool:
+        """Progress bars only for a person watching a terminal."""
+        return not self.quiet and _isatty(sys.stderr)
+
+    def data(self, payload: Any) -> None:
+        """The json document (json mode only)."""
+        if self.json:
+            self.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+    def line(self, text: str = "") -> None:
+        """A line of human data on stdout."""
+        self.stdout.write(text + "\n")
+
+    def message(self, text: str) -> None:
+        """A status line on stderr (hidden with --quiet)."""
+        if not self.quiet:
+            self.stderr.write(text + "\n")
+            self.stderr.flush()
+
+    def warn(self, text: str) -> None:
+        """A warning on stderr (shown even with --quiet)."""
+        self.stderr.write(f"warning: {mask_secrets(text)}\n")
+
+    def error(self, text: str) -> None:
+        """One error line on stderr, always shown, secrets masked."""
+        self.stderr.write(f"error: {mask_secrets(text)}\n")
+        self.stderr.flush()
+
+    def table(self, columns: Sequence[Column], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
+        """A human table on stdout."""
+        cells = [["" if c is None else str(c) for c in row] for row in rows]
+        if _isatty(self.stdout):
+            from rich import box
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+            for col in columns:
+                table.add_column(col.title, justify="right" if col.right else "left", overflow="fold")
+            for row in cells:
+                table.add_row(*row)
+            Console(file=self.stdout).print(table)
+            return
+        if title:
+            self.line(title)
+        widths = [len(c.title) for c in columns]
+        for row in cells:
+            for i, cell in enumerate(row):
+                if len(cell) > widths[i]:
+                    widths[i] = len(cell)
+        last = len(columns) - 1
+
+        def fmt(values: Sequence[str]) -> str:
+            parts = []
+            for i, (col, v) in enumerate(zip(columns, values, strict=True)):
+                if col.right:
+                    parts.append(v.rjust(widths[i]))
+                else:
+                    parts.append(v if i == last else v.ljust(widths[i]))
+            return "  ".join(parts).rstrip()
+
+        out = [fmt([c.title for c in columns])]
+        out.extend(fmt(row) for row in cells)
+        self.stdout.write("\n".join(out) + "\n")
+
+    def fields(self, pairs: Sequence[tuple[str, Any]], title: str | None = None) -> None:
+        """``name: value`` lines, names aligned (for one object, like ``show``)."""
+        if title:
+            self.line(title)
+        width = max((len(k) for k, _ in pairs), default=0)
+        for k, v in pairs:
+            self.line(f"  {k.ljust(width)}  {v}")
+
+
+def mask_secrets(text: str) -> str:
+    """Mask passwords in any URL inside ``text``."""
+    import re
+
+    return re.sub(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+", lambda m: mask_url(m.group(0)), text)
