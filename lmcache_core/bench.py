@@ -55,6 +55,8 @@ __all__ = [
     "BenchReport",
     "BenchTarget",
     "chunk_shape_for",
+    "drop_page_cache",
+    "format_table",
     "machine_info",
     "run_bench",
 ]
@@ -190,7 +192,7 @@ class _Series:
 
     def gbps(self) -> float | None:
         total = self.total_ns if self.total_ns is not None else sum(self.times)
-        return round(self.nbytes / total, 3) if total > 0 and self.nbytes else None
+        return _sig(self.nbytes / total) if total > 0 and self.nbytes else None
 
     def pct_ms(self, q: float) -> float | None:
         if not self.times:
@@ -200,7 +202,12 @@ class _Series:
         pos = (len(ts) - 1) * q
         lo, hi = math.floor(pos), math.ceil(pos)
         v = ts[lo] + (ts[hi] - ts[lo]) * (pos - lo)
-        return round(v / 1e6, 3)
+        return _sig(v / 1e6)
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant digits (tiny test chunks must not round to 0)."""
+    return float(f"{x:.{digits}g}")
 
 
 def _row(
@@ -223,7 +230,7 @@ def _row(
         "p99_ms": ours.pct_ms(0.99),
         "raw_op": raw_op,
         "raw_gbps": rg,
-        "ratio": round(g / rg, 3) if g and rg else None,
+        "ratio": _sig(g / rg, 3) if g and rg else None,
         "kind": kind,
         "chunk_bytes": chunk_bytes,
         "samples": len(ours.times),
@@ -645,6 +652,7 @@ def _bench_store(
         say(f"{name}: batched_get {batch} x{rounds}")
         raw_b, ours_b = _Series(), _Series()
         bkeys = keys[:batch]
+        del store.batched_get(bkeys)[:]  # untimed: a serving process has its read buffers warm
         for _ in range(rounds):
             with raw_b.op(nbytes * batch):
                 for i in range(batch):
@@ -743,3 +751,42 @@ def _remove_empty_model_dirs(url: str, model: str) -> None:
         fmt_dir = os.path.join(root, fmt)
         with contextlib.suppress(OSError):
             os.rmdir(fmt_dir)  # only when no other model lives there
+
+
+# -- output ------------------------------------------------------------------------------
+
+_TABLE_COLUMNS = (
+    ("store", "store"),
+    ("op", "op"),
+    ("gbps", "GB/s"),
+    ("p50_ms", "p50 ms"),
+    ("p99_ms", "p99 ms"),
+    ("raw_op", "raw medium"),
+    ("raw_gbps", "raw GB/s"),
+    ("ratio", "ratio"),
+)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], *, markdown: bool = False) -> str:
+    """The rows as a plain-text (or Markdown) table, for scripts and docs."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            if v >= 100:
+                return f"{v:.0f}"
+            return f"{v:.2f}" if v >= 0.1 or v == 0 else f"{v:.2g}"
+        return str(v)
+
+    head = [title for _, title in _TABLE_COLUMNS]
+    body = [[cell(r.get(k)) for k, _ in _TABLE_COLUMNS] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""The benchmark engine on tiny chunks: report structure and cleanup (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from lmcache_core.bench import ROW_KEYS, BenchTarget, chunk_shape_for, format_table, run_bench
+
+
+def test_memory_and_disk_report_structure_and_cleanup(tmp_path):
+    store_dir = tmp_path / "store"
+    store_dir.mkdir()
+    (store_dir / "keep.txt").write_text("not ours")  # the bench must leave other files alone
+    messages: list[str] = []
+    report = run_bench(
+        ["cpu://", str(store_dir)], kv_shape=(2, 2, 4, 2, 8), count=3, batch=4, progress=messages.append
+    )
+    assert report.errors == []
+    assert messages
+    ops = {(r["store"], r["op"]) for r in report.rows}
+    for store in ("cpu://", str(store_dir)):
+        for op in ("put", "put_nonblocking", "get", "batched_get[4]"):
+            assert (store, op) in ops
+    assert (str(store_dir), "get_cold") in ops
+    for row in report.rows:
+        assert set(ROW_KEYS) <= set(row)
+        assert row["gbps"] and row["gbps"] > 0 and row["raw_gbps"] and row["raw_gbps"] > 0
+        assert row["ratio"] == pytest.approx(row["gbps"] / row["raw_gbps"], rel=0.01)
+        assert 0 <= row["p50_ms"] <= row["p99_ms"]
+        assert row["raw_op"]
+    doc = report.to_dict()
+    json.dumps(doc)  # JSON-ready
+    assert doc["params"]["chunk_bytes"] == 2 * 2 * 4 * 2 * 8 * 2
+    assert doc["machine"]["cores"] >= 1
+    # Cleaned up: only the file that was there before.
+    left = sorted(
+        os.path.relpath(os.path.join(d, f), store_dir) for d, _, fs in os.walk(store_dir) for f in fs
+    )
+    assert left == ["keep.txt"]
+    assert sorted(os.listdir(store_dir)) == ["keep.txt"]
+    table = format_table(report.rows)
+    assert "put_nonblocking" in table and "ratio" in table
+    assert format_table(report.rows, markdown=True).startswith("| store |")
+
+
+def test_a_broken_store_is_reported_not_raised(tmp_path):
+    def broken(meta):
+        raise ConnectionError("nobody home")
+
+    target = BenchTarget(name="broken", open=broken, kind="disk", raw_url=str(tmp_path))
+    report = run_bench([target], kv_shape=(4, 8), count=2, batch=2)
+    assert report.rows == []
+    assert report.errors and "nobody home" in report.errors[0]["error"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_chunk_shape_choice():
+    import torch
+
+    assert chunk_shape_for(None, None, torch.bfloat16) == (32, 2, 256, 8, 128)
+    assert chunk_shape_for(2 << 20, None, torch.bfloat16) == (32, 2, 16, 8, 128)
+    assert chunk_shape_for(1000, None, torch.float16) == (500,)
+    assert chunk_shape_for(None, (3, 4), torch.float16) == (3, 4)
+    with pytest.raises(ValueError):
+        chunk_shape_for(3, None, torch.float16)
+    with pytest.raises(ValueError):
+        run_bench(["cpu://"], count=1)
