@@ -40,6 +40,7 @@ CONNECTORS: dict[str, ConnectorSpec] = {
     "redis": ConnectorSpec(REDIS_CONNECTOR, REDIS_HINT),
     "redis+cluster": ConnectorSpec(REDIS_CONNECTOR, REDIS_HINT),
     "rediss": ConnectorSpec(REDIS_CONNECTOR, REDIS_HINT),
+    "rediss+cluster": ConnectorSpec(REDIS_CONNECTOR, REDIS_HINT),
     "s3": ConnectorSpec(FSSPEC_CONNECTOR, S3_HINT),
     "s3a": ConnectorSpec(FSSPEC_CONNECTOR, S3_HINT),
     "unix": ConnectorSpec(REDIS_CONNECTOR, REDIS_HINT),

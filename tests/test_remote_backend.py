@@ -1,0 +1,651 @@
+"""LMCRemoteBackend beyond the conformance suite: registry, hostile objects, retries,
+circuit breaker, hard timeouts, pipelined batches, fork safety.
+
+Store behaviour runs on real fsspec stores (memory://, a local directory); the
+retry/breaker/timeout unit tests use small fake *connectors* whose failures can
+be counted exactly. S3 faults against a real server are in test_fsspec_s3.py.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pytest
+import torch
+
+from lmcache_core import chunk_format, layout
+from lmcache_core.config import LMCacheEngineConfig
+from lmcache_core.errors import StoreUnavailableError
+from lmcache_core.key import CacheEngineKey
+from lmcache_core.storage_backend import open_backend
+from lmcache_core.storage_backend.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from lmcache_core.storage_backend.connector.base import RemoteConnector, RemoteObject
+from lmcache_core.storage_backend.connector.fsspec_connector import FsspecConnector, PartsReader
+from lmcache_core.storage_backend.connector.registry import connector_for, known_schemes
+from lmcache_core.storage_backend.remote_backend import (
+    LMCPipelinedRemoteBackend,
+    LMCRemoteBackend,
+    RetryPolicy,
+)
+from tests.cases_fsspec import store_prefix
+from tests.conftest import make_key
+from tests.test_conformance import chunk, same
+
+
+class _Ctx:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+
+
+def _memory_url(tmp_path: Path) -> str:
+    return f"memory://{store_prefix(_Ctx(tmp_path))}"  # type: ignore[arg-type]
+
+
+def _config(url: str = "memory://unused", timeout: float = 1.0) -> LMCacheEngineConfig:
+    return LMCacheEngineConfig(local_device=None, remote_url=url, remote_timeout=timeout)
+
+
+@pytest.fixture(params=["memory", "file"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "memory":
+        return _memory_url(tmp_path)
+    return f"fsspec+file://{tmp_path / 'remote'}"
+
+
+@pytest.fixture(params=[LMCRemoteBackend, LMCPipelinedRemoteBackend], ids=["plain", "pipelined"])
+def backend(request: pytest.FixtureRequest, store_url: str) -> Iterator[LMCRemoteBackend]:
+    b = request.param(_config(store_url), None, "cpu")
+    yield b
+    b.close()
+
+
+# -- registry ----------------------------------------------------------------------
+
+
+def test_registry_routes_fsspec_schemes(tmp_path: Path) -> None:
+    for url in (_memory_url(tmp_path), f"file://{tmp_path}/a", f"fsspec+file://{tmp_path}/b"):
+        conn = connector_for(url, timeout=1.0)
+        assert isinstance(conn, FsspecConnector)
+        conn.close()
+    assert known_schemes() == sorted(known_schemes())
+    assert {"redis", "rediss", "unix", "redis+cluster", "s3", "s3a", "memory", "file"} <= set(known_schemes())
+
+
+def test_registry_unknown_scheme_names_the_known_ones() -> None:
+    with pytest.raises(ValueError) as err:
+        connector_for("bogus://host/x", timeout=1.0)
+    for scheme in ("redis", "s3", "memory"):
+        assert scheme in str(err.value)
+    with pytest.raises(ValueError):
+        connector_for("no-scheme-here", timeout=1.0)
+
+
+def test_registry_missing_s3fs_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    registry_module = sys.modules["fsspec.registry"]  # fsspec.registry is also a mapping's name
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # import s3fs now raises ImportError
+    monkeypatch.delitem(registry_module._registry, "s3", raising=False)
+    with pytest.raises(ImportError, match=r"lmcache-toolkit\[s3\]"):
+        connector_for("s3://bucket/prefix", timeout=1.0)
+
+
+def test_registry_missing_redis_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)
+    monkeypatch.delitem(sys.modules, "lmcache_core.storage_backend.connector.redis_connector", raising=False)
+    with pytest.raises(ImportError, match=r"lmcache-toolkit\[redis\]"):
+        connector_for("redis://127.0.0.1:1/0", timeout=1.0)
+
+
+def test_registry_missing_fsspec_plugin_is_an_import_error() -> None:
+    pytest.importorskip("fsspec")
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="gcsfs"):
+            connector_for("gs://bucket/prefix", timeout=1.0)
+    else:  # pragma: no cover - only where gcsfs happens to be installed
+        pytest.skip("gcsfs is installed")
+
+
+def test_open_backend_memory_url(tmp_path: Path) -> None:
+    with open_backend(_memory_url(tmp_path)) as store:
+        assert isinstance(store, LMCRemoteBackend)
+        store.put(make_key(1), chunk(1))
+        assert same(store.get(make_key(1)), chunk(1))
+    with open_backend(_memory_url(tmp_path), pipelined=True) as store:
+        assert isinstance(store, LMCPipelinedRemoteBackend)
+        assert same(store.batched_get([make_key(1)])[0], chunk(1))
+
+
+def test_parts_reader_reads_and_seeks_across_parts() -> None:
+    parts = [b"head", memoryview(bytearray(b"0123456789")), b"", b"tail"]
+    whole = b"head0123456789tail"
+    r = PartsReader(parts)
+    assert len(r) == len(whole)
+    assert r.read() == whole
+    r.seek(6)
+    assert r.read(5) == whole[6:11]
+    r.seek(-3, os.SEEK_END)
+    assert r.read() == b"ail"
+
+
+# -- hostile objects under the prefix -----------------------------------------------
+
+
+def _plant(backend: LMCRemoteBackend, rel_path: str, data: bytes) -> None:
+    conn = backend.connector
+    assert isinstance(conn, FsspecConnector)
+    path = f"{conn.root}/{rel_path}"
+    conn.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    conn.fs.pipe_file(path, data)
+
+
+def test_foreign_objects_are_skipped_by_list(backend: LMCRemoteBackend) -> None:
+    good = make_key("good")
+    backend.put(good, chunk(1))
+    other = make_key("other")
+    _plant(backend, "README.txt", b"not a chunk")
+    _plant(backend, "vllm/notes.safetensors", b"x")  # chunk suffix, wrong place
+    bad_rank = layout.key_to_path(other).replace("/1-0/", "/one-0/")
+    _plant(backend, bad_rank, b"x")
+    _plant(backend, layout.key_to_path(other) + ".tmp", b"x")  # a writer's temp name
+    assert backend.list() == [good]
+    assert [i.key for i in backend.list_info()] == [good]
+
+
+@pytest.mark.parametrize(
+    "kind", ["garbage", "truncated", "bit-flip", "other-key", "huge-header-length", "empty"]
+)
+def test_corrupt_object_is_a_miss(backend: LMCRemoteBackend, kind: str) -> None:
+    key = make_key(f"corrupt-{kind}")
+    value = chunk(3)
+    raw = bytearray(chunk_format.encode_bytes(value, key.to_string()))
+    if kind == "garbage":
+        raw = bytearray(os.urandom(200))
+    elif kind == "truncated":
+        raw = raw[: len(raw) - 10]
+    elif kind == "bit-flip":
+        raw[-1] ^= 0x01
+    elif kind == "other-key":
+        raw = bytearray(chunk_format.encode_bytes(value, make_key("someone-else").to_string()))
+    elif kind == "huge-header-length":
+        raw[:8] = (2**60).to_bytes(8, "little")
+    elif kind == "empty":
+        raw = bytearray()
+    _plant(backend, layout.key_to_path(key), bytes(raw))
+    assert backend.get(key) is None
+    assert backend.batched_get([key]) == [None]
+    assert backend.stats["corrupt"] >= 1
+    if kind in ("garbage", "huge-header-length", "empty", "other-key"):
+        assert backend.read_header(key) is None
+
+
+class _Sentinel:
+    """Unpickling this creates a file: proof that bytes were unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.touch, (Path(self.path),))
+
+
+def test_planted_pickle_never_executes(backend: LMCRemoteBackend, tmp_path: Path) -> None:
+    sentinel = tmp_path / "pwned"
+    payload = pickle.dumps(_Sentinel(str(sentinel)))
+    assert not sentinel.exists()
+    keys = [make_key(f"pickle-{i}") for i in range(3)]
+    # plain pickle; torch.save's zip-of-pickle; a chunk header followed by a pickle
+    _plant(backend, layout.key_to_path(keys[0]), payload)
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"x": _Sentinel(str(sentinel))}, buf)
+    _plant(backend, layout.key_to_path(keys[1]), buf.getvalue())
+    header = chunk_format.encode_header(torch.zeros(len(payload), dtype=torch.uint8), keys[2].to_string())
+    _plant(backend, layout.key_to_path(keys[2]), header + payload)
+    assert not sentinel.exists()
+    for key in keys:
+        assert backend.get(key) is None
+        backend.read_header(key)
+        backend.contains(key)
+    assert backend.batched_get(keys) == [None, None, None]
+    assert set(backend.list()) == set(keys)  # names are valid; the bytes are never trusted
+    assert not sentinel.exists()
+
+
+def test_read_header_is_a_ranged_read(backend: LMCRemoteBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    key, value = make_key("hdr"), chunk(5, shape=(2, 2, 64, 2, 8))
+    backend.put(key, value)
+    calls: list[tuple[int, int]] = []
+    real_range = backend.connector.get_range
+
+    def spy_range(k: CacheEngineKey, start: int, end: int) -> bytes | None:
+        calls.append((start, end))
+        return real_range(k, start, end)
+
+    def no_full_get(k: CacheEngineKey) -> bytes | None:
+        raise AssertionError("read_header fetched the whole object")
+
+    monkeypatch.setattr(backend.connector, "get_range", spy_range)
+    monkeypatch.setattr(backend.connector, "get", no_full_get)
+    header = backend.read_header(key)
+    assert header is not None
+    assert header.shape == tuple(value.shape) and header.dtype == "F16"
+    assert header.key == key.to_string()
+    assert calls and all(end - start <= 4096 for start, end in calls)
+    assert backend.read_header(make_key("absent")) is None
+
+
+def test_list_info_has_sizes_and_times(backend: LMCRemoteBackend) -> None:
+    key = make_key("info")
+    before = time.time()
+    backend.put(key, chunk(2))
+    (info,) = backend.list_info()
+    assert info.key == key
+    assert info.size == len(chunk_format.encode_bytes(chunk(2), key.to_string()))
+    assert info.mtime is None or before - 5 <= info.mtime <= time.time() + 5
+
+
+def test_known_key_cache_is_invalidated_by_a_miss(backend: LMCRemoteBackend) -> None:
+    key = make_key("known")
+    backend.put(key, chunk(1))
+    assert backend.contains(key)
+    # Another process removes it behind our back.
+    conn = backend.connector
+    assert isinstance(conn, FsspecConnector)
+    conn.fs.rm_file(conn.path(key))
+    assert backend.contains(key)  # still believed (a hint, like LMCache's)
+    assert backend.get(key) is None
+    assert not backend.contains(key)  # the miss corrected the cache
+
+
+def test_remove_cancels_a_queued_write(backend: LMCRemoteBackend) -> None:
+    for i in range(20):
+        key = make_key(f"rm{i}")
+        backend.put(key, chunk(i), blocking=False)
+        backend.remove(key)
+        assert not backend.contains(key)
+    backend.close()
+    reopened = type(backend)(backend.config, None, "cpu")
+    try:
+        assert reopened.list() == []
+    finally:
+        reopened.close()
+
+
+def test_blocking_put_supersedes_a_queued_one(backend: LMCRemoteBackend) -> None:
+    key = make_key("order")
+    backend.put(key, chunk(1), blocking=False)
+    backend.put(key, chunk(2), blocking=True)
+    backend.close()
+    reopened = type(backend)(backend.config, None, "cpu")
+    try:
+        assert same(reopened.get(key), chunk(2))
+    finally:
+        reopened.close()
+
+
+# -- pipelined batches --------------------------------------------------------------
+
+
+def test_pipelined_alignment_with_misses_and_concurrent_callers(store_url: str) -> None:
+    backend = LMCPipelinedRemoteBackend(_config(store_url, timeout=5.0), None, "cpu", fetch_parallelism=3)
+    try:
+        stored = {make_key(f"p{i}"): chunk(i) for i in range(12)}
+        for k, v in stored.items():
+            backend.put(k, v)
+        absent = [make_key(f"absent{i}") for i in range(6)]
+        errors: list[BaseException] = []
+
+        def caller(seed: int) -> None:
+            rng = random.Random(seed)
+            try:
+                for _ in range(5):
+                    keys = list(stored) + absent
+                    rng.shuffle(keys)
+                    keys = keys[: rng.randint(1, len(keys))]
+                    got = backend.batched_get(keys)
+                    assert len(got) == len(keys)
+                    for k, g in zip(keys, got, strict=True):
+                        if k in stored:
+                            assert same(g, stored[k]), k
+                        else:
+                            assert g is None
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        # a miss in the middle never shifts the others; duplicates are fine
+        k0, k1 = list(stored)[:2]
+        got = backend.batched_get([k0, absent[0], k1, k0, absent[1]])
+        assert same(got[0], stored[k0]) and got[1] is None and same(got[2], stored[k1])
+        assert same(got[3], stored[k0]) and got[4] is None
+        assert backend.batched_get([]) == []
+    finally:
+        backend.close()
+
+
+def test_pipelined_batch_sees_queued_writes(store_url: str) -> None:
+    backend = LMCPipelinedRemoteBackend(_config(store_url), None, "cpu")
+    try:
+        items = [(make_key(f"q{i}"), chunk(i)) for i in range(6)]
+        backend.batched_put(items, blocking=False)
+        got = backend.batched_get([k for k, _ in items])
+        assert all(same(g, v) for g, (_, v) in zip(got, items, strict=True))
+    finally:
+        backend.close()
+
+
+# -- fake connectors for exact failure counts ----------------------------------------
+
+
+class FlakyConnector(RemoteConnector):
+    """A dict of bytes whose calls fail ``fail_next`` times before working; counts calls."""
+
+    display_url = "fake://flaky"
+
+    def __init__(self) -> None:
+        self.data: dict[CacheEngineKey, bytes] = {}
+        self.fail_next = 0
+        self.calls = 0
+        self.call_times: list[float] = []
+        self.hang = threading.Event()  # set: every call blocks until released
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+
+    def _enter(self) -> None:
+        with self._lock:
+            self.calls += 1
+            self.call_times.append(time.monotonic())
+            failing = self.fail_next > 0
+            if failing:
+                self.fail_next -= 1
+        if self.hang.is_set():
+            self.release.wait(30)
+        if failing:
+            raise ConnectionError("injected failure")
+
+    def get(self, key: CacheEngineKey) -> bytes | None:
+        self._enter()
+        return self.data.get(key)
+
+    def get_many(self, keys: Sequence[CacheEngineKey]) -> list[bytes | None]:
+        self._enter()
+        return [self.data.get(k) for k in keys]
+
+    def put(self, key: CacheEngineKey, parts: Sequence[bytes | memoryview]) -> None:
+        self._enter()
+        self.data[key] = b"".join(parts)
+
+    def exists(self, key: CacheEngineKey) -> bool:
+        self._enter()
+        return key in self.data
+
+    def delete(self, key: CacheEngineKey) -> bool:
+        self._enter()
+        return self.data.pop(key, None) is not None
+
+    def list(self) -> Iterator[RemoteObject]:
+        self._enter()
+        return iter([RemoteObject(k, len(v)) for k, v in self.data.items()])
+
+
+def _fake_backend(
+    conn: FlakyConnector,
+    *,
+    timeout: float = 1.0,
+    attempts: int = 3,
+    threshold: int = 100,
+    reset: float = 0.3,
+    pipelined: bool = False,
+) -> LMCRemoteBackend:
+    cls = LMCPipelinedRemoteBackend if pipelined else LMCRemoteBackend
+    return cls(
+        _config(timeout=timeout),
+        None,
+        "cpu",
+        connector=conn,
+        retry=RetryPolicy(attempts=attempts, base_delay=0.01, max_delay=0.05, jitter=0.0),
+        breaker=CircuitBreaker(threshold, reset),
+    )
+
+
+def test_retry_policy_is_capped_exponential() -> None:
+    policy = RetryPolicy(attempts=5, base_delay=0.1, max_delay=0.5, multiplier=2.0, jitter=0.0)
+    assert [policy.delay(i) for i in range(5)] == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])
+    jittered = RetryPolicy(base_delay=1.0, max_delay=10.0, jitter=0.1)
+    assert all(0.9 <= jittered.delay(0) <= 1.1 for _ in range(50))
+    with pytest.raises(ValueError):
+        RetryPolicy(attempts=0)
+
+
+@pytest.mark.parametrize("failures", [0, 1, 2])
+def test_get_retries_until_it_succeeds(failures: int) -> None:
+    conn = FlakyConnector()
+    backend = _fake_backend(conn, attempts=3)
+    try:
+        key = make_key("retry")
+        backend.put(key, chunk(1))
+        conn.calls = 0
+        conn.call_times.clear()
+        conn.fail_next = failures
+        assert same(backend.get(key), chunk(1))
+        assert conn.calls == failures + 1
+        assert backend.stats["retries"] == failures
+        gaps = [b - a for a, b in zip(conn.call_times, conn.call_times[1:], strict=False)]
+        assert all(g >= 0.009 for g in gaps)  # it backed off between tries
+    finally:
+        backend.close()
+
+
+def test_get_gives_up_after_the_attempts_and_is_a_miss() -> None:
+    conn = FlakyConnector()
+    backend = _fake_backend(conn, attempts=3)
+    try:
+        key = make_key("retry")
+        backend.put(key, chunk(1))
+        conn.calls = 0
+        conn.fail_next = 3
+        assert backend.get(key) is None
+        assert conn.calls == 3
+        assert backend.stats["unavailable"] == 1
+        assert same(backend.get(key), chunk(1))  # and works again afterwards
+    finally:
+        backend.close()
+
+
+def test_puts_are_not_retried_and_raise_when_blocking() -> None:
+    conn = FlakyConnector()
+    backend = _fake_backend(conn, attempts=3)
+    try:
+        conn.fail_next = 1
+        with pytest.raises(StoreUnavailableError):
+            backend.put(make_key("p"), chunk(1))
+        assert conn.calls == 1
+        assert backend.stats["put_failures"] == 1
+        conn.fail_next = 1
+        backend.put(make_key("nb"), chunk(1), blocking=False)
+        backend.close()
+        assert backend.stats["background_put_failures"] == 1
+    finally:
+        backend.close()
+
+
+def test_pipelined_batch_retries_a_failed_group() -> None:
+    conn = FlakyConnector()
+    backend = _fake_backend(conn, attempts=3, pipelined=True)
+    try:
+        keys = [make_key(f"g{i}") for i in range(8)]
+        for i, k in enumerate(keys):
+            backend.put(k, chunk(i))
+        conn.fail_next = 2
+        got = backend.batched_get(keys)
+        assert all(same(g, chunk(i)) for i, g in enumerate(got))
+    finally:
+        backend.close()
+
+
+def test_circuit_breaker_states() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=3, reset_timeout=10.0, clock=lambda: now[0])
+    assert breaker.state == CLOSED and breaker.allow()
+    breaker.record_failure()
+    breaker.record_success()  # success resets the consecutive count
+    for _ in range(2):
+        breaker.record_failure()
+    assert breaker.state == CLOSED
+    breaker.record_failure()
+    assert breaker.state == OPEN and not breaker.allow()
+    assert breaker.retry_after() == pytest.approx(10.0)
+    now[0] = 9.9
+    assert not breaker.allow()
+    now[0] = 10.0
+    assert breaker.allow() and breaker.state == HALF_OPEN  # one probe
+    assert not breaker.allow()  # ... and only one
+    breaker.record_failure()
+    assert breaker.state == OPEN  # the probe failed: another full cooldown
+    now[0] = 15.0
+    assert not breaker.allow()
+    now[0] = 20.0
+    assert breaker.allow()
+    breaker.record_success()
+    assert breaker.state == CLOSED and breaker.allow() and breaker.allow()
+    assert breaker.times_opened == 2
+    with pytest.raises(ValueError):
+        CircuitBreaker(failure_threshold=0)
+
+
+def test_breaker_opens_fails_fast_and_recovers() -> None:
+    conn = FlakyConnector()
+    backend = _fake_backend(conn, attempts=1, threshold=3, reset=0.3)
+    try:
+        key = make_key("cb")
+        backend.put(key, chunk(1))
+        conn.fail_next = 10**6
+        for _ in range(3):
+            assert backend.get(key) is None
+        assert backend.breaker.state == OPEN
+        calls = conn.calls
+        start = time.monotonic()
+        assert backend.get(key) is None
+        assert not backend.contains(make_key("other"))
+        with pytest.raises(StoreUnavailableError, match="circuit open"):
+            backend.put(make_key("x"), chunk(2))
+        assert conn.calls == calls  # failed fast: the remote was not asked
+        assert time.monotonic() - start < 0.2
+        assert backend.stats["circuit_rejections"] >= 3
+        conn.fail_next = 0  # the remote comes back
+        time.sleep(0.35)
+        assert same(backend.get(key), chunk(1))  # the half-open probe succeeds
+        assert backend.breaker.state == CLOSED
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
+def test_hung_client_never_blocks_beyond_the_timeout(pipelined: bool) -> None:
+    """A client with no timeout of its own that never answers: every call is still bounded."""
+    conn = FlakyConnector()
+    timeout = 0.3
+    backend = _fake_backend(conn, timeout=timeout, threshold=100, pipelined=pipelined)
+    key = make_key("hang")
+    backend.put(key, chunk(1))
+    conn.hang.set()
+    try:
+        for op in (
+            lambda: backend.get(key),
+            lambda: backend.contains(make_key("unknown")),
+            lambda: backend.batched_get([key, make_key("x")]),
+            lambda: backend.read_header(key),
+        ):
+            start = time.monotonic()
+            result = op()
+            assert time.monotonic() - start < timeout * 3
+            assert result in (None, False, [None, None])
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailableError):
+            backend.put(make_key("p"), chunk(2))
+        assert time.monotonic() - start < timeout * 3
+        for i in range(3):
+            backend.put(make_key(f"nb{i}"), chunk(i), blocking=False)
+        start = time.monotonic()
+        backend.close()
+        assert time.monotonic() - start < backend.close_timeout + 1
+        assert backend.stats["timeouts"] >= 5
+    finally:
+        conn.release.set()
+        backend.close()
+
+
+def test_close_is_bounded_when_every_queued_write_hangs() -> None:
+    conn = FlakyConnector()
+    backend = LMCRemoteBackend(
+        _config(timeout=0.2), None, "cpu", connector=conn, breaker=CircuitBreaker(2, 30.0)
+    )
+    conn.hang.set()
+    try:
+        for i in range(20):
+            backend.put(make_key(f"w{i}"), chunk(i), blocking=False)
+        start = time.monotonic()
+        backend.close()
+        elapsed = time.monotonic() - start
+        # two writes time out, the breaker opens, the other 18 fail fast
+        assert elapsed < 0.2 * 2 * 2 + 1.0
+        assert backend.stats["background_put_failures"] == 20
+    finally:
+        conn.release.set()
+
+
+def test_closed_backend_refuses_calls(tmp_path: Path) -> None:
+    backend = LMCRemoteBackend(_config(_memory_url(tmp_path)), None, "cpu")
+    backend.close()
+    backend.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.put(make_key(1), chunk(1))
+
+
+# -- fork safety ----------------------------------------------------------------------
+
+
+def _child_uses_parent_backend(backend: LMCRemoteBackend, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    try:
+        assert same(backend.get(make_key("parent")), chunk(1))
+        backend.put(make_key("child"), chunk(2))
+        backend.close()
+        queue.put("ok")
+    except BaseException as exc:  # pragma: no cover - reported to the parent
+        queue.put(repr(exc))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_forked_child_reopens_and_works(tmp_path: Path) -> None:
+    url = f"fsspec+file://{tmp_path / 'remote'}"
+    backend = LMCPipelinedRemoteBackend(_config(url, timeout=5.0), None, "cpu")
+    try:
+        backend.put(make_key("parent"), chunk(1))
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child_uses_parent_backend, args=(backend, queue))
+        proc.start()
+        assert queue.get(timeout=60) == "ok"
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+        # the parent's backend is untouched by the child's close()
+        assert same(backend.get(make_key("child")), chunk(2))
+        assert backend.batched_get([make_key("parent")])[0] is not None
+    finally:
+        backend.close()
