@@ -194,8 +194,9 @@ def parse_header(prefix: bytes | memoryview, total_size: int | None = None) -> C
         raise CorruptChunkError(f"truncated: header needs {end} bytes, have {len(prefix)}")
     try:
         doc = json.loads(bytes(prefix[8:end]))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptChunkError(f"header is not JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: a 64 KiB header of nested brackets overflows json's C parser.
+        raise CorruptChunkError(f"header is not JSON: {type(exc).__name__}") from None
     if not isinstance(doc, dict):
         raise CorruptChunkError("header is not a JSON object")
     meta = doc.get("__metadata__", {})
