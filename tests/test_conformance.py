@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from tests.conftest import make_key
+from tests.conftest import CASES, make_key
 
 MiB = 1024**2
 GB = 1024**3
@@ -137,9 +137,12 @@ def test_close_drains_pending_writes(open_store, case):
         assert same(reader.get(k), v), k
 
 
+PERSISTENT = [c for c in CASES if c.persistent]
+EVICTING = [c for c in CASES if c.evicts]
+
+
+@pytest.mark.parametrize("case", PERSISTENT, ids=[c.name for c in PERSISTENT])
 def test_persistent_store_reopens_with_chunks(open_store, case):
-    if not case.persistent:
-        pytest.skip(f"{case.name} keeps chunks only in this process's memory")
     first = open_store()
     first.put(make_key("p"), chunk(11))
     first.close()
@@ -148,9 +151,8 @@ def test_persistent_store_reopens_with_chunks(open_store, case):
     assert make_key("p") in second.list()
 
 
+@pytest.mark.parametrize("case", EVICTING, ids=[c.name for c in EVICTING])
 def test_lru_eviction_order(open_store, case):
-    if not case.evicts:
-        pytest.skip(f"{case.name} has no local budget")
     value = chunk(0, shape=(4, 2, 64, 4, 32), dtype=torch.float16)  # 256 KiB
     nbytes = value.numel() * value.element_size()
     # Room for three chunks (plus file headers), not four.
@@ -166,9 +168,8 @@ def test_lru_eviction_order(open_store, case):
     assert store.get(b) is None
 
 
+@pytest.mark.parametrize("case", EVICTING, ids=[c.name for c in EVICTING])
 def test_chunk_larger_than_budget_is_refused_and_evicts_nothing(open_store, case):
-    if not case.evicts:
-        pytest.skip(f"{case.name} has no local budget")
     small = chunk(0)
     store = open_store(budget_gb=64 * 1024 / GB)
     store.put(make_key("small"), small)

@@ -8,7 +8,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from lmcache_core.chunk_format import ChunkHeader
+from lmcache_core.chunk_format import MAX_HEADER_BYTES, ChunkHeader
 from lmcache_core.config import LMCacheEngineConfig, LMCacheEngineMetadata, LMCacheMemPoolMetadata
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend.abstract_backend import (
@@ -284,7 +284,8 @@ class LMCHybridBackend(LMCBackendInterface):
                     meta.model_name, meta.fmt, meta.world_size, meta.worker_id
                 ):
                     continue
-                if info.size is not None and used + info.size > budget:
+                # info.size includes the header; the budget counts payload bytes.
+                if info.size is not None and used + info.size - 8 - MAX_HEADER_BYTES > budget:
                     continue
                 if all(tier.contains(k) for _, tier in self._tiers):
                     continue
@@ -293,7 +294,7 @@ class LMCHybridBackend(LMCBackendInterface):
                     continue
                 size = chunk.numel() * chunk.element_size()
                 if used + size > budget:
-                    break
+                    continue
                 self._fill(k, chunk, self._tiers)
                 used += size
                 self.prefetched += 1
