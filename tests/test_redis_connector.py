@@ -307,3 +307,52 @@ def test_key_type_checked(conn):
     with pytest.raises(TypeError):
         conn.get("vllm@m@1@0@ab")  # type: ignore[arg-type]
     assert isinstance(make_key(1), CacheEngineKey)
+
+
+# -- TLS ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_redis(redis_server_factory, tmp_path):
+    """A redis-server with a TLS port, its self-signed certificate as the CA."""
+    import shutil
+    import subprocess
+
+    from tests.servers_redis import free_port
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is needed to make a test certificate (apt-get install openssl)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    tls_port = free_port()
+    redis_server_factory(
+        "--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+    )
+    return tls_port, cert
+
+
+def test_rediss_tls_with_ca_option_and_url_options(tls_redis):
+    tls_port, cert = tls_redis
+    c = RedisConnector(f"rediss://127.0.0.1:{tls_port}/0", timeout=TIMEOUT, prefix=_prefix(), ssl_ca_certs=str(cert))
+    header, payload = _value(LARGE_REPLY_BYTES * 3)
+    c.put(make_key(1), [header, payload])
+    assert bytes(c.get(make_key(1))) == header + bytes(payload)
+    assert [bytes(v) for v in c.get_many([make_key(1)])] == [header + bytes(payload)]
+    c.close()
+    # ssl options as URL query parameters, next to the prefix
+    c = RedisConnector(f"rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=none&prefix=tls:", timeout=TIMEOUT)
+    c.put(make_key(2), [b"x"])
+    assert bytes(c.get(make_key(2))) == b"x"
+    c.close()
+    # an untrusted certificate is refused, not silently accepted
+    c = RedisConnector(f"rediss://127.0.0.1:{tls_port}/0", timeout=TIMEOUT)
+    with pytest.raises(StoreUnavailableError):
+        c.get(make_key(1))
+    c.close()
