@@ -41,7 +41,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import torch
 
@@ -59,6 +59,7 @@ __all__ = [
     "format_table",
     "machine_info",
     "run_bench",
+    "url_target",
 ]
 
 #: Llama-3.1-8B, 256 tokens, vLLM layout: 32 MiB in bf16.
@@ -107,9 +108,10 @@ class BenchTarget:
 
     Attributes:
         name: shown in the ``store`` column.
-        open: builds a fresh backend from the run's metadata (private model name,
-            chunk shape and dtype); called once per phase, and each instance must
-            see the chunks earlier ones stored durably.
+        open: ``open(metadata, capacity_chunks)`` builds a fresh backend for the
+            run's metadata (private model name, chunk shape and dtype) with room
+            for ``capacity_chunks`` chunks; called once per phase, and each
+            instance must see the chunks earlier ones stored durably.
         kind: ``memory``, ``disk``, ``redis``, ``fsspec`` or ``hybrid``.
         raw_url: the URL whose raw medium is the baseline (for a hybrid, its
             slowest tier); defaults to ``name``.
@@ -117,7 +119,7 @@ class BenchTarget:
     """
 
     name: str
-    open: Callable[[LMCacheEngineMetadata], LMCBackendInterface]
+    open: Callable[[LMCacheEngineMetadata, int], LMCBackendInterface]
     kind: str
     raw_url: str | None = None
     raw_options: Mapping[str, Any] = field(default_factory=dict)
@@ -253,7 +255,12 @@ class _RawMedium:
     put_op = "put"
     get_op = "get"
 
-    def put(self, i: int, chunk: torch.Tensor) -> None:
+    def prepare(self, chunk: torch.Tensor) -> Any:
+        """What ``put`` takes, made outside the timed region (e.g. ``bytes`` for a client
+        that accepts nothing else: the conversion is not the medium's cost)."""
+        return chunk
+
+    def put(self, i: int, chunk: Any) -> None:
         raise NotImplementedError
 
     def get(self, i: int) -> None:
@@ -359,26 +366,25 @@ class _RawFsspec(_RawMedium):
         parts = urlsplit(url)
         self.put_op = f"{parts.scheme} pipe_file"
         self.get_op = f"{parts.scheme} cat_file"
-        fs_opts = {k: v for k, v in options.items() if k in _FSSPEC_OPTIONS}
+        merged = dict(parse_qsl(parts.query))  # ?endpoint_url=... as the store takes it
+        merged.update(options)
+        fs_opts = {k: v for k, v in merged.items() if k in _FSSPEC_OPTIONS}
+        if "region" in merged:
+            fs_opts["client_kwargs"] = {"region_name": merged["region"], **fs_opts.get("client_kwargs", {})}
         self.fs = fsspec.filesystem(parts.scheme, **fs_opts)
         base = (parts.netloc + parts.path).rstrip("/")
         self.dir = f"{base}/.lmcache-bench-raw-{token}"
         self._written: set[int] = set()
-        self._bytes_only = False
 
     def _path(self, i: int) -> str:
         return f"{self.dir}/{i}.bin"
 
-    def put(self, i: int, chunk: torch.Tensor) -> None:
-        view = _payload(chunk)
-        if self._bytes_only:
-            self.fs.pipe_file(self._path(i), bytes(view))
-        else:
-            try:
-                self.fs.pipe_file(self._path(i), view)  # no copy where the client takes a buffer
-            except TypeError:
-                self._bytes_only = True
-                self.fs.pipe_file(self._path(i), bytes(view))
+    def prepare(self, chunk: torch.Tensor) -> Any:
+        # botocore's put_object takes bytes, bytearray or a file, not a memoryview.
+        return bytes(_payload(chunk))
+
+    def put(self, i: int, chunk: Any) -> None:
+        self.fs.pipe_file(self._path(i), chunk)
         self._written.add(i)
 
     def get(self, i: int) -> None:
@@ -517,7 +523,7 @@ def run_bench(
         tgt = (
             target
             if isinstance(target, BenchTarget)
-            else _target_for(target, (options or {}).get(target, {}), n)
+            else url_target(target, options=(options or {}).get(target, {}))
         )
         try:
             report.rows.extend(_bench_store(tgt, chunks, shape, tdtype, nbytes, count, batch, say))
@@ -531,21 +537,29 @@ def run_bench(
     return report
 
 
-def _target_for(url: str, opts: Mapping[str, Any], n: int) -> BenchTarget:
-    kind = _kind_of(url)
+def url_target(url: str, *, name: str | None = None, options: Mapping[str, Any] | None = None) -> BenchTarget:
+    """A ``BenchTarget`` for a store URL (what ``run_bench`` builds for plain URLs).
 
-    def opener(meta: LMCacheEngineMetadata) -> LMCBackendInterface:
+    Args:
+        url: as for ``open_backend``.
+        name: the ``store`` column (default: the URL, secrets masked).
+        options: ``open_backend`` options, also given to the raw fsspec client.
+    """
+    kind = _kind_of(url)
+    opts = dict(options or {})
+
+    def opener(meta: LMCacheEngineMetadata, n: int) -> LMCBackendInterface:
         extra: dict[str, Any] = dict(opts)
         if kind == "memory":
             # Room for every chunk of the run plus slack, pre-allocated as the slot pool.
             nbytes = math.prod(meta.kv_shape or ()) * meta.kv_dtype.itemsize
-            extra.setdefault("max_local_cache_size", (n + 2) * nbytes / 1024**3)
+            extra.setdefault("max_local_cache_size", n * nbytes / 1024**3)
         elif kind == "disk":
             # Never evict the user's chunks to make room for ours.
             extra.setdefault("max_local_disk_size", float(1 << 20))
         return open_backend(url, dst_device="cpu", metadata=meta, **extra)
 
-    return BenchTarget(name=url, open=opener, kind=kind, raw_url=url, raw_options=dict(opts))
+    return BenchTarget(name=name or url, open=opener, kind=kind, raw_url=url, raw_options=opts)
 
 
 def _bench_store(
@@ -571,7 +585,7 @@ def _bench_store(
         return CacheEngineKey("vllm", model, 1, 0, f"{phase:x}{i:063x}")
 
     def open_store() -> LMCBackendInterface:
-        return tgt.open(meta)
+        return tgt.open(meta, n + 2)
 
     raw_kind = _kind_of(tgt.raw_url or tgt.name) if kind == "hybrid" else kind
     raw = _raw_for(raw_kind, tgt.raw_url or tgt.name, token, nbytes, n + 1, tgt.raw_options)
@@ -583,11 +597,11 @@ def _bench_store(
         say(f"{name}: put_nonblocking x{n}")
         nb_keys = [key(i, 0xB) for i in range(n)]
         raw_nb, ours_nb = _Series(), _Series()
-        t0 = time.perf_counter_ns()
         for i in range(n):
+            data = raw.prepare(chunks[i])
             with raw_nb.op(nbytes):
-                raw.put(_NB_RAW + i, chunks[i])  # new objects, as ours are
-        raw_nb.total_ns = time.perf_counter_ns() - t0
+                raw.put(_NB_RAW + i, data)  # new objects, as ours are
+            del data
         nb_store = open_store()
         try:
             _warm(nb_store, key(n, 0xC), chunks[n])
@@ -624,8 +638,10 @@ def _bench_store(
         keys = [key(i, 0xA) for i in range(n)]
         raw_put, ours_put = _Series(), _Series()
         for i in range(n):
+            data = raw.prepare(chunks[i])
             with raw_put.op(nbytes):
-                raw.put(i, chunks[i])
+                raw.put(i, data)
+            del data
             written.append(keys[i])
             with ours_put.op(nbytes):
                 store.put(keys[i], chunks[i])
@@ -700,7 +716,15 @@ def _bench_store(
             )
     finally:
         say(f"{name}: cleaning up")
-        _cleanup(store, open_store if store is None else None, written, raw, kind, tgt.name, model)
+        _cleanup(
+            store,
+            open_store if store is None else None,
+            written,
+            raw,
+            raw_kind,
+            tgt.raw_url or tgt.name,
+            model,
+        )
     return rows
 
 
