@@ -252,6 +252,16 @@ class FsspecConnector(RemoteConnector):
             return bytes(self.fs.cat_file(self.path(key), start=start, end=end))
         except FileNotFoundError:
             return None
+        except OSError:
+            # S3 refuses a range starting past the end (every range of a 0-byte
+            # object: InvalidRange). That is a short object, not an outage, and
+            # must not count against the circuit breaker.
+            try:
+                if self.fs.size(self.path(key)) <= start:
+                    return b""
+            except FileNotFoundError:
+                return None
+            raise
 
     def exists(self, key: CacheEngineKey) -> bool:
         path = self.path(key)
