@@ -11,7 +11,6 @@ import os
 import sys
 from typing import Any, Callable
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -78,21 +77,36 @@ def debug_enabled() -> bool:
     return os.environ.get("LMCACHE_DEBUG", "").strip() not in ("", "0", "false", "no")
 
 
+def _framework_kind(exc: BaseException) -> str | None:
+    """``control`` (exit/abort), ``usage`` or ``other`` for Typer's (or click's) own
+    exceptions, None for everything else. Duck-typed: Typer >= 0.16 vendors click,
+    older Typer uses click itself, and the classes differ."""
+    module = type(exc).__module__
+    if not module.startswith(("typer", "click")):
+        return None
+    if type(exc).__name__ in ("Exit", "Abort"):
+        return "control"
+    if hasattr(exc, "format_message") and getattr(exc, "exit_code", None) == EXIT_USAGE:
+        return "usage"
+    return "other"
+
+
 class ErrorReportingGroup(TyperGroup):
     """Runs a command and turns any exception into one ``error:`` line and an exit code."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except (typer.Exit, click.exceptions.Exit, click.Abort):
-            raise
-        except click.UsageError as exc:
-            path = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
-            sys.stderr.write(f"error: {mask_secrets(exc.format_message())} (see `{path} --help`)\n")
-            raise typer.Exit(EXIT_USAGE) from None
-        except click.ClickException:
-            raise
         except Exception as exc:
+            kind = _framework_kind(exc)
+            if kind in ("control", "other"):
+                raise
+            if kind == "usage":
+                exc_ctx = getattr(exc, "ctx", None)
+                path = exc_ctx.command_path if exc_ctx is not None else ctx.command_path
+                message = exc.format_message()  # type: ignore[attr-defined]
+                sys.stderr.write(f"error: {mask_secrets(message)} (see `{path} --help`)\n")
+                raise typer.Exit(EXIT_USAGE) from None
             if debug_enabled():
                 raise
             message, code = describe_error(exc)

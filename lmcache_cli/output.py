@@ -145,4 +145,9 @@ def mask_secrets(text: str) -> str:
     """Mask passwords in any URL inside ``text``."""
     import re
 
-    return re.sub(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+", lambda m: mask_url(m.group(0)), text)
+    return re.sub(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+", lambda m: safe_url(m.group(0)), text)
+
+
+def safe_url(url: str) -> str:
+    """``mask_url`` where there is something to mask (it rewrites ``cpu://`` as ``cpu:``)."""
+    return mask_url(url) if ("@" in url or "?" in url) else url

@@ -9,8 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from lmcache_cli.errors import usage_error
-from lmcache_cli.output import Output, OutputFormat
-from lmcache_core.config import CONFIG_FILE_ENV, LMCacheEngineConfig, mask_url
+from lmcache_cli.output import Output, OutputFormat, safe_url
+from lmcache_core.config import CONFIG_FILE_ENV, LMCacheEngineConfig
 from lmcache_core.store_ops import Store
 
 STORE_ENV = "LMCACHE_STORE"
@@ -86,7 +86,7 @@ class CliState:
 
     def describe_store(self) -> str:
         url, _ = self.store_url()
-        return mask_url(url) if url else "from config"
+        return safe_url(url) if url else "from config"
 
 
 def get_state(ctx: typer.Context) -> CliState:

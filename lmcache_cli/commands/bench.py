@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from lmcache_cli.errors import CliError, usage_error
-from lmcache_cli.output import Column
+from lmcache_cli.output import Column, Output, safe_url
 from lmcache_cli.state import FormatOption, get_state
 
 QUICK = {"chunk_mb": 4.0, "count": 8, "batch": 4}
@@ -77,18 +77,27 @@ def bench(
         progress=out.message,
         **kwargs,  # type: ignore[arg-type]
     )
+    errors = list(getattr(report, "errors", []) or [])
     if out.json:
         out.data(report.to_dict())
-        return
+    elif report.rows:
+        _table(out, report.rows)
+    for err in errors:
+        out.error(f"bench of {err.get('store')} failed: {err.get('error')}; check the store URL and server")
+    if errors:
+        raise typer.Exit(1)
+
+
+def _table(out: Output, rows: list[dict[str, object]]) -> None:
     out.table(
         [Column("STORE"), Column("OP")]
         + [Column(c, right=True) for c in ("GB/s", "p50 ms", "p99 ms", "RAW OP", "RAW GB/s", "RATIO")],
         [
             [
-                r["store"], r["op"], _f(r["gbps"]), _f(r["p50_ms"]), _f(r["p99_ms"]),
+                safe_url(str(r["store"])), r["op"], _f(r["gbps"]), _f(r["p50_ms"]), _f(r["p99_ms"]),
                 r.get("raw_op") or "-", _f(r.get("raw_gbps")), _f(r.get("ratio")),
             ]
-            for r in report.rows
+            for r in rows
         ],
     )
 

@@ -6,9 +6,8 @@ from typing import Any
 
 import typer
 
-from lmcache_cli.output import Column
+from lmcache_cli.output import Column, safe_url
 from lmcache_cli.state import FormatOption, get_state
-from lmcache_core.config import mask_url
 
 
 def config(ctx: typer.Context, format_: FormatOption = None) -> None:
@@ -23,7 +22,7 @@ def config(ctx: typer.Context, format_: FormatOption = None) -> None:
 
     store_desc = Store(url, cfg).describe() if url else Store(None, cfg).describe()
     rows: list[dict[str, Any]] = [
-        {"name": "store", "value": mask_url(url) if url else store_desc, "source": url_source},
+        {"name": "store", "value": safe_url(url) if url else store_desc, "source": url_source},
         {"name": "config_file", "value": path, "source": path_source},
     ]
     for name, value in values.items():
