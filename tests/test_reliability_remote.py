@@ -11,7 +11,6 @@ hybrid that keeps serving local hits while its remote is gone.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from lmcache_core.config import LMCacheEngineConfig

@@ -182,12 +182,8 @@ def _foreign_safetensors() -> bytes:
     return save({"kv_chunk": torch.ones(4)})
 
 
-def test_lying_headers_rejected_before_any_large_allocation(hostile, case, request):
+def test_lying_headers_rejected_before_any_large_allocation(hostile):
     store, plant, _ = hostile
-    if case.name == "s3":
-        # Known remote defect (reported): a ranged read of a 0-byte S3 object raises
-        # InvalidRange, which counts as a transport failure and opens the circuit.
-        request.applymarker(pytest.mark.xfail(reason="empty S3 object trips the breaker", strict=False))
     key = make_key("liar")
     acquired: list[int] = []
     pool = getattr(store, "_pool", None)
