@@ -451,18 +451,42 @@ class LMCRemoteBackend(LMCBackendInterface):
         check_key(key)
         self._check_fork()
         self._check_open()
-        pending = self._pending_copy(key)
-        if pending is not None:
-            self.stats.incr("hits")
-            return self._to_dst(pending)
         try:
-            blob = self._call("get", self.connector.get, key, retry=True)
+            return self._get(key)
         except StoreUnavailableError as exc:
             logger.debug("%s", exc)
             self.stats.incr("unavailable")
             self.stats.incr("misses")
             return None
+
+    def _get(self, key: CacheEngineKey) -> torch.Tensor | None:
+        pending = self._pending_copy(key)
+        if pending is not None:
+            self.stats.incr("hits")
+            return self._to_dst(pending)
+        blob = self._call("get", self.connector.get, key, retry=True)
         return self.deserialize(key, blob)
+
+    def batched_get(self, keys: Iterable[CacheEngineKey]) -> list[torch.Tensor | None]:
+        """One ``get`` after another; once the remote fails, the rest are misses at once.
+
+        So a batch against a dead remote costs one timeout, not one per key.
+        """
+        keys = [check_key(k) for k in keys]
+        self._check_fork()
+        self._check_open()
+        results: list[torch.Tensor | None] = []
+        for i, key in enumerate(keys):
+            try:
+                results.append(self._get(key))
+            except StoreUnavailableError as exc:
+                logger.debug("%s", exc)
+                rest = len(keys) - i
+                self.stats.incr("unavailable")
+                self.stats.incr("misses", rest)
+                results.extend([None] * rest)
+                break
+        return results
 
     def deserialize(self, key: CacheEngineKey, blob: bytes | None) -> torch.Tensor | None:
         """Fetched bytes -> tensor on ``dst_device`` (zero-copy on CPU); misses are ``None``."""

@@ -202,6 +202,13 @@ class FsspecConnector(RemoteConnector):
         fs = self._cls(**self._fs_kwargs)
         if self.protocol == "s3":
             fs.retries = 1  # s3fs retries with sleeps of its own; see config_kwargs
+            try:
+                # Build the client now (service model, credentials: ~0.3 s, no
+                # request sent) so the first chunk's call does not spend its
+                # timeout on it.
+                fs.connect()
+            except Exception:  # the first real call reports it, with its timeout
+                logger.debug("%s: connecting failed", self.display_url, exc_info=True)
         return fs
 
     @property

@@ -1,0 +1,378 @@
+"""The S3 remote tier against a real S3 endpoint (moto's server): layout, options,
+hostile objects, and faults (server stopped, restarted, blackholed, resetting).
+
+Fault tests use their own server (``s3_server_private``) or a TCP proxy in
+front of the shared one, so the shared server always stays up.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+
+from lmcache_core import chunk_format, layout
+from lmcache_core.config import LMCacheEngineConfig
+from lmcache_core.errors import StoreUnavailableError
+from lmcache_core.storage_backend import open_backend
+from lmcache_core.storage_backend.circuit import CircuitBreaker
+from lmcache_core.storage_backend.remote_backend import (
+    LMCPipelinedRemoteBackend,
+    LMCRemoteBackend,
+    RetryPolicy,
+)
+from tests.conftest import make_key
+from tests.servers_s3 import S3Server
+from tests.tcp_proxy import TcpProxy
+from tests.test_conformance import chunk, same
+
+TIMEOUT = 0.5
+BOUND = TIMEOUT * 3  # "returns within its timeout", with slack for a loaded CI machine
+
+
+def _prefix(request: pytest.FixtureRequest) -> str:
+    import hashlib
+
+    return "t-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:12]
+
+
+def _backend(
+    server: S3Server,
+    prefix: str,
+    *,
+    endpoint_url: str | None = None,
+    pipelined: bool = False,
+    timeout: float = TIMEOUT,
+    breaker: CircuitBreaker | None = None,
+) -> LMCRemoteBackend:
+    options = dict(server.options)
+    if endpoint_url:
+        options["endpoint_url"] = endpoint_url
+    cfg = LMCacheEngineConfig(local_device=None, remote_url=server.url(prefix), remote_timeout=timeout)
+    cls = LMCPipelinedRemoteBackend if pipelined else LMCRemoteBackend
+    return cls(
+        cfg,
+        None,
+        "cpu",
+        retry=RetryPolicy(attempts=2, base_delay=0.02, max_delay=0.1),
+        breaker=breaker or CircuitBreaker(failure_threshold=3, reset_timeout=0.5),
+        list_timeout=max(1.0, timeout),
+        **options,
+    )
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.monotonic()
+    try:
+        result: Any = fn()
+    except Exception as exc:  # returned, so the caller asserts the type
+        result = exc
+    return result, time.monotonic() - start
+
+
+def _eventually(fn: Callable[[], bool], within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if fn():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# -- layout, options, opening -------------------------------------------------------
+
+
+def test_objects_follow_the_store_layout(s3_server: S3Server, request: pytest.FixtureRequest) -> None:
+    prefix = _prefix(request)
+    key, value = make_key(1, model="org/Model-7B"), chunk(1)
+    with _backend(s3_server, prefix) as store:
+        store.put(key, value)
+    client = s3_server.client()
+    try:
+        listed = client.list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix + "/")
+        names = [o["Key"] for o in listed.get("Contents", [])]
+        assert names == [f"{prefix}/{layout.key_to_path(key)}"]
+        body = client.get_object(Bucket=s3_server.bucket, Key=names[0])["Body"].read()
+    finally:
+        client.close()
+    # a plain safetensors file any tool can read, holding exactly the tensor
+    from safetensors.torch import load
+
+    loaded = load(body)
+    assert list(loaded) == [chunk_format.TENSOR_NAME]
+    assert same(loaded[chunk_format.TENSOR_NAME], value)
+
+
+def test_open_backend_s3_url_with_options(s3_server: S3Server, request: pytest.FixtureRequest) -> None:
+    url = s3_server.url(_prefix(request))
+    with open_backend(url, remote_timeout=5, **s3_server.options) as store:
+        assert isinstance(store, LMCRemoteBackend) and not isinstance(store, LMCPipelinedRemoteBackend)
+        store.put(make_key(1), chunk(1))
+    with open_backend(url, pipelined=True, **s3_server.options) as store:
+        assert isinstance(store, LMCPipelinedRemoteBackend)
+        assert same(store.batched_get([make_key(1)])[0], chunk(1))
+    # s3a:// is the same store
+    with open_backend(url.replace("s3://", "s3a://"), **s3_server.options) as store:
+        assert same(store.get(make_key(1)), chunk(1))
+
+
+def test_endpoint_and_credentials_in_the_url_are_masked(s3_server: S3Server, request: pytest.FixtureRequest) -> None:
+    opts = s3_server.options
+    url = (
+        f"{s3_server.url(_prefix(request))}?endpoint_url={opts['endpoint_url']}"
+        f"&key={opts['key']}&secret={opts['secret']}&region=us-east-1"
+    )
+    with open_backend(url) as store:
+        store.put(make_key(2), chunk(2))
+        assert same(store.get(make_key(2)), chunk(2))
+        text = store.describe()
+        assert opts["secret"] not in text and opts["key"] not in text and "***" in text
+
+
+def test_credentials_from_the_environment(s3_server: S3Server, request: pytest.FixtureRequest) -> None:
+    # Only the endpoint is given; key and secret come from AWS_* variables,
+    # as they would from a profile or an instance role in production.
+    with open_backend(s3_server.url(_prefix(request)), endpoint_url=s3_server.endpoint_url) as store:
+        store.put(make_key(3), chunk(3))
+        assert same(store.get(make_key(3)), chunk(3))
+
+
+def test_a_bucket_is_required() -> None:
+    with pytest.raises(ValueError, match="bucket"):
+        LMCRemoteBackend(LMCacheEngineConfig(local_device=None, remote_url="s3://"), None, "cpu")
+
+
+# -- hostile objects -----------------------------------------------------------------
+
+
+def test_foreign_and_corrupt_objects_on_s3(s3_server: S3Server, request: pytest.FixtureRequest) -> None:
+    prefix = _prefix(request)
+    good, corrupt = make_key("good"), make_key("corrupt")
+    client = s3_server.client()
+    try:
+        with _backend(s3_server, prefix, pipelined=True) as store:
+            store.put(good, chunk(1))
+            for name, body in (
+                (f"{prefix}/README.md", b"hello"),
+                (f"{prefix}/vllm/x.safetensors", b"x"),
+                (f"{prefix}/{layout.key_to_path(corrupt)}", b"\x00" * 64),
+                (f"{prefix}-sibling/{layout.key_to_path(good)}", b"other prefix"),
+            ):
+                client.put_object(Bucket=s3_server.bucket, Key=name, Body=body)
+            assert set(store.list()) == {good, corrupt}  # names only; bytes never trusted
+            assert store.get(corrupt) is None
+            assert store.batched_get([corrupt, good])[0] is None
+            assert store.read_header(corrupt) is None
+            assert store.stats["corrupt"] == 2
+            infos = {i.key: i for i in store.list_info()}
+            assert infos[good].size == len(chunk_format.encode_bytes(chunk(1), good.to_string()))
+            assert infos[good].mtime is not None and abs(infos[good].mtime - time.time()) < 300
+    finally:
+        client.close()
+
+
+def test_read_header_on_s3_reads_a_range(s3_server: S3Server, request: pytest.FixtureRequest) -> None:
+    key = make_key("hdr")
+    value = torch.zeros((4, 2, 256, 8, 32), dtype=torch.bfloat16)  # 1 MiB
+    with _backend(s3_server, _prefix(request), timeout=5.0) as store:
+        store.put(key, value)
+        fetched: list[int] = []
+        real = store.connector.get_range
+
+        def spy(k: Any, start: int, end: int) -> bytes | None:
+            data = real(k, start, end)
+            fetched.append(len(data or b""))
+            return data
+
+        store.connector.get_range = spy  # type: ignore[method-assign]
+        header = store.read_header(key)
+        assert header is not None and header.shape == tuple(value.shape) and header.dtype == "BF16"
+        assert sum(fetched) <= 4096
+
+
+# -- faults ----------------------------------------------------------------------------
+
+
+def test_stopped_server_then_restarted(s3_server_private: S3Server, request: pytest.FixtureRequest) -> None:
+    server = s3_server_private
+    key = make_key("alive")
+    with _backend(server, _prefix(request)) as store:
+        store.put(key, chunk(1))
+        server.stop()
+        got, elapsed = _timed(lambda: store.get(key))
+        assert got is None and elapsed < BOUND
+        result, elapsed = _timed(lambda: store.put(make_key("down"), chunk(2)))
+        assert isinstance(result, StoreUnavailableError) and elapsed < BOUND
+        found, elapsed = _timed(lambda: store.contains(make_key("unknown")))
+        assert found is False and elapsed < BOUND
+        result, elapsed = _timed(lambda: store.put(make_key("queued"), chunk(3), blocking=False))
+        assert result is None and elapsed < 0.5  # non-blocking: returns at once
+        assert _eventually(lambda: store.stats["background_put_failures"] == 1)
+        assert store.stats["misses"] >= 1
+        # The server comes back: the same backend object recovers by itself.
+        server.start()
+        assert _eventually(lambda: same(store.get(key), chunk(1)))
+        store.put(make_key("after"), chunk(4))
+        assert same(store.get(make_key("after")), chunk(4))
+
+
+@pytest.fixture
+def proxied(s3_server: S3Server) -> Iterator[TcpProxy]:
+    with TcpProxy(("127.0.0.1", s3_server.port)) as proxy:
+        yield proxy
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
+def test_blackholed_server_every_call_returns_within_its_timeout(
+    s3_server: S3Server, proxied: TcpProxy, request: pytest.FixtureRequest, pipelined: bool
+) -> None:
+    endpoint = f"http://127.0.0.1:{proxied.port}"
+    # A high threshold keeps the breaker closed, so each call really waits on the network.
+    store = _backend(
+        s3_server,
+        _prefix(request),
+        endpoint_url=endpoint,
+        pipelined=pipelined,
+        breaker=CircuitBreaker(failure_threshold=1000, reset_timeout=0.5),
+    )
+    try:
+        keys = [make_key(f"bh{i}") for i in range(3)]
+        for i, k in enumerate(keys):
+            store.put(k, chunk(i))
+        proxied.set_mode("blackhole")  # accepts, reads, never answers
+        for op, expected in (
+            (lambda: store.get(keys[0]), None),
+            (lambda: store.contains(make_key("unknown")), False),
+            (lambda: store.batched_get(keys), [None, None, None]),
+            (lambda: store.read_header(keys[0]), None),
+        ):
+            result, elapsed = _timed(op)
+            assert result == expected and elapsed < BOUND, (result, elapsed)
+        result, elapsed = _timed(lambda: store.put(make_key("p"), chunk(9)))
+        assert isinstance(result, StoreUnavailableError) and elapsed < BOUND
+        result, elapsed = _timed(lambda: store.list())
+        assert isinstance(result, StoreUnavailableError) and elapsed < store.list_timeout + 1
+        assert store.stats["timeouts"] >= 4
+        proxied.set_mode("forward")
+        assert _eventually(lambda: same(store.get(keys[1]), chunk(1)))
+    finally:
+        proxied.set_mode("forward")
+        store.close()
+
+
+def test_breaker_fails_fast_on_a_blackholed_server_and_probes_again(
+    s3_server: S3Server, proxied: TcpProxy, request: pytest.FixtureRequest
+) -> None:
+    store = _backend(
+        s3_server,
+        _prefix(request),
+        endpoint_url=f"http://127.0.0.1:{proxied.port}",
+        breaker=CircuitBreaker(failure_threshold=2, reset_timeout=0.5),
+    )
+    try:
+        key = make_key("cb")
+        store.put(key, chunk(1))
+        proxied.set_mode("blackhole")
+        for _ in range(2):
+            store.get(key)
+        assert store.breaker.state == "open"
+        got, elapsed = _timed(lambda: store.get(key))
+        assert got is None and elapsed < 0.1  # failed fast, no network wait
+        result, elapsed = _timed(lambda: store.put(make_key("x"), chunk(2)))
+        assert isinstance(result, StoreUnavailableError) and elapsed < 0.1
+        proxied.set_mode("forward")
+        assert _eventually(lambda: store.get(key) is not None)
+        assert store.breaker.state == "closed"
+    finally:
+        proxied.set_mode("forward")
+        store.close()
+
+
+def test_reset_connections_are_misses_and_failures(
+    s3_server: S3Server, proxied: TcpProxy, request: pytest.FixtureRequest
+) -> None:
+    store = _backend(s3_server, _prefix(request), endpoint_url=f"http://127.0.0.1:{proxied.port}")
+    try:
+        key = make_key("rst")
+        store.put(key, chunk(1))
+        proxied.set_mode("reset")
+        got, elapsed = _timed(lambda: store.get(key))
+        assert got is None and elapsed < BOUND
+        result, elapsed = _timed(lambda: store.put(make_key("y"), chunk(2)))
+        assert isinstance(result, StoreUnavailableError) and elapsed < BOUND
+        proxied.set_mode("forward")
+        assert _eventually(lambda: same(store.get(key), chunk(1)))
+    finally:
+        proxied.set_mode("forward")
+        store.close()
+
+
+def test_slow_server_within_the_timeout_still_works(
+    s3_server: S3Server, proxied: TcpProxy, request: pytest.FixtureRequest
+) -> None:
+    store = _backend(s3_server, _prefix(request), endpoint_url=f"http://127.0.0.1:{proxied.port}", timeout=2.0)
+    try:
+        key = make_key("slow")
+        store.put(key, chunk(1))
+        proxied.set_mode("delay", delay=0.1)
+        assert same(store.get(key), chunk(1))
+        proxied.set_mode("delay", delay=5.0)  # slower than the timeout
+        got, elapsed = _timed(lambda: store.get(key))
+        assert got is None and elapsed < 2.0 * 3
+    finally:
+        proxied.set_mode("forward")
+        store.close()
+
+
+def test_close_is_bounded_with_queued_writes_to_a_blackholed_server(
+    s3_server: S3Server, proxied: TcpProxy, request: pytest.FixtureRequest
+) -> None:
+    store = _backend(
+        s3_server,
+        _prefix(request),
+        endpoint_url=f"http://127.0.0.1:{proxied.port}",
+        breaker=CircuitBreaker(failure_threshold=2, reset_timeout=30.0),
+    )
+    proxied.set_mode("blackhole")
+    try:
+        for i in range(10):
+            store.put(make_key(f"q{i}"), chunk(i), blocking=False)
+        _, elapsed = _timed(store.close)
+        # two writes (one per writer thread) time out, then the breaker fails the rest fast
+        assert elapsed < TIMEOUT * 2 + 2.0
+        assert store.stats["background_put_failures"] == 10
+    finally:
+        proxied.set_mode("forward")
+        store.close()
+
+
+def test_pipelined_concurrent_callers_on_s3(s3_server: S3Server, request: pytest.FixtureRequest) -> None:
+    import random
+    import threading
+
+    with _backend(s3_server, _prefix(request), pipelined=True, timeout=5.0) as store:
+        stored = {make_key(f"c{i}"): chunk(i) for i in range(8)}
+        store.batched_put(list(stored.items()))
+        absent = [make_key(f"none{i}") for i in range(4)]
+        errors: list[BaseException] = []
+
+        def caller(seed: int) -> None:
+            rng = random.Random(seed)
+            try:
+                for _ in range(3):
+                    keys = list(stored) + absent
+                    rng.shuffle(keys)
+                    got = store.batched_get(keys)
+                    for k, g in zip(keys, got, strict=True):
+                        assert same(g, stored[k]) if k in stored else g is None
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(s,)) for s in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
