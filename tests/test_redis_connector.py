@@ -211,6 +211,14 @@ def test_cluster_spreads_keys_over_slots_and_lists_all(redis_cluster):
     assert bytes(got[0]) == b"hpayload-0" and got[1] is None and bytes(got[2]) == b"hpayload-39"
     assert c.get_range(keys[5], 0, 4) == b"hpay"
     assert c.delete(keys[0]) and not c.exists(keys[0])
+    # Large values take the zero-copy put and recv_into get on cluster nodes too.
+    assert c.zero_copy_put
+    header, payload = _value(LARGE_REPLY_BYTES * 2 + 5, seed=3)
+    big_keys = [make_key(f"big{i}") for i in range(4)]
+    c.put(big_keys[0], [header, payload])
+    c.put_many([(k, [header, payload]) for k in big_keys[1:]])
+    assert bytes(c.get(big_keys[0])) == header + bytes(payload)
+    assert [bytes(v) for v in c.get_many(big_keys)] == [header + bytes(payload)] * 4
     c.close()
 
 

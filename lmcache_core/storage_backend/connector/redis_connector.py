@@ -20,8 +20,8 @@ Copies are what a 32 MiB chunk costs most on these machines, so on a standalone 
   uninitialised buffer, returned as a writable ``memoryview`` (redis-py's own buffer
   copies a reply three to four times).
 
-Both fall back to redis-py's stock behaviour if its internals change. Cluster clients
-use the stock paths (redis-py does not let node connections take these hooks).
+Both fall back to redis-py's stock behaviour if its internals change. Cluster node
+clients get them through a connection pool class.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class RedisConnector(RemoteConnector):
             self._cluster_args = _parse_cluster_url(stripped)
         else:
             self._redis.connection.parse_url(stripped)
-        self._hooks = {} if self.cluster else _fast_path_hooks(int(options.get("protocol") or 2))
+        self._hooks = _fast_path_hooks(int(options.get("protocol") or 2))
         #: whether ``put`` sends header and payload without joining them first
         self.zero_copy_put = "command_packer" in self._hooks
         self._lock = threading.Lock()
@@ -181,12 +181,20 @@ class RedisConnector(RemoteConnector):
             "client_name": "lmcache",
         }
         if self.cluster:
-            args = dict(self._cluster_args)
-            kwargs = {**common, **args.pop("kwargs"), **self._options}
+            kwargs = {**common, "protocol": 2, **self._cluster_args["kwargs"], **self._options}
+            nodes = list(self._cluster_args["startup_nodes"])
+            if self._hooks:
+                # Node clients take connection options only through a pool class, and
+                # RedisCluster uses one only when given a url: name the first node so.
+                first = nodes.pop(0)
+                host = f"[{first.host}]" if ":" in first.host else first.host
+                scheme = "rediss" if kwargs.pop("ssl", False) else "redis"
+                kwargs["url"] = f"{scheme}://{host}:{first.port}"
+                # cleanup_kwargs() in RedisCluster drops health_check_interval; the pool keeps it.
+                extra = {"health_check_interval": kwargs.pop("health_check_interval", 30)}
+                kwargs["connection_pool_class"] = _pool_class({**self._hooks, **extra})
             try:
-                return redis.cluster.RedisCluster(
-                    startup_nodes=args["startup_nodes"], retry=self._retry(), **kwargs
-                )
+                return redis.cluster.RedisCluster(startup_nodes=nodes, retry=self._retry(), **kwargs)
             except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
                 raise StoreUnavailableError(self.display_url, f"cannot reach the cluster: {exc}") from exc
         # RESP2: every server and proxy speaks it, and it needs no HELLO round trip.
@@ -456,6 +464,17 @@ class _ChunkValuePacker:
                 buff += b"$%d\r\n" % len(enc) + bytes(enc) + b"\r\n"
         out.append(buff)
         return out
+
+
+def _pool_class(hooks: dict[str, Any]) -> type:
+    """A ConnectionPool that gives its connections ``hooks`` (for cluster node clients)."""
+    import redis
+
+    class HookedConnectionPool(redis.ConnectionPool):  # type: ignore[misc]
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**{**kwargs, **hooks})
+
+    return HookedConnectionPool
 
 
 _HOOKS: dict[int, dict[str, Any]] = {}
