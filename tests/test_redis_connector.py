@@ -68,6 +68,18 @@ def test_bad_urls_are_value_errors(url):
         RedisConnector(url, timeout=1)
 
 
+def test_cluster_url_parsing_and_masking():
+    from lmcache_core.storage_backend.connector.redis_connector import _parse_cluster_url
+
+    args = _parse_cluster_url("redis+cluster://al%40ice:p%3Aw@h1:7000,[::1]:7001?ssl=true&socket_keepalive=1")
+    assert [(n.host, n.port) for n in args["startup_nodes"]] == [("h1", 7000), ("::1", 7001)]
+    assert args["kwargs"]["username"] == "al@ice" and args["kwargs"]["password"] == "p:w"
+    assert args["kwargs"]["ssl"] is True
+    c = RedisConnector("redis+cluster://u:secret-pw@127.0.0.1:1,127.0.0.1:2", timeout=1)
+    assert "secret-pw" not in c.display_url and "secret-pw" not in repr(c)
+    assert c.display_url == "redis+cluster://u:***@127.0.0.1:1,127.0.0.1:2"
+
+
 def test_password_and_db_from_url_and_masked(redis_server_factory):
     server = redis_server_factory("--requirepass", "s3cr3t-pw", "--user", "alice", "on", ">alice-pw", "~*", "&*", "+@all")
     for url in (
