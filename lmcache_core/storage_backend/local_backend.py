@@ -344,6 +344,9 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         self._index: LRUIndex[CacheEngineKey] = LRUIndex(config.disk_budget_bytes)
         self._lock = threading.Lock()
         self._futures: dict[CacheEngineKey, Future[None]] = {}
+        # Keys being unlinked right now: a reader that opened the file just before
+        # must not put them back in the index (a ghost entry inflating used bytes).
+        self._dropping: set[CacheEngineKey] = set()
         pin = torch.device(dst_device).type == "cuda"
         fixed = _chunk_shape(metadata)
         slot = math.prod(fixed[0]) * fixed[1].itemsize if fixed else 0
@@ -457,12 +460,35 @@ class LMCLocalDiskBackend(LMCBackendInterface):
     def _drop(self, key: CacheEngineKey) -> bool:
         with self._lock:
             self._index.pop(key)
+            self._dropping.add(key)
         try:
             disk_io.unlink(self._path(key))
         except FileNotFoundError:
             return False
+        finally:
+            with self._lock:
+                self._dropping.discard(key)
         self.stats.incr("evictions")
         return True
+
+    def _learn(self, key: CacheEngineKey, path: str) -> None:
+        """Mark ``key`` used, indexing it if another process wrote it (then evict to budget)."""
+        with self._lock:
+            if key in self._index:
+                self._index.touch(key)
+                return
+            if key in self._dropping:
+                return
+            try:
+                # Under the lock: an eviction that finished since our read has
+                # unlinked the file, and indexing it would leave a ghost entry.
+                size = os.stat(path).st_size
+            except OSError:
+                return
+            self._index.add(key, size)
+            over = self._index.victims_for(0, exclude=key)
+        for victim in over:  # the budget holds over chunks learnt from other processes too
+            self._drop(victim)
 
     # -- reads ---------------------------------------------------------------------
 
@@ -480,7 +506,8 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                 chunk_format.read_payload_verified(f, header, buf)
         except FileNotFoundError:
             with self._lock:
-                self._index.pop(key)
+                if not os.path.exists(path):  # not re-created by a put meanwhile
+                    self._index.pop(key)
             self.stats.incr("misses")
             return None
         except CorruptChunkError as exc:
@@ -491,11 +518,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             self.stats.incr("read_errors")
             self.stats.incr("misses")
             return None
-        with self._lock:
-            if key in self._index:
-                self._index.touch(key)
-            else:  # written by another process
-                self._index.add(key, size)
+        self._learn(key, path)
         self.stats.incr("hits")
         tensor = buf.view(header.torch_dtype).view(header.shape) if header.nbytes else torch.empty(
             header.shape, dtype=header.torch_dtype
@@ -532,12 +555,10 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             future = self._futures.get(key)
             if key in self._index or (future is not None and not future.done()):
                 return True
-        try:
-            size = os.stat(self._path(key)).st_size
-        except OSError:
+        path = self._path(key)
+        if not os.path.exists(path):
             return False
-        with self._lock:
-            self._index.add(key, size)
+        self._learn(key, path)
         return True
 
     def touch(self, key: CacheEngineKey) -> None:
