@@ -376,3 +376,67 @@ def test_rediss_tls_with_ca_option_and_url_options(tls_redis):
     with pytest.raises(StoreUnavailableError):
         c.get(make_key(1))
     c.close()
+
+
+# -- the recv_into reply path under concurrency and interruption ---------------------------
+
+
+def test_threads_never_see_each_others_replies(conn):
+    import threading
+
+    sizes = [LARGE_REPLY_BYTES - 3, LARGE_REPLY_BYTES - 2, LARGE_REPLY_BYTES, LARGE_REPLY_BYTES + 1, 100, 700_000]
+    values = {}
+    for i, size in enumerate(sizes):
+        header, payload = _value(size, seed=i)
+        values[make_key(f"th{i}")] = header + bytes(payload)
+    conn.put_many([(k, [v]) for k, v in values.items()])
+    keys = list(values)
+    errors: list[str] = []
+
+    def worker(t: int) -> None:
+        for n in range(15):
+            k = keys[(t + n) % len(keys)]
+            if bytes(conn.get(k)) != values[k]:
+                errors.append(f"get {k}")
+            batch = keys[n % 3 :: 2]
+            if [bytes(v) for v in conn.get_many(batch)] != [values[b] for b in batch]:
+                errors.append(f"get_many {batch}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[:3]
+
+
+def test_reply_cut_by_timeout_is_never_read_by_the_next_call(redis_server):
+    import threading
+
+    with TcpProxy(("127.0.0.1", redis_server.port)) as proxy:
+        c = RedisConnector(f"redis://127.0.0.1:{proxy.port}/0", timeout=0.6, prefix=_prefix())
+        a, b = b"A" * (4 * 1024 * 1024), b"B" * (3 * LARGE_REPLY_BYTES)
+        c.put(make_key("a"), [a])
+        c.put(make_key("b"), [b])
+        # Let the start of the 4 MiB reply through, slowly, then stop it mid-payload.
+        proxy.set_mode("delay", delay=0.2)
+        outcome: list[BaseException | None] = []
+
+        def read_a() -> None:
+            try:
+                c.get(make_key("a"))
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - inspected below
+                outcome.append(exc)
+
+        reader = threading.Thread(target=read_a)
+        reader.start()
+        time.sleep(0.5)
+        proxy.set_mode("blackhole")
+        reader.join(10)
+        assert isinstance(outcome[0], StoreUnavailableError), outcome
+        proxy.set_mode("forward")
+        # The half-read reply died with its connection; no later call reads its tail.
+        assert bytes(c.get(make_key("b"))) == b
+        assert bytes(c.get(make_key("a"))) == a
+        c.close()
