@@ -47,7 +47,7 @@ def test_memory_and_disk_report_structure_and_cleanup(tmp_path):
 
 
 def test_a_broken_store_is_reported_not_raised(tmp_path):
-    def broken(meta):
+    def broken(meta, capacity):
         raise ConnectionError("nobody home")
 
     target = BenchTarget(name="broken", open=broken, kind="disk", raw_url=str(tmp_path))

@@ -157,8 +157,13 @@ class LMCLocalBackend(LMCBackendInterface):
     def _evict(self, victims: list[CacheEngineKey]) -> None:
         for victim in victims:
             self._index.pop(victim)
-            self._chunks.pop(victim, None)
+            self._release(self._chunks.pop(victim, None))
             self.stats.incr("evictions")
+
+    def _release(self, chunk: torch.Tensor | None) -> None:
+        # Tell the pool where a free slot probably is, so the next put finds it in O(1).
+        if chunk is not None and chunk.device == self._pool.device:
+            self._pool.release(chunk)
 
     # -- reads ---------------------------------------------------------------------
 
@@ -191,7 +196,7 @@ class LMCLocalBackend(LMCBackendInterface):
         with self._lock:
             was_pending = self._pending.pop(key, None) is not None
             present = self._index.pop(key) is not None
-            self._chunks.pop(key, None)
+            self._release(self._chunks.pop(key, None))
         return present or was_pending
 
     def list(self) -> list[CacheEngineKey]:

@@ -5,7 +5,9 @@ of a copy into warm memory on these machines).
 A buffer is handed out as a view; it is free again once nobody holds a view of
 it, which the pool learns from the storage's reference count. So a tensor
 returned to a caller stays valid for as long as the caller keeps it, and memory
-is reused as soon as the caller lets go. Thread-safe.
+is reused as soon as the caller lets go. ``acquire`` looks at a bounded number
+of buffers (those ``release`` hinted at first), so it stays O(1) with 100k
+small buffers retained. Thread-safe.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from typing import Any
 import torch
 
 _ALIGN = 64  # bytes; keeps every buffer aligned for any dtype and SIMD loads
+# Buffers examined per acquire beyond the hinted ones: a full scan would make each
+# put O(retained buffers), quadratic when a store holds 100k small chunks.
+_SCAN_LIMIT = 16
+_MAX_HINTS = 4096
 
 
 def _use_count(t: torch.Tensor) -> int:
@@ -41,6 +47,9 @@ class BufferPool:
         self.pin_memory = bool(pin_memory and self.device.type == "cpu" and torch.cuda.is_available())
         self.retained_bytes = 0
         self._free: dict[int, deque[tuple[torch.Tensor, int]]] = {}
+        # data_ptr -> (buffer, baseline use count), for buffers ``release`` hinted at
+        self._by_ptr: dict[int, tuple[torch.Tensor, int]] = {}
+        self._hints: deque[int] = deque(maxlen=_MAX_HINTS)
         self._lock = threading.Lock()
 
     @staticmethod
@@ -69,7 +78,23 @@ class BufferPool:
     def _retain(self, buf: torch.Tensor) -> None:
         baseline = _use_count(buf) if _HAVE_USE_COUNT else 0
         self._free.setdefault(buf.numel(), deque()).append((buf, baseline))
+        self._by_ptr[buf.data_ptr()] = (buf, baseline)
         self.retained_bytes += buf.numel()
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Hint that the caller dropped ``tensor`` (a view of a pool buffer).
+
+        Only a hint: the buffer is reused once no view of it is left anywhere.
+        """
+        with self._lock:
+            self._hints.append(tensor.untyped_storage().data_ptr())
+
+    def _from_hints(self, capacity: int) -> torch.Tensor | None:
+        while self._hints:
+            entry = self._by_ptr.get(self._hints.popleft())
+            if entry is not None and entry[0].numel() == capacity and _use_count(entry[0]) <= entry[1]:
+                return entry[0]
+        return None
 
     def acquire(self, nbytes: int) -> torch.Tensor:
         """A uint8 tensor of ``nbytes`` (uninitialised), warm when one is free."""
@@ -77,7 +102,10 @@ class BufferPool:
         with self._lock:
             ring = self._free.get(capacity)
             if ring and _HAVE_USE_COUNT:
-                for _ in range(len(ring)):
+                hinted = self._from_hints(capacity) if self._hints else None
+                if hinted is not None:
+                    return hinted[:nbytes]
+                for _ in range(min(len(ring), _SCAN_LIMIT)):
                     buf, baseline = ring[0]
                     ring.rotate(-1)
                     if _use_count(buf) <= baseline:
@@ -92,6 +120,8 @@ class BufferPool:
         """Forget retained buffers (views already handed out stay valid)."""
         with self._lock:
             self._free.clear()
+            self._by_ptr.clear()
+            self._hints.clear()
             self.retained_bytes = 0
 
     def stats(self) -> dict[str, Any]:
