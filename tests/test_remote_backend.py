@@ -485,6 +485,30 @@ def test_puts_are_not_retried_and_raise_when_blocking() -> None:
         backend.close()
 
 
+def test_a_full_store_is_an_answer_not_an_outage() -> None:
+    """StoreFullError comes from a live server: no retry, and the circuit stays closed."""
+    from lmcache_core.errors import StoreFullError
+
+    class FullConnector(FlakyConnector):
+        def put(self, key: CacheEngineKey, parts: Sequence[bytes | memoryview]) -> None:
+            self._enter()
+            raise StoreFullError(self.display_url, "maxmemory")
+
+    conn = FullConnector()
+    backend = _fake_backend(conn, attempts=3, threshold=2)
+    try:
+        conn.data[make_key("small")] = chunk_format.encode_bytes(chunk(1), make_key("small").to_string())
+        for i in range(5):
+            with pytest.raises(StoreFullError):
+                backend.put(make_key(f"big{i}"), chunk(i))
+        assert conn.calls == 5
+        assert backend.breaker.state == CLOSED
+        assert same(backend.get(make_key("small")), chunk(1))
+        assert backend.stats["put_failures"] == 5
+    finally:
+        backend.close()
+
+
 def test_pipelined_batch_retries_a_failed_group() -> None:
     conn = FlakyConnector()
     backend = _fake_backend(conn, attempts=3, pipelined=True)

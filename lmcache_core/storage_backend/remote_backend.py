@@ -33,7 +33,7 @@ import torch
 from lmcache_core import chunk_format
 from lmcache_core.chunk_format import ChunkHeader
 from lmcache_core.config import LMCacheEngineConfig, LMCacheEngineMetadata, mask_url
-from lmcache_core.errors import CorruptChunkError, LMCacheError, StoreUnavailableError
+from lmcache_core.errors import CorruptChunkError, LMCacheError, StoreFullError, StoreUnavailableError
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend.abstract_backend import (
     ChunkInfo,
@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Errors that prove the remote answered: it is up, so they never open the circuit.
+_ANSWERS: tuple[type[BaseException], ...] = (StoreFullError, PermissionError)
 # Headers are ~300 bytes: one ranged read of this much nearly always holds one.
 HEADER_PROBE_BYTES = 4096
 
@@ -314,6 +316,12 @@ class LMCRemoteBackend(LMCBackendInterface):
                 raise StoreUnavailableError(self.display_url, f"{what}: circuit open")
             try:
                 result = fn(*args)
+            except _ANSWERS as exc:
+                # The remote is up and said no (full, access denied): not an
+                # outage, so neither a retry nor a strike against the circuit.
+                self.breaker.record_success()
+                logger.debug("%s: %s refused: %r", self.display_url, what, exc)
+                raise
             except Exception as exc:
                 self.breaker.record_failure()
                 self.stats.incr("remote_errors")
