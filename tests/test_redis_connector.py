@@ -132,6 +132,17 @@ def test_put_get_exact_bytes(conn, size):
     assert conn.exists(make_key(size))
 
 
+def test_resp3_protocol_option(redis_server):
+    c = RedisConnector(redis_server.url, timeout=TIMEOUT, prefix=_prefix(), protocol=3)
+    header, payload = _value(LARGE_REPLY_BYTES * 2, seed=5)
+    c.put(make_key(1), [header, payload])
+    c.put(make_key(2), [b"small"])
+    assert bytes(c.get(make_key(1))) == header + bytes(payload)
+    assert [bytes(v) for v in c.get_many([make_key(2), make_key(1)])] == [b"small", header + bytes(payload)]
+    assert {o.key for o in c.list()} == {make_key(1), make_key(2)}
+    c.close()
+
+
 def test_zero_copy_put_is_used_on_standalone(conn):
     # The standalone fast path must be active on the redis-py this project pins;
     # if redis-py's internals move, this fails so someone looks (puts still work).
