@@ -311,15 +311,24 @@ def _header_of(chunk: torch.Tensor, key: CacheEngineKey) -> ChunkHeader:
 
 
 def scan_dir(root: str) -> Iterator[tuple[str, os.stat_result, CacheEngineKey | None]]:
-    """Walk a disk store: (path, stat, key or None for files that are not chunks)."""
+    """Walk a disk store: (path, stat, key or None for files that are not chunks).
+
+    Every chunk in one directory shares fmt, model and rank, so the directory part
+    of the path is decoded once (by the first chunk's ``layout.path_to_key``) and the
+    rest only need their file name checked: 10,000 chunks list in a fraction of the
+    time a full decode per file takes, with the same result.
+    """
     stack = [root]
     prefix = len(root) + 1
+    suffix = len(chunk_format.SUFFIX)
     while stack:
         d = stack.pop()
         try:
             entries = list(os.scandir(d))
         except (FileNotFoundError, NotADirectoryError):
             continue
+        template: tuple[str, str, int, int] | None = None  # (fmt, model, ws, wid) of this directory
+        shard = os.path.basename(d)
         for e in entries:
             try:
                 if e.is_dir(follow_symlinks=False):
@@ -332,8 +341,13 @@ def scan_dir(root: str) -> Iterator[tuple[str, os.stat_result, CacheEngineKey | 
                 continue  # removed by another process meanwhile
             key: CacheEngineKey | None = None
             if layout.is_chunk_name(e.name):
+                chunk_hash = e.name[:-suffix]
                 try:
-                    key = layout.path_to_key(e.path[prefix:].replace(os.sep, "/"))
+                    if template is not None and chunk_hash[:2] == shard:
+                        key = CacheEngineKey(*template, chunk_hash)
+                    else:
+                        key = layout.path_to_key(e.path[prefix:].replace(os.sep, "/"))
+                        template = (key.fmt, key.model_name, key.world_size, key.worker_id)
                 except ValueError:
                     key = None
             yield e.path, st, key

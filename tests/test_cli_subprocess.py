@@ -1,0 +1,160 @@
+"""The installed `lmcache` script as a user runs it: real processes, real stores
+(a disk directory, the test redis-server, the test S3 endpoint)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+KEY = "vllm@sub/model@1@0@" + "cd" * 32
+
+
+def lmcache_exe() -> str:
+    exe = Path(sys.executable).parent / "lmcache"
+    found = str(exe) if exe.exists() else shutil.which("lmcache")
+    if not found:
+        pytest.fail("the `lmcache` console script is not installed (pip install -e .)")
+    return found
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    env.update(extra)
+    return env
+
+
+def run(args: list[str], env: dict[str, str], code: int = 0, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [lmcache_exe(), *args], env=env, capture_output=True, text=True, input=input, timeout=120
+    )
+    assert proc.returncode == code, f"lmcache {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+# Runs the command in-process and reports at exit whether torch was imported.
+_PROBE = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: sys.stderr.write('TORCH_LOADED=%s\\n' % ('torch' in sys.modules)))\n"
+    "sys.argv = ['lmcache'] + sys.argv[1:]\n"
+    "from lmcache_cli.main import main\n"
+    "main()\n"
+)
+
+
+def torch_loaded(args: list[str], env: dict[str, str]) -> bool:
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *args], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("TORCH_LOADED=")][-1]
+    return line.endswith("True")
+
+
+def tensor_file(path: Path, seed: int = 0) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    save_file({"x": torch.randn(2, 2, 32, 4, 16, generator=gen).to(torch.bfloat16)}, str(path))
+    return path
+
+
+def test_disk_store_roundtrip_and_exit_codes(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    store = str(tmp_path / "store")
+    src = tensor_file(tmp_path / "in.safetensors")
+    empty = run(["--store", store, "ls"], env)
+    assert empty.stdout.startswith("0 chunks")
+    run(["--store", store, "put", KEY, str(src)], env)
+    listing: Any = json.loads(run(["--store", store, "ls", "--format", "json", "--long"], env).stdout)
+    assert listing["count"] == 1 and listing["chunks"][0]["key"] == KEY
+    assert listing["chunks"][0]["shape"] == [2, 2, 32, 4, 16]
+    out = tmp_path / "out.safetensors"
+    run(["--store", store, "get", KEY, "-o", str(out)], env)
+    assert torch.equal(load_file(str(out))["kv_chunk"], load_file(str(src))["x"])
+    # errors: one line, no traceback, usage errors exit 2
+    miss = run(["--store", store, "get", "vllm@x@1@0@ff", "-o", str(out)], env, code=1)
+    assert miss.stderr.count("\n") == 1 and "Traceback" not in miss.stderr
+    bad = run(["--store", store, "ls", "--older-than", "soon"], env, code=2)
+    assert bad.stderr.count("\n") == 1
+    refused = run(["--store", store, "evict", "*"], env, code=1)
+    assert "--yes" in refused.stderr
+    assert run(["--store", store, "ls", "-q"], env).stdout.split() == [KEY]
+
+
+def test_default_store_and_env_store(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    src = tensor_file(tmp_path / "in.safetensors")
+    run(["put", KEY, str(src)], env)
+    assert list((tmp_path / "xdg" / "lmcache").rglob("*.safetensors"))
+    env2 = clean_env(tmp_path, LMCACHE_STORE=str(tmp_path / "other"))
+    assert json.loads(run(["stats", "--format", "json"], env2).stdout)["chunks"] == 0
+
+
+def test_debug_env_prints_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("chunk_size: zero\n")
+    args = ["--config", str(bad), "ls"]
+    plain = run(args, clean_env(tmp_path), code=1)
+    assert "Traceback" not in plain.stderr and plain.stderr.startswith("error:") and "chunk_size" in plain.stderr
+    debug = run(args, clean_env(tmp_path, LMCACHE_DEBUG="1"), code=1)
+    assert "Traceback" in debug.stderr
+
+
+def test_commands_without_tensors_do_not_import_torch(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    store = tmp_path / "store"
+    run(["--store", str(store), "put", KEY, str(tensor_file(tmp_path / "in.safetensors"))], env)
+    (tmp_path / "p.json").write_text(json.dumps(list(range(300))))
+    for args in (
+        ["--help"],
+        ["ls", "--help"],
+        ["--version"],
+        ["--store", str(store), "ls", "-l"],
+        ["--store", str(store), "stats"],
+        ["--store", str(store), "verify"],
+        ["--store", str(store), "config"],
+        ["--store", str(store), "evict", "--older-than", "1d", "--dry-run"],
+        ["--store", str(store), "lookup", "--tokens", str(tmp_path / "p.json"), "--model", "m"],
+    ):
+        assert not torch_loaded(args, env), f"lmcache {' '.join(args)} imported torch"
+    # the probe itself works: a command that moves tensors does load torch
+    assert torch_loaded(["--store", str(store), "show", KEY], env)
+
+
+def test_warm_through_redis_and_s3_and_back(tmp_path: Path, redis_server: Any, s3_server: Any) -> None:
+    """put in a disk store, warm it to Redis, Redis -> S3, S3 -> another disk store,
+    get back: the tensor and every chunk file are byte-identical."""
+    env = clean_env(tmp_path)
+    run_id = uuid.uuid4().hex[:8]
+    disk_a, disk_b = tmp_path / "a", tmp_path / "b"
+    redis_url = f"{redis_server.url}?prefix=cli-{run_id}:"
+    s3_url = f"{s3_server.url(f'cli-{run_id}')}?endpoint_url={s3_server.endpoint_url}"
+    tokens = tmp_path / "prompt.json"
+    tokens.write_text(json.dumps(list(range(40))))
+    kv = tmp_path / "kv.safetensors"
+    save_file({"kv": torch.randn(2, 2, 40, 4, 16).to(torch.bfloat16)}, str(kv))
+    prompt = ["--tokens", str(tokens), "--model", "sub/model", "--chunk-size", "16"]
+    run(["--store", str(disk_a), "put", *prompt, "--kv", str(kv)], env)  # 3 chunks
+
+    for src, dst in [(str(disk_a), redis_url), (redis_url, s3_url), (s3_url, str(disk_b))]:
+        res = json.loads(run(["warm", "--from", src, "--to", dst, "--format", "json", "-j", "2"], env).stdout)
+        assert (res["copied"], res["skipped"], res["failed"]) == (3, 0, 0), (src, dst, res)
+
+    out = tmp_path / "out.safetensors"
+    got = json.loads(run(["--store", str(disk_b), "get", *prompt, "-o", str(out), "--format", "json"], env).stdout)
+    assert got["tokens"] == 40
+    assert torch.equal(load_file(str(out))["kv"], load_file(str(kv))["kv"])
+    files_a = {p.relative_to(disk_a): p.read_bytes() for p in disk_a.rglob("*.safetensors")}
+    files_b = {p.relative_to(disk_b): p.read_bytes() for p in disk_b.rglob("*.safetensors")}
+    assert len(files_a) == 3 and files_a == files_b
+    assert len(run(["--store", s3_url, "ls", "-q"], env).stdout.split()) == 3
+    assert "test-secret" not in run(["--store", s3_url + "&secret=lmcache-test-secret", "config"], env).stdout
