@@ -11,6 +11,9 @@ hybrid that keeps serving local hits while its remote is gone.
 
 from __future__ import annotations
 
+import time
+
+import pytest
 import torch
 
 from lmcache_core.config import LMCacheEngineConfig
@@ -35,10 +38,110 @@ def test_regression_empty_s3_object_opened_the_circuit_breaker(s3_server, tmp_pa
     key = make_key("empty")
     good = make_key("good")
     store.put(good, chunk(1))
-    for _ in range(8):
-        store.connector.put(key, [b""])
+    store.connector.put(key, [b""])
+    for _ in range(6):  # the breaker opens after 5 consecutive failures
         assert store.read_header(key) is None
         assert store.get(key) is None
     assert store.breaker.state != "open"
     assert torch.equal(store.get(good), chunk(1))
     store.close()
+
+
+# -- proxy modes the remote tier's own tests do not drive ------------------------------------------
+
+T = 0.5  # remote_timeout: short, so fault paths stay fast
+BOUND = 3 * T + 0.5  # what any single call may take (retries, scheduling slack)
+
+
+def _timed(fn):  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    try:
+        return fn(), None, time.monotonic() - start
+    except Exception as exc:  # the test inspects it
+        return None, exc, time.monotonic() - start
+
+
+def _wait_until(pred, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("mode", ["delay", "reset"])
+def test_redis_behind_a_delaying_or_resetting_proxy_stays_bounded(redis_server, mode):
+    from lmcache_core.errors import StoreUnavailableError
+    from lmcache_core.storage_backend.circuit import CircuitBreaker
+    from tests.tcp_proxy import TcpProxy
+
+    with TcpProxy(("127.0.0.1", redis_server.port), delay=2.0) as proxy:
+        cfg = LMCacheEngineConfig(
+            local_device=None, remote_url=f"redis://127.0.0.1:{proxy.port}/0?prefix=px{proxy.port}:",
+            remote_timeout=T,
+        )
+        breaker = CircuitBreaker(failure_threshold=3, reset_timeout=0.5, name="test")
+        store = LMCRemoteBackend(cfg, None, "cpu", breaker=breaker)
+        key = make_key(mode)
+        store.put(key, chunk(1))
+        proxy.set_mode(mode)  # type: ignore[arg-type]
+        for name, call in {
+            "get": lambda: store.get(key),
+            "batched_get": lambda: store.batched_get([key, make_key("other")]),
+            "contains": lambda: store.contains(make_key("unknown")),
+            "read_header": lambda: store.read_header(key),
+            "put": lambda: store.put(make_key("p"), chunk(2)),
+            "remove": lambda: store.remove(make_key("p")),
+        }.items():
+            result, exc, elapsed = _timed(call)
+            assert elapsed < BOUND, (mode, name, elapsed)
+            assert exc is None or isinstance(exc, StoreUnavailableError), (name, exc)
+            if name == "get":
+                assert result is None or torch.equal(result, chunk(1))
+        proxy.set_mode("forward")
+        assert _wait_until(lambda: store.get(key) is not None)
+        assert torch.equal(store.get(key), chunk(1))
+        store.close()
+
+
+# -- a hybrid keeps serving local hits while its remote hangs ---------------------------------------
+
+
+@pytest.mark.parametrize("remote", ["redis", "s3"])
+def test_hybrid_serves_local_hits_while_the_remote_is_blackholed(tmp_path, remote, request):
+    from lmcache_core import LMCacheEngineMetadata
+    from lmcache_core.storage_backend import CreateStorageBackend
+    from tests.tcp_proxy import TcpProxy
+
+    server = request.getfixturevalue("redis_server" if remote == "redis" else "s3_server")
+    with TcpProxy(("127.0.0.1", server.port)) as proxy:
+        if remote == "redis":
+            url = f"redis://127.0.0.1:{proxy.port}/0?prefix=hy{proxy.port}:"
+        else:
+            url = f"{server.url('hy-' + tmp_path.name)}?endpoint_url=http://127.0.0.1:{proxy.port}"
+        cfg = LMCacheEngineConfig.from_defaults(
+            local_device="cpu", local_disk=str(tmp_path / "disk"), remote_url=url,
+            remote_timeout=T, max_local_cache_size=0.01,
+        )
+        hybrid = CreateStorageBackend(cfg, LMCacheEngineMetadata("test/model"), "cpu")
+        for i in range(4):
+            hybrid.put(make_key(i), chunk(i))
+        proxy.set_mode("blackhole")
+        worst_hit = 0.0
+        for i in range(4):
+            got, exc, elapsed = _timed(lambda i=i: hybrid.get(make_key(i)))
+            assert exc is None and torch.equal(got, chunk(i))
+            worst_hit = max(worst_hit, elapsed)
+        assert worst_hit < T / 2  # a local hit never waits on the remote
+        got, exc, elapsed = _timed(lambda: hybrid.get(make_key("remote-only")))
+        assert exc is None and got is None and elapsed < BOUND
+        _, exc, elapsed = _timed(lambda: hybrid.put(make_key(10), chunk(10)))
+        assert exc is None and elapsed < BOUND  # local tiers took it; the remote failure is counted
+        assert torch.equal(hybrid.get(make_key(10)), chunk(10))
+        _, _, elapsed = _timed(lambda: hybrid.put(make_key(11), chunk(11), blocking=False))
+        assert elapsed < BOUND
+        got = hybrid.batched_get([make_key(0), make_key("x"), make_key(10)])
+        assert torch.equal(got[0], chunk(0)) and got[1] is None and torch.equal(got[2], chunk(10))
+        _, _, elapsed = _timed(hybrid.close)
+        assert elapsed < 15
