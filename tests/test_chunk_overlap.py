@@ -1,7 +1,7 @@
 """The overlapped checksum paths of the chunk format (large payloads).
 
 ``write_chunk`` hashes on a helper thread while it writes, then writes the
-header last; ``read_payload_verified`` hashes each piece while the next is read.
+header last; ``read_payload_verified`` hashes each piece right after reading it.
 Both must produce and accept exactly the bytes of the plain, sequential format.
 """
 
@@ -19,7 +19,7 @@ from lmcache_core.errors import CorruptChunkError
 KEY = "vllm@m@1@0@" + "cd" * 32
 
 
-def big(seed: int = 0, nbytes: int = cf.OVERLAP_MIN_BYTES + 3 * cf.PIECE_BYTES + 1234) -> torch.Tensor:
+def big(seed: int = 0, nbytes: int = cf.OVERLAP_MIN_BYTES + 3 * cf.READ_PIECE_BYTES + 1234) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(-(2**15), 2**15, (nbytes // 2,), generator=g, dtype=torch.int16).view(torch.float16)
 
@@ -72,7 +72,7 @@ def test_unseekable_stream_falls_back_to_header_first(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "size", [100, cf.OVERLAP_MIN_BYTES - 2, cf.OVERLAP_MIN_BYTES, cf.OVERLAP_MIN_BYTES + 7 * cf.PIECE_BYTES]
+    "size", [100, cf.OVERLAP_MIN_BYTES - 2, cf.OVERLAP_MIN_BYTES, cf.OVERLAP_MIN_BYTES + 7 * cf.READ_PIECE_BYTES]
 )
 def test_verified_read_round_trips_every_size(tmp_path, size):
     t = big(2, size)
@@ -103,7 +103,7 @@ def test_verified_read_detects_truncation(tmp_path):
     write_file(path, t)
     with open(path, "rb", buffering=0) as f:
         header = cf.read_header(f)
-    os.truncate(path, os.path.getsize(path) - cf.PIECE_BYTES - 5)
+    os.truncate(path, os.path.getsize(path) - cf.READ_PIECE_BYTES - 5)
     with open(path, "rb", buffering=0) as f:
         f.seek(header.data_offset)
         with pytest.raises(CorruptChunkError, match="truncated"):

@@ -507,7 +507,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                 header = chunk_format.read_header(f, total_size=size)
                 chunk_format.check_identity(header, key.to_string())
                 buf = self._pool.acquire(header.nbytes)
-                # Checksummed while it is read (a helper hashes each piece as the next arrives).
+                # Checksummed piece by piece as it is read, while each piece is in cache.
                 chunk_format.read_payload_verified(f, header, buf)
         except FileNotFoundError:
             with self._lock:
