@@ -85,3 +85,8 @@ def human_time(ts: float | None) -> str:
 def human_rate(bytes_per_s: float) -> str:
     """``2.41 GB/s`` (decimal, as throughput is quoted)."""
     return f"{bytes_per_s / 1e9:.2f} GB/s"
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 chunk``, ``3 chunks``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -12,7 +12,7 @@ from lmcache_cli.errors import CliError, usage_error
 from lmcache_cli.options import ModelOption, OlderThanOption, PatternArgument, age_option, size_option
 from lmcache_cli.output import Column, Output
 from lmcache_cli.state import FormatOption, get_state
-from lmcache_cli.units import human_age, human_size
+from lmcache_cli.units import human_age, human_size, plural
 from lmcache_core import store_ops
 
 PLAN_ROWS_SHOWN = 20
@@ -69,11 +69,11 @@ def evict(
         if not yes:
             if not stdin_is_terminal():
                 raise CliError(
-                    f"refusing to remove {len(plan.victims)} chunks without confirmation (no terminal); "
+                    f"refusing to remove {plural(len(plan.victims), 'chunk')} without confirmation (no terminal); "
                     "rerun with --yes, or --dry-run to see the plan"
                 )
             if not typer.confirm(
-                f"Remove {len(plan.victims)} chunks ({human_size(plan.freed)}) from {where}?", err=True
+                f"Remove {plural(len(plan.victims), 'chunk')} ({human_size(plan.freed)}) from {where}?", err=True
             ):
                 out.message("cancelled; nothing removed")
                 return
@@ -89,11 +89,11 @@ def evict(
         }
     )
     if out.human:
-        out.line(f"removed {removed} chunks, freed {human_size(freed)}")
+        out.line(f"removed {plural(removed, 'chunk')}, freed {human_size(freed)}")
     if failures:
         for f in failures[:10]:
             out.warn(f)
-        out.error(f"{len(failures)} chunks could not be removed; check permissions and rerun")
+        out.error(f"{plural(len(failures), 'chunk')} could not be removed; check permissions and rerun")
         raise typer.Exit(1)
 
 
@@ -107,6 +107,6 @@ def _show_plan(out: Output, plan: store_ops.EvictPlan, now: float, where: str) -
         if len(plan.victims) > PLAN_ROWS_SHOWN:
             out.line(f"... and {len(plan.victims) - PLAN_ROWS_SHOWN} more")
     out.line(
-        f"plan: remove {len(plan.victims)} chunks, freeing {human_size(plan.freed)} "
+        f"plan: remove {plural(len(plan.victims), 'chunk')}, freeing {human_size(plan.freed)} "
         f"({human_size(plan.before)} -> {human_size(plan.after)}) in {where}"
     )

@@ -18,7 +18,7 @@ from lmcache_cli.options import (
 )
 from lmcache_cli.output import Output
 from lmcache_cli.state import CliState, FormatOption, get_state
-from lmcache_cli.units import human_size
+from lmcache_cli.units import human_size, plural
 
 
 def get(
@@ -115,4 +115,4 @@ def _get_prefix(
     }
     out.data(result)
     if out.human:
-        out.message(f"wrote {output}: {covered} of {total} tokens cached ({chunks} chunks, {human_size(nbytes)})")
+        out.message(f"wrote {output}: {covered} of {total} tokens cached ({plural(chunks, 'chunk')}, {human_size(nbytes)})")

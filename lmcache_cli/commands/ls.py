@@ -18,7 +18,7 @@ from lmcache_cli.options import (
 )
 from lmcache_cli.output import Column
 from lmcache_cli.state import FormatOption, get_state
-from lmcache_cli.units import human_age, human_size
+from lmcache_cli.units import human_age, human_size, plural
 from lmcache_core import store_ops
 
 
@@ -93,5 +93,4 @@ def ls(
     if rows_h:
         out.table(columns, rows_h)
     more = f" (showing {len(shown)})" if len(shown) < matched else ""
-    noun = "chunk" if matched == 1 else "chunks"
-    out.line(f"{matched} {noun}, {human_size(total)} total{more} in {where}")
+    out.line(f"{plural(matched, 'chunk')}, {human_size(total)} total{more} in {where}")

@@ -9,7 +9,7 @@ import typer
 from lmcache_cli.output import Column
 from lmcache_cli.progress import progress_bar
 from lmcache_cli.state import FormatOption, get_state
-from lmcache_cli.units import human_size
+from lmcache_cli.units import human_size, plural
 from lmcache_core import store_ops
 
 
@@ -57,12 +57,12 @@ def verify(
             out.table([Column("CHUNK / FILE"), Column("PROBLEM"), Column("STATE")], rows)
         stray = sum(1 for t in report.temps if t.stale)
         out.line(
-            f"checked {report.checked} chunks in {where}: {report.ok} ok, {len(report.bad)} bad, "
-            f"{stray} stray temp files" + (f"; removed {len(report.removed)}" if fix else "")
+            f"checked {plural(report.checked, 'chunk')} in {where}: {report.ok} ok, {len(report.bad)} bad, "
+            f"{plural(stray, 'stray temp file')}" + (f"; removed {len(report.removed)}" if fix else "")
         )
     for failure in report.fix_failures:
         out.warn(f"could not remove {failure}")
     if left:
         hint = "check permissions and rerun" if fix else "rerun with --fix to remove them"
-        out.error(f"{left} problems remain in {where}; {hint}")
+        out.error(f"{plural(left, 'problem')} remain in {where}; {hint}")
         raise typer.Exit(1)

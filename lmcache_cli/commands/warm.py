@@ -12,7 +12,7 @@ from lmcache_cli.options import ModelOption, PatternArgument
 from lmcache_cli.output import Column
 from lmcache_cli.progress import progress_bar
 from lmcache_cli.state import FormatOption, get_state
-from lmcache_cli.units import human_rate, human_size
+from lmcache_cli.units import human_rate, human_size, plural
 from lmcache_core import store_ops
 from lmcache_core.config import mask_url
 
@@ -81,7 +81,7 @@ def warm(
             if copy:
                 out.table([Column("WOULD COPY")], [[k.to_string()] for k in copy])
             out.line(
-                f"dry run: would copy {len(copy)} chunks ({human_size(report['bytes'])}), "
+                f"dry run: would copy {plural(len(copy), 'chunk')} ({human_size(report['bytes'])}), "
                 f"skip {report['to_skip']} already in {header['to']}"
             )
             return
@@ -101,7 +101,7 @@ def warm(
             f"{header['from']} -> {header['to']}"
         )
     if result.failed:
-        out.error(f"{len(result.failed)} chunks failed to copy; rerun warm to retry them (copied ones are skipped)")
+        out.error(f"{plural(len(result.failed), 'chunk')} failed to copy; rerun warm to retry them (copied ones are skipped)")
         raise typer.Exit(1)
 
 
