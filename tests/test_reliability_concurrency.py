@@ -27,6 +27,8 @@ if SCRIPTS not in sys.path:
 
 import stress  # noqa: E402
 
+from tests.test_security_hostile_keys import is_pipelined_twin  # noqa: E402
+
 CHUNK_BYTES = stress.ELEMENTS * 4
 GB = 1024**3
 
@@ -52,6 +54,8 @@ def _run_threads(target, n: int) -> list[str]:  # type: ignore[no-untyped-def]
 
 def test_threads_hammer_put_get_remove_on_every_backend(open_store, case):
     """5 threads, 8 shared keys, random put/get/remove/list for a short while, per backend."""
+    if is_pipelined_twin(case.name):
+        pytest.skip("put/get/remove go through the same path as the plain case")
     store = open_store()
     counts = stress.run_threads(store, threads=5, slots=8, seconds=0.4, seed=7)
     assert counts.errors == [], "\n".join(counts.errors[:5])
@@ -142,7 +146,7 @@ def test_reader_racing_eviction_gets_a_miss_never_an_exception(tmp_path, kind):
 @pytest.mark.timeout(300)
 def test_processes_share_one_directory_while_eviction_runs(tmp_path):
     """3 processes x 3 threads, 24 shared keys, a 16-chunk budget: eviction all the time."""
-    summary = stress.run(str(tmp_path / "shared"), procs=3, threads=3, slots=24, seconds=2.0, seed=5)
+    summary = stress.run(str(tmp_path / "shared"), procs=3, threads=3, slots=24, seconds=1.5, seed=5)
     assert summary["errors"] == [], "\n".join(summary["errors"][:3])
     assert summary["problems"] == [], "\n".join(summary["problems"][:3])
     assert summary["puts"] > 100 and summary["hits"] > 0
