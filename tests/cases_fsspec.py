@@ -9,6 +9,7 @@ hold ``[`` and ``]``, which fsspec would read as glob patterns.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from lmcache_core.config import LMCacheEngineConfig, LMCacheEngineMetadata
 from lmcache_core.storage_backend.abstract_backend import LMCBackendInterface
@@ -22,7 +23,7 @@ def store_prefix(ctx: CaseContext) -> str:
     return "lmc-" + hashlib.sha256(str(ctx.tmp_path).encode()).hexdigest()[:16]
 
 
-def _remote(url: str, pipelined: bool, **options: object) -> LMCBackendInterface:
+def _remote(url: str, pipelined: bool, **options: Any) -> LMCBackendInterface:
     from lmcache_core.storage_backend.remote_backend import (
         LMCPipelinedRemoteBackend,
         LMCRemoteBackend,

@@ -139,7 +139,7 @@ def s3_server() -> Iterator[S3Server]:
     pytest.importorskip("moto.server", reason="moto[server] is needed for S3 tests")
     pytest.importorskip("s3fs", reason="s3fs is needed for S3 tests")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    saved = {name: os.environ.get(name) for name in DUMMY_ENV}
+    saved: dict[str, str | None] = {name: os.environ.get(name) for name in DUMMY_ENV}
     for name, value in DUMMY_ENV.items():
         os.environ.setdefault(name, value)
     server = S3Server()
@@ -148,11 +148,11 @@ def s3_server() -> Iterator[S3Server]:
         yield server
     finally:
         server.stop()
-        for name, value in saved.items():
-            if value is None:
+        for name, old in saved.items():
+            if old is None:
                 os.environ.pop(name, None)
             else:
-                os.environ[name] = value
+                os.environ[name] = old
 
 
 @pytest.fixture

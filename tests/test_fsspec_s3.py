@@ -151,32 +151,35 @@ def test_foreign_and_corrupt_objects_on_s3(s3_server: S3Server, request: pytest.
     prefix = _prefix(request)
     good, corrupt = make_key("good"), make_key("corrupt")
     client = s3_server.client()
+    store = _backend(s3_server, prefix, pipelined=True)
     try:
-        with _backend(s3_server, prefix, pipelined=True) as store:
-            store.put(good, chunk(1))
-            for name, body in (
-                (f"{prefix}/README.md", b"hello"),
-                (f"{prefix}/vllm/x.safetensors", b"x"),
-                (f"{prefix}/{layout.key_to_path(corrupt)}", b"\x00" * 64),
-                (f"{prefix}-sibling/{layout.key_to_path(good)}", b"other prefix"),
-            ):
-                client.put_object(Bucket=s3_server.bucket, Key=name, Body=body)
-            assert set(store.list()) == {good, corrupt}  # names only; bytes never trusted
-            assert store.get(corrupt) is None
-            assert store.batched_get([corrupt, good])[0] is None
-            assert store.read_header(corrupt) is None
-            assert store.stats["corrupt"] == 2
-            infos = {i.key: i for i in store.list_info()}
-            assert infos[good].size == len(chunk_format.encode_bytes(chunk(1), good.to_string()))
-            assert infos[good].mtime is not None and abs(infos[good].mtime - time.time()) < 300
+        store.put(good, chunk(1))
+        for name, body in (
+            (f"{prefix}/README.md", b"hello"),
+            (f"{prefix}/vllm/x.safetensors", b"x"),
+            (f"{prefix}/{layout.key_to_path(corrupt)}", b"\x00" * 64),
+            (f"{prefix}-sibling/{layout.key_to_path(good)}", b"other prefix"),
+        ):
+            client.put_object(Bucket=s3_server.bucket, Key=name, Body=body)
+        assert set(store.list()) == {good, corrupt}  # names only; bytes never trusted
+        assert store.get(corrupt) is None
+        assert store.batched_get([corrupt, good])[0] is None
+        assert store.read_header(corrupt) is None
+        assert store.stats["corrupt"] == 2
+        infos = {i.key: i for i in store.list_info()}
+        assert infos[good].size == len(chunk_format.encode_bytes(chunk(1), good.to_string()))
+        mtime = infos[good].mtime
+        assert mtime is not None and abs(mtime - time.time()) < 300
     finally:
+        store.close()
         client.close()
 
 
 def test_read_header_on_s3_reads_a_range(s3_server: S3Server, request: pytest.FixtureRequest) -> None:
     key = make_key("hdr")
     value = torch.zeros((4, 2, 256, 8, 32), dtype=torch.bfloat16)  # 1 MiB
-    with _backend(s3_server, _prefix(request), timeout=5.0) as store:
+    store = _backend(s3_server, _prefix(request), timeout=5.0)
+    try:
         store.put(key, value)
         fetched: list[int] = []
         real = store.connector.get_range
@@ -186,10 +189,12 @@ def test_read_header_on_s3_reads_a_range(s3_server: S3Server, request: pytest.Fi
             fetched.append(len(data or b""))
             return data
 
-        store.connector.get_range = spy  # type: ignore[method-assign]
+        store.connector.get_range = spy  # type: ignore[method-assign,assignment]
         header = store.read_header(key)
         assert header is not None and header.shape == tuple(value.shape) and header.dtype == "BF16"
         assert sum(fetched) <= 4096
+    finally:
+        store.close()
 
 
 # -- faults ----------------------------------------------------------------------------

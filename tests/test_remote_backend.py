@@ -126,7 +126,7 @@ def test_open_backend_memory_url(tmp_path: Path) -> None:
 
 
 def test_parts_reader_reads_and_seeks_across_parts() -> None:
-    parts = [b"head", memoryview(bytearray(b"0123456789")), b"", b"tail"]
+    parts: list[bytes | memoryview] = [b"head", memoryview(bytearray(b"0123456789")), b"", b"tail"]
     whole = b"head0123456789tail"
     r = PartsReader(parts)
     assert len(r) == len(whole)

@@ -15,6 +15,7 @@ and the backend recovers by itself when the remote answers again.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import math
 import os
@@ -407,7 +408,8 @@ class LMCRemoteBackend(LMCBackendInterface):
             item = work.get()
             if isinstance(item, RemoteBackendEndSignal):
                 return
-            key, chunk = item
+            key: CacheEngineKey = item[0]
+            chunk: torch.Tensor = item[1]
             with self._lock:
                 if self._pending.get(key) is not chunk:
                     continue  # removed or superseded while queued
@@ -549,7 +551,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         removed = bool(self._call("delete", self.connector.delete, key, retry=False))
         return removed or was_pending
 
-    def list_info(self) -> list[ChunkInfo]:
+    def list_info(self) -> builtins.list[ChunkInfo]:
         """Listed chunks with size and mtime (foreign objects skipped); refreshes the known set.
 
         Raises:
@@ -567,7 +569,7 @@ class LMCRemoteBackend(LMCBackendInterface):
             self._known = set(seen)
         return infos + [ChunkInfo(k) for k in pending]
 
-    def list(self) -> list[CacheEngineKey]:
+    def list(self) -> builtins.list[CacheEngineKey]:
         """Every stored key (and queued ones); also refreshes the cached set of known keys."""
         return [info.key for info in self.list_info()]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from lmcache_core.storage_backend.connector.base import RemoteConnector
@@ -89,7 +89,7 @@ def known_schemes() -> list[str]:
     return sorted(CONNECTORS)
 
 
-def load_connector_class(spec: ConnectorSpec, scheme: str) -> type[RemoteConnector]:
+def load_connector_class(spec: ConnectorSpec, scheme: str) -> Callable[..., RemoteConnector]:
     """Import ``spec.target`` lazily.
 
     Raises:
@@ -107,7 +107,7 @@ def load_connector_class(spec: ConnectorSpec, scheme: str) -> type[RemoteConnect
         raise ImportError(
             f"{scheme}:// needs the optional dependency {missing or exc}: {hint}"
         ) from exc
-    cls: type[RemoteConnector] = getattr(module, class_name)
+    cls: Callable[..., RemoteConnector] = getattr(module, class_name)
     return cls
 
 
