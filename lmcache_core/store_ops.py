@@ -21,7 +21,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, cast
 from urllib.parse import urlsplit
 
 from lmcache_core import chunk_format, layout
@@ -187,7 +187,9 @@ class Store:
                 for _, st, key in scan_dir(self.root)
                 if key is not None
             ]
-        return [ChunkEntry(i.key, i.size, i.mtime, i.atime) for i in self.backend.list_info()]
+        # (cast: the backend's ``list`` method shadows the builtin in its annotations)
+        infos = cast("Iterable[Any]", self.backend.list_info())
+        return [ChunkEntry(i.key, i.size, i.mtime, i.atime) for i in infos]
 
     def path_of(self, key: CacheEngineKey) -> str | None:
         """The chunk's file on a disk store, else None."""

@@ -83,13 +83,13 @@ def ls(
     columns = [Column("KEY"), Column("SIZE", right=True), Column("AGE", right=True)]
     if long:
         columns += [Column("DTYPE"), Column("SHAPE")]
-    rows_h = []
+    rows_h: list[list[str]] = []
     for i, e in enumerate(shown):
-        row = [e.key.to_string(), human_size(e.size), human_age(None if e.last_used is None else now - e.last_used)]
+        cells = [e.key.to_string(), human_size(e.size), human_age(None if e.last_used is None else now - e.last_used)]
         if long:
             h = headers[i]
-            row += [h.dtype, "x".join(map(str, h.shape))] if h else ["?", "(unreadable header)"]
-        rows_h.append(row)
+            cells += [h.dtype, "x".join(map(str, h.shape))] if h else ["?", "(unreadable header)"]
+        rows_h.append(cells)
     if rows_h:
         out.table(columns, rows_h)
     more = f" (showing {len(shown)})" if len(shown) < matched else ""

@@ -64,5 +64,5 @@ def verify(
         out.warn(f"could not remove {failure}")
     if left:
         hint = "check permissions and rerun" if fix else "rerun with --fix to remove them"
-        out.error(f"{plural(left, 'problem')} remain in {where}; {hint}")
+        out.error(f"{plural(left, 'problem')} left in {where}; {hint}")
         raise typer.Exit(1)

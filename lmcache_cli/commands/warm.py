@@ -67,12 +67,13 @@ def warm(
         if dry_run:
             plan = [(k, dst_store.contains(k)) for k in keys]
             copy = [k for k, have in plan if not have]
+            copy_bytes = sum(sizes.get(k.to_string()) or 0 for k in copy)
             report = {
                 **header,
                 "dry_run": True,
                 "to_copy": len(copy),
                 "to_skip": len(plan) - len(copy),
-                "bytes": sum(sizes.get(k.to_string()) or 0 for k in copy),
+                "bytes": copy_bytes,
                 "keys": [k.to_string() for k in copy],
             }
             if out.json:
@@ -81,7 +82,7 @@ def warm(
             if copy:
                 out.table([Column("WOULD COPY")], [[k.to_string()] for k in copy])
             out.line(
-                f"dry run: would copy {plural(len(copy), 'chunk')} ({human_size(report['bytes'])}), "
+                f"dry run: would copy {plural(len(copy), 'chunk')} ({human_size(copy_bytes)}), "
                 f"skip {report['to_skip']} already in {header['to']}"
             )
             return
