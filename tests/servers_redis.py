@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -150,7 +150,8 @@ class RedisServer:
         except OSError:
             return ""
 
-    def client(self, **kwargs: object):  # -> redis.Redis
+    def client(self, **kwargs: Any) -> Any:
+        """A plain redis-py client on the TCP port (``redis.Redis``); close it after use."""
         import redis
 
         return redis.Redis(

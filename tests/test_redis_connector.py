@@ -23,6 +23,12 @@ from tests.tcp_proxy import TcpProxy
 TIMEOUT = 2.0
 
 
+def _b(value: bytes | bytearray | memoryview | None) -> bytes:
+    """The bytes of a connector result that must be present."""
+    assert value is not None
+    return bytes(value)
+
+
 def _prefix() -> str:
     return f"t-{uuid.uuid4().hex[:12]}:"
 
@@ -90,7 +96,7 @@ def test_password_and_db_from_url_and_masked(redis_server_factory):
         assert "pw@" not in c.display_url and "***" in c.display_url
         assert "s3cr3t" not in repr(c) and "alice-pw" not in repr(c)
         c.put(make_key(1), [b"hello"])
-        assert bytes(c.get(make_key(1))) == b"hello"
+        assert _b(c.get(make_key(1))) == b"hello"
         c.close()
     with server.client(password="s3cr3t-pw", db=3) as raw:
         assert raw.get(b"pw:" + make_key(1).to_string().encode()) == b"hello"
@@ -107,7 +113,7 @@ def test_unix_socket_with_db_query(redis_server_factory):
     server = redis_server_factory(unixsocket=True)
     c = RedisConnector(f"{server.unix_url}?db=2&prefix=ux:", timeout=TIMEOUT)
     c.put(make_key(1), [b"over a unix socket"])
-    assert bytes(c.get(make_key(1))) == b"over a unix socket"
+    assert _b(c.get(make_key(1))) == b"over a unix socket"
     assert [o.key for o in c.list()] == [make_key(1)]
     with server.client(db=2) as raw:
         assert raw.exists(b"ux:" + make_key(1).to_string().encode())
@@ -137,8 +143,8 @@ def test_resp3_protocol_option(redis_server):
     header, payload = _value(LARGE_REPLY_BYTES * 2, seed=5)
     c.put(make_key(1), [header, payload])
     c.put(make_key(2), [b"small"])
-    assert bytes(c.get(make_key(1))) == header + bytes(payload)
-    assert [bytes(v) for v in c.get_many([make_key(2), make_key(1)])] == [b"small", header + bytes(payload)]
+    assert _b(c.get(make_key(1))) == header + bytes(payload)
+    assert [_b(v) for v in c.get_many([make_key(2), make_key(1)])] == [b"small", header + bytes(payload)]
     assert {o.key for o in c.list()} == {make_key(1), make_key(2)}
     c.close()
 
@@ -163,7 +169,7 @@ def test_get_many_aligned_with_misses_and_large_values(conn):
     assert got[1] is None and got[3] is None
     for k, g in zip(keys, got, strict=True):
         if k in values:
-            assert bytes(g) == values[k]
+            assert _b(g) == values[k]
     assert conn.get_many([]) == []
 
 
@@ -231,7 +237,7 @@ def test_cluster_spreads_keys_over_slots_and_lists_all(redis_cluster):
     assert sum(1 for n in per_node if n > 0) >= 2, per_node  # really spread over masters
     assert {o.key for o in c.list()} == set(keys)
     got = c.get_many([keys[0], make_key("absent"), keys[39]])
-    assert bytes(got[0]) == b"hpayload-0" and got[1] is None and bytes(got[2]) == b"hpayload-39"
+    assert _b(got[0]) == b"hpayload-0" and got[1] is None and _b(got[2]) == b"hpayload-39"
     assert c.get_range(keys[5], 0, 4) == b"hpay"
     assert c.delete(keys[0]) and not c.exists(keys[0])
     # Large values take the zero-copy put and recv_into get on cluster nodes too.
@@ -240,8 +246,8 @@ def test_cluster_spreads_keys_over_slots_and_lists_all(redis_cluster):
     big_keys = [make_key(f"big{i}") for i in range(4)]
     c.put(big_keys[0], [header, payload])
     c.put_many([(k, [header, payload]) for k in big_keys[1:]])
-    assert bytes(c.get(big_keys[0])) == header + bytes(payload)
-    assert [bytes(v) for v in c.get_many(big_keys)] == [header + bytes(payload)] * 4
+    assert _b(c.get(big_keys[0])) == header + bytes(payload)
+    assert [_b(v) for v in c.get_many(big_keys)] == [header + bytes(payload)] * 4
     c.close()
 
 
@@ -249,7 +255,7 @@ def test_cluster_url_with_several_nodes(redis_cluster):
     url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in redis_cluster.ports)
     c = RedisConnector(url, timeout=TIMEOUT, prefix=_prefix())
     c.put(make_key(1), [b"x"])
-    assert bytes(c.get(make_key(1))) == b"x"
+    assert _b(c.get(make_key(1))) == b"x"
     c.close()
 
 
@@ -269,7 +275,7 @@ def test_dead_server_is_unavailable_fast_and_recovers_after_restart(redis_server
     # The pooled connection died with the server; the same connector reconnects by itself.
     assert c.get(make_key(1)) is None  # the server restarted empty
     c.put(make_key(1), [b"after"])
-    assert bytes(c.get(make_key(1))) == b"after"
+    assert _b(c.get(make_key(1))) == b"after"
     c.close()
 
 
@@ -297,7 +303,7 @@ def test_maxmemory_noeviction_is_store_full_and_reads_keep_working(redis_server_
         for i in range(1, 50):
             c.put(make_key(i), [b"h", memoryview(b"\0" * 512 * 1024)])
     assert isinstance(info.value, OSError)
-    assert bytes(c.get(make_key(0))) == b"first"
+    assert _b(c.get(make_key(0))) == b"first"
     assert c.exists(make_key(0))
     c.close()
 
@@ -317,7 +323,7 @@ def test_fork_child_gets_its_own_client(conn):
     pid = os.fork()
     if pid == 0:  # child: use the inherited connector, report, and leave at once
         try:
-            ok = bytes(conn.get(make_key("fork"))) == b"from parent"
+            ok = _b(conn.get(make_key("fork"))) == b"from parent"
             conn.put(make_key("child"), [b"from child"])
             os.write(write_fd, b"ok" if ok else b"bad")
         except BaseException as exc:  # noqa: BLE001
@@ -330,8 +336,8 @@ def test_fork_child_gets_its_own_client(conn):
     os.waitpid(pid, 0)
     assert report == b"ok"
     # The parent's pooled sockets were not touched by the child.
-    assert bytes(conn.get(make_key("child"))) == b"from child"
-    assert bytes(conn.get(make_key("fork"))) == b"from parent"
+    assert _b(conn.get(make_key("child"))) == b"from child"
+    assert _b(conn.get(make_key("fork"))) == b"from parent"
 
 
 def test_key_type_checked(conn):
@@ -374,13 +380,13 @@ def test_rediss_tls_with_ca_option_and_url_options(tls_redis):
     c = RedisConnector(f"rediss://127.0.0.1:{tls_port}/0", timeout=TIMEOUT, prefix=_prefix(), ssl_ca_certs=str(cert))
     header, payload = _value(LARGE_REPLY_BYTES * 3)
     c.put(make_key(1), [header, payload])
-    assert bytes(c.get(make_key(1))) == header + bytes(payload)
-    assert [bytes(v) for v in c.get_many([make_key(1)])] == [header + bytes(payload)]
+    assert _b(c.get(make_key(1))) == header + bytes(payload)
+    assert [_b(v) for v in c.get_many([make_key(1)])] == [header + bytes(payload)]
     c.close()
     # ssl options as URL query parameters, next to the prefix
     c = RedisConnector(f"rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=none&prefix=tls:", timeout=TIMEOUT)
     c.put(make_key(2), [b"x"])
-    assert bytes(c.get(make_key(2))) == b"x"
+    assert _b(c.get(make_key(2))) == b"x"
     c.close()
     # an untrusted certificate is refused, not silently accepted
     c = RedisConnector(f"rediss://127.0.0.1:{tls_port}/0", timeout=TIMEOUT)
@@ -407,10 +413,10 @@ def test_threads_never_see_each_others_replies(conn):
     def worker(t: int) -> None:
         for n in range(15):
             k = keys[(t + n) % len(keys)]
-            if bytes(conn.get(k)) != values[k]:
+            if _b(conn.get(k)) != values[k]:
                 errors.append(f"get {k}")
             batch = keys[n % 3 :: 2]
-            if [bytes(v) for v in conn.get_many(batch)] != [values[b] for b in batch]:
+            if [_b(v) for v in conn.get_many(batch)] != [values[b] for b in batch]:
                 errors.append(f"get_many {batch}")
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(6)]
@@ -448,6 +454,6 @@ def test_reply_cut_by_timeout_is_never_read_by_the_next_call(redis_server):
         assert isinstance(outcome[0], StoreUnavailableError), outcome
         proxy.set_mode("forward")
         # The half-read reply died with its connection; no later call reads its tail.
-        assert bytes(c.get(make_key("b"))) == b
-        assert bytes(c.get(make_key("a"))) == a
+        assert _b(c.get(make_key("b"))) == b
+        assert _b(c.get(make_key("a"))) == a
         c.close()

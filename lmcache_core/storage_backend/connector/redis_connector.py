@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 import os
 import threading
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, List, Sequence, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from lmcache_core.config import mask_url
@@ -181,20 +181,22 @@ class RedisConnector(RemoteConnector):
             "client_name": "lmcache",
         }
         if self.cluster:
-            kwargs = {**common, "protocol": 2, **self._cluster_args["kwargs"], **self._options}
+            cluster_kwargs: dict[str, Any] = {
+                **common, "protocol": 2, **self._cluster_args["kwargs"], **self._options
+            }
             nodes = list(self._cluster_args["startup_nodes"])
             if self._hooks:
                 # Node clients take connection options only through a pool class, and
                 # RedisCluster uses one only when given a url: name the first node so.
                 first = nodes.pop(0)
                 host = f"[{first.host}]" if ":" in first.host else first.host
-                scheme = "rediss" if kwargs.pop("ssl", False) else "redis"
-                kwargs["url"] = f"{scheme}://{host}:{first.port}"
+                scheme = "rediss" if cluster_kwargs.pop("ssl", False) else "redis"
+                cluster_kwargs["url"] = f"{scheme}://{host}:{first.port}"
                 # cleanup_kwargs() in RedisCluster drops health_check_interval; the pool keeps it.
-                extra = {"health_check_interval": kwargs.pop("health_check_interval", 30)}
-                kwargs["connection_pool_class"] = _pool_class({**self._hooks, **extra})
+                extra = {"health_check_interval": cluster_kwargs.pop("health_check_interval", 30)}
+                cluster_kwargs["connection_pool_class"] = _pool_class({**self._hooks, **extra})
             try:
-                return redis.cluster.RedisCluster(startup_nodes=nodes, retry=self._retry(), **kwargs)
+                return redis.cluster.RedisCluster(startup_nodes=nodes, retry=self._retry(), **cluster_kwargs)
             except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
                 raise StoreUnavailableError(self.display_url, f"cannot reach the cluster: {exc}") from exc
         # RESP2: every server and proxy speaks it, and it needs no HELLO round trip.
@@ -239,7 +241,7 @@ class RedisConnector(RemoteConnector):
         name = self._name(key)
         return self._call("GET", lambda c: _none_on_wrongtype(self._redis, lambda: c.get(name)))
 
-    def get_many(self, keys: Sequence[CacheEngineKey]) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[CacheEngineKey]) -> List[bytes | None]:
         """One ``MGET`` (per slot on a cluster); aligned with ``keys``, None for misses."""
         names = [self._name(k) for k in keys]
         if not names:
@@ -302,7 +304,7 @@ class RedisConnector(RemoteConnector):
         """
         pattern = escape_glob(self.prefix) + "*"
         for node in self._call("SCAN", self._scan_targets):
-            batch: list[tuple[bytes, CacheEngineKey]] = []
+            batch: List[tuple[bytes, CacheEngineKey]] = []
             for name in self._scan(node, pattern):
                 key = self._parse_name(name)
                 if key is not None:
@@ -337,7 +339,7 @@ class RedisConnector(RemoteConnector):
             return ChunkValue(parts)
         return b"".join(parts)
 
-    def _scan_targets(self, client: Any) -> list[Any]:
+    def _scan_targets(self, client: Any) -> List[Any]:
         if self.cluster:
             return [node.redis_connection or client.get_redis_connection(node)
                     for node in client.get_primaries()]
@@ -346,15 +348,16 @@ class RedisConnector(RemoteConnector):
     def _scan(self, node: Any, pattern: str) -> Iterator[bytes]:
         cursor = 0
         while True:
-            cursor, names = self._call(
-                "SCAN", lambda _c, cur=cursor: node.scan(cursor=cur, match=pattern, count=SCAN_COUNT)
-            )
+            def step(_client: Any, cur: int = cursor) -> tuple[int, List[bytes]]:
+                return node.scan(cursor=cur, match=pattern, count=SCAN_COUNT)  # type: ignore[no-any-return]
+
+            cursor, names = self._call("SCAN", step)
             yield from names
             if int(cursor) == 0:
                 return
 
-    def _sized(self, node: Any, batch: list[tuple[bytes, CacheEngineKey]]) -> Iterator[RemoteObject]:
-        def run(_c: Any) -> list[Any]:
+    def _sized(self, node: Any, batch: List[tuple[bytes, CacheEngineKey]]) -> Iterator[RemoteObject]:
+        def run(_c: Any) -> List[Any]:
             pipe = node.pipeline(transaction=False)
             for name, _key in batch:
                 pipe.strlen(name)
@@ -411,7 +414,8 @@ def _parse_cluster_url(url: str) -> dict[str, Any]:
         if name == "ssl":
             kwargs["ssl"] = value.lower() in ("1", "true", "yes", "on")
         elif name in URL_QUERY_ARGUMENT_PARSERS:
-            kwargs[name] = URL_QUERY_ARGUMENT_PARSERS[name](value)
+            parse: Callable[[str], Any] = URL_QUERY_ARGUMENT_PARSERS[name]  # type: ignore[assignment]
+            kwargs[name] = parse(value)
         else:
             kwargs[name] = value
     if parts.scheme.lower().startswith("rediss"):
@@ -526,7 +530,7 @@ def _large_reply_parser(protocol: int) -> type:
             total = length + 2  # the value and its CRLF
             # numpy.empty, not bytearray(n): bytearray zero-fills, which costs as much
             # as the network read itself for a 32 MiB chunk.
-            view = memoryview(numpy.empty(total, dtype=numpy.uint8))
+            view = numpy.empty(total, dtype=numpy.uint8).data
             got = self._buffer.readinto(view)  # whatever redis-py already buffered
             sock = self._sock
             custom = timeout is not SENTINEL
