@@ -340,6 +340,33 @@ def test_fork_child_gets_its_own_client(conn):
     assert _b(conn.get(make_key("fork"))) == b"from parent"
 
 
+def test_fork_while_another_thread_holds_the_client_lock(redis_server):
+    c = RedisConnector(redis_server.url, timeout=TIMEOUT, prefix=_prefix())
+    c.put(make_key(1), [b"x"])
+    c.close()
+    c = RedisConnector(redis_server.url, timeout=TIMEOUT, prefix=c.prefix)  # no client yet
+    with c._lock:  # as if a parent thread were building the client at fork() time
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os._exit(0 if bytes(c.get(make_key(1)) or b"") == b"x" else 1)
+            finally:
+                os._exit(2)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the child deadlocked on a lock inherited from the parent")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert _b(c.get(make_key(1))) == b"x"
+    c.close()
+
+
 def test_key_type_checked(conn):
     with pytest.raises(TypeError):
         conn.get("vllm@m@1@0@ab")  # type: ignore[arg-type]

@@ -145,6 +145,7 @@ class RedisConnector(RemoteConnector):
         #: whether ``put`` sends header and payload without joining them first
         self.zero_copy_put = "command_packer" in self._hooks
         self._lock = threading.Lock()
+        self._lock_pid = os.getpid()
         self._client_obj: Any = None
         self._pid = -1
         self._closed = False
@@ -152,10 +153,11 @@ class RedisConnector(RemoteConnector):
     # -- clients -------------------------------------------------------------------
 
     def _client(self) -> Any:
+        pid = os.getpid()
         client = self._client_obj
-        if client is not None and self._pid == os.getpid():
+        if client is not None and self._pid == pid:
             return client
-        with self._lock:
+        with self._process_lock():
             if self._closed:
                 raise StoreUnavailableError(self.display_url, "connector is closed")
             if self._client_obj is None or self._pid != os.getpid():
@@ -164,6 +166,14 @@ class RedisConnector(RemoteConnector):
                 self._client_obj = self._make_client()
                 self._pid = os.getpid()
             return self._client_obj
+
+    def _process_lock(self) -> threading.Lock:
+        pid = os.getpid()
+        if self._lock_pid != pid:
+            # A lock that a parent thread held at fork() stays held in the child forever.
+            self._lock = threading.Lock()
+            self._lock_pid = pid
+        return self._lock
 
     def _retry(self) -> Any:
         from redis.backoff import NoBackoff
@@ -317,7 +327,7 @@ class RedisConnector(RemoteConnector):
 
     def close(self) -> None:
         """Disconnect every pooled connection. Idempotent; later calls raise."""
-        with self._lock:
+        with self._process_lock():
             self._closed = True
             client, self._client_obj = self._client_obj, None
             owned = self._pid == os.getpid()
