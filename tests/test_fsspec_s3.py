@@ -29,7 +29,9 @@ from tests.tcp_proxy import TcpProxy
 from tests.test_conformance import chunk, same
 
 TIMEOUT = 0.5
-BOUND = TIMEOUT * 3  # "returns within its timeout", with slack for a loaded CI machine
+# "returns within its timeout": the hard bound is TIMEOUT; the rest is slack for a
+# loaded 2-core CI machine where the caller's thread may wait for a core.
+BOUND = max(TIMEOUT * 3, 2.0)
 
 
 def _prefix(request: pytest.FixtureRequest) -> str:
@@ -70,6 +72,17 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     except Exception as exc:  # returned, so the caller asserts the type
         result = exc
     return result, time.monotonic() - start
+
+
+def _seed(store: LMCRemoteBackend, key: Any, value: torch.Tensor) -> None:
+    """Setup put: a loaded CI machine may miss the short test timeout once; not what is tested."""
+    for _ in range(4):
+        try:
+            store.put(key, value)
+            return
+        except StoreUnavailableError:
+            time.sleep(0.6)  # past the breaker's cooldown
+    store.put(key, value)
 
 
 def _eventually(fn: Callable[[], bool], within: float = 10.0) -> bool:
@@ -204,14 +217,14 @@ def test_stopped_server_then_restarted(s3_server_private: S3Server, request: pyt
     server = s3_server_private
     key = make_key("alive")
     with _backend(server, _prefix(request)) as store:
-        store.put(key, chunk(1))
+        _seed(store, key, chunk(1))
         server.stop()
         got, elapsed = _timed(lambda: store.get(key))
-        assert got is None and elapsed < BOUND
+        assert got is None and elapsed < BOUND, (got, elapsed)
         result, elapsed = _timed(lambda: store.put(make_key("down"), chunk(2)))
-        assert isinstance(result, StoreUnavailableError) and elapsed < BOUND
+        assert isinstance(result, StoreUnavailableError) and elapsed < BOUND, (result, elapsed)
         found, elapsed = _timed(lambda: store.contains(make_key("unknown")))
-        assert found is False and elapsed < BOUND
+        assert found is False and elapsed < BOUND, (found, elapsed)
         result, elapsed = _timed(lambda: store.put(make_key("queued"), chunk(3), blocking=False))
         assert result is None and elapsed < 0.5  # non-blocking: returns at once
         assert _eventually(lambda: store.stats["background_put_failures"] == 1)
@@ -245,7 +258,7 @@ def test_blackholed_server_every_call_returns_within_its_timeout(
     try:
         keys = [make_key(f"bh{i}") for i in range(3)]
         for i, k in enumerate(keys):
-            store.put(k, chunk(i))
+            _seed(store, k, chunk(i))
         proxied.set_mode("blackhole")  # accepts, reads, never answers
         for op, expected in (
             (lambda: store.get(keys[0]), None),
@@ -256,7 +269,7 @@ def test_blackholed_server_every_call_returns_within_its_timeout(
             result, elapsed = _timed(op)
             assert result == expected and elapsed < BOUND, (result, elapsed)
         result, elapsed = _timed(lambda: store.put(make_key("p"), chunk(9)))
-        assert isinstance(result, StoreUnavailableError) and elapsed < BOUND
+        assert isinstance(result, StoreUnavailableError) and elapsed < BOUND, (result, elapsed)
         result, elapsed = _timed(lambda: store.list())
         assert isinstance(result, StoreUnavailableError) and elapsed < store.list_timeout + 1
         assert store.stats["timeouts"] >= 4
@@ -278,7 +291,7 @@ def test_breaker_fails_fast_on_a_blackholed_server_and_probes_again(
     )
     try:
         key = make_key("cb")
-        store.put(key, chunk(1))
+        _seed(store, key, chunk(1))
         proxied.set_mode("blackhole")
         for _ in range(2):
             store.get(key)
@@ -301,12 +314,12 @@ def test_reset_connections_are_misses_and_failures(
     store = _backend(s3_server, _prefix(request), endpoint_url=f"http://127.0.0.1:{proxied.port}")
     try:
         key = make_key("rst")
-        store.put(key, chunk(1))
+        _seed(store, key, chunk(1))
         proxied.set_mode("reset")
         got, elapsed = _timed(lambda: store.get(key))
-        assert got is None and elapsed < BOUND
+        assert got is None and elapsed < BOUND, (got, elapsed)
         result, elapsed = _timed(lambda: store.put(make_key("y"), chunk(2)))
-        assert isinstance(result, StoreUnavailableError) and elapsed < BOUND
+        assert isinstance(result, StoreUnavailableError) and elapsed < BOUND, (result, elapsed)
         proxied.set_mode("forward")
         assert _eventually(lambda: same(store.get(key), chunk(1)))
     finally:
@@ -317,15 +330,15 @@ def test_reset_connections_are_misses_and_failures(
 def test_slow_server_within_the_timeout_still_works(
     s3_server: S3Server, proxied: TcpProxy, request: pytest.FixtureRequest
 ) -> None:
-    store = _backend(s3_server, _prefix(request), endpoint_url=f"http://127.0.0.1:{proxied.port}", timeout=2.0)
+    store = _backend(s3_server, _prefix(request), endpoint_url=f"http://127.0.0.1:{proxied.port}", timeout=1.0)
     try:
         key = make_key("slow")
-        store.put(key, chunk(1))
+        _seed(store, key, chunk(1))
         proxied.set_mode("delay", delay=0.1)
         assert same(store.get(key), chunk(1))
-        proxied.set_mode("delay", delay=5.0)  # slower than the timeout
+        proxied.set_mode("delay", delay=3.0)  # slower than the timeout
         got, elapsed = _timed(lambda: store.get(key))
-        assert got is None and elapsed < 2.0 * 3
+        assert got is None and elapsed < 1.0 * 3, (got, elapsed)
     finally:
         proxied.set_mode("forward")
         store.close()
