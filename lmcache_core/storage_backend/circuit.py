@@ -124,6 +124,11 @@ class CircuitBreaker:
                 # A late failure of a call sent before the circuit opened: restart the cooldown.
                 self._opened_at = self._clock()
 
+    def after_fork(self) -> None:
+        """In a forked child: a fresh lock (the parent's may have been held at fork) and closed state."""
+        self._lock = threading.Lock()
+        self.reset()
+
     def reset(self) -> None:
         """Back to closed with no failures (e.g. after the remote was reconfigured)."""
         with self._lock:

@@ -37,6 +37,7 @@ from lmcache_core.config import LMCacheEngineConfig, LMCacheEngineMetadata, mask
 from lmcache_core.errors import CorruptChunkError, LMCacheError, StoreFullError, StoreUnavailableError
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend.abstract_backend import (
+    BackendStats,
     ChunkInfo,
     LMCBackendInterface,
     check_chunk,
@@ -253,7 +254,9 @@ class LMCRemoteBackend(LMCBackendInterface):
             logger.info("%s: forked process %d reopens its remote connection", self.display_url, os.getpid())
             if not self._injected:
                 self.connector = self._open_connector()
-            self.breaker.reset()
+            # Locks held by other parent threads at fork() stay held in the child: rebuild them.
+            self.breaker.after_fork()
+            self.stats = BackendStats()
             self._start_runtime()
 
     def _check_open(self) -> None:
