@@ -293,3 +293,55 @@ def test_planted_pickle_never_executes(open_store, case, tmp_path):
             pass
         store.batched_get([key, make_key("absent")])
         assert not sentinel.exists(), name
+
+
+# -- things that are not files where a chunk should be (disk tier) -----------------------------------
+
+
+def _disk_store(tmp_path: Path) -> LMCLocalDiskBackend:
+    from lmcache_core import LMCacheEngineConfig
+
+    cfg = LMCacheEngineConfig.from_defaults(local_device=None, local_disk=str(tmp_path / "store"))
+    return LMCLocalDiskBackend(cfg, None, "cpu")
+
+
+def test_regression_fifo_at_a_chunk_path_hung_get(tmp_path):
+    """Bug: open() of a FIFO planted at a chunk path blocked forever, hanging get()."""
+    import os
+    import threading
+
+    store = _disk_store(tmp_path)
+    path = Path(store.root) / key_to_path(make_key(1))
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)
+    results: list[object] = []
+    reader = threading.Thread(
+        target=lambda: results.extend([store.get(make_key(1)), store.read_header(make_key(1))]), daemon=True
+    )
+    reader.start()
+    reader.join(timeout=10)
+    assert not reader.is_alive(), "get() blocked on a FIFO"
+    assert results == [None, None]
+    assert make_key(1) not in store.list()  # listings skip non-files
+    store.put(make_key(1), small_chunk())  # the atomic rename replaces it
+    assert torch.equal(store.get(make_key(1)), small_chunk())
+    store.close()
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "/dev/urandom", "/dev/null", "dir", "dangling"])
+def test_non_files_at_a_chunk_path_are_misses(tmp_path, target):
+    import os
+
+    store = _disk_store(tmp_path)
+    path = Path(store.root) / key_to_path(make_key(2))
+    path.parent.mkdir(parents=True)
+    if target == "dir":
+        path.mkdir()
+    elif target == "dangling":
+        os.symlink(tmp_path / "nowhere", path)
+    else:
+        os.symlink(target, path)
+    assert store.get(make_key(2)) is None
+    assert store.read_header(make_key(2)) is None
+    assert store.batched_get([make_key(2), make_key(3)]) == [None, None]
+    store.close()

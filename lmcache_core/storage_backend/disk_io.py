@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import stat
 import threading
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Callable, Iterator
@@ -139,12 +140,25 @@ def open_write(path: str) -> BinaryIO:
 
 
 def open_read(path: str) -> BinaryIO:
-    """An unbuffered file for reading (``rb``, buffering=0)."""
+    """An unbuffered file for reading (``rb``, buffering=0); only regular files open.
+
+    Raises:
+        OSError: ``EINVAL`` for a FIFO, device or socket at ``path``.
+    """
     hook = _hook
-    if hook is None:
-        return open(path, "rb", buffering=0)
-    hook("open", path)
-    return _FaultyFile(open(path, "rb", buffering=0), path)  # type: ignore[return-value]
+    if hook is not None:
+        hook("open", path)
+    # O_NONBLOCK: a FIFO planted at a chunk path would otherwise block open()
+    # forever (a hung get). It changes nothing for regular files.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(_errno.EINVAL, "not a regular file", path)
+        f = open(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return f if hook is None else _FaultyFile(f, path)  # type: ignore[return-value]
 
 
 def fsync(f: Any, path: str) -> None:
