@@ -114,6 +114,7 @@ class Summary:
     chunk_files_verified: int = 0
     stale_temps_removed: int = 0
     evicted_misses: int = 0
+    cli_verifies: int = 0  # `lmcache verify --fix` runs on a just-killed store, all clean
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
 
@@ -224,6 +225,8 @@ def run(
     fsync: bool = False,
     budget_gb: float = 1.0,
     evicts: bool = False,
+    cli_verify_every: int = 0,
+    progress_every: int = 0,
 ) -> Summary:
     """Run the harness on ``root``; returns the figures (``failures`` empty when all held)."""
     ctx = multiprocessing.get_context("forkserver")
@@ -268,7 +271,12 @@ def run(
                 except (EOFError, OSError):
                     break
             r.close()
+        if cli_verify_every and (it + 1) % cli_verify_every == 0:
+            cli_verify(root, summary)  # on the torn state, before anything else reopens it
         audit(root, states, summary, budget_gb, evicts)
+        if progress_every and (it + 1) % progress_every == 0:
+            print(f"iteration {it + 1}: {summary.acked_ops} acked ops, "
+                  f"{len(summary.failures)} failures", file=sys.stderr, flush=True)
         for proc, state in enumerate(states):  # the audit settled the in-flight op: record it
             if state.pending is not None:
                 state.model[state.pending[0]] = _on_disk_version(root, state, proc, budget_gb)
@@ -278,6 +286,26 @@ def run(
     summary.iterations = it + 1 if iterations else 0
     summary.seconds = round(time.monotonic() - start, 2)
     return summary
+
+
+def cli_verify(root: str, summary: Summary) -> None:
+    """Run ``lmcache verify --fix`` on the store as an operator would after a crash."""
+    import subprocess
+
+    cmd = [sys.executable, "-c", "from lmcache_cli.main import main; main()",
+           "--store", root, "--format", "json", "verify", "--fix"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    it = summary.iterations
+    try:
+        report = json.loads(proc.stdout)
+    except ValueError:
+        summary.failures.append(f"iteration {it}: verify printed no JSON (exit {proc.returncode}): "
+                                f"{proc.stderr.strip()[-300:]}")
+        return
+    if proc.returncode != 0 or report.get("bad") or report.get("problems_left"):
+        summary.failures.append(f"iteration {it}: verify --fix found torn chunks: {report}")
+        return
+    summary.cli_verifies += 1
 
 
 def _on_disk_version(root: str, state: _ChildState, proc: int, budget_gb: float) -> int | None:
@@ -306,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-delay", type=float, default=0.3, help="longest a child runs, seconds")
     ap.add_argument("--fsync", action="store_true", help="fsync every chunk before rename")
     ap.add_argument("--evict", action="store_true", help="small budget: acked chunks may be evicted")
+    ap.add_argument("--cli-verify-every", type=int, default=0,
+                    help="every N kills, run `lmcache verify --fix` on the torn store first")
+    ap.add_argument("--progress-every", type=int, default=100, help="print progress every N iterations")
     ap.add_argument("--json", help="also write the summary to this file")
     args = ap.parse_args(argv)
     import tempfile
@@ -315,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = run(
         root, iterations=args.iterations, procs=args.procs, seed=args.seed, slots=args.slots,
         max_delay=args.max_delay, fsync=args.fsync, budget_gb=budget, evicts=args.evict,
+        cli_verify_every=args.cli_verify_every, progress_every=args.progress_every,
     )
     out = json.dumps({"dir": root, **asdict(summary)}, indent=2)
     print(out)

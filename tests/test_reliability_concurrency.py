@@ -171,3 +171,11 @@ def test_reader_racing_removal_by_another_process(tmp_path):
     assert list(root.rglob("*.tmp")) == []
     a.close()
     b.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_long_shared_directory_stress(tmp_path):
+    """``pytest -m slow``: 4 processes x 4 threads for 30 s on one directory."""
+    summary = stress.run(str(tmp_path / "shared"), procs=4, threads=4, slots=24, seconds=30.0, seed=9)
+    assert summary["errors"] == [] and summary["problems"] == []

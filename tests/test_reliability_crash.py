@@ -30,8 +30,11 @@ def _check(summary: crash_harness.Summary) -> None:
 
 @pytest.mark.timeout(600)
 def test_sigkill_loses_no_acknowledged_chunk_and_leaves_no_torn_file(tmp_path):
-    summary = crash_harness.run(str(tmp_path / "store"), iterations=ITERATIONS, procs=2, seed=11)
+    summary = crash_harness.run(
+        str(tmp_path / "store"), iterations=ITERATIONS, procs=2, seed=11, cli_verify_every=ITERATIONS
+    )
     _check(summary)
+    assert summary.cli_verifies >= 1  # `lmcache verify --fix` on a just-killed store: clean
     assert summary.acked_puts_checked > 0 and summary.removes_checked >= 0
 
 
@@ -42,3 +45,14 @@ def test_sigkill_with_fsync_and_eviction(tmp_path):
         fsync=True, budget_gb=4 * 1024**2 / 1024**3, evicts=True,
     )
     _check(summary)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_long_crash_run(tmp_path):
+    """``pytest -m slow``: 300 kills of 2 writers, `lmcache verify --fix` every 50."""
+    summary = crash_harness.run(
+        str(tmp_path / "store"), iterations=300, procs=2, seed=2026, cli_verify_every=50
+    )
+    _check(summary)
+    assert summary.cli_verifies == 6
