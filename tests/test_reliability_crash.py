@@ -41,8 +41,9 @@ def test_sigkill_loses_no_acknowledged_chunk_and_leaves_no_torn_file(tmp_path):
 @pytest.mark.timeout(600)
 def test_sigkill_with_fsync_and_eviction(tmp_path):
     summary = crash_harness.run(
-        str(tmp_path / "store"), iterations=max(2, ITERATIONS // 2), procs=2, seed=12,
+        str(tmp_path / "store"), iterations=max(3, ITERATIONS // 2), procs=2, seed=12,
         fsync=True, budget_gb=4 * 1024**2 / 1024**3, evicts=True,
+        max_delay=0.6,  # fsync'd writes are slow on a loaded machine: let some be acknowledged
     )
     _check(summary)
 
