@@ -173,6 +173,32 @@ def test_get_many_aligned_with_misses_and_large_values(conn):
     assert conn.get_many([]) == []
 
 
+def test_get_many_sizes_its_mgets_by_the_values_it_reads(redis_server_private):
+    c = RedisConnector(redis_server_private.url, timeout=TIMEOUT, prefix="mg:")
+    c.mget_budget_bytes = 4000
+    small = {make_key(f"s{i}"): b"s%03d" % i * 25 for i in range(10)}  # 100 bytes each
+    big = {make_key(f"b{i}"): b"B%03d" % i * 500 for i in range(6)}  # 2000 bytes each
+    c.put_many([(k, [v]) for k, v in {**small, **big}.items()])
+    with redis_server_private.client() as raw:
+
+        def mget_calls() -> int:
+            return int(raw.info("commandstats").get("cmdstat_mget", {}).get("calls", 0))
+
+        c.get(next(iter(big)))  # the latest read says: values are 2000 bytes
+        before = mget_calls()
+        assert [_b(v) for v in c.get_many(list(big))] == list(big.values())
+        assert mget_calls() - before == 3  # two per MGET
+        c.get(next(iter(small)))  # now 100 bytes: forty per MGET
+        before = mget_calls()
+        assert [_b(v) for v in c.get_many(list(small))] == list(small.values())
+        assert mget_calls() - before == 1
+    keys = [make_key("s0"), make_key("absent"), make_key("b5"), make_key("s9"), make_key("absent2")]
+    got = c.get_many(keys)
+    assert got[1] is None and got[4] is None
+    assert [_b(got[0]), _b(got[2]), _b(got[3])] == [small[keys[0]], big[keys[2]], small[keys[3]]]
+    c.close()
+
+
 def test_delete_and_get_range(conn):
     header, payload = _value(LARGE_REPLY_BYTES + 10)
     conn.put(make_key(1), [header, payload])

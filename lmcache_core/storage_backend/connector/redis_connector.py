@@ -46,6 +46,8 @@ SCAN_COUNT = 1000
 # Replies at least this long are read with recv_into (below it redis-py's buffer is fine).
 LARGE_REPLY_BYTES = 256 * 1024
 _GLOB_SPECIAL = "\\*?[]"
+MGET_BUDGET_BYTES = 64 * 1024 * 1024
+ASSUMED_VALUE_BYTES = 32 * 1024 * 1024
 
 _T = TypeVar("_T")
 
@@ -143,6 +145,10 @@ class RedisConnector(RemoteConnector):
         self._hooks = _fast_path_hooks(int(options.get("protocol") or 2))
         #: whether ``put`` sends header and payload without joining them first
         self.zero_copy_put = "command_packer" in self._hooks
+        #: about how many reply bytes one MGET of ``get_many`` may ask for
+        self.mget_budget_bytes = MGET_BUDGET_BYTES
+        # Largest value of the latest read; until one is read, assume full 32 MiB chunks.
+        self._value_hint = ASSUMED_VALUE_BYTES
         self._lock = threading.Lock()
         self._lock_pid = os.getpid()
         self._client_obj: Any = None
@@ -248,18 +254,38 @@ class RedisConnector(RemoteConnector):
         the socket); ``chunk_format.decode`` wraps it without copying.
         """
         name = self._name(key)
-        return self._call("GET", lambda c: _none_on_wrongtype(self._redis, lambda: c.get(name)))
+        value = self._call("GET", lambda c: _none_on_wrongtype(self._redis, lambda: c.get(name)))
+        self._learn_size((value,))
+        return value
 
     def get_many(self, keys: Sequence[CacheEngineKey]) -> List[bytes | None]:
-        """One ``MGET`` (per slot on a cluster); aligned with ``keys``, None for misses."""
+        """``MGET`` (per slot on a cluster), aligned with ``keys``, None for misses.
+
+        Keys go in consecutive MGETs of about ``mget_budget_bytes`` each, sized by the
+        largest value of the latest read. Redis builds a whole reply in its output buffer
+        (counted in ``used_memory``) before sending it: one MGET of sixteen 32 MiB chunks
+        would hold 512 MiB there per client and can push a nearly full server into
+        OOM errors or evictions. On loopback the split costs nothing measurable (16
+        chunks of 32 MiB: 1, 2 or 16 per MGET within noise); small chunks still go many
+        to a round trip.
+        """
         names = [self._name(k) for k in keys]
-        if not names:
-            return []
-        if self.cluster:
-            values = self._call("MGET", lambda c: c.mget_nonatomic(names))
-        else:
-            values = self._call("MGET", lambda c: c.mget(names))
-        return list(values)
+        values: List[bytes | None] = []
+        start = 0
+        while start < len(names):
+            step = max(1, self.mget_budget_bytes // max(1, self._value_hint))
+            group = names[start : start + step]
+            start += len(group)
+
+            def fetch(client: Any, group: List[bytes] = group) -> List[Any]:
+                if self.cluster:
+                    return client.mget_nonatomic(group)  # type: ignore[no-any-return]
+                return client.mget(group)  # type: ignore[no-any-return]
+
+            got = self._call("MGET", fetch)
+            values.extend(got)
+            self._learn_size(got)
+        return values
 
     def put(self, key: CacheEngineKey, parts: Sequence[bytes | memoryview]) -> None:
         """``SET`` the concatenation of ``parts``; one command, so readers never see half."""
@@ -340,6 +366,13 @@ class RedisConnector(RemoteConnector):
         return f"RedisConnector({self.display_url!r}, prefix={self.prefix!r})"
 
     # -- helpers -------------------------------------------------------------------
+
+    def _learn_size(self, values: Sequence[Any]) -> None:
+        largest = max((len(v) for v in values if v is not None), default=0)
+        if largest:
+            # The latest read's largest value, so the hint follows the workload both ways.
+            # Threads race on it harmlessly: it only sizes MGETs.
+            self._value_hint = largest
 
     def _value(self, parts: Sequence[bytes | memoryview] | bytes | bytearray | memoryview) -> Any:
         if isinstance(parts, (bytes, bytearray, memoryview)):
