@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import socket
 import threading
 import time
@@ -736,7 +737,7 @@ def warm(
             try:
                 outcome, nbytes, reason = fut.result()
             except Exception as exc:  # one failing chunk must not stop the rest
-                outcome, nbytes, reason = "failed", 0, mask_url(f"{type(exc).__name__}: {exc}")
+                outcome, nbytes, reason = "failed", 0, mask_urls_in(f"{type(exc).__name__}: {exc}")
             if outcome == "copied":
                 result.copied += 1
                 result.bytes_copied += nbytes
@@ -829,6 +830,14 @@ def value_stats(tensor: torch.Tensor, per_layer: bool = False) -> dict[str, Any]
     if per_layer and tensor.dim() >= 1:
         out["layers"] = [one(tensor[i]) for i in range(tensor.shape[0])]
     return out
+
+
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+")
+
+
+def mask_urls_in(text: str) -> str:
+    """``text`` with the password of every URL in it masked (see ``mask_url``)."""
+    return _URL_RE.sub(lambda m: mask_url(m.group(0)) if ("@" in m.group(0) or "?" in m.group(0)) else m.group(0), text)
 
 
 def read_keys(lines: Iterable[str]) -> list[CacheEngineKey]:

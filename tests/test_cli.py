@@ -435,6 +435,21 @@ def test_warm_failure_exits_1(cli: Cli, tmp_path: Path) -> None:
     assert "failed 1" in r.stdout and r.stderr.startswith("error:")
 
 
+def test_warm_to_unreachable_store_fails_without_leaking_the_password(cli: Cli, tmp_path: Path) -> None:
+    put_many(cli, tmp_path, 1)
+    r = cli("warm", "--to", "redis://user:pa55word@127.0.0.1:1/0", code=1)
+    assert "pa55word" not in r.stdout + r.stderr
+    assert r.stderr.startswith("error:") or "failed 1" in r.stdout
+
+
+def test_global_format_applies_to_commands(cli: Cli, tmp_path: Path) -> None:
+    put_many(cli, tmp_path, 1)
+    assert json.loads(cli("--format", "json", "ls").stdout)["count"] == 1
+    assert json.loads(cli("--format", "json", "stats").stdout)["chunks"] == 1
+    # a command's own --format wins
+    assert cli("--format", "json", "ls", "--format", "human").stdout.strip().endswith(str(cli.store))
+
+
 def test_warm_usage_errors(cli: Cli, tmp_path: Path) -> None:
     cli("warm", code=2)
     cli("warm", "--to", str(cli.store), code=2)  # same store both sides
