@@ -47,12 +47,13 @@ def planter_for(store: LMCBackendInterface) -> Planter | None:
     connector = getattr(store, "connector", None)
     if connector is not None:
         return lambda key, blob: connector.put(key, [blob])
-    tiers = getattr(store, "_tiers", None)  # hybrid: plant in its slowest local tier
+    tiers = getattr(store, "_tiers", None)  # hybrid: plant in its disk tier, else its remote
     for _, tier in reversed(tiers or []):
         plant = planter_for(tier)
         if plant is not None:
             return plant
-    return None
+    remote = getattr(store, "remote", None)
+    return planter_for(remote) if remote is not None else None
 
 
 @pytest.fixture
