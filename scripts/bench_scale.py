@@ -44,6 +44,22 @@ def per_op_us(fn: Callable[[int], Any], ids: range) -> float:
     return round((time.perf_counter() - t0) / max(1, len(ids)) * 1e6, 2)
 
 
+def held_per_chunk(store: LMCBackendInterface, chunk: torch.Tensor, n: int, extra: int) -> int:
+    """Python memory the store holds per added chunk, over ``extra`` more puts (removed after).
+
+    Traced separately from the timed fill: tracemalloc slows every allocation.
+    """
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for i in range(extra):
+        store.put(key(n + 20_000_000 + i), chunk)
+    held = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    for i in range(extra):
+        store.remove(key(n + 20_000_000 + i))
+    return round(held / extra)
+
+
 def measure(kind: str, n: int, chunk: torch.Tensor, root: str, samples: int) -> dict[str, Any]:
     nbytes = chunk.numel() * chunk.element_size()
     per_chunk = nbytes
@@ -71,17 +87,14 @@ def measure(kind: str, n: int, chunk: torch.Tensor, root: str, samples: int) -> 
         return LMCLocalDiskBackend(cfg, None, "cpu")
 
     out: dict[str, Any] = {"store": kind, "chunks": n, "chunk_bytes": nbytes}
-    tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
     store = open_store()
+    # Before the fill, so these puts evict nothing (the budget holds exactly n).
+    out["bytes_per_indexed_chunk"] = held_per_chunk(store, chunk, n, min(n, 2000))
     t0 = time.perf_counter()
     for i in range(n):
         store.put(key(i), chunk)
     fill = time.perf_counter() - t0
-    held = tracemalloc.get_traced_memory()[0] - base
-    tracemalloc.stop()
     out["put_fill_us"] = round(fill / n * 1e6, 2)
-    out["bytes_per_indexed_chunk"] = round(held / n)
     step = max(1, n // samples)
     out["contains_hit_us"] = per_op_us(lambda i: store.contains(key(i)), range(0, n, step))
     out["contains_miss_us"] = per_op_us(lambda i: store.contains(key(n + 10_000_000 + i)), range(samples))

@@ -20,8 +20,11 @@ import torch
 
 _ALIGN = 64  # bytes; keeps every buffer aligned for any dtype and SIMD loads
 # Buffers examined per acquire beyond the hinted ones: a full scan would make each
-# put O(retained buffers), quadratic when a store holds 100k small chunks.
+# put O(retained buffers), quadratic when a store holds 100k small chunks. Small
+# buffers are cheap to allocate fresh, so they get a shorter look.
 _SCAN_LIMIT = 16
+_SCAN_LIMIT_SMALL = 2
+_SMALL_BYTES = 64 << 10
 _MAX_HINTS = 4096
 
 
@@ -105,7 +108,8 @@ class BufferPool:
                 hinted = self._from_hints(capacity) if self._hints else None
                 if hinted is not None:
                     return hinted[:nbytes]
-                for _ in range(min(len(ring), _SCAN_LIMIT)):
+                limit = _SCAN_LIMIT if capacity >= _SMALL_BYTES else _SCAN_LIMIT_SMALL
+                for _ in range(min(len(ring), limit)):
                     buf, baseline = ring[0]
                     ring.rotate(-1)
                     if _use_count(buf) <= baseline:
