@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from lmcache_cli.errors import usage_error
 from lmcache_cli.output import Output, OutputFormat, safe_url
 from lmcache_core.config import CONFIG_FILE_ENV, LMCacheEngineConfig
-from lmcache_core.store_ops import Store
+
+if TYPE_CHECKING:
+    from lmcache_core.store_ops import Store
 
 STORE_ENV = "LMCACHE_STORE"
 
@@ -79,6 +81,8 @@ class CliState:
 
     def open_store(self, url: str | None = None) -> Store:
         """The store the options name (or ``url``)."""
+        from lmcache_core.store_ops import Store
+
         if url is not None:
             return Store(url, self.config())
         store_url, _ = self.store_url()

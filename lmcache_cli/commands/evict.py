@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -13,7 +13,9 @@ from lmcache_cli.options import ModelOption, OlderThanOption, PatternArgument, a
 from lmcache_cli.output import Column, Output
 from lmcache_cli.state import FormatOption, get_state
 from lmcache_cli.units import human_age, human_size, plural
-from lmcache_core import store_ops
+
+if TYPE_CHECKING:
+    from lmcache_core.store_ops import EvictPlan
 
 PLAN_ROWS_SHOWN = 20
 
@@ -47,6 +49,8 @@ def evict(
       lmcache evict --to-size 50GiB --yes
       lmcache evict 'vllm@old-model@*' --yes
     """
+    from lmcache_core import store_ops  # lazily: keeps `lmcache --help` fast
+
     state = get_state(ctx)
     out = state.output(format_)
     max_age = age_option(older_than, "--older-than")
@@ -97,7 +101,7 @@ def evict(
         raise typer.Exit(1)
 
 
-def _show_plan(out: Output, plan: store_ops.EvictPlan, now: float, where: str) -> None:
+def _show_plan(out: Output, plan: EvictPlan, now: float, where: str) -> None:
     if plan.victims:
         rows = [
             [v.key.to_string(), human_size(v.size), human_age(None if v.last_used is None else now - v.last_used)]

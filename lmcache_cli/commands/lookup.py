@@ -9,7 +9,6 @@ import typer
 from lmcache_cli.options import ChunkSizeOption, KvFmt, KvFmtOption, WorkerIdOption, WorldSizeOption
 from lmcache_cli.output import Column
 from lmcache_cli.state import FormatOption, get_state
-from lmcache_core import store_ops
 
 
 def lookup(
@@ -29,6 +28,7 @@ def lookup(
       lmcache lookup --tokens prompt.json --model llama
     """
     from lmcache_cli.tensor_files import load_tokens
+    from lmcache_core import store_ops  # lazily: keeps `lmcache --help` fast
 
     state = get_state(ctx)
     out = state.output(format_)

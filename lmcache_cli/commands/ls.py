@@ -19,7 +19,6 @@ from lmcache_cli.options import (
 from lmcache_cli.output import Column
 from lmcache_cli.state import FormatOption, get_state
 from lmcache_cli.units import human_age, human_size, plural
-from lmcache_core import store_ops
 
 
 def ls(
@@ -43,6 +42,8 @@ def ls(
       lmcache ls --model llama --older-than 7d --sort size -l
       lmcache ls -q 'vllm@llama*' | lmcache warm --keys - --from /a --to s3://b/p
     """
+    from lmcache_core import store_ops  # lazily: keeps `lmcache --help` fast
+
     state = get_state(ctx)
     out = state.output(format_)
     min_size = size_option(larger_than, "--larger-than")

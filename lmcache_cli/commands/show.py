@@ -11,7 +11,6 @@ from lmcache_cli.options import parse_key
 from lmcache_cli.output import Column
 from lmcache_cli.state import FormatOption, get_state
 from lmcache_cli.units import human_size
-from lmcache_core import store_ops
 
 
 def _num(x: float | None) -> str:
@@ -32,6 +31,8 @@ def show(
     Example:
       lmcache show vllm@llama@1@0@0a1b2c --layers
     """
+    from lmcache_core import store_ops  # lazily: keeps `lmcache --help` fast
+
     state = get_state(ctx)
     out = state.output(format_)
     chunk_key = parse_key(key)

@@ -7,11 +7,12 @@ import typer
 from lmcache_cli.output import Column
 from lmcache_cli.state import FormatOption, get_state
 from lmcache_cli.units import human_size, human_time
-from lmcache_core import store_ops
 
 
 def stats(ctx: typer.Context, format_: FormatOption = None) -> None:
     """Count chunks and bytes, in total and per model and KV layout."""
+    from lmcache_core import store_ops  # lazily: keeps `lmcache --help` fast
+
     state = get_state(ctx)
     out = state.output(format_)
     with state.open_store() as store:

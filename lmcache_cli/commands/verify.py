@@ -10,7 +10,6 @@ from lmcache_cli.output import Column
 from lmcache_cli.progress import progress_bar
 from lmcache_cli.state import FormatOption, get_state
 from lmcache_cli.units import human_size, plural
-from lmcache_core import store_ops
 
 
 def verify(
@@ -28,6 +27,8 @@ def verify(
       lmcache verify
       lmcache verify --fix
     """
+    from lmcache_core import store_ops  # lazily: keeps `lmcache --help` fast
+
     state = get_state(ctx)
     out = state.output(format_)
     with state.open_store() as store:

@@ -13,7 +13,6 @@ from lmcache_cli.output import Column
 from lmcache_cli.progress import progress_bar
 from lmcache_cli.state import FormatOption, get_state
 from lmcache_cli.units import human_rate, human_size, plural
-from lmcache_core import store_ops
 from lmcache_core.config import mask_url
 
 
@@ -40,6 +39,8 @@ def warm(
       lmcache warm --from s3://bucket/kv --to /mnt/nvme/lmcache --model llama -j 16
       lmcache ls -q llama | lmcache warm --keys - --from /data/a --to redis://cache:6379
     """
+    from lmcache_core import store_ops  # lazily: keeps `lmcache --help` fast
+
     state = get_state(ctx)
     out = state.output(format_)
     if src is None and dst is None:
