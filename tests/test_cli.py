@@ -274,6 +274,24 @@ def test_put_tokens_npy_and_world_size(cli: Cli, tmp_path: Path) -> None:
     assert all(e["world_size"] == 2 and e["worker_id"] == 1 for e in cli.json("ls")["chunks"])
 
 
+def test_tokens_commands_honour_fmt_and_rank(cli: Cli, tmp_path: Path) -> None:
+    prompt = _prompt(tmp_path, 40)
+    kv = tmp_path / "hf.safetensors"
+    save_file({"kv": torch.randn(2, 2, 4, 40, 8)}, str(kv))  # huggingface: tokens on axis 3
+    opts = ["--model", MODEL, "--fmt", "huggingface", "--chunk-size", "16", "--world-size", "2", "--worker-id", "1"]
+    assert cli.json("put", "--tokens", str(prompt), "--kv", str(kv), *opts)["chunks"] == 3
+    keys = [CacheEngineKey.from_string(e["key"]) for e in cli.json("ls")["chunks"]]
+    assert {(k.fmt, k.world_size, k.worker_id) for k in keys} == {("huggingface", 2, 1)}
+    look = cli.json("lookup", "--tokens", str(prompt), *opts)
+    assert (look["tokens"], look["chunks"]) == (40, 3)
+    # another rank or layout sees nothing
+    assert cli.json("lookup", "--tokens", str(prompt), "--model", MODEL, "--chunk-size", "16")["tokens"] == 0
+    out = tmp_path / "o.safetensors"
+    got = cli.json("get", "--tokens", str(prompt), *opts, "-o", str(out))
+    assert got["shape"] == [2, 2, 4, 40, 8]
+    assert torch.equal(load_file(str(out))["kv"], load_file(str(kv))["kv"])
+
+
 def test_put_tokens_shape_mismatch_is_one_line_error(cli: Cli, tmp_path: Path) -> None:
     r = cli("put", "--tokens", str(_prompt(tmp_path, 100)), "--kv", str(_kv(tmp_path, 99)), "--model", MODEL, code=1)
     assert r.stderr.count("\n") == 1 and "100 token ids" in r.stderr
@@ -653,5 +671,8 @@ def test_bench_human_table_and_stores_option(cli: Cli, tmp_path: Path) -> None:
     pytest.importorskip("lmcache_core.bench")
     r = cli("bench", "-s", "cpu://", "--kv-shape", "2,2,16,4,8", "--count", "2", "--batch", "2")
     assert "GB/s" in r.stdout and "RATIO" in r.stdout and "cpu://" in r.stdout
+    quick = cli.json("bench", "--quick", "--chunk-mb", "0.25", "--dtype", "float16")
+    assert quick["params"]["dtype"] == "float16" and quick["params"]["count"] == 8
+    assert "unknown dtype" in cli("bench", "--quick", "--chunk-mb", "0.25", "--dtype", "float17", code=1).stderr
     cli("bench", "--kv-shape", "2,3,4", code=2)
     cli("bench", "--kv-shape", "2,2,16,4,8", "--chunk-mb", "1", code=2)
