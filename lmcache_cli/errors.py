@@ -77,6 +77,15 @@ def debug_enabled() -> bool:
     return os.environ.get("LMCACHE_DEBUG", "").strip() not in ("", "0", "false", "no")
 
 
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so the final flush at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file (CliRunner): nothing will flush it at exit
+
+
 def _framework_kind(exc: BaseException) -> str | None:
     """``control`` (exit/abort), ``usage`` or ``other`` for Typer's (or click's) own
     exceptions, None for everything else. Duck-typed: Typer >= 0.16 vendors click,
@@ -96,7 +105,13 @@ class ErrorReportingGroup(TyperGroup):
 
     def invoke(self, ctx: Any) -> Any:
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a closed pipe must surface here, not at interpreter exit
+            return result
+        except BrokenPipeError:
+            # `lmcache ls | head`: the reader is gone; stop quietly, as other tools do.
+            _discard_stdout()
+            raise typer.Exit(EXIT_FAILURE) from None
         except Exception as exc:
             kind = _framework_kind(exc)
             if kind in ("control", "other"):

@@ -163,3 +163,25 @@ def _put_in_process(store: Path, key: str, src: Path) -> None:
 
     with open_backend(str(store), dst_device="cpu") as backend:
         backend.put(CacheEngineKey.from_string(key), load_file(str(src))["x"])
+
+
+def test_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    """`lmcache ls | head -1`: no error message, no traceback when the reader goes away."""
+    from lmcache_core import layout
+    from lmcache_core.key import CacheEngineKey
+
+    store = tmp_path / "store"
+    for i in range(2000):  # listing reads names and sizes only: empty files will do
+        path = store / layout.key_to_path(CacheEngineKey("vllm", "m", 1, 0, f"{i:064x}"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    proc = subprocess.Popen(
+        [lmcache_exe(), "--store", str(store), "ls"], env=clean_env(tmp_path),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith("KEY")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) in (0, 1)
+    assert err == "", err
