@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 from lmcache_core.config import mask_url
 
+RICH_MAX_ROWS = 200
+
 
 class OutputFormat(str, enum.Enum):
     """``--format`` values."""
@@ -96,27 +98,27 @@ class Output:
         self.stderr.flush()
 
     def table(self, columns: Sequence[Column], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
-        """A human table on stdout."""
-        cells = [["" if c is None else str(c) for c in row] for row in rows]
-        if _isatty(self.stdout):
-            from rich import box
-            from rich.console import Console
-            from rich.table import Table
+        """A human table on stdout.
 
-            table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
-            for col in columns:
-                table.add_column(col.title, justify="right" if col.right else "left", overflow="fold")
-            for row in cells:
-                table.add_row(*row)
-            Console(file=self.stdout).print(table)
-            return
-        if title:
-            self.line(title)
+        A rich table on a terminal when it fits the width and is short; plain
+        aligned columns otherwise (pipes, CI logs, 10,000-row listings): never a
+        folded key, and no per-row rendering cost.
+        """
+        cells = [["" if c is None else str(c) for c in row] for row in rows]
         widths = [len(c.title) for c in columns]
         for row in cells:
             for i, cell in enumerate(row):
                 if len(cell) > widths[i]:
                     widths[i] = len(cell)
+        if len(cells) <= RICH_MAX_ROWS and _isatty(self.stdout):
+            from rich.console import Console
+
+            console = Console(file=self.stdout)
+            if sum(widths) + 2 * len(columns) + 2 <= console.width:
+                self._rich_table(console, columns, cells, title)
+                return
+        if title:
+            self.line(title)
         last = len(columns) - 1
 
         def fmt(values: Sequence[str]) -> str:
@@ -131,6 +133,18 @@ class Output:
         out = [fmt([c.title for c in columns])]
         out.extend(fmt(row) for row in cells)
         self.stdout.write("\n".join(out) + "\n")
+
+    @staticmethod
+    def _rich_table(console: Any, columns: Sequence[Column], cells: list[list[str]], title: str | None) -> None:
+        from rich import box
+        from rich.table import Table
+
+        table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+        for col in columns:
+            table.add_column(col.title, justify="right" if col.right else "left", no_wrap=True)
+        for row in cells:
+            table.add_row(*row)
+        console.print(table)
 
     def fields(self, pairs: Sequence[tuple[str, Any]], title: str | None = None) -> None:
         """``name: value`` lines, names aligned (for one object, like ``show``)."""
