@@ -188,6 +188,31 @@ def test_foreign_and_corrupt_objects_on_s3(s3_server: S3Server, request: pytest.
         client.close()
 
 
+def test_regression_empty_object_get_opened_the_circuit_breaker(
+    s3_server: S3Server, request: pytest.FixtureRequest
+) -> None:
+    """A 0-byte object answers our from-byte-0 GET with InvalidRange (416): that is a
+    corrupt chunk on a healthy server, not an outage, so the circuit must stay closed."""
+    prefix = _prefix(request)
+    key = make_key("empty")
+    client = s3_server.client()
+    try:
+        client.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/{layout.key_to_path(key)}", Body=b"")
+    finally:
+        client.close()
+    for pipelined in (False, True):
+        store = _backend(s3_server, prefix, pipelined=pipelined)
+        try:
+            for _ in range(5):
+                assert store.get(key) is None
+                assert store.batched_get([key]) == [None]
+            assert store.read_header(key) is None
+            assert store.breaker.state == "closed"
+            assert store.stats["remote_errors"] == 0 and store.stats["corrupt"] == 10
+        finally:
+            store.close()
+
+
 def test_read_header_on_s3_reads_a_range(s3_server: S3Server, request: pytest.FixtureRequest) -> None:
     key = make_key("hdr")
     value = torch.zeros((4, 2, 256, 8, 32), dtype=torch.bfloat16)  # 1 MiB

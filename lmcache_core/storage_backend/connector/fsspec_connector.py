@@ -96,6 +96,19 @@ def _parse_query(query: str) -> dict[str, Any]:
     return options
 
 
+def _is_invalid_range(exc: BaseException) -> bool:
+    """S3's answer to a range past the object's end (InvalidRange, HTTP 416).
+
+    Our reads start at byte 0 to save a HEAD, so a 0-byte object answers this
+    way: the server is fine, the object is just empty (a corrupt chunk).
+    """
+    cause = exc.__cause__ or exc.__context__
+    error = getattr(cause, "response", None)
+    if isinstance(error, dict) and error.get("Error", {}).get("Code") == "InvalidRange":
+        return True
+    return "range is not satisfiable" in str(exc).lower()
+
+
 def _timestamp(info: dict[str, Any]) -> float | None:
     for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
         value = info.get(field)
@@ -232,6 +245,10 @@ class FsspecConnector(RemoteConnector):
             data = self.fs.cat_file(self.path(key), **self._cat_kwargs)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            if _is_invalid_range(exc):
+                return b""  # a 0-byte object (see _is_invalid_range): a bad chunk, not an outage
+            raise
         return bytes(data) if not isinstance(data, bytes) else data
 
     def get_many(self, keys: Sequence[CacheEngineKey]) -> list[bytes | None]:
@@ -248,6 +265,8 @@ class FsspecConnector(RemoteConnector):
                 value = found.get(fs._strip_protocol(p))
             if value is None or isinstance(value, FileNotFoundError):
                 out.append(None)
+            elif isinstance(value, OSError) and _is_invalid_range(value):
+                out.append(b"")
             elif isinstance(value, BaseException):
                 raise value
             else:
@@ -259,15 +278,11 @@ class FsspecConnector(RemoteConnector):
             return bytes(self.fs.cat_file(self.path(key), start=start, end=end))
         except FileNotFoundError:
             return None
-        except OSError:
-            # S3 refuses a range starting past the end (every range of a 0-byte
-            # object: InvalidRange). That is a short object, not an outage, and
-            # must not count against the circuit breaker.
-            try:
-                if self.fs.size(self.path(key)) <= start:
-                    return b""
-            except FileNotFoundError:
-                return None
+        except OSError as exc:
+            # A range starting past the end (every range of a 0-byte object) is a
+            # short object, not an outage, and must not count against the breaker.
+            if _is_invalid_range(exc):
+                return b""
             raise
 
     def exists(self, key: CacheEngineKey) -> bool:
