@@ -676,3 +676,26 @@ def test_bench_human_table_and_stores_option(cli: Cli, tmp_path: Path) -> None:
     assert "unknown dtype" in cli("bench", "--quick", "--chunk-mb", "0.25", "--dtype", "float17", code=1).stderr
     cli("bench", "--kv-shape", "2,3,4", code=2)
     cli("bench", "--kv-shape", "2,2,16,4,8", "--chunk-mb", "1", code=2)
+
+
+# -- units -------------------------------------------------------------------------------
+
+
+def test_sizes_and_ages_parse_and_print() -> None:
+    from lmcache_cli.units import human_age, human_size, parse_age, parse_size, plural
+
+    assert parse_size("1024") == 1024 and parse_size("512K") == 512 * 1024
+    assert parse_size("1.5GiB") == parse_size("1.5 GB") == int(1.5 * 1024**3)
+    assert parse_size("10mb") == 10 * 1024**2
+    for bad in ("", "lots", "1.5 XB", "-3M"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    assert parse_age("90s") == 90 and parse_age("12h") == 12 * 3600 and parse_age("7d") == 7 * 86400
+    assert parse_age("1d12h") == 36 * 3600 and parse_age("2w") == 14 * 86400
+    for bad in ("", "7", "7x", "d7", "1d 2"):
+        with pytest.raises(ValueError):
+            parse_age(bad)
+    assert human_size(312) == "312 B" and human_size(1536) == "1.5 KiB"
+    assert human_size(int(1.5 * 1024**3)) == "1.5 GiB" and human_size(None) == "-"
+    assert (human_age(5), human_age(125), human_age(7200), human_age(3 * 86400)) == ("5s", "2m", "2h", "3d")
+    assert plural(1, "chunk") == "1 chunk" and plural(0, "chunk") == "0 chunks"
