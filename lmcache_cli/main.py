@@ -54,7 +54,7 @@ def root(
         ),
     ] = None,
     format_: Annotated[
-        OutputFormat, typer.Option("--format", help="human (tables) or json (for scripts); commands take it too.")
+        OutputFormat, typer.Option("--format", metavar="human|json", help="human (tables) or json (for scripts); commands take it too.")
     ] = OutputFormat.human,
     quiet: Annotated[bool, typer.Option("--quiet", help="No messages or progress on stderr.")] = False,
     version: Annotated[

@@ -54,7 +54,7 @@ def age_option(text: str | None, option: str) -> float | None:
 
 
 ModelOption = Annotated[str | None, typer.Option("--model", "-m", metavar="NAME", help="Only chunks of this model name.")]
-KvFmtFilter = Annotated[KvFmt | None, typer.Option("--fmt", help="Only chunks of this KV layout.")]
+KvFmtFilter = Annotated[KvFmt | None, typer.Option("--fmt", metavar="vllm|huggingface", help="Only chunks of this KV layout.")]
 OlderThanOption = Annotated[
     str | None,
     typer.Option("--older-than", metavar="AGE", help="Only chunks not written or read for AGE (90s, 30m, 12h, 7d, 2w)."),
@@ -71,8 +71,8 @@ TokensOption = Annotated[
     str | None, typer.Option("--tokens", "-t", metavar="FILE", help="Token ids: a .json list or a 1-D .npy array.")
 ]
 ChunkSizeOption = Annotated[
-    int | None, typer.Option("--chunk-size", min=1, help="Tokens per chunk [default: the config's chunk_size, 256].")
+    int | None, typer.Option("--chunk-size", metavar="N", min=1, help="Tokens per chunk [default: the config's chunk_size, 256].")
 ]
-WorldSizeOption = Annotated[int, typer.Option("--world-size", min=1, help="Tensor-parallel world size of the keys.")]
-WorkerIdOption = Annotated[int, typer.Option("--worker-id", min=0, help="Worker rank of the keys.")]
-KvFmtOption = Annotated[KvFmt, typer.Option("--fmt", help="KV layout: vllm [L,2,T,H,D] or huggingface [L,2,H,T,D].")]
+WorldSizeOption = Annotated[int, typer.Option("--world-size", metavar="N", min=1, help="Tensor-parallel world size of the keys.")]
+WorkerIdOption = Annotated[int, typer.Option("--worker-id", metavar="N", min=0, help="Worker rank of the keys.")]
+KvFmtOption = Annotated[KvFmt, typer.Option("--fmt", metavar="vllm|huggingface", help="KV layout: vllm [L,2,T,H,D] or huggingface [L,2,H,T,D].")]

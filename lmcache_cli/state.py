@@ -19,7 +19,7 @@ STORE_ENV = "LMCACHE_STORE"
 
 FormatOption = Annotated[
     OutputFormat | None,
-    typer.Option("--format", help="Output: human (tables) or json (one document on stdout, for scripts)."),
+    typer.Option("--format", metavar="human|json", help="Output: human (tables) or json (one document on stdout, for scripts)."),
 ]
 
 

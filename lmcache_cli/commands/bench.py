@@ -26,11 +26,11 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 def bench(
     ctx: typer.Context,
     stores: Annotated[list[str] | None, typer.Option("--store", "-s", metavar="URL", help="Store to measure (repeatable) [default: the global store].")] = None,
-    chunk_mb: Annotated[float | None, typer.Option("--chunk-mb", min=0.001, help="Chunk size in MiB [default: 32, Llama-3.1-8B's 256-token chunk].")] = None,
+    chunk_mb: Annotated[float | None, typer.Option("--chunk-mb", metavar="MIB", min=0.001, help="Chunk size in MiB [default: 32, Llama-3.1-8B's 256-token chunk].")] = None,
     kv_shape: Annotated[str | None, typer.Option("--kv-shape", metavar="L,2,T,H,D", help="Chunk shape instead of --chunk-mb.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="bfloat16, float16, float32 or float8_e4m3fn.")] = "bfloat16",
-    count: Annotated[int | None, typer.Option("--count", "-n", min=1, help="Chunks per measurement [default: 8].")] = None,
-    batch: Annotated[int | None, typer.Option("--batch", min=1, help="Chunks per batched get [default: 16].")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="bfloat16, float16, float32 or float8_e4m3fn.")] = "bfloat16",
+    count: Annotated[int | None, typer.Option("--count", "-n", metavar="N", min=2, help="Chunks per measurement [default: 8].")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", metavar="N", min=1, help="Chunks per batched get [default: 16].")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Small run (4 MiB chunks, 8 of them) for a first look.")] = False,
     format_: FormatOption = None,
 ) -> None:

@@ -23,10 +23,10 @@ from lmcache_cli.units import human_size, plural
 
 def get(
     ctx: typer.Context,
-    key: Annotated[str | None, typer.Argument(help="Chunk key: fmt@model@world_size@worker_id@hash.", show_default=False)] = None,
+    key: Annotated[str | None, typer.Argument(metavar="KEY", help="Chunk key: fmt@model@world_size@worker_id@hash.", show_default=False)] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="OUT.safetensors", help="File to write.")] = None,
     tokens: TokensOption = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="With --tokens: model name of the keys.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", metavar="NAME", help="With --tokens: model name of the keys.")] = None,
     fmt: KvFmtOption = KvFmt.vllm,
     chunk_size: ChunkSizeOption = None,
     world_size: WorldSizeOption = 1,

@@ -14,7 +14,7 @@ from lmcache_cli.state import FormatOption, get_state
 def lookup(
     ctx: typer.Context,
     tokens: Annotated[str, typer.Option("--tokens", "-t", metavar="FILE", help="Token ids: a .json list or a 1-D .npy array.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model name of the keys.")],
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="Model name of the keys.")],
     fmt: KvFmtOption = KvFmt.vllm,
     chunk_size: ChunkSizeOption = None,
     world_size: WorldSizeOption = 1,

@@ -25,12 +25,12 @@ from lmcache_cli.units import human_size
 
 def put(
     ctx: typer.Context,
-    key: Annotated[str | None, typer.Argument(help="Chunk key: fmt@model@world_size@worker_id@hash.", show_default=False)] = None,
-    file: Annotated[str | None, typer.Argument(help="Tensor file: .safetensors, .npy or .pt (weights only).", show_default=False)] = None,
-    tensor: Annotated[str | None, typer.Option("--tensor", help="Which tensor of a multi-tensor file.")] = None,
+    key: Annotated[str | None, typer.Argument(metavar="KEY", help="Chunk key: fmt@model@world_size@worker_id@hash.", show_default=False)] = None,
+    file: Annotated[str | None, typer.Argument(metavar="FILE", help="Tensor file: .safetensors, .npy or .pt (weights only).", show_default=False)] = None,
+    tensor: Annotated[str | None, typer.Option("--tensor", metavar="NAME", help="Which tensor of a multi-tensor file.")] = None,
     tokens: TokensOption = None,
     kv: Annotated[str | None, typer.Option("--kv", metavar="FILE", help="With --tokens: the prompt's KV tensor file.")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="With --tokens: model name of the keys.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", metavar="NAME", help="With --tokens: model name of the keys.")] = None,
     fmt: KvFmtOption = KvFmt.vllm,
     chunk_size: ChunkSizeOption = None,
     world_size: WorldSizeOption = 1,

@@ -19,7 +19,7 @@ def _num(x: float | None) -> str:
 
 def show(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Chunk key: fmt@model@world_size@worker_id@hash.", show_default=False)],
+    key: Annotated[str, typer.Argument(metavar="KEY", help="Chunk key: fmt@model@world_size@worker_id@hash.", show_default=False)],
     layers: Annotated[bool, typer.Option("--layers", help="Value statistics per layer too.")] = False,
     format_: FormatOption = None,
 ) -> None:

@@ -15,7 +15,7 @@ from lmcache_cli.units import human_size, plural
 def verify(
     ctx: typer.Context,
     fix: Annotated[bool, typer.Option("--fix", help="Remove bad chunks and stale temp files.")] = False,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Chunks checked in parallel.")] = 4,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", metavar="N", min=1, max=64, help="Chunks checked in parallel.")] = 4,
     format_: FormatOption = None,
 ) -> None:
     """Check every chunk's header and checksum; find stray temp files.

@@ -23,7 +23,7 @@ def warm(
     dst: Annotated[str | None, typer.Option("--to", metavar="URL", help="Destination store [default: the global store].")] = None,
     model: ModelOption = None,
     keys_file: Annotated[str | None, typer.Option("--keys", metavar="FILE", help="Copy the keys listed in FILE (one a line; - for stdin) instead of listing the source.")] = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=256, help="Chunks copied in parallel.")] = 8,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", metavar="N", min=1, max=256, help="Chunks copied in parallel.")] = 8,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be copied and skipped.")] = False,
     format_: FormatOption = None,
 ) -> None:
