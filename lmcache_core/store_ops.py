@@ -14,10 +14,12 @@ for one command at a time.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import re
 import socket
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -210,7 +212,7 @@ class Store:
         if path is None:
             return self.backend.read_header(key)
         try:
-            with open(path, "rb") as f:
+            with open_chunk_file(path) as f:
                 return chunk_format.read_header(f, total_size=os.fstat(f.fileno()).st_size)
         except (OSError, CorruptChunkError):
             return None
@@ -237,10 +239,12 @@ class Store:
                 return None, ChunkCheck(key, key.to_string(), False, "not found (or failed its checksum)")
             return chunk, ChunkCheck(key, key.to_string(), True, header=_header_of(chunk, key))
         try:
-            with open(path, "rb") as f:
+            with open_chunk_file(path) as f:
                 buf = bytearray(f.read())
         except FileNotFoundError:
             return None, ChunkCheck(key, key.to_string(), False, "not found")
+        except OSError as exc:
+            return None, ChunkCheck(key, key.to_string(), False, f"unreadable: {exc.strerror or exc}")
         result = check_bytes(buf, key, key.to_string())
         if result.header is None:
             return None, result
@@ -313,8 +317,13 @@ def _header_of(chunk: torch.Tensor, key: CacheEngineKey) -> ChunkHeader:
 # -- disk scanning (torch-free twin of local_backend.scan_store) --------------------
 
 
-def scan_dir(root: str) -> Iterator[tuple[str, os.stat_result, CacheEngineKey | None]]:
+def scan_dir(
+    root: str, *, special: bool = False
+) -> Iterator[tuple[str, os.stat_result, CacheEngineKey | None]]:
     """Walk a disk store: (path, stat, key or None for files that are not chunks).
+
+    With ``special``, entries named like chunks that are not regular files (FIFOs,
+    devices, sockets, symlinks) are yielded too, with their ``lstat`` and key None.
 
     Every chunk in one directory shares fmt, model and rank, so the directory part
     of the path is decoded once (by the first chunk's ``layout.path_to_key``) and the
@@ -338,7 +347,10 @@ def scan_dir(root: str) -> Iterator[tuple[str, os.stat_result, CacheEngineKey | 
                     stack.append(e.path)
                     continue
                 if not e.is_file(follow_symlinks=False):
-                    continue  # symlinks and devices are never chunks
+                    # symlinks and devices are never chunks; verify reports them
+                    if special and layout.is_chunk_name(e.name):
+                        yield e.path, e.stat(follow_symlinks=False), None
+                    continue
                 st = e.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # removed by another process meanwhile
@@ -369,6 +381,25 @@ def is_stale_temp(name: str, mtime: float, now: float) -> bool:
     return now - mtime > STALE_TEMP_SECONDS
 
 
+def open_chunk_file(path: str) -> Any:
+    """Open a chunk file for reading; only regular files (``disk_io.open_read``'s rule).
+
+    ``O_NONBLOCK``: a FIFO planted at a chunk path would otherwise block ``open``
+    forever and hang ``show``/``get``/``verify``.
+
+    Raises:
+        OSError: ``EINVAL`` for a FIFO, device or socket; the usual errors otherwise.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def check_bytes(buf: Any, key: CacheEngineKey | None, where: str) -> ChunkCheck:
     """Check a whole chunk held in memory: header, identity, checksum."""
     mv = memoryview(buf).cast("B")
@@ -388,7 +419,7 @@ def check_file(path: str, key: CacheEngineKey | None) -> ChunkCheck:
     """Read a chunk file in full and check it."""
     where = key.to_string() if key is not None else path
     try:
-        with open(path, "rb") as f:
+        with open_chunk_file(path) as f:
             buf = f.read()
     except FileNotFoundError:
         return ChunkCheck(key, where, False, "not found")
@@ -597,10 +628,13 @@ def verify_store(
     """
     report = VerifyReport()
     targets: list[tuple[CacheEngineKey | None, str | None, int]] = []
+    special: list[ChunkCheck] = []
     if store.root is not None:
-        for path, st, key in scan_dir(store.root):
+        for path, st, key in scan_dir(store.root, special=True):
             name = os.path.basename(path)
-            if key is not None or layout.is_chunk_name(name):
+            if not stat.S_ISREG(st.st_mode):
+                special.append(ChunkCheck(None, path, False, "not a regular file (FIFO, device, socket or link)"))
+            elif key is not None or layout.is_chunk_name(name):
                 targets.append((key, path, st.st_size))
         report.temps = store.temp_files()
     else:
@@ -630,6 +664,7 @@ def verify_store(
                 report.checked -= 1
             if progress is not None:
                 progress(report.checked, done_bytes)
+    report.bad.extend(special)
     report.bad.sort(key=lambda b: b.where)
     if fix:
         for b in report.bad:

@@ -550,6 +550,20 @@ def test_verify_clean_corrupt_temp_and_fix(cli: Cli, tmp_path: Path, store: Path
     assert cli.json("verify")["checked"] == 1
 
 
+def test_fifo_at_a_chunk_path_never_hangs(cli: Cli, tmp_path: Path, store: Path) -> None:
+    cli("put", KEY, str(tensor_file(tmp_path)))
+    fifo_key = key("fifo")
+    fifo = chunk_path(store, fifo_key)
+    fifo.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(fifo)
+    assert "not a regular file" in cli("show", fifo_key, code=1).stderr
+    assert "not a regular file" in cli("get", fifo_key, "-o", str(tmp_path / "f.safetensors"), code=1).stderr
+    assert [e["key"] for e in cli.json("ls")["chunks"]] == [KEY]
+    bad = cli.json("verify", code=1)
+    assert [b["chunk"] for b in bad["bad"]] == [str(fifo)] and "regular" in bad["bad"][0]["reason"]
+    assert cli.json("verify", "--fix")["problems_left"] == 0 and not os.path.lexists(fifo)
+
+
 def _host() -> str:
     import socket
 
