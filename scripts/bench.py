@@ -201,7 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="bench.json", help="JSON report path (default bench.json)")
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md and the chart")
     ap.add_argument("--scale-json", default=None, help="a scripts/bench_scale.py JSON to include in the docs")
+    ap.add_argument("--note", default=None, help="a line about the run's conditions, shown in the docs")
+    ap.add_argument("--docs-from", default=None, help="rewrite the docs from this JSON report; run nothing")
     args = ap.parse_args(argv)
+    if args.docs_from:
+        with open(args.docs_from) as f:
+            saved = json.load(f)
+        if args.note:
+            saved["note"] = args.note
+        write_docs(saved, ROOT / "docs")
+        say(f"wrote {ROOT / 'docs' / 'BENCHMARKS.md'} and benchmarks.png from {args.docs_from}")
+        return 0
     tiers = set((args.only or "memory,disk,redis,s3,hybrid").split(","))
     sizes = [int(float(s) * 2**20) for s in args.sizes.split(",")]
 
@@ -247,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 targets.append(hybrid)
 
         runs: dict[int, list[dict[str, Any]]] = {size: [] for size in sizes}
+        load_at_start = [round(x, 2) for x in os.getloadavg()]
         for r in range(args.repeat):
             for size in sizes:
                 count = (
@@ -266,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
         "repeat": args.repeat,
+        "load_avg_at_start": load_at_start,
+        "note": args.note,
         "sizes": {},
     }
     for size, reports in runs.items():
@@ -368,6 +381,13 @@ def scale_section(scale: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+_SHORT_OPS = {
+    "put_nonblocking": "put (non-blocking)",
+    "batched_get[16]": "batched_get 16",
+    "get_cold": "get cold",
+}
+
+
 def chart(out: dict[str, Any], path: Path) -> bool:
     try:
         import matplotlib
@@ -378,10 +398,10 @@ def chart(out: dict[str, Any], path: Path) -> bool:
         say("matplotlib missing (pip install 'lmcache-toolkit[bench]'): no chart")
         return False
     sizes = list(out["sizes"].items())
-    fig, axes = plt.subplots(len(sizes), 1, figsize=(13, 4.2 * len(sizes)), squeeze=False)
+    fig, axes = plt.subplots(len(sizes), 1, figsize=(13, 5.2 * len(sizes)), squeeze=False)
     for ax, (size, data) in zip(axes[:, 0], sizes, strict=True):
         rows = data["rows"]
-        labels = [f"{r['store'].split(' ')[0]}\n{r['op']}" for r in rows]
+        labels = [f"{r['store'].split(' ')[0]} {_SHORT_OPS.get(r['op'], r['op'])}" for r in rows]
         ours = [r["gbps"] or 0 for r in rows]
         raw = [r["raw_gbps"] or 0 for r in rows]
         x = range(len(rows))
@@ -391,7 +411,7 @@ def chart(out: dict[str, Any], path: Path) -> bool:
         ax.set_ylabel("GB/s (log)")
         ax.set_title(f"{int(size) / 2**20:g} MiB chunks, shape {data['kv_shape']}")
         ax.set_xticks(list(x))
-        ax.set_xticklabels(labels, fontsize=7, rotation=0)
+        ax.set_xticklabels(labels, fontsize=8, rotation=40, ha="right")
         ax.legend(loc="upper right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -420,6 +440,12 @@ def write_docs(out: dict[str, Any], docs: Path) -> None:
         f"* **Runs**: {out['repeat']} (figures are medians; the ratio's min-max across runs is in the JSON)"
         if out["repeat"] > 1
         else "* **Runs**: 1",
+    ]
+    if out.get("load_avg_at_start"):
+        parts.append(f"* **Load average at start** (1, 5, 15 min): {out['load_avg_at_start']}")
+    if out.get("note"):
+        parts.append(f"* **Conditions**: {out['note']}")
+    parts += [
         "",
         "How each operation is measured:",
         "",
