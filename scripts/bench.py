@@ -451,7 +451,8 @@ def write_docs(out: dict[str, Any], docs: Path) -> None:
         "",
         "* `put`: blocking puts, interleaved chunk by chunk with the raw medium's write of the same bytes.",
         "* `put_nonblocking`: `put(blocking=False)` for every chunk, then `close()`; GB/s until close "
-        "returned (everything durable), against the raw medium writing the same chunks one after another; "
+        "returned (everything durable), against the raw medium writing the same chunks one after another "
+        "(once before and once after ours, so neither side always gets the pages just freed); "
         "p50/p99 are the submit latency.",
         "* `get`: hot reads; the memory tier returns a view of the cache (zero-copy).",
         "* `batched_get[16]`: one call for 16 keys, against 16 sequential raw reads; p50/p99 per batch.",
