@@ -386,8 +386,10 @@ def _write_all(f: Any, data: Any) -> None:
 
 #: Writes below this are hashed inline: a thread handoff (~50 us) costs more than it hides.
 OVERLAP_MIN_BYTES = 4 << 20
-#: Read-then-hash granularity: small enough to stay in a core's L2 cache (512 KiB here).
-READ_PIECE_BYTES = 256 << 10
+#: Read-then-hash granularity: the piece is still in cache (L2/L3) when it is hashed, and
+#: few enough syscalls; 0.5-1 MiB measured best here (ratio to raw readinto 0.88 vs 0.87 at
+#: 256 KiB and 0.83 at 128 KiB, 60 shuffled rounds).
+READ_PIECE_BYTES = 1 << 20
 _PLACEHOLDER_CHECKSUM = f"{CHECKSUM_ALGO}:{'0' * 32}"
 _helper_pool: ThreadPoolExecutor | None = None
 _helper_lock = threading.Lock()
