@@ -93,6 +93,12 @@ class ChunkHeader:
         }
 
 
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """A flat writable byte view of a contiguous CPU uint8 tensor (shares memory)."""
+    arr: Any = t.numpy()  # numpy arrays are buffers; its stubs do not say so
+    return memoryview(arr).cast("B")
+
 def dtype_name(dtype: torch.dtype) -> str:
     """safetensors name of a torch dtype; ``ValueError`` if it has none."""
     name = str(dtype).removeprefix("torch.")
@@ -117,7 +123,7 @@ def payload_view(tensor: torch.Tensor) -> memoryview:
     t = t.contiguous().reshape(-1)
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(_uint8()).numpy()).cast("B")
+    return _byte_view(t.view(_uint8()))
 
 
 def _uint8() -> torch.dtype:
@@ -302,7 +308,7 @@ def read_payload_into(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor) -> N
     Raises:
         CorruptChunkError: the file ends early.
     """
-    view = memoryview(dest.numpy()).cast("B") if header.nbytes else memoryview(b"")
+    view = _byte_view(dest) if header.nbytes else memoryview(b"")
     _readinto_exact(f, view, 0, header.nbytes)
 
 
@@ -318,7 +324,7 @@ def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor) 
         CorruptChunkError: the file ends early or the checksum does not match.
     """
     n = header.nbytes
-    view = memoryview(dest.numpy()).cast("B") if n else memoryview(b"")
+    view = _byte_view(dest) if n else memoryview(b"")
     state = xxhash.xxh3_128()
     for start in range(0, n, READ_PIECE_BYTES):
         end = min(start + READ_PIECE_BYTES, n)

@@ -116,7 +116,7 @@ class ChunkedKVStore:
         keys = self.keys_for(token_ids)
         pieces = self.split(kv, _length(token_ids))
         stored = skipped = nbytes = 0
-        for i, (key, piece) in enumerate(zip(keys, pieces)):
+        for i, (key, piece) in enumerate(zip(keys, pieces, strict=True)):
             size = piece.numel() * piece.element_size()
             if skip_existing and self.backend.contains(key):
                 skipped += 1

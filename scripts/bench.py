@@ -47,7 +47,7 @@ from lmcache_core.bench import (
 
 ROOT = Path(__file__).resolve().parent.parent
 # LMCache 0.5.6 on the same workload and machine kind (issue 7), GB/s; None: zero-copy.
-LMCACHE_REFERENCE = {
+LMCACHE_REFERENCE: dict[str, dict[str, float | None]] = {
     "memory": {"put": 14.0, "get": None},
     "disk": {"put_nonblocking": 4.7, "get": 8.9, "get_cold": 1.6},
     "redis": {"put_nonblocking": 0.66, "get": 0.83},

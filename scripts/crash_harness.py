@@ -140,8 +140,8 @@ class _ChildState:
             else:
                 summary.acked_puts += 1
             return
-        _, slot, version = msg.decode().split()
-        self.pending = (int(slot), None if version == "-" else int(version))
+        _, slot_text, version_text = msg.decode().split()
+        self.pending = (int(slot_text), None if version_text == "-" else int(version_text))
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -261,6 +261,7 @@ def run(
             summary.killed_before_ready += 1
         for p, _ in children:
             time.sleep(rng.uniform(0.0, max_delay) / procs)
+            assert p.pid is not None  # started above
             os.kill(p.pid, signal.SIGKILL)
             summary.kills += 1
         for (p, r), state in zip(children, states, strict=True):

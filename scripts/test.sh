@@ -21,4 +21,5 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 
 .venv/bin/python -m ruff check lmcache_core lmcache_cli tests scripts
+.venv/bin/python -m mypy lmcache_core lmcache_cli scripts
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

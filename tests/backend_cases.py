@@ -41,6 +41,7 @@ class BackendCase:
     make: Callable[[CaseContext, float], LMCBackendInterface]
     evicts: bool = True  # has a local LRU budget
     persistent: bool = False  # a second make() sees the first one's chunks
+    stores_bytes: bool = True  # keeps encoded chunks (False: tensors in memory only)
 
 
 def _memory(ctx: CaseContext, budget_gb: float) -> LMCBackendInterface:
@@ -57,7 +58,7 @@ def _disk(ctx: CaseContext, budget_gb: float) -> LMCBackendInterface:
 
 
 LOCAL_CASES = [
-    BackendCase("memory", _memory),
+    BackendCase("memory", _memory, stores_bytes=False),
     BackendCase("disk", _disk, persistent=True),
 ]
 
@@ -75,3 +76,24 @@ def all_cases() -> list[BackendCase]:
 
         cases += HYBRID_CASES
     return cases
+
+
+def is_pipelined_twin(name: str) -> bool:
+    """A pipelined variant whose plain twin runs too (single-key paths are shared)."""
+    plain = {c.name for c in all_cases()}
+    return name.endswith("-pipelined") and name.removesuffix("-pipelined") in plain
+
+
+def case_selected(case: BackendCase, marker_kwargs: dict[str, bool]) -> bool:
+    """Whether a test marked ``@pytest.mark.cases(...)`` runs over ``case``.
+
+    ``plain_only``: not on pipelined twins (their single-key paths are the plain
+    case's); ``one_per_medium``: not on pipelined or cluster variants either;
+    ``bytes_only``: only stores that keep encoded chunks. Cases left out are
+    deselected at collection, so they never show as skipped.
+    """
+    if marker_kwargs.get("plain_only") and is_pipelined_twin(case.name):
+        return False
+    if marker_kwargs.get("one_per_medium") and ("pipelined" in case.name or "cluster" in case.name):
+        return False
+    return not (marker_kwargs.get("bytes_only") and not case.stores_bytes)

@@ -50,7 +50,7 @@ def _make(
 
 
 HYBRID_CASES = [
-    BackendCase("cfg-memory", _make(True, False, None)),
+    BackendCase("cfg-memory", _make(True, False, None), stores_bytes=False),
     BackendCase("cfg-disk", _make(False, True, None), persistent=True),
     BackendCase("cfg-remote-redis-pipelined", _make(False, False, "redis", True), evicts=False, persistent=True),
     BackendCase("cfg-memory+redis", _make(True, False, "redis"), evicts=False, persistent=True),

@@ -8,8 +8,7 @@ import pytest
 
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend.abstract_backend import LMCBackendInterface
-from tests.backend_cases import BackendCase, CaseContext, all_cases
-
+from tests.backend_cases import BackendCase, CaseContext, all_cases, case_selected
 from tests.servers import *  # noqa: F401,F403  (redis, S3 fixtures)
 
 CASES = all_cases()
@@ -18,6 +17,23 @@ CASES = all_cases()
 @pytest.fixture(params=CASES, ids=[c.name for c in CASES])
 def case(request: pytest.FixtureRequest) -> BackendCase:
     return request.param  # type: ignore[no-any-return]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect backend cases a ``@pytest.mark.cases(...)`` test does not run over."""
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        marker = item.get_closest_marker("cases")
+        case = callspec.params.get("case") if callspec is not None else None
+        if marker is not None and isinstance(case, BackendCase) and not case_selected(case, marker.kwargs):
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 @pytest.fixture

@@ -52,10 +52,10 @@ class TcpProxy:
         self.target = target
         self.delay = delay
         self._mode: Mode = "forward"
-        self.set_mode(mode)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
+        self.set_mode(mode)  # after _lock/_conns: "reset" aborts open connections
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))

@@ -103,7 +103,7 @@ def test_batched_put_and_get_aligned_with_misses(open_store):
     got = list(store.batched_get(keys))
     assert len(got) == len(keys)
     assert got[1] is None and got[4] is None
-    for g, expected in zip([got[0], got[2], got[3], got[5]], [items[0][1], items[1][1], items[2][1], items[4][1]]):
+    for g, expected in zip([got[0], got[2], got[3], got[5]], [items[0][1], items[1][1], items[2][1], items[4][1]], strict=True):
         assert same(g, expected)
 
 
@@ -122,7 +122,7 @@ def test_batched_put_nonblocking(open_store):
     items = [(make_key(f"bnb{i}"), chunk(i)) for i in range(4)]
     assert store.batched_put(items, blocking=False) == 4
     got = store.batched_get([k for k, _ in items])
-    assert all(same(g, v) for g, (_, v) in zip(got, items))
+    assert all(same(g, v) for g, (_, v) in zip(got, items, strict=True))
 
 
 def test_close_drains_pending_writes(open_store, case):

@@ -149,7 +149,7 @@ def test_read_through_fills_local_tiers(tmp_path, redis_server):
     assert backend.stats["hits_memory"] == 1
     got = backend.batched_get([make_key(1), make_key("none"), make_key(2), make_key(0)])
     assert got[1] is None
-    assert all(torch.equal(g, chunk(i)) for g, i in zip([got[0], got[2], got[3]], [1, 2, 0]))
+    assert all(torch.equal(g, chunk(i)) for g, i in zip([got[0], got[2], got[3]], [1, 2, 0], strict=True))
     assert backend.stats["hits_remote"] == 3
     backend.close()
     with LMCLocalDiskBackend(

@@ -27,8 +27,6 @@ if SCRIPTS not in sys.path:
 
 import stress  # noqa: E402
 
-from tests.test_security_hostile_keys import is_pipelined_twin  # noqa: E402
-
 CHUNK_BYTES = stress.ELEMENTS * 4
 GB = 1024**3
 
@@ -52,10 +50,9 @@ def _run_threads(target, n: int) -> list[str]:  # type: ignore[no-untyped-def]
     return errors
 
 
+@pytest.mark.cases(plain_only=True)  # pipelined twins share the plain case's put/get/remove
 def test_threads_hammer_put_get_remove_on_every_backend(open_store, case):
     """5 threads, 8 shared keys, random put/get/remove/list for a short while, per backend."""
-    if is_pipelined_twin(case.name):
-        pytest.skip("put/get/remove go through the same path as the plain case")
     store = open_store()
     counts = stress.run_threads(store, threads=5, slots=8, seconds=0.4, seed=7)
     assert counts.errors == [], "\n".join(counts.errors[:5])

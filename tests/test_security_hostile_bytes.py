@@ -58,14 +58,12 @@ def planter_for(store: LMCBackendInterface) -> Planter | None:
 
 @pytest.fixture
 def hostile(open_store, case):  # type: ignore[no-untyped-def]
-    # Pipelined and cluster variants decode through the same code as their plain
-    # case; the sweeps run on one of each medium to keep the default run short.
-    if "pipelined" in case.name or "cluster" in case.name:
-        pytest.skip("same decode path as the plain case (the pickle test covers every case)")
+    # Tests using this are marked HOSTILE_CASES: pipelined and cluster variants
+    # decode through the same code as their plain case, so the sweeps run on one
+    # of each medium to keep the default run short (the pickle test covers all).
     store = open_store()
     plant = planter_for(store)
-    if plant is None:
-        pytest.skip(f"{case.name} holds tensors, not bytes")
+    assert plant is not None, f"{case.name} stores bytes but no planter reaches them"
     return store, plant, case.name.split("-")[0] in SLOW_NETWORK
 
 
@@ -86,6 +84,10 @@ def assert_miss_or_exact(store: LMCBackendInterface, key: CacheEngineKey, good: 
 # -- truncation and bit flips ---------------------------------------------------------------------
 
 
+HOSTILE_CASES = pytest.mark.cases(one_per_medium=True, bytes_only=True)
+
+
+@HOSTILE_CASES
 def test_every_truncation_offset_is_a_miss(hostile):
     store, plant, slow = hostile
     key = make_key("trunc")
@@ -102,6 +104,7 @@ def test_every_truncation_offset_is_a_miss(hostile):
     assert not assert_miss_or_exact(store, key, small_chunk())
 
 
+@HOSTILE_CASES
 def test_random_bit_flips_never_give_a_wrong_tensor(hostile):
     store, plant, slow = hostile
     key = make_key("flip")
@@ -183,6 +186,7 @@ def _foreign_safetensors() -> bytes:
     return save({"kv_chunk": torch.ones(4)})
 
 
+@HOSTILE_CASES
 def test_lying_headers_rejected_before_any_large_allocation(hostile):
     store, plant, _ = hostile
     key = make_key("liar")
@@ -272,11 +276,11 @@ def pickle_payloads(sentinel: Path, key: str) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.cases(bytes_only=True)
 def test_planted_pickle_never_executes(open_store, case, tmp_path):
     store = open_store()
     plant = planter_for(store)
-    if plant is None:
-        pytest.skip(f"{case.name} holds tensors, not bytes")
+    assert plant is not None, f"{case.name} stores bytes but no planter reaches them"
     sentinel = tmp_path / "PWNED"
     key = make_key("pickle")
     for name, blob in pickle_payloads(sentinel, key.to_string()).items():

@@ -16,16 +16,8 @@ import torch
 
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.layout import key_to_path, path_to_key
-from tests.backend_cases import all_cases
 
 H = hashlib.sha256(b"hostile").hexdigest()
-CASE_NAMES = {c.name for c in all_cases()}
-
-
-def is_pipelined_twin(name: str) -> bool:
-    """A pipelined variant whose plain twin runs too (single-key paths are shared)."""
-    return name.endswith("-pipelined") and name.removesuffix("-pipelined") in CASE_NAMES
-
 
 def hostile_model_names(base: Path) -> list[str]:
     """Names an attacker (or a careless operator) might pass as a model name."""
@@ -79,9 +71,8 @@ def _files_under(root: Path) -> set[str]:
     return {str(p) for p in root.rglob("*")}
 
 
+@pytest.mark.cases(plain_only=True)  # pipelined twins share the plain case's key paths
 def test_hostile_model_names_round_trip_or_value_error(open_store, case, tmp_path):
-    if is_pipelined_twin(case.name):
-        pytest.skip("keys go through the same path as the plain case")
     base = tmp_path / "outside"
     base.mkdir()
     store = open_store()

@@ -8,9 +8,10 @@ counters are built here once.
 from __future__ import annotations
 
 import abc
+import builtins
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Iterable, Tuple
 
 import torch
 
@@ -97,7 +98,7 @@ class LMCBackendInterface(metaclass=abc.ABCMeta):
         """
 
     @abc.abstractmethod
-    def get(self, key: CacheEngineKey) -> Optional[torch.Tensor]:
+    def get(self, key: CacheEngineKey) -> torch.Tensor | None:
         """The chunk on ``dst_device``, or ``None`` when absent or unreadable."""
 
     @abc.abstractmethod
@@ -118,7 +119,7 @@ class LMCBackendInterface(metaclass=abc.ABCMeta):
             count += 1
         return count
 
-    def batched_get(self, keys: Iterable[CacheEngineKey]) -> list[Optional[torch.Tensor]]:
+    def batched_get(self, keys: Iterable[CacheEngineKey]) -> list[torch.Tensor | None]:
         """Chunks aligned with ``keys``, ``None`` for each miss."""
         return [self.get(key) for key in keys]
 
@@ -130,11 +131,11 @@ class LMCBackendInterface(metaclass=abc.ABCMeta):
         """Every stored key (foreign or unreadable objects are skipped)."""
         raise NotImplementedError(f"{type(self).__name__} cannot enumerate its chunks")
 
-    def list_info(self) -> list[ChunkInfo]:
+    def list_info(self) -> builtins.list[ChunkInfo]:
         """Keys with size and times where the medium knows them (no payload reads)."""
         return [ChunkInfo(key) for key in self.list()]
 
-    def read_header(self, key: CacheEngineKey) -> Optional[ChunkHeader]:
+    def read_header(self, key: CacheEngineKey) -> ChunkHeader | None:
         """The stored chunk's header without its payload, ``None`` if absent or bad."""
         from lmcache_core import chunk_format
 
@@ -147,6 +148,7 @@ class LMCBackendInterface(metaclass=abc.ABCMeta):
 
     def touch(self, key: CacheEngineKey) -> None:
         """Mark ``key`` recently used without reading it (tiers with an LRU override)."""
+        return None  # tiers without recency (remote stores) have nothing to update
 
     def describe(self) -> str:
         """A one-line description safe to print (no secrets)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 
@@ -114,9 +114,8 @@ class LMCHybridBackend(LMCBackendInterface):
                 if name == "memory":
                     # The memory tier's copy is immutable to us: hand it to the
                     # remote writer so the caller may reuse its buffer at once.
-                    source = tier.get(key) if not blocking else kv_chunk
-                    if source is None:
-                        source = kv_chunk
+                    copy = tier.get(key) if not blocking else None
+                    source = kv_chunk if copy is None else copy
             except ValueError as exc:  # larger than this tier's budget
                 too_large = exc
             except OSError as exc:
@@ -140,7 +139,7 @@ class LMCHybridBackend(LMCBackendInterface):
 
     # -- reads ---------------------------------------------------------------------
 
-    def get(self, key: CacheEngineKey) -> Optional[torch.Tensor]:
+    def get(self, key: CacheEngineKey) -> torch.Tensor | None:
         check_key(key)
         for i, (name, tier) in enumerate(self._tiers):
             chunk = tier.get(key)
@@ -157,16 +156,16 @@ class LMCHybridBackend(LMCBackendInterface):
         self._fill(key, chunk, self._tiers)
         return chunk
 
-    def batched_get(self, keys: Iterable[CacheEngineKey]) -> list[Optional[torch.Tensor]]:
+    def batched_get(self, keys: Iterable[CacheEngineKey]) -> list[torch.Tensor | None]:
         keys = [check_key(k) for k in keys]
-        results: list[Optional[torch.Tensor]] = [None] * len(keys)
+        results: list[torch.Tensor | None] = [None] * len(keys)
         missing = list(range(len(keys)))
         for i, (name, tier) in enumerate(self._tiers):
             if not missing:
                 break
             got = tier.batched_get([keys[j] for j in missing])
             still: list[int] = []
-            for j, chunk in zip(missing, got):
+            for j, chunk in zip(missing, got, strict=True):
                 if chunk is None:
                     still.append(j)
                 else:
@@ -182,7 +181,7 @@ class LMCHybridBackend(LMCBackendInterface):
                 logger.warning("remote batched_get failed: %s", exc)
                 self.stats.incr("remote_errors")
                 got = [None] * len(missing)
-            for j, chunk in zip(missing, got):
+            for j, chunk in zip(missing, got, strict=True):
                 if chunk is not None:
                     results[j] = chunk
                     self.stats.incr("hits_remote")
@@ -190,7 +189,7 @@ class LMCHybridBackend(LMCBackendInterface):
         self.stats.incr("misses", sum(r is None for r in results))
         return results
 
-    def _remote_get(self, key: CacheEngineKey) -> Optional[torch.Tensor]:
+    def _remote_get(self, key: CacheEngineKey) -> torch.Tensor | None:
         if self.remote is None:
             return None
         try:
@@ -252,7 +251,7 @@ class LMCHybridBackend(LMCBackendInterface):
     def list(self) -> list[CacheEngineKey]:
         return [info.key for info in self.list_info()]
 
-    def read_header(self, key: CacheEngineKey) -> Optional[ChunkHeader]:
+    def read_header(self, key: CacheEngineKey) -> ChunkHeader | None:
         for _, tier in self.tiers():
             try:
                 header = tier.read_header(key)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import logging
 import math
@@ -13,7 +14,7 @@ import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -168,7 +169,7 @@ class LMCLocalBackend(LMCBackendInterface):
 
     # -- reads ---------------------------------------------------------------------
 
-    def get(self, key: CacheEngineKey) -> Optional[torch.Tensor]:
+    def get(self, key: CacheEngineKey) -> torch.Tensor | None:
         check_key(key)
         with self._lock:
             chunk = self._chunks.get(key)
@@ -204,11 +205,11 @@ class LMCLocalBackend(LMCBackendInterface):
         with self._lock:
             return list(self._index) + [k for k in self._pending if k not in self._chunks]
 
-    def list_info(self) -> list[ChunkInfo]:
+    def list_info(self) -> builtins.list[ChunkInfo]:
         with self._lock:
             return [ChunkInfo(k, self._index.size_of(k)) for k in self._index]
 
-    def read_header(self, key: CacheEngineKey) -> Optional[ChunkHeader]:
+    def read_header(self, key: CacheEngineKey) -> ChunkHeader | None:
         with self._lock:
             chunk = self._chunks.get(key)
         if chunk is None:
@@ -515,7 +516,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
 
     # -- reads ---------------------------------------------------------------------
 
-    def get(self, key: CacheEngineKey) -> Optional[torch.Tensor]:
+    def get(self, key: CacheEngineKey) -> torch.Tensor | None:
         check_key(key)
         self._wait_pending(key)
         path = self._path(key)
@@ -548,7 +549,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         )
         return self._to_dst(tensor)
 
-    def batched_get(self, keys: Iterable[CacheEngineKey]) -> list[Optional[torch.Tensor]]:
+    def batched_get(self, keys: Iterable[CacheEngineKey]) -> list[torch.Tensor | None]:
         """Chunks aligned with ``keys``; two reads in flight, as ``readinto`` releases the GIL."""
         keys = list(keys)
         if len(keys) < 2:
@@ -595,7 +596,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             self._futures.pop(key, None)
         return self._drop(key)
 
-    def list_info(self) -> list[ChunkInfo]:
+    def list_info(self) -> builtins.list[ChunkInfo]:
         """Rescans the directory, so chunks of other processes are listed too."""
         self.buffer_sweeper()
         with self._lock:
@@ -611,7 +612,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
     def list(self) -> list[CacheEngineKey]:
         return [info.key for info in self.list_info()]
 
-    def read_header(self, key: CacheEngineKey) -> Optional[ChunkHeader]:
+    def read_header(self, key: CacheEngineKey) -> ChunkHeader | None:
         check_key(key)
         self._wait_pending(key)
         try:

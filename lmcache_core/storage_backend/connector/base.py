@@ -16,9 +16,6 @@ from typing import Iterator, Sequence
 
 from lmcache_core.key import CacheEngineKey
 
-# bytes-like: bytes, bytearray, memoryview; a list means "these buffers, concatenated"
-Payload = "bytes | bytearray | memoryview | Sequence[bytes | memoryview]"
-
 
 @dataclass(frozen=True)
 class RemoteObject:
