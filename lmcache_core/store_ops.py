@@ -190,8 +190,13 @@ class Store:
                 for _, st, key in scan_dir(self.root)
                 if key is not None
             ]
-        # (cast: the backend's ``list`` method shadows the builtin in its annotations)
-        infos = cast("Iterable[Any]", self.backend.list_info())
+        backend = self.backend
+        from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend  # torch: already loaded
+
+        if isinstance(backend, LMCHybridBackend):  # a tier that cannot list is a failed listing here
+            infos: Iterable[Any] = backend.list_info(skip_failed=False)
+        else:  # (cast: the backend's ``list`` method shadows the builtin in its annotations)
+            infos = cast("Iterable[Any]", backend.list_info())
         return [ChunkEntry(i.key, i.size, i.mtime, i.atime) for i in infos]
 
     def path_of(self, key: CacheEngineKey) -> str | None:

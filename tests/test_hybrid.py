@@ -268,3 +268,49 @@ def test_prompt_found_by_prefix_from_another_process(tmp_path, remote, request):
     expected = hashlib.sha256(kv[:, :, :48].contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
     assert out["sha256"] == expected
     assert out["per_tier"]["remote"] == 48
+
+
+# -- regressions (review findings) -------------------------------------------------------
+
+
+def test_put_takes_the_seeds_keyword_value(tmp_path) -> None:
+    cfg = LMCacheEngineConfig.from_defaults(local_device="cpu")
+    backend = LMCHybridBackend(cfg, META, None, "cpu")
+    try:
+        backend.put(key=make_key("kw"), value=chunk(7), blocking=True)
+        assert torch.equal(backend.get(make_key("kw")), chunk(7))
+    finally:
+        backend.close()
+
+
+def test_remote_only_hybrid_is_refused_before_any_thread_starts() -> None:
+    import threading
+
+    from tests.servers_redis import free_port
+
+    def ours() -> set[str]:
+        return {t.name for t in threading.enumerate() if t.name.startswith("lmcache")}
+
+    before = ours()
+    cfg = LMCacheEngineConfig.from_defaults(local_device=None, remote_url=f"redis://127.0.0.1:{free_port()}")
+    with pytest.raises(ValueError, match="local tier"):
+        LMCHybridBackend(cfg, META, None, "cpu")
+    assert ours() == before
+
+
+def test_cli_ls_and_stats_fail_when_the_remote_tier_cannot_list(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from lmcache_cli.main import app
+    from tests.servers_redis import free_port
+
+    conf = tmp_path / "lmcache.yaml"
+    conf.write_text(
+        f"local_device: cpu\nlocal_disk: {tmp_path / 'disk'}\n"
+        f"remote_url: redis://:hunter2@127.0.0.1:{free_port()}/0\nremote_timeout: 0.5\n"
+    )
+    for command in ("ls", "stats"):
+        result = CliRunner().invoke(app, ["--config", str(conf), command])
+        assert result.exit_code == 1, (command, result.stdout, result.stderr)
+        assert "remote tier" in result.stderr and "listing failed" in result.stderr
+        assert "hunter2" not in result.stdout + result.stderr

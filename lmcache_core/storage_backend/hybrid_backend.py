@@ -10,6 +10,7 @@ import torch
 
 from lmcache_core.chunk_format import MAX_HEADER_BYTES, ChunkHeader
 from lmcache_core.config import LMCacheEngineConfig, LMCacheEngineMetadata, LMCacheMemPoolMetadata
+from lmcache_core.errors import StoreUnavailableError
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend.abstract_backend import (
     ChunkInfo,
@@ -51,6 +52,9 @@ class LMCHybridBackend(LMCBackendInterface):
         self.config = config
         self.metadata = metadata
         self._tiers: list[tuple[str, LMCBackendInterface]] = []
+        # Checked before any tier exists: a remote built first would leak its threads.
+        if config.local_memory_device is None and config.disk_path is None:
+            raise ValueError("LMCHybridBackend needs a local tier (local_device or local_disk)")
         try:
             if config.local_memory_device is not None:
                 self._tiers.append(("memory", LMCLocalBackend(config, mpool_metadata, dst_device)))
@@ -69,8 +73,6 @@ class LMCHybridBackend(LMCBackendInterface):
             for _, tier in self._tiers:
                 tier.close()
             raise
-        if not self._tiers:
-            raise ValueError("LMCHybridBackend needs a local tier (local_device or local_disk)")
         self._closing = threading.Event()
         self.prefetch_done = threading.Event()
         self.prefetched = 0
@@ -101,7 +103,12 @@ class LMCHybridBackend(LMCBackendInterface):
 
     # -- writes --------------------------------------------------------------------
 
-    def put(self, key: CacheEngineKey, kv_chunk: torch.Tensor, blocking: bool = True) -> None:
+    def put(self, key: CacheEngineKey, value: torch.Tensor, blocking: bool = True) -> None:  # type: ignore[override]
+        """Store in every local tier now and in the remote (in the background unless ``blocking``).
+
+        ``value`` is the seed's name for this class (the other tiers say ``kv_chunk``).
+        """
+        kv_chunk = value
         check_key(key)
         check_chunk(kv_chunk)
         stored = 0
@@ -236,12 +243,21 @@ class LMCHybridBackend(LMCBackendInterface):
                 logger.warning("remove of %s from %s failed: %s", key, tier.describe(), exc)
         return found
 
-    def list_info(self) -> list[ChunkInfo]:
+    def list_info(self, skip_failed: bool = True) -> list[ChunkInfo]:
+        """Every tier's chunks, each key once (fastest tier's info first).
+
+        A tier whose listing fails is logged and left out when ``skip_failed``
+        (serving callers want what is reachable); otherwise it raises
+        ``StoreUnavailableError`` naming the tier (the CLI: an incomplete
+        listing is a failure, exit 1).
+        """
         seen: dict[CacheEngineKey, ChunkInfo] = {}
-        for _, tier in self.tiers():
+        for name, tier in self.tiers():
             try:
                 infos = tier.list_info()
             except Exception as exc:
+                if not skip_failed:
+                    raise StoreUnavailableError(f"{name} tier", f"listing failed: {exc}") from exc
                 logger.warning("listing %s failed: %s", tier.describe(), exc)
                 continue
             for info in infos:
