@@ -671,7 +671,6 @@ def test_describe_error_table_masks_and_maps() -> None:
 
 
 def test_bench_quick_json_cleans_up(cli: Cli, tmp_path: Path) -> None:
-    pytest.importorskip("lmcache_core.bench")
     data = cli.json("bench", "--chunk-mb", "0.25", "--count", "2", "--batch", "2")
     ops = {r["op"] for r in data["rows"]}
     assert {"put", "get"} <= ops and not data["errors"]
@@ -682,7 +681,6 @@ def test_bench_quick_json_cleans_up(cli: Cli, tmp_path: Path) -> None:
 
 
 def test_bench_human_table_and_stores_option(cli: Cli, tmp_path: Path) -> None:
-    pytest.importorskip("lmcache_core.bench")
     r = cli("bench", "-s", "cpu://", "--kv-shape", "2,2,16,4,8", "--count", "2", "--batch", "2")
     assert "GB/s" in r.stdout and "RATIO" in r.stdout and "cpu://" in r.stdout
     quick = cli.json("bench", "--quick", "--chunk-mb", "0.25", "--dtype", "float16")
