@@ -88,12 +88,17 @@ def case_selected(case: BackendCase, marker_kwargs: dict[str, bool]) -> bool:
     """Whether a test marked ``@pytest.mark.cases(...)`` runs over ``case``.
 
     ``plain_only``: not on pipelined twins (their single-key paths are the plain
-    case's); ``one_per_medium``: not on pipelined or cluster variants either;
+    case's) nor on env-built twins of YAML-built hybrids; ``one_per_medium``: not on pipelined or cluster variants either;
     ``bytes_only``: only stores that keep encoded chunks. Cases left out are
     deselected at collection, so they never show as skipped.
     """
-    if marker_kwargs.get("plain_only") and is_pipelined_twin(case.name):
+    # "env-" hybrid cases are their "yaml-" twins built from LMCACHE_* variables:
+    # the conformance suite runs on both, the heavier sweeps on one.
+    config_twin = case.name.startswith("env-")
+    if marker_kwargs.get("plain_only") and (is_pipelined_twin(case.name) or config_twin):
         return False
-    if marker_kwargs.get("one_per_medium") and ("pipelined" in case.name or "cluster" in case.name):
+    if marker_kwargs.get("one_per_medium") and (
+        "pipelined" in case.name or "cluster" in case.name or config_twin
+    ):
         return False
     return not (marker_kwargs.get("bytes_only") and not case.stores_bytes)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 from typing import Callable
 
+import yaml
+
 from lmcache_core import LMCacheEngineConfig, LMCacheEngineMetadata
 from lmcache_core.storage_backend import CreateStorageBackend
 from lmcache_core.storage_backend.abstract_backend import LMCBackendInterface
@@ -29,8 +31,20 @@ def _remote_url(ctx: CaseContext, kind: str) -> str:
     return f"memory://{_tag(ctx)}"
 
 
+def _config(fields: dict[str, object], source: str, ctx: CaseContext) -> LMCacheEngineConfig:
+    """The config as a serving node gets it: from an LMCache YAML file or from LMCACHE_* variables."""
+    if source == "yaml":
+        path = ctx.tmp_path / "lmcache-config.yaml"
+        path.write_text(yaml.safe_dump(fields))
+        return LMCacheEngineConfig.from_file(path)
+    # Environment strings: '' means "not set" (None); a mapping keeps os.environ untouched.
+    env = {f"LMCACHE_{k.upper()}": "" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+           for k, v in fields.items()}
+    return LMCacheEngineConfig.from_env(env)
+
+
 def _make(
-    memory: bool, disk: bool, remote: str | None, pipelined: bool = False
+    memory: bool, disk: bool, remote: str | None, pipelined: bool = False, source: str = "yaml"
 ) -> Callable[[CaseContext, float], LMCBackendInterface]:
     def make(ctx: CaseContext, budget_gb: float) -> LMCBackendInterface:
         fields: dict[str, object] = {
@@ -44,18 +58,25 @@ def _make(
             fields["max_local_disk_size"] = budget_gb
         if remote is not None:
             fields["remote_url"] = _remote_url(ctx, remote)
-        return CreateStorageBackend(LMCacheEngineConfig.from_defaults(**fields), META, "cpu")
+        return CreateStorageBackend(_config(fields, source, ctx), META, "cpu")
 
     return make
 
 
+# Every combination from a YAML file ("yaml-") and from LMCACHE_* variables ("env-").
+_COMBOS: list[tuple[str, tuple[bool, bool, str | None, bool], dict[str, bool]]] = [
+    ("memory", (True, False, None, False), {"stores_bytes": False}),
+    ("disk", (False, True, None, False), {"persistent": True}),
+    ("remote-redis-pipelined", (False, False, "redis", True), {"evicts": False, "persistent": True}),
+    ("memory+redis", (True, False, "redis", False), {"evicts": False, "persistent": True}),
+    ("disk+s3-pipelined", (False, True, "s3", True), {"evicts": False, "persistent": True}),
+    ("memory+disk", (True, True, None, False), {"persistent": True}),
+    ("memory+disk+redis", (True, True, "redis", False), {"evicts": False, "persistent": True}),
+    ("memory+fsspec-memory-pipelined", (True, False, "memory", True), {"evicts": False, "persistent": True}),
+]
+
 HYBRID_CASES = [
-    BackendCase("cfg-memory", _make(True, False, None), stores_bytes=False),
-    BackendCase("cfg-disk", _make(False, True, None), persistent=True),
-    BackendCase("cfg-remote-redis-pipelined", _make(False, False, "redis", True), evicts=False, persistent=True),
-    BackendCase("cfg-memory+redis", _make(True, False, "redis"), evicts=False, persistent=True),
-    BackendCase("cfg-disk+s3-pipelined", _make(False, True, "s3", True), evicts=False, persistent=True),
-    BackendCase("cfg-memory+disk", _make(True, True, None), persistent=True),
-    BackendCase("cfg-memory+disk+redis", _make(True, True, "redis"), evicts=False, persistent=True),
-    BackendCase("cfg-memory+fsspec-memory-pipelined", _make(True, False, "memory", True), evicts=False, persistent=True),
+    BackendCase(f"{source}-{name}", _make(*args, source=source), **flags)  # type: ignore[arg-type]
+    for name, args, flags in _COMBOS
+    for source in ("yaml", "env")
 ]
