@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -13,6 +15,7 @@ import queue
 import socket
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
 
@@ -249,28 +252,64 @@ def _temp_path(final: str) -> str:
     return os.path.join(d, f".{name}.{_HOST}.{os.getpid()}.{n}{TEMP_SUFFIX}")
 
 
+def _write_temp(path: str, kv_chunk: torch.Tensor, key: str, fsync: bool) -> tuple[str, int]:
+    """Write ``kv_chunk`` to a fresh temp file next to ``path``: (temp path, bytes written).
+
+    Raises:
+        OSError: the write failed; the temp file is removed.
+    """
+    tmp = _temp_path(path)
+    try:
+        with disk_io.open_write(tmp) as f:
+            n = chunk_format.write_chunk(f, kv_chunk, key)
+            if fsync:
+                disk_io.fsync(f, tmp)
+    except BaseException:
+        _discard_temp(tmp)
+        raise
+    return tmp, n
+
+
+def _discard_temp(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
+def _key_from_path(path: str) -> str:
+    """The key a store's layout gives ``path`` (``key_to_path``), or "" when none or ambiguous.
+
+    The store root is unknown, so every tail of the path long enough to be a chunk
+    path is tried; the layout makes at most one of them canonical.
+    """
+    parts = os.path.abspath(path).split(os.sep)
+    found: set[str] = set()
+    for n in range(5, min(len(parts), 40) + 1):
+        try:
+            found.add(layout.path_to_key("/".join(parts[-n:])).to_string())
+        except ValueError:
+            continue
+    return found.pop() if len(found) == 1 else ""
+
+
 def save_disk(path: str, kv_chunk: torch.Tensor, key: str | None = None, fsync: bool = False) -> int:
     """Atomically write ``kv_chunk`` in the chunk format at ``path``.
 
     Writes a temp file in the same directory, then ``os.replace``: readers see
     the old file or the whole new one, never a torn one. Returns bytes written.
+    Without ``key`` (the seed's ``save_disk(path, kv_chunk)``), the header names
+    the key whose layout path ``path`` is, or none when it is not a chunk path.
 
     Raises:
         OSError: the write failed; no partial file is left behind.
     """
     check_chunk(kv_chunk)
-    tmp = _temp_path(path)
+    tmp, n = _write_temp(path, kv_chunk, key if key is not None else _key_from_path(path), fsync)
     try:
-        with disk_io.open_write(tmp) as f:
-            n = chunk_format.write_chunk(f, kv_chunk, key if key is not None else "")
-            if fsync:
-                disk_io.fsync(f, tmp)
         disk_io.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _discard_temp(tmp)
         raise
     return n
 
@@ -333,15 +372,50 @@ def _sibling_key(sibling: CacheEngineKey, name: str) -> CacheEngineKey:
     return dataclasses.replace(sibling, chunk_hash=chunk_hash)
 
 
+def chunk_file_size(kv_chunk: torch.Tensor, key: str) -> int:
+    """Bytes ``kv_chunk`` takes as a chunk file under ``key``: header + payload.
+
+    Exact, without hashing the payload (the checksum's hex digest has a fixed width).
+    """
+    nbytes = kv_chunk.numel() * kv_chunk.element_size()
+    header = chunk_format._header_bytes(kv_chunk, key, nbytes, chunk_format._PLACEHOLDER_CHECKSUM)
+    return len(header) + nbytes
+
+
+# Backends whose queued writes are drained at interpreter exit, as a thread pool's are.
+_open_disk_backends: weakref.WeakSet[LMCLocalDiskBackend] = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    for backend in list(_open_disk_backends):
+        try:
+            backend.close()
+        except Exception:
+            logger.exception("closing %s at exit failed", backend.describe())
+
+
+_KEY_LOCKS = 64
+
+
 class LMCLocalDiskBackend(LMCBackendInterface):
     """KV chunks as files in one directory, LRU under a byte budget.
 
     The directory comes from ``config.local_disk`` or ``local_device="file://<dir>"``;
     the budget from ``max_local_disk_size`` (GB) when > 0, else
-    ``max_local_cache_size``. Writes are atomic (temp file + ``os.replace``); at
+    ``max_local_cache_size``. The budget counts whole files (header + payload).
+    Writes are atomic (temp file + ``os.replace``); at
     start the index and byte count are rebuilt from the directory, so a restart
     reuses the cache and the budget holds, and dead writers' temp files are
-    removed. A corrupt, truncated or foreign file is a miss and is deleted.
+    removed. A corrupt, truncated or foreign file is a miss and is deleted; a
+    file whose header key is empty (``save_disk(path, kv_chunk)``) is taken as the
+    key of its path.
+
+    Non-blocking puts are written by ``put_workers`` threads (each runs
+    ``put_worker()``), in parallel across keys. Every put and remove of a key gets
+    a sequence number when it is submitted; a write that finds a later put (or a
+    remove) of its key already committed is discarded, so the last submitted
+    operation wins whatever order the workers finish in.
 
     Thread-safe. Several processes may share one directory: each sees the others'
     chunks, and a chunk removed by another process is a miss, never an error;
@@ -358,6 +432,8 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         put_workers: int = 2,
     ) -> None:
         super().__init__(dst_device)
+        if put_workers < 1:
+            raise ValueError(f"put_workers must be >= 1, got {put_workers}")
         root = config.disk_path
         if not root:
             raise ValueError("local_disk: no directory configured (set local_disk or local_device=file://<dir>)")
@@ -367,28 +443,48 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         self.fsync = fsync
         self._index: LRUIndex[CacheEngineKey] = LRUIndex(config.disk_budget_bytes)
         self._lock = threading.Lock()
+        # The newest non-blocking put of each key (what a read of the key waits for).
         self._futures: dict[CacheEngineKey, Future[None]] = {}
-        # Keys being unlinked right now: a reader that opened the file just before
-        # must not put them back in the index (a ghost entry inflating used bytes).
-        self._dropping: set[CacheEngineKey] = set()
+        # Last submitted wins: sequence numbers given at submit time; per key, the
+        # number of puts in flight and the sequence below which they are stale
+        # (kept only while some are in flight).
+        self._seq = itertools.count()
+        self._inflight: dict[CacheEngineKey, int] = {}
+        self._floor: dict[CacheEngineKey, int] = {}
+        # Serialise, per key, what changes its file: commit (replace + index),
+        # remove, eviction's unlink, quarantine. Striped: different keys rarely wait.
+        self._key_locks = [threading.Lock() for _ in range(_KEY_LOCKS)]
+        # Keys being unlinked right now (with a count): a reader that opened the file
+        # just before must not put them back in the index (a ghost entry).
+        self._dropping: dict[CacheEngineKey, int] = {}
         pin = torch.device(dst_device).type == "cuda"
         fixed = _chunk_shape(metadata)
         slot = math.prod(fixed[0]) * fixed[1].itemsize if fixed else 0
         # Warm read buffers: enough for a batched_get of 16 in flight, not a second cache
         # (retained only once that many are held at the same time).
         self._pool = BufferPool("cpu", max_bytes=max(16 * slot, 256 << 20), pin_memory=pin)
-        self._executor = ThreadPoolExecutor(max_workers=put_workers, thread_name_prefix="lmcache-disk-put")
+        self._queue: queue.Queue[Any] = queue.Queue()
         self._readers: ThreadPoolExecutor | None = None
         self._readers_lock = threading.Lock()
         self._closed = False
         self.stale_temps_removed = 0
         self._rebuild_index()
+        self._workers = [
+            threading.Thread(target=self.put_worker, name=f"lmcache-disk-put-{i}", daemon=True)
+            for i in range(put_workers)
+        ]
+        for worker in self._workers:
+            worker.start()
+        _open_disk_backends.add(self)
 
     def describe(self) -> str:
         return f"disk {self.root}"
 
     def _path(self, key: CacheEngineKey) -> str:
         return os.path.join(self.root, *layout.key_to_path(key).split("/"))
+
+    def _key_lock(self, key: CacheEngineKey) -> threading.Lock:
+        return self._key_locks[hash(key) % _KEY_LOCKS]
 
     def _rebuild_index(self) -> None:
         now = time.time()
@@ -409,18 +505,29 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         with self._lock:
             for _, key, size in found:
                 self._index.add(key, size)
-            over = self._index.victims_for(0)
-        for key in over:  # the budget may have shrunk since the last run
-            self._drop(key)
+            # The budget may have shrunk since the last run.
+            over = self._evict_locked(self._index.victims_for(0))
+        self._unlink_evicted(over)
         if self.stale_temps_removed:
             logger.info("removed %d stale temp files under %s", self.stale_temps_removed, self.root)
 
     # -- writes --------------------------------------------------------------------
 
+    def _file_size_checked(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> int:
+        """The chunk's file size; ``ValueError`` when that alone exceeds the whole budget."""
+        size = chunk_file_size(kv_chunk, key.to_string())
+        if size > self._index.budget:
+            nbytes = kv_chunk.numel() * kv_chunk.element_size()
+            raise ValueError(
+                f"chunk of {nbytes} bytes takes {size} bytes on disk with its header, "
+                f"larger than the whole disk budget of {self._index.budget} bytes"
+            )
+        return size
+
     def put(self, key: CacheEngineKey, kv_chunk: torch.Tensor, blocking: bool = True) -> None:
         check_key(key)
         check_chunk(kv_chunk)
-        self._index.check_fits(kv_chunk.numel() * kv_chunk.element_size())
+        self._file_size_checked(key, kv_chunk)
         if self._closed:
             raise RuntimeError("backend is closed")
         if blocking:
@@ -430,43 +537,109 @@ class LMCLocalDiskBackend(LMCBackendInterface):
 
     def put_blocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
         """Write now; ``OSError``/``StoreFullError`` when the disk refuses."""
-        nbytes = kv_chunk.numel() * kv_chunk.element_size()
-        # Estimate the file size before writing so eviction makes room first.
-        estimate = nbytes + 512
         with self._lock:
-            victims = self._index.victims_for(estimate, exclude=key)
-        for victim in victims:
-            self._drop(victim)
+            seq = self._begin_locked(key)
+        try:
+            self._write(key, kv_chunk, seq)
+        finally:
+            self._end(key)
+
+    def put_nonblocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
+        """Queue the write for the workers; the caller must not modify ``kv_chunk`` meanwhile."""
+        self.buffer_sweeper()
+        future: Future[None] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("backend is closed")
+            seq = self._begin_locked(key)
+            self._futures[key] = future
+            self._queue.put((key, kv_chunk, seq, future))
+
+    def put_worker(self) -> None:
+        """Body of each background writer thread: write queued chunks until the end signal."""
+        while True:
+            item = self._queue.get()
+            try:
+                if isinstance(item, LocalBackendEndSignal):
+                    return
+                key, chunk, seq, future = item
+                try:
+                    self._background_put(key, chunk, seq)
+                finally:
+                    future.set_result(None)
+            finally:
+                self._queue.task_done()
+
+    def _background_put(self, key: CacheEngineKey, kv_chunk: torch.Tensor, seq: int) -> None:
+        """One queued write; failures are logged and counted, never silent."""
+        try:
+            self._write(key, kv_chunk, seq)
+        except Exception:
+            logger.exception("background write of %s to %s failed", key, self.root)
+            self.stats.incr("background_put_failures")
+        finally:
+            self._end(key)
+
+    def _begin_locked(self, key: CacheEngineKey) -> int:
+        """A new sequence number for a put of ``key`` (call under ``_lock``)."""
+        self._inflight[key] = self._inflight.get(key, 0) + 1
+        return next(self._seq)
+
+    def _end(self, key: CacheEngineKey) -> None:
+        with self._lock:
+            n = self._inflight[key] - 1
+            if n:
+                self._inflight[key] = n
+            else:
+                del self._inflight[key]
+                self._floor.pop(key, None)
+
+    def _stale_locked(self, key: CacheEngineKey, seq: int) -> bool:
+        return self._floor.get(key, -1) > seq
+
+    def _write(self, key: CacheEngineKey, kv_chunk: torch.Tensor, seq: int) -> bool:
+        """Write and commit put number ``seq`` of ``key``; False when a later one superseded it."""
+        size = self._file_size_checked(key, kv_chunk)
+        with self._lock:
+            if self._stale_locked(key, seq):
+                self.stats.incr("superseded_puts")
+                return False
+            # Make room first, so the disk has space for the new file.
+            victims = self._evict_locked(self._index.victims_for(size, exclude=key))
+        self._unlink_evicted(victims)
         path = self._path(key)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            size = save_disk(path, kv_chunk, key.to_string(), fsync=self.fsync)
+            tmp, written = _write_temp(path, kv_chunk, key.to_string(), self.fsync)
+            committed = self._commit(key, seq, tmp, path, written)
         except OSError as exc:
             self.stats.incr("put_failures")
             if exc.errno == 28:  # ENOSPC
                 raise StoreFullError(self.describe(), f"no space left writing {key}") from exc
             raise
-        with self._lock:
-            self._index.add(key, size)
-            over = self._index.victims_for(0, exclude=key)
-        for victim in over:
-            self._drop(victim)
-        self.stats.incr("puts")
+        self.stats.incr("puts" if committed else "superseded_puts")
+        return committed
 
-    def put_nonblocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
-        """Write on the worker pool; the caller must not modify ``kv_chunk`` meanwhile."""
-        self.buffer_sweeper()
-        future = self._executor.submit(self.put_worker, key, kv_chunk)
-        with self._lock:
-            self._futures[key] = future
-
-    def put_worker(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:  # type: ignore[override]
-        """One background write; failures are logged and counted, never silent."""
-        try:
-            self.put_blocking(key, kv_chunk)
-        except Exception:
-            logger.exception("background write of %s to %s failed", key, self.root)
-            self.stats.incr("background_put_failures")
+    def _commit(self, key: CacheEngineKey, seq: int, tmp: str, path: str, size: int) -> bool:
+        """Move the temp file of put ``seq`` into place unless a later put/remove committed."""
+        with self._key_lock(key):
+            with self._lock:
+                stale = self._stale_locked(key, seq)
+            if stale:
+                _discard_temp(tmp)
+                return False
+            try:
+                disk_io.replace(tmp, path)
+            except BaseException:
+                _discard_temp(tmp)
+                raise
+            with self._lock:
+                self._floor[key] = seq
+                self._index.add(key, size)
+                # Concurrent writers may have filled the budget meanwhile.
+                over = self._evict_locked(self._index.victims_for(0, exclude=key))
+        self._unlink_evicted(over)
+        return True
 
     def buffer_sweeper(self) -> None:
         """Forget finished futures (and so the chunks they held)."""
@@ -481,18 +654,55 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         if future is not None:
             future.result()
 
-    def _drop(self, key: CacheEngineKey) -> bool:
-        with self._lock:
-            self._index.pop(key)
-            self._dropping.add(key)
-        try:
-            disk_io.unlink(self._path(key))
-        except FileNotFoundError:
-            return False
-        finally:
+    # -- eviction and removal --------------------------------------------------------
+
+    def _evict_locked(self, victims: builtins.list[CacheEngineKey]) -> builtins.list[CacheEngineKey]:
+        """Take ``victims`` out of the index now (under ``_lock``); unlink them with ``_unlink_evicted``."""
+        for victim in victims:
+            self._index.pop(victim)
+            self._dropping[victim] = self._dropping.get(victim, 0) + 1
+        return victims
+
+    def _undrop_locked(self, key: CacheEngineKey) -> None:
+        n = self._dropping[key] - 1
+        if n:
+            self._dropping[key] = n
+        else:
+            del self._dropping[key]
+
+    def _unlink_evicted(self, victims: builtins.list[CacheEngineKey]) -> None:
+        for victim in victims:
+            with self._key_lock(victim):
+                try:
+                    with self._lock:
+                        # A put committed it again since: that file is new, keep it.
+                        if victim in self._index:
+                            continue
+                    disk_io.unlink(self._path(victim))
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    logger.warning("evicting %s failed: %s", victim, exc)
+                    continue
+                finally:
+                    with self._lock:
+                        self._undrop_locked(victim)
+            self.stats.incr("evictions")
+
+    def _drop(self, key: CacheEngineKey, *, supersede: bool = False) -> bool:
+        """Remove ``key``'s file; ``supersede``: puts of it submitted earlier are discarded."""
+        with self._key_lock(key):
             with self._lock:
-                self._dropping.discard(key)
-        self.stats.incr("evictions")
+                if supersede and key in self._inflight:
+                    self._floor[key] = next(self._seq)
+                self._evict_locked([key])
+            try:
+                disk_io.unlink(self._path(key))
+            except FileNotFoundError:
+                return False
+            finally:
+                with self._lock:
+                    self._undrop_locked(key)
         return True
 
     def _learn(self, key: CacheEngineKey, path: str) -> None:
@@ -510,9 +720,9 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             except OSError:
                 return
             self._index.add(key, size)
-            over = self._index.victims_for(0, exclude=key)
-        for victim in over:  # the budget holds over chunks learnt from other processes too
-            self._drop(victim)
+            # The budget holds over chunks learnt from other processes too.
+            over = self._evict_locked(self._index.victims_for(0, exclude=key))
+        self._unlink_evicted(over)
 
     # -- reads ---------------------------------------------------------------------
 
@@ -520,11 +730,14 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         check_key(key)
         self._wait_pending(key)
         path = self._path(key)
+        st: os.stat_result | None = None
         try:
             with disk_io.open_read(path) as f:
-                size = os.fstat(f.fileno()).st_size
-                header = chunk_format.read_header(f, total_size=size)
-                chunk_format.check_identity(header, key.to_string())
+                st = os.fstat(f.fileno())
+                header = chunk_format.read_header(f, total_size=st.st_size)
+                # An empty key (written by the seed's save_disk(path, kv_chunk)) is
+                # taken as the key of its path; another key, or none at all, is refused.
+                chunk_format.check_identity(header, None if header.key == "" else key.to_string())
                 buf = self._pool.acquire(header.nbytes)
                 # Checksummed piece by piece as it is read, while each piece is in cache.
                 chunk_format.read_payload_verified(f, header, buf)
@@ -535,7 +748,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             self.stats.incr("misses")
             return None
         except CorruptChunkError as exc:
-            self._quarantine(key, path, exc)
+            self._quarantine(key, path, exc, st)
             return None
         except OSError as exc:  # EIO and friends: a miss, the file may be fine later
             logger.warning("reading %s failed: %s", path, exc)
@@ -562,16 +775,28 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                 self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lmcache-disk-read")
             return self._readers
 
-    def _quarantine(self, key: CacheEngineKey, path: str, exc: Exception) -> None:
-        logger.warning("corrupt chunk %s removed: %s", path, exc)
+    def _quarantine(self, key: CacheEngineKey, path: str, exc: Exception, st: os.stat_result | None) -> None:
+        """Delete the corrupt file that was read (not a good one a put put there since)."""
         self.stats.incr("corrupt")
         self.stats.incr("misses")
-        with self._lock:
-            self._index.pop(key)
-        try:
-            disk_io.unlink(path)
-        except OSError:
-            pass
+        with self._key_lock(key):
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                with self._lock:
+                    self._index.pop(key)
+                return
+            except OSError:
+                return
+            if st is not None and (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
+                return  # replaced since it was read
+            logger.warning("corrupt chunk %s removed: %s", path, exc)
+            with self._lock:
+                self._index.pop(key)
+            try:
+                disk_io.unlink(path)
+            except OSError:
+                pass
 
     def contains(self, key: CacheEngineKey) -> bool:
         check_key(key)
@@ -590,11 +815,12 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             self._index.touch(key)
 
     def remove(self, key: CacheEngineKey) -> bool:
+        """Remove ``key``; puts of it submitted before are discarded, not waited for."""
         check_key(key)
-        self._wait_pending(key)
         with self._lock:
-            self._futures.pop(key, None)
-        return self._drop(key)
+            future = self._futures.pop(key, None)
+            was_pending = future is not None and not future.done()
+        return self._drop(key, supersede=True) or was_pending
 
     def list_info(self) -> builtins.list[ChunkInfo]:
         """Rescans the directory, so chunks of other processes are listed too."""
@@ -628,11 +854,19 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             return self._index.used
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._executor.shutdown(wait=True)
+        """Write every queued chunk, then stop the writer and reader threads."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for _ in self._workers:
+                self._queue.put(LocalBackendEndSignal())
+        me = threading.current_thread()
+        for worker in self._workers:
+            if worker is not me:
+                worker.join()
         with self._readers_lock:
             if self._readers is not None:
                 self._readers.shutdown(wait=True)
         self.buffer_sweeper()
+        _open_disk_backends.discard(self)
