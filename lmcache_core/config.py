@@ -65,7 +65,8 @@ class LMCacheEngineConfig:
     chunk_size: int = 256
     local_device: str | None = "cpu"
     max_local_cache_size: float = 5.0
-    remote_url: str | None = None
+    # repr=False: the URL may hold a password; __repr__ shows it masked.
+    remote_url: str | None = field(default=None, repr=False)
     remote_serde: str = SERDE
     pipelined_backend: bool = False
     local_disk: str | None = None
@@ -79,6 +80,13 @@ class LMCacheEngineConfig:
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name)))
         for f in _fields():
             self.sources.setdefault(f.name, "default")
+
+    def __repr__(self) -> str:
+        """Every field as the dataclass repr shows them, credentials in URLs masked."""
+        shown = ", ".join(f"{f.name}={_masked_value(getattr(self, f.name))!r}" for f in _fields())
+        return f"{type(self).__name__}({shown})"
+
+    __str__ = __repr__
 
     # -- constructors --------------------------------------------------------------
 
@@ -100,13 +108,13 @@ class LMCacheEngineConfig:
         try:
             raw = yaml.safe_load(p.read_text(encoding="utf-8"))
         except OSError as exc:
-            raise ConfigError("config file", f"cannot read {p}: {exc.strerror or exc}") from exc
+            raise _error("config file", f"cannot read {p}: {exc.strerror or exc}") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError("config file", f"{p} is not valid YAML: {exc}") from exc
+            raise _error("config file", f"{p} is not valid YAML: {exc}") from exc
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
-            raise ConfigError("config file", f"{p} must hold a mapping of fields")
+            raise _error("config file", f"{p} must hold a mapping of fields")
         values = _check_names(raw, f"file {p}")
         cfg = cls(**values)
         for name in values:
@@ -176,6 +184,17 @@ class LMCacheEngineConfig:
         return out
 
 
+def _error(name: str, message: str) -> ConfigError:
+    """A ``ConfigError`` whose text can never carry a credential (see ``mask_secrets_in``)."""
+    return ConfigError(mask_secrets_in(str(name)), mask_secrets_in(message))
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for an error message: credentials masked, at most ``limit`` characters."""
+    text = repr(_masked_value(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _fields() -> list[dataclasses.Field[Any]]:
     return [f for f in dataclasses.fields(LMCacheEngineConfig) if f.name != "sources"]
 
@@ -192,9 +211,7 @@ def _check_names(values: Mapping[str, Any], where: str) -> dict[str, Any]:
             logger.warning("config field %s (from %s) is not used by lmcache toolkit; ignored", name, where)
             continue
         if name not in known:
-            raise ConfigError(
-                str(name), f"unknown field (from {where}); accepted: {', '.join(sorted(known))}"
-            )
+            raise _error(str(name), f"unknown field (from {where}); accepted: {', '.join(sorted(known))}")
         out[name] = value
     return out
 
@@ -208,14 +225,14 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "chunk_size":
         n = _as_int(name, value)
         if n < 1:
-            raise ConfigError(name, f"must be >= 1, got {n}")
+            raise _error(name, f"must be >= 1, got {n}")
         return n
     if name in ("max_local_cache_size", "max_local_disk_size", "remote_timeout"):
         x = _as_float(name, value)
         if x < 0 or x != x or x == float("inf"):
-            raise ConfigError(name, f"must be a finite number >= 0, got {value!r}")
+            raise _error(name, f"must be a finite number >= 0, got {_shown(value)}")
         if name == "remote_timeout" and x == 0:
-            raise ConfigError(name, "must be > 0 seconds")
+            raise _error(name, "must be > 0 seconds")
         return x
     if name in ("pipelined_backend", "prefetch"):
         return _as_bool(name, value)
@@ -225,31 +242,33 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, str) or not (
             _DEVICE_RE.fullmatch(value) or (value.startswith("file://") and len(value) > 7)
         ):
-            raise ConfigError(name, f"{value!r} is not one of cpu, cuda, cuda:N, file://<dir>")
+            raise _error(name, f"{_shown(value)} is not one of cpu, cuda, cuda:N, file://<dir>")
         return value
     if name == "local_disk":
         if value is None or value == "":
             return None
         if not isinstance(value, str):
-            raise ConfigError(name, "must be a directory path or file://<dir>")
+            raise _error(name, "must be a directory path or file://<dir>")
         if value.startswith("file://"):
             value = value  # kept as written; disk_path strips the scheme
         elif "://" in value:
-            raise ConfigError(name, f"must be a local directory, got {mask_url(value)}")
+            raise _error(name, f"must be a local directory, got {mask_url(value)}")
         return value
     if name == "remote_url":
         if value is None or value == "":
             return None
         if not isinstance(value, str) or "://" not in value:
-            raise ConfigError(name, f"must be a URL such as redis://host:6379 or s3://bucket/prefix, got {value!r:.80}")
+            raise _error(
+                name, f"must be a URL such as redis://host:6379 or s3://bucket/prefix, got {_shown(value)}"
+            )
         return value
     if name == "remote_serde":
         if value == "cachegen":
-            raise ConfigError(
+            raise _error(
                 name, "'cachegen' is not supported (it needs LMCache's GPU codec); use 'safetensors'"
             )
         if value not in _LEGACY_SERDE:
-            raise ConfigError(name, f"{value!r} is not one of safetensors (legacy: torch, safetensor)")
+            raise _error(name, f"{_shown(value)} is not one of safetensors (legacy: torch, safetensor)")
         if value != SERDE:
             logger.warning("remote_serde=%r is stored as safe 'safetensors' chunks instead", value)
         return SERDE
@@ -258,21 +277,21 @@ def _coerce(name: str, value: Any) -> Any:
 
 def _as_int(name: str, value: Any) -> int:
     if isinstance(value, bool):
-        raise ConfigError(name, f"expected an integer, got {value!r}")
+        raise _error(name, f"expected an integer, got {_shown(value)}")
     if isinstance(value, int):
         return value
     if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
         return int(value)
-    raise ConfigError(name, f"expected an integer, got {value!r:.80}")
+    raise _error(name, f"expected an integer, got {_shown(value)}")
 
 
 def _as_float(name: str, value: Any) -> float:
     if isinstance(value, bool):
-        raise ConfigError(name, f"expected a number, got {value!r}")
+        raise _error(name, f"expected a number, got {_shown(value)}")
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise ConfigError(name, f"expected a number (GB or seconds), got {value!r:.80}") from None
+        raise _error(name, f"expected a number (GB or seconds), got {_shown(value)}") from None
 
 
 def _as_bool(name: str, value: Any) -> bool:
@@ -280,33 +299,89 @@ def _as_bool(name: str, value: Any) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise ConfigError(name, f"expected true or false, got {value!r:.80}")
+    raise _error(name, f"expected true or false, got {_shown(value)}")
+
+
+# Names (query parameters, option keys) whose values are secrets.
+_SECRET_NAME_RE = re.compile(r"secret|password|passwd|token|key|credential", re.I)
+
+
+def _mask_userinfo(authority: str) -> str:
+    """``user:pw@host`` -> ``user:***@host``; ``token@host`` -> ``***@host`` (last ``@`` wins)."""
+    if "@" not in authority:
+        return authority
+    userinfo, _, hostport = authority.rpartition("@")
+    user, sep, _pw = userinfo.partition(":")
+    return f"{user}:***@{hostport}" if sep else f"***@{hostport}"
 
 
 def mask_url(url: str) -> str:
     """Replace the password (and secret query values) of a URL with ``***``.
 
-    ``redis://user:pw@host:6379/0`` -> ``redis://user:***@host:6379/0``.
+    ``redis://user:pw@host:6379/0`` -> ``redis://user:***@host:6379/0``. A value
+    with no ``scheme://`` is masked the same way, its authority being the text
+    before the first ``/``, ``?`` or ``#``: ``admin:pw@h:6379`` -> ``admin:***@h:6379``.
     """
+    if "://" not in url:
+        end = min((i for i in (url.find(c) for c in "/?#") if i >= 0), default=len(url))
+        return _mask_userinfo(url[:end]) + url[end:]
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, sep, _pw = userinfo.partition(":")
-        netloc = f"{user}:***@{hostport}" if sep else f"***@{hostport}"
+    netloc = _mask_userinfo(parts.netloc)
     query = parts.query
     if query:
         pairs = []
         for item in query.split("&"):
             k, eq, v = item.partition("=")
-            if eq and re.search(r"secret|password|token|key|credential", k, re.I):
+            if eq and _SECRET_NAME_RE.search(k):
                 v = "***"
             pairs.append(f"{k}{eq}{v}")
         query = "&".join(pairs)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+# A run of text that may be a URL or a schemeless ``user:pw@host``: no spaces or quotes.
+_WORD_RE = re.compile(r"[^\s'\"`]+")
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def _mask_word(word: str) -> str:
+    if "@" not in word and "?" not in word:
+        return word  # nothing to mask: file:///x, cpu:// and prose stay exactly as written
+    m = _SCHEME_RE.search(word)  # a URL may follow punctuation: "[redis://...", "(s3://..."
+    start = m.start() if m else 0
+    return word[:start] + mask_url(word[start:])
+
+
+def mask_secrets_in(text: str) -> str:
+    """``text`` with every URL-like word that holds a credential masked (``mask_url``).
+
+    Words are runs without spaces or quotes; one with userinfo (``@``) or a query
+    (``?``) is masked, with or without a scheme (``admin:pw@h:6379`` too).
+    Everything else is left exactly as it was.
+    """
+    return _WORD_RE.sub(lambda m: _mask_word(m.group(0)), text)
+
+
+def _masked_value(value: Any) -> Any:
+    """``value`` with credentials masked, for reprs and messages.
+
+    Strings holding userinfo or a query go through ``mask_url``; in mappings the
+    value of a secret-looking key (password, secret, token, key, ...) becomes
+    ``***``; lists, tuples and sets are masked item by item.
+    """
+    if isinstance(value, str):
+        return mask_url(value) if ("@" in value or "?" in value) else value
+    if isinstance(value, Mapping):
+        return {
+            k: "***" if isinstance(k, str) and _SECRET_NAME_RE.search(k) and v is not None else _masked_value(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return type(value)(_masked_value(v) for v in value)
+    return value
 
 
 @dataclass
@@ -328,7 +403,7 @@ class LMCacheEngineMetadata:
         from lmcache_core.key import FORMATS
 
         if self.fmt not in FORMATS:
-            raise ConfigError("fmt", f"{self.fmt!r} is not one of {', '.join(FORMATS)}")
+            raise _error("fmt", f"{_shown(self.fmt)} is not one of {', '.join(FORMATS)}")
         if self.kv_shape is not None:
             self.kv_shape = tuple(int(d) for d in self.kv_shape)
 

@@ -5,7 +5,8 @@ format (checksummed safetensors; corrupt or foreign objects are misses), a hard
 timeout on every remote call, retries with capped exponential backoff for
 idempotent reads, a circuit breaker, a worker for non-blocking puts, and a
 cached set of known keys. ``LMCPipelinedRemoteBackend`` also fetches a batch
-concurrently and decodes each part as it arrives.
+concurrently and decodes each part as it arrives, in LMCache's two stages: fetch
+threads (``network_worker``) feed decode threads (``deserialize_worker``).
 
 How a dead remote looks to the caller: ``get``/``contains`` are misses (counted
 in ``stats``), a blocking ``put`` raises ``StoreUnavailableError``, a
@@ -24,7 +25,7 @@ import random
 import threading
 import time
 import zlib
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence, TypeVar
@@ -233,12 +234,17 @@ class LMCRemoteBackend(LMCBackendInterface):
         self._writing: dict[CacheEngineKey, threading.Event] = {}
         self._io = _DaemonPool(self._io_threads(), "lmcache-remote-io")
         # One queue per writer; a key always goes to the same writer, so two
-        # queued writes of one key land in the order they were made.
+        # queued writes of one key land in the order they were made. Each writer
+        # thread runs ``put_worker()`` (the seed's no-argument loop), which finds
+        # its own queue in ``_queue_of_writer``, filled before the thread starts.
         self._put_queues: list[queue.Queue[Any]] = [queue.Queue() for _ in range(self._put_worker_count)]
         self._put_threads = [
-            threading.Thread(target=self.put_worker, args=(q,), name=f"lmcache-remote-put-{i}", daemon=True)
-            for i, q in enumerate(self._put_queues)
+            threading.Thread(target=self.put_worker, name=f"lmcache-remote-put-{i}", daemon=True)
+            for i in range(self._put_worker_count)
         ]
+        self._queue_of_writer: dict[threading.Thread, queue.Queue[Any]] = dict(
+            zip(self._put_threads, self._put_queues, strict=True)
+        )
         for t in self._put_threads:
             t.start()
 
@@ -265,6 +271,10 @@ class LMCRemoteBackend(LMCBackendInterface):
 
     def describe(self) -> str:
         return f"remote {self.display_url}"
+
+    def __repr__(self) -> str:
+        # display_url is masked: never the password, key or token of the store.
+        return f"{type(self).__name__}({self.display_url!r})"
 
     def close(self) -> None:
         """Drain queued writes (bounded by ``close_timeout``), then release the connection.
@@ -404,9 +414,26 @@ class LMCRemoteBackend(LMCBackendInterface):
             self._pending[key] = kv_chunk
         self._put_queues[zlib.crc32(key.chunk_hash.encode()) % len(self._put_queues)].put((key, kv_chunk))
 
-    def put_worker(self, work: queue.Queue[Any] | None = None) -> None:  # type: ignore[override]
-        """Body of a background writer: store queued chunks in order until the end signal."""
-        assert work is not None
+    def put_worker(self) -> None:
+        """The loop each background writer thread runs (LMCache's ``put_worker``).
+
+        Stores the chunks queued for this writer by ``put(blocking=False)``, one
+        after another in the order they were queued (so writes of one key land in
+        order), until a ``RemoteBackendEndSignal``, which ``close()`` queues after
+        everything already acknowledged. A failed write is logged and counted
+        (``background_put_failures``); the loop goes on.
+
+        Raises:
+            RuntimeError: called on a thread that is not one of this backend's
+                writers (each writer owns one queue; a stranger would break the
+                per-key order).
+        """
+        work = self._queue_of_writer.get(threading.current_thread())
+        if work is None:
+            raise RuntimeError(
+                f"{self.describe()}: put_worker() is the loop of the backend's own writer threads "
+                "(started by the constructor); use put(..., blocking=False) to queue a write"
+            )
         while True:
             item = work.get()
             if isinstance(item, RemoteBackendEndSignal):
@@ -503,10 +530,19 @@ class LMCRemoteBackend(LMCBackendInterface):
 
     def deserialize(self, key: CacheEngineKey, blob: bytes | None) -> torch.Tensor | None:
         """Fetched bytes -> tensor on ``dst_device`` (zero-copy on CPU); misses are ``None``."""
+        tensor = self._decode_blob(key, blob)
+        self.stats.incr("hits" if tensor is not None else "misses")
+        return tensor
+
+    def _decode_blob(self, key: CacheEngineKey, blob: bytes | None) -> torch.Tensor | None:
+        """``deserialize`` without the hit/miss count (the caller counts what it returns).
+
+        A missing or corrupt object is forgotten from the known set; a corrupt
+        one is counted (``corrupt``) and logged.
+        """
         if blob is None:
             with self._lock:
                 self._known.discard(key)
-            self.stats.incr("misses")
             return None
         try:
             tensor = chunk_format.decode(blob, key.to_string())
@@ -514,10 +550,8 @@ class LMCRemoteBackend(LMCBackendInterface):
             with self._lock:
                 self._known.discard(key)
             self.stats.incr("corrupt")
-            self.stats.incr("misses")
             logger.warning("%s: object for %s is not a valid chunk, treated as a miss: %s", self.display_url, key, exc)
             return None
-        self.stats.incr("hits")
         return self._to_dst(tensor)
 
     def contains(self, key: CacheEngineKey) -> bool:
@@ -602,15 +636,78 @@ class LMCRemoteBackend(LMCBackendInterface):
             return None
 
 
+class _BatchCall:
+    """One ``batched_get`` in flight through the fetch and decode stages.
+
+    Its keys are split into groups (indices into ``keys``); a stage finishes a
+    group with ``finish``. The caller waits in ``wait`` until every group is
+    finished or the deadline passes; from then on the call is *closed* and any
+    late ``finish`` is refused, so the caller's results never change under it
+    and a group is counted (hit, miss or timeout) exactly once.
+    """
+
+    def __init__(self, keys: Sequence[CacheEngineKey], groups: Sequence[Sequence[int]], deadline: float) -> None:
+        self.keys = keys
+        self.groups = groups
+        self.deadline = deadline
+        self.results: list[torch.Tensor | None] = [None] * len(keys)
+        self._unfinished = set(range(len(groups)))
+        self._closed = False
+        self._cond = threading.Condition(threading.Lock())
+
+    def group_keys(self, gid: int) -> list[CacheEngineKey]:
+        return [self.keys[i] for i in self.groups[gid]]
+
+    def wanted(self) -> bool:
+        """False once the caller has its answer or the deadline passed: skip the work."""
+        return not self._closed and time.monotonic() < self.deadline
+
+    def finish(self, gid: int, tensors: Sequence[torch.Tensor | None] | None) -> bool:
+        """Record group ``gid`` (``None``: it failed); False if the caller already gave up on it."""
+        with self._cond:
+            if self._closed or gid not in self._unfinished:
+                return False
+            if tensors is not None:
+                for i, t in zip(self.groups[gid], tensors, strict=True):
+                    self.results[i] = t
+            self._unfinished.discard(gid)
+            if not self._unfinished:
+                self._cond.notify_all()
+            return True
+
+    def wait(self) -> list[int]:
+        """Block until every group is finished or the deadline; the groups left unfinished."""
+        with self._cond:
+            while self._unfinished:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            self._closed = True
+            return sorted(self._unfinished)
+
+
 class LMCPipelinedRemoteBackend(LMCRemoteBackend):
     """A remote backend whose ``batched_get`` fetches concurrently and decodes as parts arrive.
 
-    The keys are split into up to ``fetch_parallelism`` groups; each group is one
-    connector ``get_many`` (fsspec batch ``cat``, Redis MGET/pipeline) on its own
-    I/O thread (``network_worker``), and the caller decodes each group as soon
-    as it lands (``deserialize_worker``) while the others are still in flight.
-    Results are aligned with the keys, ``None`` for misses. Thread-safe: any
-    number of callers may batch at once.
+    LMCache's two-stage pipeline: fetch threads run ``network_worker()`` and
+    decode threads run ``deserialize_worker()``, joined by queues. A
+    ``batched_get`` splits its keys into up to ``fetch_parallelism`` groups and
+    queues them for the fetch stage; each group is one connector ``get_many``
+    (fsspec batch ``cat``, Redis MGET/pipeline) whose bytes go straight on to the
+    decode stage, so one group is decoded while the others are still in flight.
+    Results are aligned with the keys, ``None`` for misses, corrupt objects or a
+    dead remote; every call returns by its deadline (``remote_timeout``) whatever
+    the stages are doing. Thread-safe: any number of callers may batch at once.
+
+    Args:
+        fetch_parallelism: groups per batch (concurrent ``get_many`` calls per batch).
+        fetch_workers: fetch-stage threads (default ``2 * fetch_parallelism``, so
+            two callers batch at once, and a call hung on a dead remote does not
+            starve the next one).
+        decode_workers: decode-stage threads (default ``fetch_parallelism``, at
+            most the number of CPUs).
+        **kwargs: as ``LMCRemoteBackend``.
     """
 
     def __init__(
@@ -620,31 +717,125 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
         dst_device: str = "cuda",
         *,
         fetch_parallelism: int = 4,
+        fetch_workers: int | None = None,
+        decode_workers: int | None = None,
         **kwargs: Any,
     ) -> None:
         if fetch_parallelism < 1:
             raise ValueError(f"fetch_parallelism must be >= 1, got {fetch_parallelism}")
+        if fetch_workers is not None and fetch_workers < 1:
+            raise ValueError(f"fetch_workers must be >= 1, got {fetch_workers}")
+        if decode_workers is not None and decode_workers < 1:
+            raise ValueError(f"decode_workers must be >= 1, got {decode_workers}")
         self.fetch_parallelism = fetch_parallelism
+        self.fetch_workers = fetch_workers or 2 * fetch_parallelism
+        self.decode_workers = decode_workers or max(1, min(fetch_parallelism, os.cpu_count() or 1))
         super().__init__(config, metadata, dst_device, **kwargs)
 
-    def _io_threads(self) -> int:
-        return max(16, 4 * self.fetch_parallelism)
+    def _start_runtime(self) -> None:
+        super()._start_runtime()
+        # Items: (call, group id) for the fetch stage; (call, group id, blobs) for decode.
+        self._fetch_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._decode_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # The stages start with the first batched_get: a backend that only writes
+        # (or only gets one key at a time) never holds their threads.
+        self._stage_threads: list[threading.Thread] = []
+
+    def _start_stages(self) -> None:
+        if self._stage_threads:
+            return
+        with self._lock:
+            if self._stage_threads or self._closed:
+                return
+            threads = [
+                threading.Thread(target=self.network_worker, name=f"lmcache-remote-fetch-{i}", daemon=True)
+                for i in range(self.fetch_workers)
+            ] + [
+                threading.Thread(target=self.deserialize_worker, name=f"lmcache-remote-decode-{i}", daemon=True)
+                for i in range(self.decode_workers)
+            ]
+            for t in threads:
+                t.start()
+            self._stage_threads = threads
 
     def describe(self) -> str:
         return f"remote {self.display_url} (pipelined)"
 
-    def network_worker(self, keys: Sequence[CacheEngineKey], deadline: float) -> list[bytes | None]:
-        """Fetch one group of keys in one batched connector call (runs on an I/O thread)."""
-        blobs = self._attempts("get_many", self.connector.get_many, (list(keys),), deadline, True)
-        if len(blobs) != len(keys):  # a connector bug must not shift results between keys
-            raise RuntimeError(f"get_many returned {len(blobs)} values for {len(keys)} keys")
-        return blobs
+    def close(self) -> None:
+        """As ``LMCRemoteBackend.close``, then stop the fetch and decode stages (bounded)."""
+        if self._closed:
+            return
+        super().close()
+        if self._pid != os.getpid():
+            return
+        with self._lock:  # after this, _start_stages sees _closed and starts nothing
+            threads = list(self._stage_threads)
+        for t in threads:
+            (self._fetch_queue if t.name.startswith("lmcache-remote-fetch") else self._decode_queue).put(
+                RemoteBackendEndSignal()
+            )
+        # A fetch thread hung on a dead remote is a daemon: wait a little, never long.
+        deadline = time.monotonic() + min(self.timeout, 2.0)
+        for t in threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
-    def deserialize_worker(
-        self, keys: Sequence[CacheEngineKey], blobs: Sequence[bytes | None]
-    ) -> list[torch.Tensor | None]:
-        """Decode one fetched group (checksums verified, corrupt -> ``None``)."""
-        return [self.deserialize(k, b) for k, b in zip(keys, blobs, strict=True)]
+    # -- the two pipeline stages ---------------------------------------------------
+
+    def network_worker(self) -> None:
+        """The fetch stage's loop (LMCache's ``network_worker``), run by each fetch thread.
+
+        Takes a group of keys of a ``batched_get`` from the fetch queue, fetches it
+        with one connector ``get_many`` (retries, breaker, the call's deadline) and
+        hands the bytes to the decode stage. A group whose caller has given up is
+        skipped; a failed fetch finishes the group as misses. Returns on
+        ``RemoteBackendEndSignal`` (queued by ``close()``).
+        """
+        while True:
+            item = self._fetch_queue.get()
+            if isinstance(item, RemoteBackendEndSignal):
+                return
+            call, gid = item
+            if not call.wanted():
+                continue  # the caller timed out and counted this group already
+            keys = call.group_keys(gid)
+            try:
+                blobs = self._attempts("get_many", self.connector.get_many, (keys,), call.deadline, True)
+                if len(blobs) != len(keys):  # a connector bug must not shift results between keys
+                    raise RuntimeError(f"get_many returned {len(blobs)} values for {len(keys)} keys")
+            except Exception as exc:
+                logger.debug("%s: batched get failed: %r", self.display_url, exc)
+                if call.finish(gid, None):
+                    self.stats.incr("unavailable")
+                    self.stats.incr("misses", len(keys))
+                continue
+            self._decode_queue.put((call, gid, blobs))
+
+    def deserialize_worker(self) -> None:
+        """The decode stage's loop (LMCache's ``deserialize_worker``), run by each decode thread.
+
+        Takes a fetched group from the decode queue, decodes every object
+        (checksum verified; missing or corrupt -> ``None``) onto ``dst_device`` and
+        hands the tensors to the waiting caller. Returns on ``RemoteBackendEndSignal``.
+        """
+        while True:
+            item = self._decode_queue.get()
+            if isinstance(item, RemoteBackendEndSignal):
+                return
+            call, gid, blobs = item
+            if not call.wanted():
+                continue
+            keys = call.group_keys(gid)
+            tensors: list[torch.Tensor | None]
+            try:
+                tensors = [self._decode_blob(k, b) for k, b in zip(keys, blobs, strict=True)]
+            except Exception as exc:  # e.g. no room on dst_device: misses, and the stage lives on
+                logger.error("%s: decoding a batch failed: %r", self.display_url, exc)
+                tensors = [None] * len(keys)
+            del blobs
+            if call.finish(gid, tensors):
+                hits = sum(t is not None for t in tensors)
+                self.stats.incr("hits", hits)
+                self.stats.incr("misses", len(keys) - hits)
 
     def batched_get(self, keys: Iterable[CacheEngineKey]) -> list[torch.Tensor | None]:
         """Chunks aligned with ``keys``: ``None`` for misses, corrupt objects, or a dead remote."""
@@ -662,36 +853,22 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
                 to_fetch.append(i)
         if not to_fetch:
             return results
-        size = math.ceil(len(to_fetch) / self.fetch_parallelism)
-        groups = [to_fetch[j : j + size] for j in range(0, len(to_fetch), size)]
         if not self.breaker.allow():
             self.stats.incr("circuit_rejections")
             self.stats.incr("misses", len(to_fetch))
             return results
-        deadline = time.monotonic() + self.timeout
-        inflight: dict[Future[list[bytes | None]], list[int]] = {
-            self._io.submit(self.network_worker, [keys[i] for i in g], deadline, deadline=deadline): g
-            for g in groups
-        }
-        while inflight:
-            done, _ = wait(inflight, timeout=max(0.0, deadline - time.monotonic()), return_when=FIRST_COMPLETED)
-            if not done:  # deadline: whatever is still out is a miss
-                for future, group in inflight.items():
-                    future.cancel()
-                    self.stats.incr("timeouts")
-                    self.stats.incr("misses", len(group))
-                self.breaker.record_failure()
-                break
-            for future in done:
-                group = inflight.pop(future)
-                try:
-                    blobs = future.result()
-                except Exception as exc:
-                    logger.debug("%s: batched get failed: %r", self.display_url, exc)
-                    self.stats.incr("unavailable")
-                    self.stats.incr("misses", len(group))
-                    continue
-                # Decode this group here while the other groups are still being fetched.
-                for i, tensor in zip(group, self.deserialize_worker([keys[i] for i in group], blobs), strict=True):
-                    results[i] = tensor
+        size = math.ceil(len(to_fetch) / self.fetch_parallelism)
+        groups = [to_fetch[j : j + size] for j in range(0, len(to_fetch), size)]
+        self._start_stages()
+        call = _BatchCall(keys, groups, time.monotonic() + self.timeout)
+        for gid in range(len(groups)):
+            self._fetch_queue.put((call, gid))
+        unfinished = call.wait()
+        if unfinished:  # the deadline: whatever is still out is a miss
+            for gid in unfinished:
+                self.stats.incr("timeouts")
+                self.stats.incr("misses", len(groups[gid]))
+            self.breaker.record_failure()
+        for i in to_fetch:
+            results[i] = call.results[i]
         return results

@@ -1,0 +1,182 @@
+"""Credentials never leave the config through an error message, a repr or a str.
+
+A password may sit in ``remote_url`` (``redis://:pw@host``), in a value given to the
+wrong field, in a schemeless ``user:pw@host`` typed without ``redis://``, in a YAML
+line quoted back by a parse error, or in a mapping written where a URL belongs.
+Every message ``lmcache_core.config`` produces masks the userinfo (``mask_url``),
+and the config's repr shows the URL masked while equality still sees the real one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmcache_core.config import LMCacheEngineConfig, LMCacheEngineMetadata, mask_secrets_in, mask_url
+from lmcache_core.errors import ConfigError
+
+SECRET = "hunter2"
+
+
+@pytest.mark.parametrize(
+    "url, masked",
+    [
+        ("admin:hunter2@h:6379", "admin:***@h:6379"),
+        (":hunter2@h:6379/0", ":***@h:6379/0"),
+        ("hunter2@h", "***@h"),
+        ("u:p@ss:hunter2@h:1/x@y", "u:***@h:1/x@y"),  # the last '@' of the authority ends userinfo
+        ("/data/user@host/cache", "/data/user@host/cache"),  # a path: no authority, nothing to mask
+        ("h:6379", "h:6379"),
+    ],
+)
+def test_mask_url_masks_userinfo_without_a_scheme(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+
+
+def test_schemeless_remote_url_from_env_is_masked_in_the_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        LMCacheEngineConfig.from_env({"LMCACHE_REMOTE_URL": "admin:hunter2@h:6379"})
+    message = str(info.value)
+    assert SECRET not in message
+    assert message.startswith("remote_url:") and "admin:***@h:6379" in message
+    assert info.value.field == "remote_url"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("remote_url", "admin:hunter2@h:6379"),
+        ("remote_url", ":hunter2@h:6379/0"),
+        ("remote_url", "hunter2@h"),
+        ("remote_url", {"host": "h", "password": SECRET}),
+        ("remote_url", ["redis://:hunter2@h"]),
+        ("local_device", "redis://u:hunter2@h"),
+        ("local_device", "u:hunter2@h"),
+        ("local_disk", "s3://u:hunter2@bucket/p"),
+        ("chunk_size", "u:hunter2@h"),
+        ("max_local_cache_size", "redis://:hunter2@h"),
+        ("max_local_disk_size", "u:hunter2@h"),
+        ("remote_timeout", "u:hunter2@h"),
+        ("pipelined_backend", "redis://:hunter2@h"),
+        ("prefetch", "s3://b/p?secret=hunter2"),
+        ("remote_serde", "u:hunter2@h"),
+        ("remote_serde", "redis://:hunter2@h"),
+    ],
+)
+def test_no_field_error_echoes_a_credential(field: str, value: Any, tmp_path: Path) -> None:
+    import yaml
+
+    attempts = [lambda: LMCacheEngineConfig.from_defaults(**{field: value})]
+    if isinstance(value, str):
+        attempts.append(lambda: LMCacheEngineConfig.from_env({f"LMCACHE_{field.upper()}": value}))
+    conf = tmp_path / "lmcache.yaml"
+    conf.write_text(yaml.safe_dump({field: value}))
+    attempts.append(lambda: LMCacheEngineConfig.from_file(conf))
+    for attempt in attempts:
+        with pytest.raises(ConfigError) as info:
+            attempt()
+        assert SECRET not in str(info.value), str(info.value)
+        assert SECRET not in repr(info.value)
+        assert info.value.field == field
+        assert "***" in str(info.value)  # the value is still shown, masked
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "remote_url: admin:hunter2@h:6379: x\n",  # the parse error quotes this line
+        "remote_url: [redis://:hunter2@h\n",
+        "chunk_size: 256\nremote_url: 'redis://:hunter2@h\n",
+    ],
+)
+def test_yaml_errors_quoting_the_file_mask_credentials(text: str, tmp_path: Path) -> None:
+    conf = tmp_path / "lmcache.yaml"
+    conf.write_text(text)
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
+        LMCacheEngineConfig.from_file(conf)
+    assert SECRET not in str(info.value)
+
+
+def test_unknown_field_named_like_a_url_is_masked(tmp_path: Path) -> None:
+    conf = tmp_path / "lmcache.yaml"
+    conf.write_text("redis://:hunter2@h: 1\n")
+    with pytest.raises(ConfigError, match="unknown field") as info:
+        LMCacheEngineConfig.from_file(conf)
+    assert SECRET not in str(info.value)
+
+
+def test_metadata_errors_mask_credentials() -> None:
+    with pytest.raises(ConfigError, match="fmt") as info:
+        LMCacheEngineMetadata(model_name="m", fmt="u:hunter2@h")
+    assert SECRET not in str(info.value)
+
+
+def test_mask_secrets_in_masks_every_url_like_word_and_nothing_else() -> None:
+    text = "a [redis://:hunter2@h:1/0] b admin:hunter2@h c s3://b/p?token=hunter2 file:///x cpu:// why?"
+    out = mask_secrets_in(text)
+    assert SECRET not in out
+    assert out.endswith("file:///x cpu:// why?")
+    assert "[redis://:***@h:1/0]" in out and "admin:***@h" in out
+
+
+# -- repr and str ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("redis://:hunter2@h:6379/0", "redis://:***@h:6379/0"),
+        ("rediss://user:hunter2@h:6380/1", "rediss://user:***@h:6380/1"),
+        ("s3://bucket/prefix?secret=hunter2&region=x", "s3://bucket/prefix?secret=***&region=x"),
+    ],
+)
+def test_config_repr_and_str_mask_the_remote_url(url: str, shown: str) -> None:
+    cfg = LMCacheEngineConfig(remote_url=url)
+    for text in (repr(cfg), str(cfg), f"{cfg}", repr([cfg]), repr({"cfg": cfg})):
+        assert SECRET not in text
+        assert f"remote_url={shown!r}" in text
+    assert cfg.remote_url == url  # the value itself is untouched
+    assert cfg.to_dict(mask_secrets=False)["remote_url"] == url
+
+
+def test_config_repr_keeps_the_dataclass_form() -> None:
+    cfg = LMCacheEngineConfig.from_defaults(chunk_size=64, local_disk="/tmp/d", remote_url="redis://h:1/0")
+    fields = [f for f in dataclasses.fields(cfg) if f.name != "sources"]
+    expected = ", ".join(f"{f.name}={getattr(cfg, f.name)!r}" for f in fields)
+    assert repr(cfg) == f"LMCacheEngineConfig({expected})"  # nothing to mask: exactly the usual repr
+
+
+def test_masking_repr_keeps_equality_and_replace() -> None:
+    a = LMCacheEngineConfig(remote_url="redis://:hunter2@h:6379/0")
+    b = LMCacheEngineConfig(remote_url="redis://:hunter2@h:6379/0")
+    c = LMCacheEngineConfig(remote_url="redis://:other@h:6379/0")
+    assert a == b and a != c  # equality still compares the real URL
+    assert repr(a) == repr(c)  # ... while both print the same masked text
+    d = a.replace(chunk_size=32)
+    assert d.remote_url == a.remote_url and d.chunk_size == 32 and SECRET not in repr(d)
+    e = dataclasses.replace(a, chunk_size=32)
+    assert e == d and SECRET not in repr(e)
+
+
+def test_remote_backend_repr_and_errors_hide_the_password(redis_server_factory: Any) -> None:
+    """A password-protected redis-server: the backend works and never prints the password."""
+    from lmcache_core.storage_backend.remote_backend import LMCPipelinedRemoteBackend, LMCRemoteBackend
+    from tests.conftest import make_key
+    from tests.test_conformance import chunk, same
+
+    server = redis_server_factory("--requirepass", SECRET)
+    url = f"redis://:{SECRET}@127.0.0.1:{server.port}/0"
+    cfg = LMCacheEngineConfig(local_device=None, remote_url=url, remote_timeout=5.0)
+    for cls in (LMCRemoteBackend, LMCPipelinedRemoteBackend):
+        backend = cls(cfg, None, "cpu")
+        try:
+            backend.put(make_key(1), chunk(1))
+            assert same(backend.get(make_key(1)), chunk(1))
+            for text in (repr(backend), str(backend), backend.describe(), repr(backend.config), repr(backend.connector)):
+                assert SECRET not in text, text
+            assert f"127.0.0.1:{server.port}" in repr(backend)
+        finally:
+            backend.close()

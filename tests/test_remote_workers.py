@@ -1,0 +1,272 @@
+"""The remote tier's background loops have the seed's shape and are the ones that run.
+
+In LMCache, ``LMCRemoteBackend.put_worker()``, ``LMCPipelinedRemoteBackend.network_worker()``
+and ``deserialize_worker()`` take no arguments: they are the bodies of background
+threads. These tests check that ours are too (writer threads run ``put_worker()``,
+the pipelined ``batched_get`` goes through fetch threads running ``network_worker()``
+and decode threads running ``deserialize_worker()``), and that the guarantees
+around them hold against real Redis and S3 servers: per-key write order, close()
+draining every acknowledged write, batches aligned with their keys under
+concurrent callers, and a dead remote answered with misses counted once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import quote
+
+import pytest
+
+from lmcache_core.config import LMCacheEngineConfig
+from lmcache_core.key import CacheEngineKey
+from lmcache_core.storage_backend.remote_backend import LMCPipelinedRemoteBackend, LMCRemoteBackend
+from tests.conftest import make_key
+from tests.test_conformance import chunk, same
+
+REMOTES = ["redis", "s3"]
+
+
+def _prefix(tmp_path: Path) -> str:
+    import hashlib
+
+    return "lmc-w-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12]
+
+
+@pytest.fixture(params=REMOTES)
+def remote(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    """(remote_url, connector options) of a private namespace on a real server."""
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        return f"{server.url}?prefix={quote(_prefix(tmp_path) + ':')}", {}
+    server = request.getfixturevalue("s3_server")
+    return server.url(_prefix(tmp_path)), dict(server.options)
+
+
+def _open(
+    cls: type[LMCRemoteBackend], remote: tuple[str, dict[str, Any]], timeout: float = 10.0, **kwargs: Any
+) -> LMCRemoteBackend:
+    url, options = remote
+    cfg = LMCacheEngineConfig(local_device=None, remote_url=url, remote_timeout=timeout)
+    return cls(cfg, None, "cpu", **options, **kwargs)
+
+
+def _ours(names: set[str], prefix: str) -> set[str]:
+    return {n for n in names if n.startswith(prefix)}
+
+
+def _alive(names: set[str]) -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name in names}
+
+
+# -- the seed's signatures ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method",
+    [LMCRemoteBackend.put_worker, LMCPipelinedRemoteBackend.network_worker, LMCPipelinedRemoteBackend.deserialize_worker],
+    ids=["put_worker", "network_worker", "deserialize_worker"],
+)
+def test_worker_loops_take_no_arguments_like_the_seed(method: Any) -> None:
+    assert list(inspect.signature(method).parameters) == ["self"]
+
+
+# -- put_worker: the writer threads' loop ----------------------------------------------------
+
+
+class _RecordingWriters(LMCRemoteBackend):
+    """A real remote backend that notes which threads enter ``put_worker()``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.writer_threads: set[str] = set()
+        super().__init__(*args, **kwargs)
+
+    def put_worker(self) -> None:
+        self.writer_threads.add(threading.current_thread().name)
+        super().put_worker()
+
+
+def test_put_worker_is_the_loop_of_every_writer_thread(remote: tuple[str, dict[str, Any]]) -> None:
+    backend = _open(_RecordingWriters, remote, put_workers=3)
+    assert isinstance(backend, _RecordingWriters)
+    try:
+        items = [(make_key(f"w{i}"), chunk(i)) for i in range(9)]
+        for key, value in items:
+            backend.put(key, value, blocking=False)
+        # each writer thread entered put_worker() with no arguments and found its own queue
+        deadline = time.monotonic() + 30
+        while len(backend.writer_threads) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        writers = set(backend.writer_threads)
+        assert len(writers) == 3 and writers == _ours(writers, "lmcache-remote-put-")
+        assert _alive(writers) == writers
+        # a thread that is not one of the backend's writers cannot run the loop
+        with pytest.raises(RuntimeError, match="writer threads"):
+            backend.put_worker()
+    finally:
+        backend.close()
+    assert _alive(writers) == set()  # every loop returned on the end signal
+    assert backend.stats["background_put_failures"] == 0
+    reader = _open(LMCRemoteBackend, remote)
+    try:
+        for key, value in items:
+            assert same(reader.get(key), value), key
+    finally:
+        reader.close()
+
+
+def test_nonblocking_writes_of_one_key_land_in_the_order_made(remote: tuple[str, dict[str, Any]]) -> None:
+    backend = _open(LMCRemoteBackend, remote, put_workers=4)
+    hot = make_key("hot")
+    others = [make_key(f"o{i}") for i in range(12)]
+    try:
+        for v in range(12):
+            backend.put(hot, chunk(100 + v), blocking=False)
+            backend.put(others[v], chunk(v), blocking=False)
+            assert same(backend.get(hot), chunk(100 + v))  # read-your-writes while queued
+    finally:
+        backend.close()
+    reader = _open(LMCRemoteBackend, remote)
+    try:
+        assert same(reader.get(hot), chunk(111))  # the last write wins, never an older one
+        assert all(same(reader.get(k), chunk(i)) for i, k in enumerate(others))
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("cls", [LMCRemoteBackend, LMCPipelinedRemoteBackend], ids=["plain", "pipelined"])
+def test_close_drains_every_acknowledged_nonblocking_put(
+    remote: tuple[str, dict[str, Any]], cls: type[LMCRemoteBackend]
+) -> None:
+    backend = _open(cls, remote, put_workers=2)
+    items = [(make_key(f"d{i}"), chunk(i)) for i in range(16)]
+    assert backend.batched_put(items, blocking=False) == len(items)
+    backend.close()
+    assert backend.stats["background_put_failures"] == 0
+    assert backend.stats["dropped_on_close"] == 0
+    reader = _open(cls, remote)
+    try:
+        got = reader.batched_get([k for k, _ in items])
+        assert all(same(g, v) for g, (_, v) in zip(got, items, strict=True))
+    finally:
+        reader.close()
+
+
+# -- network_worker / deserialize_worker: the pipeline's two stages ---------------------------
+
+
+class _RecordingStages(LMCPipelinedRemoteBackend):
+    """A real pipelined backend that notes which threads enter its stage loops."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.fetchers: set[str] = set()
+        self.decoders: set[str] = set()
+        super().__init__(*args, **kwargs)
+
+    def network_worker(self) -> None:
+        self.fetchers.add(threading.current_thread().name)
+        super().network_worker()
+
+    def deserialize_worker(self) -> None:
+        self.decoders.add(threading.current_thread().name)
+        super().deserialize_worker()
+
+
+def test_batched_get_runs_through_the_network_and_deserialize_loops(remote: tuple[str, dict[str, Any]]) -> None:
+    backend = _open(_RecordingStages, remote, fetch_parallelism=3, fetch_workers=4, decode_workers=2)
+    assert isinstance(backend, _RecordingStages)
+    try:
+        stored = {make_key(f"s{i}"): chunk(i) for i in range(7)}
+        for k, v in stored.items():
+            backend.put(k, v)
+        corrupt = make_key("corrupt")
+        backend.connector.put(corrupt, [b"not a chunk at all"])  # a real object that fails decoding
+        keys = [*list(stored)[:3], make_key("absent"), corrupt, *list(stored)[3:]]
+        got = backend.batched_get(keys)
+        assert len(got) == len(keys)
+        for k, g in zip(keys, got, strict=True):
+            if k in stored:
+                assert same(g, stored[k]), k
+            else:
+                assert g is None, k
+        assert backend.stats["corrupt"] == 1
+        fetchers, decoders = set(backend.fetchers), set(backend.decoders)
+        assert len(fetchers) == 4 and fetchers == _ours(fetchers, "lmcache-remote-fetch-")
+        assert len(decoders) == 2 and decoders == _ours(decoders, "lmcache-remote-decode-")
+        assert _alive(fetchers | decoders) == fetchers | decoders
+    finally:
+        backend.close()
+    assert _alive(fetchers | decoders) == set()  # both loops returned on the end signal
+
+
+def test_pipelined_batches_stay_aligned_under_concurrent_callers(remote: tuple[str, dict[str, Any]]) -> None:
+    backend = _open(LMCPipelinedRemoteBackend, remote, fetch_parallelism=3)
+    try:
+        stored = {make_key(f"c{i}"): chunk(i) for i in range(10)}
+        for k, v in stored.items():
+            backend.put(k, v)
+        absent = [make_key(f"missing{i}") for i in range(4)]
+        errors: list[BaseException] = []
+
+        def caller(seed: int) -> None:
+            rng = random.Random(seed)
+            try:
+                for _ in range(4):
+                    keys: list[CacheEngineKey] = list(stored) + absent
+                    rng.shuffle(keys)
+                    keys = keys[: rng.randint(1, len(keys))]
+                    got = backend.batched_get(keys)
+                    assert len(got) == len(keys)
+                    for k, g in zip(keys, got, strict=True):
+                        assert same(g, stored[k]) if k in stored else g is None, k
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+    finally:
+        backend.close()
+
+
+@pytest.fixture
+def blackholed_redis(redis_server: Any) -> Iterator[tuple[Any, str]]:
+    from tests.tcp_proxy import TcpProxy
+
+    with TcpProxy(("127.0.0.1", redis_server.port)) as proxy:
+        yield proxy, f"redis://127.0.0.1:{proxy.port}/0?prefix=bh{proxy.port}:"
+
+
+def test_a_batch_against_a_silent_remote_is_misses_counted_once(blackholed_redis: tuple[Any, str]) -> None:
+    proxy, url = blackholed_redis
+    cfg = LMCacheEngineConfig(local_device=None, remote_url=url, remote_timeout=0.5)
+    backend = LMCPipelinedRemoteBackend(cfg, None, "cpu", fetch_parallelism=2)
+    try:
+        keys = [make_key(f"b{i}") for i in range(5)]
+        for i, k in enumerate(keys):
+            backend.put(k, chunk(i))
+        proxy.set_mode("blackhole")
+        misses = backend.stats["misses"]
+        assert backend.batched_get(keys) == [None] * len(keys)
+        # each group is a miss exactly once, whether the caller's deadline or the
+        # fetch's own timeout came first (a late stage never counts it again)
+        assert backend.stats["misses"] - misses == len(keys)
+        assert backend.stats["timeouts"] + backend.stats["unavailable"] >= 1
+        proxy.set_mode("forward")  # the remote comes back: the stages serve again
+        got: list[Any] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            got = backend.batched_get(keys)
+            if all(g is not None for g in got):
+                break
+            time.sleep(0.1)
+        assert all(same(g, chunk(i)) for i, g in enumerate(got))
+    finally:
+        backend.close()
