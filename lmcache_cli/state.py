@@ -40,6 +40,15 @@ class CliState:
     quiet: bool = False
     _config: LMCacheEngineConfig | None = field(default=None, repr=False)
 
+    def __repr__(self) -> str:
+        from lmcache_core.config import mask_url  # torch-free
+
+        store = mask_url(self.store_option) if self.store_option else None
+        return (
+            f"CliState(store_option={store!r}, config_option={self.config_option!r}, "
+            f"fmt={self.fmt.value!r}, quiet={self.quiet!r})"
+        )
+
     # -- where things come from ----------------------------------------------------
 
     def config_file(self) -> tuple[str | None, str]:

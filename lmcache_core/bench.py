@@ -124,6 +124,11 @@ class BenchTarget:
     raw_url: str | None = None
     raw_options: Mapping[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        # name and raw_url may hold a password; raw_options S3 keys: never shown.
+        raw = mask_url(self.raw_url) if self.raw_url else None
+        return f"BenchTarget(name={mask_url(self.name)!r}, kind={self.kind!r}, raw_url={raw!r})"
+
 
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on."""

@@ -180,3 +180,15 @@ def test_remote_backend_repr_and_errors_hide_the_password(redis_server_factory: 
             assert f"127.0.0.1:{server.port}" in repr(backend)
         finally:
             backend.close()
+
+
+def test_bench_target_and_cli_state_reprs_hide_credentials() -> None:
+    from lmcache_cli.state import CliState
+    from lmcache_core.bench import BenchTarget
+
+    url = "redis://:hunter2@127.0.0.1:6379/0"
+    target = BenchTarget(url, lambda meta, n: None, "redis", raw_url=url,  # type: ignore[arg-type,return-value]
+                         raw_options={"secret": "hunter2"})
+    state = CliState(store_option=url)
+    for text in (repr(target), str(target), repr(state)):
+        assert "hunter2" not in text and "127.0.0.1:6379" in text
