@@ -419,3 +419,46 @@ def test_pipelined_concurrent_callers_on_s3(s3_server: S3Server, request: pytest
         for t in threads:
             t.join()
         assert not errors, errors
+
+
+def test_get_many_bounds_bytes_in_flight_by_the_sizes_it_reads(
+    s3_server: S3Server, request: pytest.FixtureRequest
+) -> None:
+    """Large objects go a few GETs at a time; small ones all at once (and results stay aligned)."""
+    import asyncio
+
+    from lmcache_core.storage_backend.connector.fsspec_connector import FsspecConnector
+
+    conn = FsspecConnector(s3_server.url(_prefix(request)), timeout=5.0, **s3_server.options)
+    conn.batch_budget_bytes = 8000
+    big = {make_key(f"b{i}"): b"B%03d" % i * 500 for i in range(8)}  # 2000 bytes: four in flight
+    small = {make_key(f"s{i}"): b"s%03d" % i * 25 for i in range(8)}  # 100 bytes: all eight
+    conn.put_many([(k, [v]) for k, v in {**big, **small}.items()])
+    fs = conn.fs
+    real = fs._cat_file
+    state = {"now": 0, "peak": 0}
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        state["now"] += 1  # one event loop: no lock needed
+        state["peak"] = max(state["peak"], state["now"])
+        try:
+            await asyncio.sleep(0.02)  # keep each GET open long enough to overlap the others
+            return await real(*args, **kwargs)
+        finally:
+            state["now"] -= 1
+
+    fs._cat_file = counting
+    try:
+        assert conn.get(next(iter(big))) == next(iter(big.values()))  # learns: 2000-byte objects
+        keys = list(big)[:3] + [make_key("absent")] + list(big)[3:]
+        got = conn.get_many(keys)
+        assert got[3] is None
+        assert [g for g in got if g is not None] == list(big.values())
+        assert state["peak"] == 4
+        assert conn.get(next(iter(small))) == next(iter(small.values()))  # now 100-byte objects
+        state["peak"] = 0
+        assert conn.get_many(list(small)) == list(small.values())
+        assert state["peak"] == 8
+    finally:
+        del fs._cat_file
+        conn.close()

@@ -34,6 +34,10 @@ TEMP_SUFFIX = ".tmp"
 _S3_DEFAULT_CHUNKSIZE = 50 * 2**20
 # Connections per S3 client: enough for a pipelined batch of 16 plus puts.
 _S3_POOL_CONNECTIONS = 32
+#: Bytes one ``get_many`` keeps in flight (see ``FsspecConnector.get_many``).
+BATCH_BUDGET_BYTES = 64 * 2**20
+#: The object size assumed until a read shows the real one: full 32 MiB chunks.
+ASSUMED_VALUE_BYTES = 32 * 2**20
 _BOOL_OPTIONS = {"anon", "use_ssl", "requester_pays", "version_aware"}
 _S3_ALIASES = {"region": "region_name", "access_key": "key", "secret_key": "secret"}
 
@@ -177,6 +181,10 @@ class FsspecConnector(RemoteConnector):
         # A ranged GET from byte 0 skips the HEAD that s3fs sends before a plain
         # cat_file (one round trip instead of two per chunk).
         self._cat_kwargs: dict[str, Any] = {"start": 0} if protocol == "s3" else {}
+        # Bytes one get_many keeps in flight, and the largest object of the latest
+        # read that sizes it (until one is read, full 32 MiB chunks are assumed).
+        self.batch_budget_bytes = BATCH_BUDGET_BYTES
+        self._value_hint = ASSUMED_VALUE_BYTES
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._fs = self._open()
@@ -249,15 +257,30 @@ class FsspecConnector(RemoteConnector):
             if _is_invalid_range(exc):
                 return b""  # a 0-byte object (see _is_invalid_range): a bad chunk, not an outage
             raise
-        return bytes(data) if not isinstance(data, bytes) else data
+        data = bytes(data) if not isinstance(data, bytes) else data
+        self._learn_size((data,))
+        return data
 
     def get_many(self, keys: Sequence[CacheEngineKey]) -> list[bytes | None]:
-        """One batch ``cat``: concurrent GETs on async filesystems, aligned with ``keys``."""
+        """One batch ``cat``: concurrent GETs on async filesystems, aligned with ``keys``.
+
+        At most about ``batch_budget_bytes`` are in flight at once (at least one
+        object), sized by the largest object of the latest read. Small chunks all
+        go at once (the win is hiding per-request latency); large ones go a few
+        at a time: against a throughput-bound server (moto on loopback) a batch
+        of sixteen 32 MiB chunks with all sixteen GETs in flight ran at 0.64x
+        sequential ``cat_file``s, with 4-8 in flight (the default 4 fetch groups
+        x 2) at 1.4-1.8x; and a caller batching 16 x 32 MiB would otherwise hold
+        512 MiB of half-read replies.
+        """
         if not keys:
             return []
         paths = [self.path(k) for k in keys]
         fs = self.fs
-        found = fs.cat(paths, on_error="return", **self._cat_kwargs)
+        kwargs = dict(self._cat_kwargs)
+        if getattr(fs, "async_impl", False):  # sync filesystems read one path at a time anyway
+            kwargs["batch_size"] = max(1, self.batch_budget_bytes // max(1, self._value_hint))
+        found = fs.cat(paths, on_error="return", **kwargs)
         out: list[bytes | None] = []
         for p in paths:
             value = found.get(p)
@@ -271,7 +294,15 @@ class FsspecConnector(RemoteConnector):
                 raise value
             else:
                 out.append(value if isinstance(value, bytes) else bytes(value))
+        self._learn_size(out)
         return out
+
+    def _learn_size(self, values: Sequence[bytes | None]) -> None:
+        largest = max((len(v) for v in values if v is not None), default=0)
+        if largest:
+            # The latest read's largest object, so the hint follows the workload both
+            # ways. Threads race on it harmlessly: it only sizes batches.
+            self._value_hint = largest
 
     def get_range(self, key: CacheEngineKey, start: int, end: int) -> bytes | None:
         try:
