@@ -23,18 +23,16 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
+from bench_servers import make_bucket, redis_server, s3_server  # scripts/ is on sys.path
 
 from lmcache_core.bench import (
     BenchTarget,
@@ -52,88 +50,10 @@ LMCACHE_REFERENCE: dict[str, dict[str, float | None]] = {
     "disk": {"put_nonblocking": 4.7, "get": 8.9, "get_cold": 1.6},
     "redis": {"put_nonblocking": 0.66, "get": 0.83},
 }
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "lmcache-bench",
-    "AWS_SECRET_ACCESS_KEY": "lmcache-bench",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")
-
-
-@contextlib.contextmanager
-def redis_server(workdir: str) -> Iterator[str]:
-    """A throwaway redis-server (no persistence) on a free loopback port."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server not found (apt-get install redis-server, or pass --redis URL)")
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir, "--protected-mode", "no", "--proto-max-bulk-len", "1gb"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_port(port, proc, "redis-server")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
-        if proc.poll() is None:
-            proc.kill()
-
-
-@contextlib.contextmanager
-def s3_server() -> Iterator[str]:
-    """moto's S3 server in its own process (in ours it would compete for our GIL)."""
-    port = free_port()
-    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
-    cmd = [exe] if exe else [sys.executable, "-m", "moto.server"]
-    proc = subprocess.Popen(
-        [*cmd, "-H", "127.0.0.1", "-p", str(port)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, **S3_ENV},
-    )  # fmt: skip
-    try:
-        wait_port(port, proc, "moto_server")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
-        if proc.poll() is None:
-            proc.kill()
-
-
-def make_bucket(endpoint: str, bucket: str) -> None:
-    import s3fs
-
-    fs = s3fs.S3FileSystem(
-        endpoint_url=endpoint, key=S3_ENV["AWS_ACCESS_KEY_ID"], secret=S3_ENV["AWS_SECRET_ACCESS_KEY"]
-    )
-    with contextlib.suppress(FileExistsError):
-        fs.mkdir(bucket)
 
 
 def hybrid_target(local_dir: str, remote_url: str, remote_options: dict[str, Any]) -> BenchTarget | None:
@@ -227,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         redis_url = args.redis
         if ("redis" in tiers or "hybrid" in tiers) and redis_url is None:
             try:
-                redis_url = stack.enter_context(redis_server(work))
+                redis_url = stack.enter_context(redis_server())
             except RuntimeError as exc:
                 say(f"skipping Redis: {exc}")
         if "redis" in tiers and redis_url:
@@ -237,8 +157,6 @@ def main(argv: list[str] | None = None) -> int:
             if s3_url is None:
                 try:
                     endpoint = stack.enter_context(s3_server())
-                    for k, v in S3_ENV.items():
-                        os.environ.setdefault(k, v)
                     make_bucket(endpoint, "lmcache-bench")
                     s3_url = "s3://lmcache-bench/chunks"
                 except (RuntimeError, ImportError) as exc:
@@ -260,12 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         load_at_start = [round(x, 2) for x in os.getloadavg()]
         for r in range(args.repeat):
             for size in sizes:
-                count = (
-                    args.count
-                    if size >= 32 << 20
-                    else max(args.count, (args.count * (32 << 20)) // size // 4)
-                )
-                say(f"== run {r + 1}/{args.repeat}: {size >> 20} MiB chunks, {count} per op")
+                # Smaller chunks get more per op (a quarter of the bytes), at most 4x as many.
+                count = args.count if size >= 32 << 20 else max(args.count, (args.count * (32 << 20)) // size // 4)
+                count = min(count, 4 * args.count)
+                say(f"== run {r + 1}/{args.repeat}: {size / 2**20:g} MiB chunks, {count} per op")
                 report = run_bench(targets, chunk_bytes=size, dtype=args.dtype, count=count, batch=args.batch,
                                    progress=say)  # fmt: skip
                 for err in report.errors:

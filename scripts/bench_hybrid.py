@@ -25,14 +25,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from bench_servers import S3_ENV, make_bucket, redis_server, s3_server  # scripts/ is on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import S3_ENV, make_bucket, redis_server, s3_server  # noqa: E402
-
-from lmcache_core import CacheEngineKey, LMCacheEngineConfig, LMCacheEngineMetadata  # noqa: E402
-from lmcache_core.storage_backend import CreateStorageBackend  # noqa: E402
-from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend  # noqa: E402
-from lmcache_core.storage_backend.remote_backend import LMCRemoteBackend  # noqa: E402
+from lmcache_core import CacheEngineKey, LMCacheEngineConfig, LMCacheEngineMetadata
+from lmcache_core.storage_backend import CreateStorageBackend
+from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend
+from lmcache_core.storage_backend.remote_backend import LMCRemoteBackend
 
 GB = 1024**3
 MODEL = "bench/hybrid-read-through"
@@ -43,7 +41,7 @@ def remote_store(kind: str, url: str | None, workdir: str) -> Iterator[str]:
     if url:
         yield url
     elif kind == "redis":
-        with redis_server(workdir) as u:
+        with redis_server() as u:
             yield f"{u}?prefix=bench-hybrid:"
     else:
         with s3_server() as endpoint:

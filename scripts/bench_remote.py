@@ -23,111 +23,28 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import secrets
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from importlib.util import find_spec
-from typing import Any, Iterator
+from typing import Any
 
 import torch
+from bench_servers import make_bucket, redis_server, s3_server  # scripts/ is on sys.path
 
 from lmcache_core.bench import REFERENCE_SHAPE, format_table, machine_info, run_bench, url_target
 from lmcache_core.config import LMCacheEngineMetadata, mask_url
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend import open_backend
 
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "lmcache-bench",
-    "AWS_SECRET_ACCESS_KEY": "lmcache-bench",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 TARGET_RAW_RATIO = 0.8
 TARGET_BATCH_SPEEDUP = {"s3": 1.5, "redis": 1.2}
 
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f}s")
-
-
-@contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """moto's S3 server in its own process (in ours it would compete for our GIL)."""
-    port = free_port()
-    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable))
-    cmd = [exe] if exe else [sys.executable, "-m", "moto.server"]
-    proc = subprocess.Popen(
-        [*cmd, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        wait_port(port, proc, "moto_server")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        if proc.poll() is None:
-            proc.kill()
-
-
-@contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A throwaway redis-server (no persistence) on a free loopback port."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server not found (apt-get install redis-server, or pass --redis-url)")
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="lmcache-bench-redis-")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir, "--proto-max-bulk-len", "1gb"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port(port, proc, "redis-server")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        if proc.poll() is None:
-            proc.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def make_bucket(endpoint: str, bucket: str) -> None:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    try:
-        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
-            client.create_bucket(Bucket=bucket)
-    finally:
-        client.close()
 
 
 def batch_vs_sequential(
@@ -230,10 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_s3:
             endpoint = args.s3_endpoint
             if endpoint is None:
-                for k, v in S3_ENV.items():
-                    os.environ.setdefault(k, v)
                 say("starting moto_server")
-                endpoint = stack.enter_context(moto_server())
+                endpoint = stack.enter_context(s3_server())
             s3_url = args.s3_url or "s3://lmcache-bench/run"
             make_bucket(endpoint, s3_url[len("s3://") :].split("/", 1)[0])
             opts = {"endpoint_url": endpoint, "remote_timeout": timeout}
@@ -243,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             redis_url = args.redis_url
             if redis_url is None and shutil.which("redis-server"):
                 say("starting redis-server")
-                redis_url = stack.enter_context(redis_server())
+                redis_url = stack.enter_context(redis_server("pass --redis-url"))
             if redis_url:
                 stores.append(("redis (loopback)" if args.redis_url is None else mask_url(redis_url), redis_url,
                                {"remote_timeout": timeout}))

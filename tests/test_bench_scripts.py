@@ -1,0 +1,50 @@
+"""The benchmark scripts end to end on tiny chunks: they start their own redis-server and
+moto S3 server (scripts/bench_servers.py), report every store, and leave nothing running.
+No timings are asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+
+
+def test_bench_remote_script_on_its_own_servers(tmp_path: Path) -> None:
+    out = tmp_path / "remote.json"
+    proc = _run("bench_remote.py", "--count", "2", "--batch", "4", "--rounds", "1",
+                "--shape", "2,2,4,2,8", "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == []
+    stores = {row["store"] for row in report["rows"]}
+    assert stores == {
+        "s3 (moto, loopback)", "s3 (moto, loopback) pipelined", "redis (loopback)", "redis (loopback) pipelined"
+    }  # fmt: skip
+    assert {b["store"] for b in report["batch_vs_sequential"]} == {"s3 (moto, loopback)", "redis (loopback)"}
+    assert all(b["misses"] == 0 for b in report["batch_vs_sequential"])
+    assert "redis-py GET" in proc.stdout and "s3 cat_file" in proc.stdout
+
+
+def test_bench_script_matrix_without_docs(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    docs = ROOT / "docs" / "BENCHMARKS.md"
+    before = docs.read_bytes() if docs.exists() else None
+    proc = _run("bench.py", "--only", "memory,disk,redis,s3", "--sizes", "0.015625", "--count", "2",
+                "--batch", "2", "--dir", str(tmp_path), "--no-docs", "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (size,) = report["sizes"].values()
+    assert size["errors"] == []
+    assert {row["store"].split(" ")[0] for row in size["rows"]} == {"memory", "disk", "redis", "s3"}
+    assert (docs.read_bytes() if docs.exists() else None) == before  # --no-docs wrote nothing
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # the disk stores were removed
