@@ -315,6 +315,18 @@ def _mask_userinfo(authority: str) -> str:
     return f"{user}:***@{hostport}" if sep else f"***@{hostport}"
 
 
+def store_kind(url: str) -> str:
+    """``disk``, ``memory`` or ``remote`` for a store URL (a bare path is a disk store)."""
+    if "://" not in url:
+        return "disk"
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "file":
+        return "disk"
+    if scheme in ("cpu", "cuda"):
+        return "memory"
+    return "remote"
+
+
 def mask_url(url: str) -> str:
     """Replace the password (and secret query values) of a URL with ``***``.
 

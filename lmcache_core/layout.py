@@ -8,10 +8,13 @@ The model name is percent-encoded (everything but ``A-Za-z0-9._-``, and a leadin
 component are split into components of at most ``_SEGMENT`` characters, each
 but the last ending in ``+`` (a character the encoding never emits), so paths
 stay within filesystem limits and remain reversible without reading the file.
-Pure functions; thread-safe.
+Pure functions (and ``scan_store``, a read-only walk of a disk store); thread-safe.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Iterator
 
 from lmcache_core.chunk_format import SUFFIX
 from lmcache_core.key import FORMATS, CacheEngineKey
@@ -121,3 +124,54 @@ def path_to_key(rel_path: str) -> CacheEngineKey:
 def is_chunk_name(name: str) -> bool:
     """True for names that look like chunk objects (temp files never do)."""
     return name.endswith(SUFFIX) and not name.startswith(".")
+
+
+def scan_store(
+    root: str, *, special: bool = False
+) -> Iterator[tuple[str, os.stat_result, CacheEngineKey | None]]:
+    """Walk a disk store: (path, stat, key or None for files that are not chunks).
+
+    With ``special``, entries named like chunks that are not regular files (FIFOs,
+    devices, sockets, symlinks) are yielded too, with their ``lstat`` and key None.
+
+    Every chunk in one directory shares fmt, model and rank, so the directory part
+    of the path is decoded once (by the first chunk's ``path_to_key``) and the
+    rest only need their file name checked: 10,000 chunks list in a fraction of the
+    time a full decode per file takes, with the same result.
+    """
+    stack = [root]
+    prefix = len(root) + 1
+    suffix = len(SUFFIX)
+    while stack:
+        d = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        template: tuple[str, str, int, int] | None = None  # (fmt, model, ws, wid) of this directory
+        shard = os.path.basename(d)
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                    continue
+                if not e.is_file(follow_symlinks=False):
+                    # symlinks and devices are never chunks; verify reports them
+                    if special and is_chunk_name(e.name):
+                        yield e.path, e.stat(follow_symlinks=False), None
+                    continue
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed by another process meanwhile
+            key: CacheEngineKey | None = None
+            if is_chunk_name(e.name):
+                chunk_hash = e.name[:-suffix]
+                try:
+                    if template is not None and chunk_hash[:2] == shard:
+                        key = CacheEngineKey(*template, chunk_hash)
+                    else:
+                        key = path_to_key(e.path[prefix:].replace(os.sep, "/"))
+                        template = (key.fmt, key.model_name, key.world_size, key.worker_id)
+                except ValueError:
+                    key = None
+            yield e.path, st, key

@@ -24,12 +24,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 from urllib.parse import urlsplit
 
 from lmcache_core import chunk_format, layout
 from lmcache_core.chunk_format import ChunkHeader
-from lmcache_core.config import LMCacheEngineConfig, mask_url
+from lmcache_core.config import LMCacheEngineConfig, mask_url, store_kind
 from lmcache_core.errors import CorruptChunkError
 from lmcache_core.key import CacheEngineKey, chunk_hashes
 
@@ -187,7 +187,7 @@ class Store:
         if self.root is not None:
             return [
                 ChunkEntry(key, st.st_size, st.st_mtime, st.st_atime)
-                for _, st, key in scan_dir(self.root)
+                for _, st, key in layout.scan_store(self.root)
                 if key is not None
             ]
         backend = self.backend
@@ -273,7 +273,7 @@ class Store:
             return []
         now = time.time() if now is None else now
         out = []
-        for path, st, _ in scan_dir(self.root):
+        for path, st, _ in layout.scan_store(self.root):
             name = os.path.basename(path)
             if name.startswith(".") and name.endswith(TEMP_SUFFIX):
                 out.append(TempFile(path, st.st_size, st.st_mtime, is_stale_temp(name, st.st_mtime, now)))
@@ -285,22 +285,9 @@ class Store:
             return []
         return [
             p
-            for p, _, key in scan_dir(self.root)
+            for p, _, key in layout.scan_store(self.root)
             if key is None and layout.is_chunk_name(os.path.basename(p))
         ]
-
-
-def store_kind(url: str) -> str:
-    """``disk``, ``memory`` or ``remote``: ``storage_backend.store_kind`` without its
-    package import, which loads torch."""
-    if "://" not in url:
-        return "disk"
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "file":
-        return "disk"
-    if scheme in ("cpu", "cuda"):
-        return "memory"
-    return "remote"
 
 
 def _config_kind(cfg: LMCacheEngineConfig) -> tuple[str, str | None]:
@@ -317,60 +304,6 @@ def _config_kind(cfg: LMCacheEngineConfig) -> tuple[str, str | None]:
 def _header_of(chunk: torch.Tensor, key: CacheEngineKey) -> ChunkHeader:
     cpu = chunk.detach().cpu().contiguous()
     return chunk_format.parse_header(chunk_format.encode_header(cpu, key.to_string()))
-
-
-# -- disk scanning (torch-free twin of local_backend.scan_store) --------------------
-
-
-def scan_dir(
-    root: str, *, special: bool = False
-) -> Iterator[tuple[str, os.stat_result, CacheEngineKey | None]]:
-    """Walk a disk store: (path, stat, key or None for files that are not chunks).
-
-    With ``special``, entries named like chunks that are not regular files (FIFOs,
-    devices, sockets, symlinks) are yielded too, with their ``lstat`` and key None.
-
-    Every chunk in one directory shares fmt, model and rank, so the directory part
-    of the path is decoded once (by the first chunk's ``layout.path_to_key``) and the
-    rest only need their file name checked: 10,000 chunks list in a fraction of the
-    time a full decode per file takes, with the same result.
-    """
-    stack = [root]
-    prefix = len(root) + 1
-    suffix = len(chunk_format.SUFFIX)
-    while stack:
-        d = stack.pop()
-        try:
-            entries = list(os.scandir(d))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        template: tuple[str, str, int, int] | None = None  # (fmt, model, ws, wid) of this directory
-        shard = os.path.basename(d)
-        for e in entries:
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-                    continue
-                if not e.is_file(follow_symlinks=False):
-                    # symlinks and devices are never chunks; verify reports them
-                    if special and layout.is_chunk_name(e.name):
-                        yield e.path, e.stat(follow_symlinks=False), None
-                    continue
-                st = e.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # removed by another process meanwhile
-            key: CacheEngineKey | None = None
-            if layout.is_chunk_name(e.name):
-                chunk_hash = e.name[:-suffix]
-                try:
-                    if template is not None and chunk_hash[:2] == shard:
-                        key = CacheEngineKey(*template, chunk_hash)
-                    else:
-                        key = layout.path_to_key(e.path[prefix:].replace(os.sep, "/"))
-                        template = (key.fmt, key.model_name, key.world_size, key.worker_id)
-                except ValueError:
-                    key = None
-            yield e.path, st, key
 
 
 def is_stale_temp(name: str, mtime: float, now: float) -> bool:
@@ -635,7 +568,7 @@ def verify_store(
     targets: list[tuple[CacheEngineKey | None, str | None, int]] = []
     special: list[ChunkCheck] = []
     if store.root is not None:
-        for path, st, key in scan_dir(store.root, special=True):
+        for path, st, key in layout.scan_store(store.root, special=True):
             name = os.path.basename(path)
             if not stat.S_ISREG(st.st_mode):
                 special.append(ChunkCheck(None, path, False, "not a regular file (FIFO, device, socket or link)"))

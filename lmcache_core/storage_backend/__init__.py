@@ -17,6 +17,7 @@ from lmcache_core.config import (
     LMCacheEngineConfig,
     LMCacheEngineMetadata,
     LMCacheMemPoolMetadata,
+    store_kind,
 )
 from lmcache_core.errors import ConfigError
 from lmcache_core.storage_backend.abstract_backend import ChunkInfo, LMCBackendInterface
@@ -30,18 +31,6 @@ __all__ = [
 ]
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(LMCacheEngineConfig)} - {"sources"}
-
-
-def store_kind(url: str) -> str:
-    """``disk``, ``memory`` or ``remote`` for a store URL."""
-    if "://" not in url:
-        return "disk"
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "file":
-        return "disk"
-    if scheme in ("cpu", "cuda"):
-        return "memory"
-    return "remote"
 
 
 def open_backend(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import atexit
 import builtins
-import dataclasses
 import itertools
 import logging
 import math
@@ -17,7 +16,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 
@@ -26,6 +25,7 @@ from lmcache_core.chunk_format import ChunkHeader
 from lmcache_core.config import LMCacheEngineConfig, LMCacheEngineMetadata, LMCacheMemPoolMetadata
 from lmcache_core.errors import CorruptChunkError, StoreFullError
 from lmcache_core.key import CacheEngineKey
+from lmcache_core.layout import scan_store
 from lmcache_core.storage_backend import disk_io
 from lmcache_core.storage_backend.abstract_backend import (
     ChunkInfo,
@@ -325,51 +325,6 @@ def _is_stale_temp(name: str, mtime: float, now: float) -> bool:
         except PermissionError:
             pass  # alive, owned by someone else
     return now - mtime > STALE_TEMP_SECONDS
-
-
-def scan_store(root: str) -> Iterator[tuple[str, os.stat_result, CacheEngineKey | None]]:
-    """Walk a store directory: (path, stat, key or None for non-chunk files)."""
-    stack = [root]
-    while stack:
-        d = stack.pop()
-        try:
-            entries = list(os.scandir(d))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        # Siblings share fmt/model/rank/hash-prefix directories: decode the first
-        # chunk path fully, then only the file name of the others (decoding the
-        # model name per file made listing 100k chunks several times slower).
-        sibling: CacheEngineKey | None = None
-        for e in entries:
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-                    continue
-                if not e.is_file(follow_symlinks=False):
-                    continue  # symlinks and devices are never chunks
-                st = e.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # removed by another process meanwhile
-            key: CacheEngineKey | None = None
-            if layout.is_chunk_name(e.name):
-                try:
-                    if sibling is not None:
-                        key = _sibling_key(sibling, e.name)
-                    else:
-                        key = layout.path_to_key(e.path[len(root) + 1 :].replace(os.sep, "/"))
-                        sibling = key
-                except ValueError:
-                    key = None
-            yield e.path, st, key
-
-
-def _sibling_key(sibling: CacheEngineKey, name: str) -> CacheEngineKey:
-    """The key of chunk file ``name`` in the directory of ``sibling``'s (canonical) path."""
-    chunk_hash = name[: -len(chunk_format.SUFFIX)]
-    if chunk_hash[:2] != sibling.chunk_hash[:2]:
-        raise ValueError(f"not a canonical chunk path: {name!r:.120}")
-    # The constructor validates the hash (lowercase hex, bounded length).
-    return dataclasses.replace(sibling, chunk_hash=chunk_hash)
 
 
 def chunk_file_size(kv_chunk: torch.Tensor, key: str) -> int:
