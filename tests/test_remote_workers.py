@@ -270,3 +270,43 @@ def test_a_batch_against_a_silent_remote_is_misses_counted_once(blackholed_redis
         assert all(same(g, chunk(i)) for i, g in enumerate(got))
     finally:
         backend.close()
+
+
+def test_a_batch_fetches_at_most_fetch_parallelism_groups_at_once(remote: tuple[str, dict[str, Any]]) -> None:
+    """Large Redis values go one GET per group; no remote sees more than the window at once."""
+    import torch
+
+    backend = _open(LMCPipelinedRemoteBackend, remote, fetch_parallelism=2, fetch_workers=5)
+    try:
+        stored = {make_key(f"w{i}"): torch.full((300_000,), float(i), dtype=torch.float16) for i in range(7)}
+        for k, v in stored.items():  # 600 kB each: over half of Redis's 1 MiB per MGET
+            backend.put(k, v)
+        backend.get(next(iter(stored)))  # the connector learns the value size from a read
+        real = backend.connector.get_many
+        state = {"now": 0, "peak": 0, "groups": [], "lock": threading.Lock()}
+
+        def counting(keys: Any) -> Any:
+            with state["lock"]:
+                state["now"] += 1
+                state["peak"] = max(state["peak"], state["now"])
+                state["groups"].append(len(keys))
+            try:
+                time.sleep(0.05)  # hold the slot long enough for the others to pile up
+                return real(keys)
+            finally:
+                with state["lock"]:
+                    state["now"] -= 1
+
+        backend.connector.get_many = counting  # type: ignore[method-assign]
+        keys = [*list(stored)[:4], make_key("absent"), *list(stored)[4:]]
+        got = backend.batched_get(keys)
+        for k, g in zip(keys, got, strict=True):
+            assert same(g, stored[k]) if k in stored else g is None, k
+        assert state["peak"] == 2  # the window, though five fetch threads were idle
+        assert sum(state["groups"]) == len(keys)
+        if remote[0].startswith("redis"):
+            assert state["groups"] == [1] * len(keys)
+        else:  # fsspec's get_many is concurrent itself: two even groups
+            assert sorted(state["groups"]) == [4, 4]
+    finally:
+        backend.close()

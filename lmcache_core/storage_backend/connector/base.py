@@ -44,6 +44,15 @@ class RemoteConnector(abc.ABC):
         """Bytes aligned with ``keys``; connectors override with a concurrent fetch."""
         return [self.get(k) for k in keys]
 
+    def fetch_group_keys(self) -> int | None:
+        """Keys per ``get_many`` a pipelined batch should send, or None to split it evenly.
+
+        A connector whose ``get_many`` is itself concurrent (fsspec) wants few large
+        groups; one whose batch is a single reply on one connection (Redis MGET)
+        wants small groups spread over connections once values are large.
+        """
+        return None
+
     @abc.abstractmethod
     def put(self, key: CacheEngineKey, parts: Sequence[bytes | memoryview]) -> None:
         """Store the concatenation of ``parts`` (header, payload) under ``key``, atomically."""

@@ -47,6 +47,8 @@ SCAN_COUNT = 1000
 LARGE_REPLY_BYTES = 256 * 1024
 _GLOB_SPECIAL = "\\*?[]"
 MGET_BUDGET_BYTES = 64 * 1024 * 1024
+# Bytes of values per MGET that a pipelined batched_get sends (fetch_group_keys).
+FETCH_GROUP_BYTES = 1024 * 1024
 ASSUMED_VALUE_BYTES = 32 * 1024 * 1024
 
 _T = TypeVar("_T")
@@ -286,6 +288,19 @@ class RedisConnector(RemoteConnector):
             values.extend(got)
             self._learn_size(got)
         return values
+
+    def fetch_group_keys(self) -> int | None:
+        """Small values: many per MGET (one round trip). Large ones: one GET each.
+
+        Redis builds a whole MGET reply before sending it and then writes at most
+        64 KiB per client per event-loop turn, so a group of large values on one
+        connection queues behind itself, while single GETs on several connections
+        are served side by side and decoded as each arrives. Sixteen 2 MiB chunks
+        on a 2-core loopback host: groups of four MGETs ran at 0.75-0.8x sixteen
+        sequential gets, one GET per group (four in flight) at 1.58x; 32 MiB
+        chunks 0.98x and 1.15x.
+        """
+        return max(1, FETCH_GROUP_BYTES // max(1, self._value_hint))
 
     def put(self, key: CacheEngineKey, parts: Sequence[bytes | memoryview]) -> None:
         """``SET`` the concatenation of ``parts``; one command, so readers never see half."""
