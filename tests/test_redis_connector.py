@@ -510,3 +510,20 @@ def test_reply_cut_by_timeout_is_never_read_by_the_next_call(redis_server):
         assert _b(c.get(make_key("b"))) == b
         assert _b(c.get(make_key("a"))) == a
         c.close()
+
+
+def test_fetch_group_keys_follows_the_values_it_reads(redis_server_private):
+    """Unknown size: split evenly (None). Small values: many per MGET. Large: one each."""
+    c = RedisConnector(redis_server_private.url, timeout=TIMEOUT, prefix="fg:")
+    try:
+        assert c.fetch_group_keys() is None  # cold: no guess that turns 1000 keys into 1000 requests
+        assert c.get_many([make_key("absent1"), make_key("absent2")]) == [None, None]
+        assert c.fetch_group_keys() is None  # misses say nothing about sizes
+        c.put(make_key("small"), [b"s" * 4096])
+        c.put(make_key("large"), [b"L" * (600 * 1024)])
+        c.get(make_key("small"))
+        assert c.fetch_group_keys() == (1024 * 1024) // 4096
+        c.get(make_key("large"))
+        assert c.fetch_group_keys() == 1
+    finally:
+        c.close()

@@ -310,3 +310,39 @@ def test_a_batch_fetches_at_most_fetch_parallelism_groups_at_once(remote: tuple[
             assert sorted(state["groups"]) == [4, 4]
     finally:
         backend.close()
+
+
+def test_groups_of_a_batch_fail_fast_once_the_circuit_opens(redis_server_private: Any) -> None:
+    """A dead remote: after the breaker opens, the call's remaining groups are not sent."""
+    import torch
+
+    from lmcache_core.storage_backend.circuit import CircuitBreaker
+    from lmcache_core.storage_backend.remote_backend import RetryPolicy
+
+    cfg = LMCacheEngineConfig(local_device=None, remote_url=f"{redis_server_private.url}?prefix=ff:", remote_timeout=5.0)
+    backend = LMCPipelinedRemoteBackend(
+        cfg, None, "cpu", fetch_parallelism=1,
+        retry=RetryPolicy(attempts=1), breaker=CircuitBreaker(failure_threshold=2, reset_timeout=60.0),
+    )  # fmt: skip
+    try:
+        keys = [make_key(f"f{i}") for i in range(6)]
+        for i, k in enumerate(keys):
+            backend.put(k, torch.full((300_000,), float(i), dtype=torch.float16))  # one key per group
+        backend.get(keys[0])  # learn the value size
+        calls: list[int] = []
+        real = backend.connector.get_many
+
+        def counting(ks: Any) -> Any:
+            calls.append(len(ks))
+            return real(ks)
+
+        backend.connector.get_many = counting  # type: ignore[method-assign]
+        redis_server_private.stop()
+        started = time.monotonic()
+        assert backend.batched_get(keys) == [None] * len(keys)
+        assert time.monotonic() - started < 5.0  # refused connections: no wait for the deadline
+        assert calls == [1, 1]  # two failures opened the circuit; four groups were never sent
+        assert backend.stats["circuit_rejections"] == 4
+        assert backend.stats["misses"] >= len(keys)
+    finally:
+        backend.close()

@@ -728,9 +728,9 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
     decode threads run ``deserialize_worker()``, joined by queues. A
     ``batched_get`` splits its keys into groups (``fetch_parallelism`` even groups,
     or the connector's ``fetch_group_keys`` keys each: Redis sends large values
-    one GET per group) and hands them to the fetch stage at most
+    one per group) and hands them to the fetch stage at most
     ``fetch_parallelism`` at a time; each group is one connector ``get_many``
-    (fsspec batch ``cat``, Redis GET/MGET) whose bytes go straight on to the
+    (fsspec batch ``cat``, Redis MGET) whose bytes go straight on to the
     decode stage, so one group is decoded while the others are still in flight.
     Results are aligned with the keys, ``None`` for misses, corrupt objects or a
     dead remote; every call returns by its deadline (``remote_timeout``) whatever
@@ -836,6 +836,14 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
             while gid is not None and call.wanted():  # else the caller counted this group already
                 self._fetch_group(call, gid)
                 gid = call.take_next()
+                if gid is not None and self.breaker.state == OPEN:
+                    # The remote failed meanwhile: the call's other groups fail fast
+                    # (a read of the state, so a half-open probe is not used up).
+                    while gid is not None:
+                        if call.finish(gid, None):
+                            self.stats.incr("circuit_rejections")
+                            self.stats.incr("misses", len(call.groups[gid]))
+                        gid = call.take_next()
 
     def _fetch_group(self, call: _BatchCall, gid: int) -> None:
         keys = call.group_keys(gid)
@@ -901,7 +909,8 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
             self.stats.incr("circuit_rejections")
             self.stats.incr("misses", len(to_fetch))
             return results
-        size = self.connector.fetch_group_keys() or math.ceil(len(to_fetch) / self.fetch_parallelism)
+        hint = self.connector.fetch_group_keys()
+        size = max(1, hint) if hint is not None else math.ceil(len(to_fetch) / self.fetch_parallelism)
         groups = [to_fetch[j : j + size] for j in range(0, len(to_fetch), size)]
         self._start_stages()
         call = _BatchCall(

@@ -264,8 +264,9 @@ class FsspecConnector(RemoteConnector):
     def get_many(self, keys: Sequence[CacheEngineKey]) -> list[bytes | None]:
         """One batch ``cat``: concurrent GETs on async filesystems, aligned with ``keys``.
 
-        At most about ``batch_budget_bytes`` are in flight at once (at least one
-        object), sized by the largest object of the latest read. Small chunks all
+        Each call keeps about ``batch_budget_bytes`` in flight (at least one
+        object), sized by the largest object of the latest read (so a pipelined
+        batch with ``fetch_parallelism`` calls at once holds that many times it). Small chunks all
         go at once (the win is hiding per-request latency); large ones go a few
         at a time: against a throughput-bound server (moto on loopback) a batch
         of sixteen 32 MiB chunks with all sixteen GETs in flight ran at 0.64x

@@ -151,6 +151,7 @@ class RedisConnector(RemoteConnector):
         self.mget_budget_bytes = MGET_BUDGET_BYTES
         # Largest value of the latest read; until one is read, assume full 32 MiB chunks.
         self._value_hint = ASSUMED_VALUE_BYTES
+        self._value_learned = False
         self._lock = threading.Lock()
         self._lock_pid = os.getpid()
         self._client_obj: Any = None
@@ -290,16 +291,20 @@ class RedisConnector(RemoteConnector):
         return values
 
     def fetch_group_keys(self) -> int | None:
-        """Small values: many per MGET (one round trip). Large ones: one GET each.
+        """Small values: many per MGET (one round trip). Large ones: one key per MGET.
 
         Redis builds a whole MGET reply before sending it and then writes at most
         64 KiB per client per event-loop turn, so a group of large values on one
-        connection queues behind itself, while single GETs on several connections
-        are served side by side and decoded as each arrives. Sixteen 2 MiB chunks
-        on a 2-core loopback host: groups of four MGETs ran at 0.75-0.8x sixteen
-        sequential gets, one GET per group (four in flight) at 1.58x; 32 MiB
-        chunks 0.98x and 1.15x.
+        connection queues behind itself, while single-key requests on several
+        connections are served side by side and decoded as each arrives. Sixteen
+        2 MiB chunks on a 2-core loopback host: groups of four values ran at
+        0.75-0.9x sixteen sequential gets, one value per group (four in flight) at
+        1.3-1.6x; 32 MiB chunks 0.98x and 1.1-1.3x. None (split evenly) until a
+        read has shown the real value size: a cold connector, or a batch of
+        absent keys, must not become one request per key.
         """
+        if not self._value_learned:
+            return None
         return max(1, FETCH_GROUP_BYTES // max(1, self._value_hint))
 
     def put(self, key: CacheEngineKey, parts: Sequence[bytes | memoryview]) -> None:
@@ -388,6 +393,7 @@ class RedisConnector(RemoteConnector):
             # The latest read's largest value, so the hint follows the workload both ways.
             # Threads race on it harmlessly: it only sizes MGETs.
             self._value_hint = largest
+            self._value_learned = True
 
     def _value(self, parts: Sequence[bytes | memoryview] | bytes | bytearray | memoryview) -> Any:
         if isinstance(parts, (bytes, bytearray, memoryview)):
