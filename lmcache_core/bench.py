@@ -536,7 +536,8 @@ def run_bench(
         except Exception as exc:  # one broken store must not lose the others' figures
             report.errors.append(
                 {
-                    "store": mask_url(tgt.name) if "@" in tgt.name else tgt.name,
+                    # mask_url would turn ``cpu://`` into ``cpu:``; only URLs can hold secrets.
+                    "store": mask_url(tgt.name) if tgt.kind in ("redis", "fsspec", "hybrid") else tgt.name,
                     "error": f"{type(exc).__name__}: {exc}",
                 }
             )

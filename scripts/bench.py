@@ -42,6 +42,7 @@ from lmcache_core.bench import (
     run_bench,
     url_target,
 )
+from lmcache_core.config import mask_url
 
 ROOT = Path(__file__).resolve().parent.parent
 # LMCache 0.5.6 on the same workload and machine kind (issue 7), GB/s; None: zero-copy.
@@ -189,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs[size].append(report.to_dict())
 
     out: dict[str, Any] = {
-        "command": "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        # Store URLs on the command line may carry credentials: shown masked.
+        "command": "python scripts/bench.py "
+        + " ".join(mask_url(a) if "://" in a else a for a in (argv if argv is not None else sys.argv[1:])),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
         "repeat": args.repeat,

@@ -28,6 +28,7 @@ import torch
 from bench_servers import S3_ENV, make_bucket, redis_server, s3_server  # scripts/ is on sys.path
 
 from lmcache_core import CacheEngineKey, LMCacheEngineConfig, LMCacheEngineMetadata
+from lmcache_core.config import mask_url
 from lmcache_core.storage_backend import CreateStorageBackend
 from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend
 from lmcache_core.storage_backend.remote_backend import LMCRemoteBackend
@@ -50,6 +51,10 @@ def remote_store(kind: str, url: str | None, workdir: str) -> Iterator[str]:
                 f"s3://bench/hybrid?endpoint_url={endpoint}&key={S3_ENV['AWS_ACCESS_KEY_ID']}"
                 f"&secret={S3_ENV['AWS_SECRET_ACCESS_KEY']}"
             )
+
+
+def _masked(url: str | None) -> str | None:
+    return mask_url(url) if url else url
 
 
 def summarise(name: str, seconds: list[float], nbytes: int) -> dict[str, Any]:
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in first:
         print(f"{mode}: second/first speed-up {second[mode]['gbps'] / first[mode]['gbps']:.1f}x")
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json), "remote_url": _masked(args.remote_url)}, "rows": rows}, indent=2))
     return 0
 
 

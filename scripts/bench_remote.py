@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             s3_url = args.s3_url or "s3://lmcache-bench/run"
             make_bucket(endpoint, s3_url[len("s3://") :].split("/", 1)[0])
             opts = {"endpoint_url": endpoint, "remote_timeout": timeout}
-            label = "s3 (moto, loopback)" if args.s3_endpoint is None else s3_url
+            label = "s3 (moto, loopback)" if args.s3_endpoint is None else mask_url(s3_url)
             stores.append((label, s3_url, opts))
         if not args.skip_redis and find_spec("redis") is not None:
             redis_url = args.redis_url

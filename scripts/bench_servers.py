@@ -2,7 +2,7 @@
 
 Each runs in its own process on a free loopback port (in ours, moto would
 compete for our GIL and skew every S3 figure) and is stopped on exit from its
-``with`` block. Shared by ``bench.py`` and ``bench_remote.py``; not thread-safe.
+``with`` block. Shared by ``bench.py``, ``bench_remote.py`` and ``bench_hybrid.py``; not thread-safe.
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ import tempfile
 import time
 from typing import Iterator
 
-# Dummy credentials for moto; set in the environment while it serves, so s3:// URLs
-# opened without options authenticate too.
+# Dummy credentials for moto; they replace the environment's while it serves, so
+# s3:// URLs opened without options authenticate too (and no real credential is
+# ever sent to it).
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "lmcache-bench",
     "AWS_SECRET_ACCESS_KEY": "lmcache-bench",
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
+
+_UNSET = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE")
 
 
 def free_port() -> int:
@@ -80,11 +83,18 @@ def redis_server(hint: str = "pass --redis URL") -> Iterator[str]:
 
 @contextlib.contextmanager
 def s3_server() -> Iterator[str]:
-    """moto's S3 server, with ``S3_ENV`` set in this process meanwhile; yields its endpoint URL."""
+    """moto's S3 server; yields its endpoint URL.
+
+    Meanwhile this process's AWS variables are replaced: ``S3_ENV`` set, a session
+    token and profile (which would pair real credentials with the dummies) unset.
+    All are restored on exit.
+    """
     port = free_port()
     exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
     cmd = [exe] if exe else [sys.executable, "-m", "moto.server"]
-    saved = {k: os.environ.get(k) for k in S3_ENV}
+    saved = {k: os.environ.get(k) for k in (*S3_ENV, *_UNSET)}
+    for k in _UNSET:
+        os.environ.pop(k, None)
     os.environ.update(S3_ENV)
     try:
         with _serving([*cmd, "-H", "127.0.0.1", "-p", str(port)], port, "moto_server", dict(os.environ)):

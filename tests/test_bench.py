@@ -68,3 +68,16 @@ def test_chunk_shape_choice():
         chunk_shape_for(3, None, torch.float16)
     with pytest.raises(ValueError):
         run_bench(["cpu://"], count=1)
+
+
+@pytest.mark.parametrize(
+    "name", ["redis://user:hunter2@127.0.0.1:1/0?prefix=x", "redis://127.0.0.1:1/0?prefix=x&password=hunter2"]
+)
+def test_a_broken_store_with_a_secret_in_its_url_is_reported_masked(name):
+    def broken(meta, capacity):
+        raise ConnectionError("nobody home")
+
+    target = BenchTarget(name=name, open=broken, kind="redis", raw_url=name)
+    report = run_bench([target], kv_shape=(4, 8), count=2, batch=2)  # nothing listens on port 1
+    assert report.errors and report.errors[0]["store"].startswith("redis://")
+    assert "hunter2" not in json.dumps(report.to_dict())

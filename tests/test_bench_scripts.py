@@ -1,5 +1,5 @@
 """The benchmark scripts end to end on tiny chunks: they start their own redis-server and
-moto S3 server (scripts/bench_servers.py), report every store, and leave nothing running.
+moto S3 server (scripts/bench_servers.py) and report every store.
 No timings are asserted."""
 
 from __future__ import annotations
