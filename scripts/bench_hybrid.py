@@ -38,7 +38,7 @@ MODEL = "bench/hybrid-read-through"
 
 
 @contextlib.contextmanager
-def remote_store(kind: str, url: str | None, workdir: str) -> Iterator[str]:
+def remote_store(kind: str, url: str | None) -> Iterator[str]:
     if url:
         yield url
     elif kind == "redis":
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = [CacheEngineKey("vllm", MODEL, 1, 0, f"{i:064x}") for i in range(args.count)]
     budget_gb = 2 * args.count * nbytes / GB
 
-    with tempfile.TemporaryDirectory() as work, remote_store(args.remote, args.remote_url, work) as url:
+    with tempfile.TemporaryDirectory() as work, remote_store(args.remote, args.remote_url) as url:
         meta = LMCacheEngineMetadata(MODEL, kv_dtype=chunk.dtype, kv_shape=shape)
         remote_cfg = LMCacheEngineConfig.from_defaults(local_device=None, remote_url=url, remote_timeout=30)
         with LMCRemoteBackend(remote_cfg, meta, "cpu") as writer:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from lmcache_core.key import CacheEngineKey
+
+#: The value size a connector assumes until a read shows the real one: full 32 MiB chunks.
+ASSUMED_VALUE_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,10 @@ class RemoteConnector(abc.ABC):
 
     #: the URL with secrets masked, safe to print
     display_url: str = ""
+    # The largest value of the latest read (``_learn_size``), which sizes batched
+    # reads; these class defaults hold until a read sets them on the instance.
+    _value_hint: int = ASSUMED_VALUE_BYTES
+    _value_learned: bool = False
 
     @abc.abstractmethod
     def get(self, key: CacheEngineKey) -> bytes | None:
@@ -43,6 +50,15 @@ class RemoteConnector(abc.ABC):
     def get_many(self, keys: Sequence[CacheEngineKey]) -> list[bytes | None]:
         """Bytes aligned with ``keys``; connectors override with a concurrent fetch."""
         return [self.get(k) for k in keys]
+
+    def _learn_size(self, values: Sequence[Any]) -> None:
+        """Note the largest of ``values`` (bytes-like or None) as the value size."""
+        largest = max((len(v) for v in values if v is not None), default=0)
+        if largest:
+            # The latest read's, so the hint follows the workload both ways. Threads
+            # race on it harmlessly: it only sizes batches.
+            self._value_hint = largest
+            self._value_learned = True
 
     def fetch_group_keys(self) -> int | None:
         """Keys per ``get_many`` a pipelined batch should send, or None to split it evenly.

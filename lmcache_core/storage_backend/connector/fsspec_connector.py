@@ -36,8 +36,6 @@ _S3_DEFAULT_CHUNKSIZE = 50 * 2**20
 _S3_POOL_CONNECTIONS = 32
 #: Bytes one ``get_many`` keeps in flight (see ``FsspecConnector.get_many``).
 BATCH_BUDGET_BYTES = 64 * 2**20
-#: The object size assumed until a read shows the real one: full 32 MiB chunks.
-ASSUMED_VALUE_BYTES = 32 * 2**20
 _BOOL_OPTIONS = {"anon", "use_ssl", "requester_pays", "version_aware"}
 _S3_ALIASES = {"region": "region_name", "access_key": "key", "secret_key": "secret"}
 
@@ -181,10 +179,8 @@ class FsspecConnector(RemoteConnector):
         # A ranged GET from byte 0 skips the HEAD that s3fs sends before a plain
         # cat_file (one round trip instead of two per chunk).
         self._cat_kwargs: dict[str, Any] = {"start": 0} if protocol == "s3" else {}
-        # Bytes one get_many keeps in flight, and the largest object of the latest
-        # read that sizes it (until one is read, full 32 MiB chunks are assumed).
+        # Bytes one get_many keeps in flight (sized by the base class's value hint).
         self.batch_budget_bytes = BATCH_BUDGET_BYTES
-        self._value_hint = ASSUMED_VALUE_BYTES
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._fs = self._open()
@@ -297,13 +293,6 @@ class FsspecConnector(RemoteConnector):
                 out.append(value if isinstance(value, bytes) else bytes(value))
         self._learn_size(out)
         return out
-
-    def _learn_size(self, values: Sequence[bytes | None]) -> None:
-        largest = max((len(v) for v in values if v is not None), default=0)
-        if largest:
-            # The latest read's largest object, so the hint follows the workload both
-            # ways. Threads race on it harmlessly: it only sizes batches.
-            self._value_hint = largest
 
     def get_range(self, key: CacheEngineKey, start: int, end: int) -> bytes | None:
         try:

@@ -49,7 +49,6 @@ _GLOB_SPECIAL = "\\*?[]"
 MGET_BUDGET_BYTES = 64 * 1024 * 1024
 # Bytes of values per MGET that a pipelined batched_get sends (fetch_group_keys).
 FETCH_GROUP_BYTES = 1024 * 1024
-ASSUMED_VALUE_BYTES = 32 * 1024 * 1024
 
 _T = TypeVar("_T")
 
@@ -149,9 +148,6 @@ class RedisConnector(RemoteConnector):
         self.zero_copy_put = "command_packer" in self._hooks
         #: about how many reply bytes one MGET of ``get_many`` may ask for
         self.mget_budget_bytes = MGET_BUDGET_BYTES
-        # Largest value of the latest read; until one is read, assume full 32 MiB chunks.
-        self._value_hint = ASSUMED_VALUE_BYTES
-        self._value_learned = False
         self._lock = threading.Lock()
         self._lock_pid = os.getpid()
         self._client_obj: Any = None
@@ -386,14 +382,6 @@ class RedisConnector(RemoteConnector):
         return f"RedisConnector({self.display_url!r}, prefix={self.prefix!r})"
 
     # -- helpers -------------------------------------------------------------------
-
-    def _learn_size(self, values: Sequence[Any]) -> None:
-        largest = max((len(v) for v in values if v is not None), default=0)
-        if largest:
-            # The latest read's largest value, so the hint follows the workload both ways.
-            # Threads race on it harmlessly: it only sizes MGETs.
-            self._value_hint = largest
-            self._value_learned = True
 
     def _value(self, parts: Sequence[bytes | memoryview] | bytes | bytearray | memoryview) -> Any:
         if isinstance(parts, (bytes, bytearray, memoryview)):
