@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 from lmcache_core.key import CacheEngineKey
 
@@ -50,6 +50,17 @@ class RemoteConnector(abc.ABC):
     def get_many(self, keys: Sequence[CacheEngineKey]) -> list[bytes | None]:
         """Bytes aligned with ``keys``; connectors override with a concurrent fetch."""
         return [self.get(k) for k in keys]
+
+    #: whether ``open_stream`` works (objects are local files)
+    streams: bool = False
+
+    def open_stream(self, key: CacheEngineKey) -> BinaryIO | None:
+        """The object as an unbuffered binary file (the caller closes it), or None when absent.
+
+        Only where ``streams``: the backend then reads a chunk into warm memory
+        and checks it piece by piece instead of decoding ``get``'s bytes.
+        """
+        raise NotImplementedError
 
     def _learn_size(self, values: Sequence[Any]) -> None:
         """Note the largest of ``values`` (bytes-like or None) as the value size."""

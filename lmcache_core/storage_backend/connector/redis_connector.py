@@ -35,6 +35,7 @@ from lmcache_core.config import mask_url
 from lmcache_core.errors import StoreFullError, StoreUnavailableError
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend.connector.base import RemoteConnector, RemoteObject
+from lmcache_core.storage_backend.mem_pool import BufferPool
 
 DEFAULT_PREFIX = "lmcache:"
 INSTALL_HINT = "pip install 'lmcache-toolkit[redis]'"
@@ -45,6 +46,8 @@ STANDALONE_SCHEMES = ("redis", "rediss", "unix")
 SCAN_COUNT = 1000
 # Replies at least this long are read with recv_into (below it redis-py's buffer is fine).
 LARGE_REPLY_BYTES = 256 * 1024
+# Most bytes of warm reply buffers a process keeps (eight 32 MiB chunks).
+REPLY_POOL_BYTES = 256 * 1024 * 1024
 _GLOB_SPECIAL = "\\*?[]"
 MGET_BUDGET_BYTES = 64 * 1024 * 1024
 # Bytes of values per MGET that a pipelined batched_get sends (fetch_group_keys).
@@ -563,8 +566,23 @@ def _build_hooks(protocol: int) -> dict[str, Any]:
     return hooks
 
 
+_REPLY_POOL: BufferPool | None = None
+
+
+def _reply_pool() -> BufferPool:
+    """The process's warm buffers for large replies (shared by every connection).
+
+    A reply's buffer is free again once the last tensor decoded over it is dropped.
+    """
+    global _REPLY_POOL
+    if _REPLY_POOL is None:
+        with _HOOKS_LOCK:
+            if _REPLY_POOL is None:
+                _REPLY_POOL = BufferPool("cpu", max_bytes=REPLY_POOL_BYTES)
+    return _REPLY_POOL
+
+
 def _large_reply_parser(protocol: int) -> type:
-    import numpy
     from redis._parsers.resp2 import _RESP2Parser
     from redis._parsers.resp3 import _RESP3Parser
     from redis._parsers.socket import SENTINEL, SERVER_CLOSED_CONNECTION_ERROR, SocketBuffer
@@ -579,9 +597,12 @@ def _large_reply_parser(protocol: int) -> type:
             if length < LARGE_REPLY_BYTES:
                 return super().read(length, timeout)
             total = length + 2  # the value and its CRLF
-            # numpy.empty, not bytearray(n): bytearray zero-fills, which costs as much
-            # as the network read itself for a 32 MiB chunk.
-            view = numpy.empty(total, dtype=numpy.uint8).data
+            # A warm buffer from the pool, not bytearray(n) (which zero-fills: as much
+            # as the network read itself for a 32 MiB chunk) nor numpy.empty (fresh
+            # pages: faults, or compaction stalls for huge pages once the page cache
+            # has fragmented memory). 32 MiB GETs: ~0.65 -> ~0.72 GB/s on a 2-core VM.
+            array: Any = _reply_pool().acquire(total).numpy()  # a buffer; numpy's stubs do not say so
+            view = memoryview(array).cast("B")
             got = self._buffer.readinto(view)  # whatever redis-py already buffered
             sock = self._sock
             custom = timeout is not SENTINEL

@@ -1,0 +1,51 @@
+"""Reads into reused warm buffers: a buffer goes back to its pool only once the
+tensor handed out over it is dropped, and never while a caller still holds one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmcache_core.key import CacheEngineKey
+from lmcache_core.storage_backend import open_backend
+
+KEY = CacheEngineKey("vllm", "m", 1, 0, f"{7:064x}")
+
+
+def _reuse_checks(store: Any) -> None:
+    chunk = torch.randn(4, 2, 128, 8, 16).to(torch.bfloat16)  # 256 KiB + header: a "large" Redis reply
+    store.put(KEY, chunk)
+    first = store.get(KEY)
+    assert first is not None and torch.equal(first, chunk)
+    ptr = first.data_ptr()
+    del first
+    for _ in range(3):  # dropped, so the next read lands in the same warm memory
+        again = store.get(KEY)
+        assert again is not None and torch.equal(again, chunk)
+        assert again.data_ptr() == ptr
+        del again
+    held = store.get(KEY)
+    other = store.get(KEY)  # must not overwrite what the caller still holds
+    assert held is not None and other is not None
+    assert held.data_ptr() != other.data_ptr()
+    other.fill_(0)
+    assert torch.equal(held, chunk)
+
+
+def test_local_directory_remote_reuses_read_buffers(tmp_path: Path) -> None:
+    store = open_backend(f"fsspec+file://{tmp_path}", dst_device="cpu")
+    try:
+        _reuse_checks(store)
+    finally:
+        store.close()
+
+
+def test_redis_large_replies_reuse_buffers(redis_server: Any) -> None:
+    store = open_backend(redis_server.url + "?prefix=reuse-test:", dst_device="cpu")
+    try:
+        _reuse_checks(store)
+    finally:
+        store.remove(KEY)
+        store.close()
