@@ -14,20 +14,26 @@ from lmcache_core.storage_backend import open_backend
 KEY = CacheEngineKey("vllm", "m", 1, 0, f"{7:064x}")
 
 
-def _reuse_checks(store: Any) -> None:
-    chunk = torch.randn(4, 2, 128, 8, 16).to(torch.bfloat16)  # 256 KiB + header: a "large" Redis reply
+def _reuse_checks(store: Any, batched: bool = False) -> None:
+    # Just over 256 KiB (a "large" Redis reply), of a size no other test uses: the
+    # Redis reply pool is shared by the process, and must hold only this test's buffer.
+    chunk = torch.randn(4, 2, 131, 8, 16).to(torch.bfloat16)
     store.put(KEY, chunk)
-    first = store.get(KEY)
+
+    def read() -> Any:
+        return store.batched_get([KEY])[0] if batched else store.get(KEY)
+
+    first = read()
     assert first is not None and torch.equal(first, chunk)
     ptr = first.data_ptr()
     del first
     for _ in range(3):  # dropped, so the next read lands in the same warm memory
-        again = store.get(KEY)
+        again = read()
         assert again is not None and torch.equal(again, chunk)
         assert again.data_ptr() == ptr
         del again
-    held = store.get(KEY)
-    other = store.get(KEY)  # must not overwrite what the caller still holds
+    held = read()
+    other = read()  # must not overwrite what the caller still holds
     assert held is not None and other is not None
     assert held.data_ptr() != other.data_ptr()
     other.fill_(0)
@@ -38,6 +44,15 @@ def test_local_directory_remote_reuses_read_buffers(tmp_path: Path) -> None:
     store = open_backend(f"fsspec+file://{tmp_path}", dst_device="cpu")
     try:
         _reuse_checks(store)
+    finally:
+        store.close()
+
+
+def test_pipelined_batched_get_lets_go_of_its_buffers(tmp_path: Path) -> None:
+    # The fetch and decode threads must not keep the last batch alive.
+    store = open_backend(f"fsspec+file://{tmp_path}", dst_device="cpu", pipelined=True)
+    try:
+        _reuse_checks(store, batched=True)
     finally:
         store.close()
 

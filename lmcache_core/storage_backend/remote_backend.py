@@ -243,8 +243,11 @@ class LMCRemoteBackend(LMCBackendInterface):
         self._pending: dict[CacheEngineKey, torch.Tensor] = {}
         self._writing: dict[CacheEngineKey, threading.Event] = {}
         self._io = _DaemonPool(self._io_threads(), "lmcache-remote-io")
-        # Warm buffers for chunks streamed from a local directory (connector.streams).
+        # For chunks streamed from a local directory (connector.streams): warm buffers,
+        # and checksum helpers of this store's own (a stalled mount must not hold up
+        # the shared ones the disk tier uses).
         self._read_buffers = BufferPool("cpu", max_bytes=STREAM_POOL_BYTES)
+        self._hashers = _DaemonPool(2 if self.connector.streams else 0, "lmcache-remote-checksum")
         # One queue per writer; a key always goes to the same writer, so two
         # queued writes of one key land in the order they were made. Each writer
         # thread runs ``put_worker()`` (the seed's no-argument loop), which finds
@@ -317,6 +320,8 @@ class LMCRemoteBackend(LMCBackendInterface):
                 dropped,
             )
         self._io.shutdown()
+        self._hashers.shutdown()
+        self._read_buffers.clear()  # views already handed out stay valid
         # Closing a client may itself touch the network; never wait long for it.
         closer = threading.Thread(target=self._close_connector, name="lmcache-remote-close", daemon=True)
         closer.start()
@@ -343,10 +348,11 @@ class LMCRemoteBackend(LMCBackendInterface):
             try:
                 result = fn(*args)
             except _ANSWERS as exc:
-                # The remote is up and said no (full, access denied): not an
-                # outage, so neither a retry nor a strike against the circuit.
+                # The remote is up and answered (full, access denied, a corrupt
+                # object): not an outage, so neither a retry nor a strike against
+                # the circuit.
                 self.breaker.record_success()
-                logger.debug("%s: %s refused: %r", self.display_url, what, exc)
+                logger.debug("%s: %s answered with an error: %r", self.display_url, what, exc)
                 raise
             except Exception as exc:
                 self.breaker.record_failure()
@@ -525,8 +531,11 @@ class LMCRemoteBackend(LMCBackendInterface):
             if tensor is None:
                 with self._lock:
                     self._known.discard(key)
-            self.stats.incr("hits" if tensor is not None else "misses")
-            return None if tensor is None else self._to_dst(tensor)
+                self.stats.incr("misses")
+                return None
+            tensor = self._to_dst(tensor)
+            self.stats.incr("hits")
+            return tensor
         blob = self._call("get", self.connector.get, key, retry=True)
         return self.deserialize(key, blob)
 
@@ -541,7 +550,7 @@ class LMCRemoteBackend(LMCBackendInterface):
             header = chunk_format.read_header(f, total_size=os.fstat(f.fileno()).st_size)
             chunk_format.check_identity(header, key.to_string())
             buf = self._read_buffers.acquire(header.nbytes)
-            chunk_format.read_payload_verified(f, header, buf)
+            chunk_format.read_payload_verified(f, header, buf, helper=self._hashers)
         if not header.nbytes:
             return torch.empty(header.shape, dtype=header.torch_dtype)
         return buf.view(header.torch_dtype).view(header.shape)
@@ -874,18 +883,21 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
             item = self._fetch_queue.get()
             if isinstance(item, RemoteBackendEndSignal):
                 return
-            call, gid = item
-            while gid is not None and call.wanted():  # else the caller counted this group already
-                self._fetch_group(call, gid)
-                gid = call.take_next()
-                if gid is not None and self.breaker.state == OPEN:
-                    # The remote failed meanwhile: the call's other groups fail fast
-                    # (a read of the state, so a half-open probe is not used up).
-                    while gid is not None:
-                        if call.finish(gid, None):
-                            self.stats.incr("circuit_rejections")
-                            self.stats.incr("misses", len(call.groups[gid]))
-                        gid = call.take_next()
+            self._fetch_call(*item)
+            del item  # idle with no batch alive (see _DaemonPool._run)
+
+    def _fetch_call(self, call: _BatchCall, gid: int | None) -> None:
+        while gid is not None and call.wanted():  # else the caller counted this group already
+            self._fetch_group(call, gid)
+            gid = call.take_next()
+            if gid is not None and self.breaker.state == OPEN:
+                # The remote failed meanwhile: the call's other groups fail fast
+                # (a read of the state, so a half-open probe is not used up).
+                while gid is not None:
+                    if call.finish(gid, None):
+                        self.stats.incr("circuit_rejections")
+                        self.stats.incr("misses", len(call.groups[gid]))
+                    gid = call.take_next()
 
     def _fetch_group(self, call: _BatchCall, gid: int) -> None:
         keys = call.group_keys(gid)
@@ -912,21 +924,23 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
             item = self._decode_queue.get()
             if isinstance(item, RemoteBackendEndSignal):
                 return
-            call, gid, blobs = item
-            if not call.wanted():
-                continue
-            keys = call.group_keys(gid)
-            tensors: list[torch.Tensor | None]
-            try:
-                tensors = [self._decode_blob(k, b) for k, b in zip(keys, blobs, strict=True)]
-            except Exception as exc:  # e.g. no room on dst_device: misses, and the stage lives on
-                logger.error("%s: decoding a batch failed: %r", self.display_url, exc)
-                tensors = [None] * len(keys)
-            del blobs
-            if call.finish(gid, tensors):
-                hits = sum(t is not None for t in tensors)
-                self.stats.incr("hits", hits)
-                self.stats.incr("misses", len(keys) - hits)
+            self._decode_group(*item)
+            del item  # idle with no fetched bytes alive (see _DaemonPool._run)
+
+    def _decode_group(self, call: _BatchCall, gid: int, blobs: Sequence[Any]) -> None:
+        if not call.wanted():
+            return
+        keys = call.group_keys(gid)
+        tensors: list[torch.Tensor | None]
+        try:
+            tensors = [self._decode_blob(k, b) for k, b in zip(keys, blobs, strict=True)]
+        except Exception as exc:  # e.g. no room on dst_device: misses, and the stage lives on
+            logger.error("%s: decoding a batch failed: %r", self.display_url, exc)
+            tensors = [None] * len(keys)
+        if call.finish(gid, tensors):
+            hits = sum(t is not None for t in tensors)
+            self.stats.incr("hits", hits)
+            self.stats.incr("misses", len(keys) - hits)
 
     def _queue_fetch(self, call: _BatchCall, gid: int) -> None:
         self._fetch_queue.put((call, gid))
@@ -967,4 +981,7 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
             self.breaker.record_failure()
         for i in to_fetch:
             results[i] = call.results[i]
+        # The call is closed (no late finish writes to it); a stage thread may still
+        # hold it, and must not keep the caller's chunks alive through it.
+        call.results = []
         return results

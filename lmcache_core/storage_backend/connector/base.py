@@ -45,7 +45,11 @@ class RemoteConnector(abc.ABC):
 
     @abc.abstractmethod
     def get(self, key: CacheEngineKey) -> bytes | None:
-        """The stored bytes, or None when absent."""
+        """The stored bytes, or None when absent.
+
+        Bytes-like: ``bytes``, or a ``memoryview`` over a pooled buffer that the
+        caller owns until it drops it (Redis large replies, local files).
+        """
 
     def get_many(self, keys: Sequence[CacheEngineKey]) -> list[bytes | None]:
         """Bytes aligned with ``keys``; connectors override with a concurrent fetch."""

@@ -208,6 +208,7 @@ class FsspecConnector(RemoteConnector):
         self.streams = self._local
         # Local reads land in reused warm buffers (see _read_file).
         self._pool = BufferPool("cpu", max_bytes=LOCAL_READ_POOL_BYTES)
+        self._pool_pid = os.getpid()
         # A ranged GET from byte 0 skips the HEAD that s3fs sends before a plain
         # cat_file (one round trip instead of two per chunk).
         self._cat_kwargs: dict[str, Any] = {"start": 0} if protocol == "s3" else {}
@@ -270,6 +271,13 @@ class FsspecConnector(RemoteConnector):
                     self._pid = os.getpid()
         return self._fs
 
+    def _buffers(self) -> BufferPool:
+        """The read buffers, new in a forked child (a lock held at fork() stays held)."""
+        if self._pool_pid != os.getpid():
+            self._pool = BufferPool("cpu", max_bytes=LOCAL_READ_POOL_BYTES)
+            self._pool_pid = os.getpid()
+        return self._pool
+
     def path(self, key: CacheEngineKey) -> str:
         """The object's full path in the filesystem (without protocol)."""
         return f"{self.root}/{layout.key_to_path(key)}"
@@ -287,7 +295,7 @@ class FsspecConnector(RemoteConnector):
     def get(self, key: CacheEngineKey) -> bytes | None:
         if self._local:
             try:
-                view = _read_file(self.path(key), self._pool)
+                view = _read_file(self.path(key), self._buffers())
             except FileNotFoundError:
                 return None
             self._learn_size((view,))
@@ -460,9 +468,11 @@ class FsspecConnector(RemoteConnector):
 
         The filesystem instance is shared through fsspec's instance cache with
         any other connector on the same store, so its pooled sockets are not
-        closed here; they close with the process.
+        closed here; they close with the process. Warm read buffers are let go
+        (views already handed out stay valid).
         """
         self._fs = None
+        self._pool.clear()
 
     def __repr__(self) -> str:
         return f"FsspecConnector({self.display_url!r})"

@@ -567,19 +567,32 @@ def _build_hooks(protocol: int) -> dict[str, Any]:
 
 
 _REPLY_POOL: BufferPool | None = None
+_REPLY_POOL_LOCK = threading.Lock()
 
 
 def _reply_pool() -> BufferPool:
     """The process's warm buffers for large replies (shared by every connection).
 
-    A reply's buffer is free again once the last tensor decoded over it is dropped.
+    A reply's buffer is free again once the last tensor decoded over it is dropped;
+    at most ``REPLY_POOL_BYTES`` stay retained for the life of the process.
     """
     global _REPLY_POOL
     if _REPLY_POOL is None:
-        with _HOOKS_LOCK:
+        with _REPLY_POOL_LOCK:
             if _REPLY_POOL is None:
                 _REPLY_POOL = BufferPool("cpu", max_bytes=REPLY_POOL_BYTES)
     return _REPLY_POOL
+
+
+def _forget_reply_pool_after_fork() -> None:
+    # A lock that another parent thread held at fork() stays held in the child.
+    global _REPLY_POOL, _REPLY_POOL_LOCK
+    _REPLY_POOL = None
+    _REPLY_POOL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_reply_pool_after_fork)
 
 
 def _large_reply_parser(protocol: int) -> type:
@@ -591,7 +604,7 @@ def _large_reply_parser(protocol: int) -> type:
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     class LargeReplyBuffer(SocketBuffer):  # type: ignore[misc]
-        """SocketBuffer whose large bulk reads land in one bytearray, copied once."""
+        """SocketBuffer whose large bulk reads land in one pooled buffer, copied once."""
 
         def read(self, length: int, timeout: Any = SENTINEL) -> Any:
             if length < LARGE_REPLY_BYTES:
