@@ -236,21 +236,16 @@ def _lmc_tier(tier: str, variant: str, chunks: list[torch.Tensor], workdir: str,
         def gets(op: str, copy_out: bool = False) -> None:
             dst = torch.zeros(SHAPE, dtype=DTYPE) if copy_out else None
             t = Timer()
-            got = []
-            for k in keys:
+            for i, k in enumerate(keys):
                 with t.op():
                     m = backend.get_blocking(k)
                     if dst is not None and m is not None:
                         dst.view(-1).copy_(m.tensor.view(-1).view(DTYPE))
-                got.append(m)
-                if copy_out and m is not None:
-                    m.ref_count_down()
-            res = t.done(n)
-            for i, m in enumerate(got):
+                # Checked and released outside the timed region, before the next read,
+                # as our side drops each chunk: both allocators may reuse warm memory.
                 check(m, xs[i], f"{op} {i}")
-                if not copy_out:
-                    m.ref_count_down()
-            out[op] = res
+                m.ref_count_down()
+            out[op] = t.done(n)
 
         if tier == "memory":
             gets("get")
@@ -330,7 +325,10 @@ def _our_tier(tier: str, chunks: list[torch.Tensor], workdir: str, redis_url: st
                     store.put(k, x)
             out["put"] = t.done(n, "put: copy_ into the warm slot pool")
             gets(store, "get")
-            out["get"]["note"] = "zero-copy (a view of the cached slot)"
+            a, b = store.get(keys[0]), store.get(keys[0])
+            zero_copy = a is not None and b is not None and a.data_ptr() == b.data_ptr()
+            out["get"]["note"] = "zero-copy (a view of the cached slot)" if zero_copy else "a copy"
+            del a, b
             gets(store, "get+copy", copy_out=True)
         else:
             t = Timer()
@@ -417,21 +415,24 @@ def _gbps(r: dict[str, Any]) -> float | None:
     return float(r["n"] * chunk_bytes() / r["s"] / 1e9)
 
 
-def _run_lmcache(py: str, tier: str, variant: str, args: argparse.Namespace, workdir: str,
-                 port: int) -> Result:  # fmt: skip
-    cmd = [py, os.path.abspath(__file__), "--side", "lmcache", "--tier", tier, "--variant", variant,
+def _run_child(py: str, side: str, tier: str, variant: str, args: argparse.Namespace, workdir: str,
+               port: int, repeat: int) -> Result:  # fmt: skip
+    cmd = [py, os.path.abspath(__file__), "--side", side, "--tier", tier, "--variant", variant,
            "--count", str(args.count), "--seed", str(args.seed), "--workdir", workdir,
-           "--redis-port", str(port), "--close-timeout", str(args.close_timeout)]  # fmt: skip
-    env = dict(os.environ, LMCACHE_LOG_LEVEL="ERROR", PYTHONPATH="")
+           "--redis-port", str(port), "--close-timeout", str(args.close_timeout),
+           "--repeat-index", str(repeat)]  # fmt: skip
+    env = dict(os.environ, LMCACHE_LOG_LEVEL="ERROR")
+    if side == "lmcache":
+        env["PYTHONPATH"] = ""  # its own environment only
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     except subprocess.TimeoutExpired:
-        return {"error": {"error": "LMCache child ran past 300 s"}}
+        return {"error": {"error": f"{side} child ran past 300 s"}}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG) :])  # type: ignore[no-any-return]
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"error": {"error": f"LMCache child exited {proc.returncode}: {' | '.join(tail)}"}}
+    return {"error": {"error": f"{side} child exited {proc.returncode}: {' | '.join(tail)}"}}
 
 
 def _summarise(runs: list[Result]) -> dict[str, dict[str, Any]]:
@@ -458,6 +459,9 @@ def _summarise(runs: list[Result]) -> dict[str, dict[str, Any]]:
     return ops
 
 
+# How LMCache's side of a row is named (``-``: the tier's only backend).
+VARIANT_NAMES = {"py": "redis:// (redis-py)", "resp": "resp:// (native C++)"}
+
 RAW_FOR = {
     ("memory", "put"): "copy_",
     ("memory", "get+copy"): "copy_",
@@ -482,12 +486,14 @@ def _rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     for tier in summary["tiers"]:
         ours = summary["ours"][tier]
         lmc_sides = {v: summary["lmcache"][f"{tier}:{v}"] for v in summary["variants"][tier]}
-        ops = [op for op in ours if op not in ("close", "error")]
+        canonical = ["put", "get", "get+copy"] if tier == "memory" else ["put_nonblocking", "get", "get_cold"]
+        seen = [op for side in (ours, *lmc_sides.values()) for op in side if op not in ("close", "error")]
+        ops = [op for op in canonical if op in seen] + sorted(set(seen) - set(canonical))
         for op in [*ops, "close"]:
             o = ours.get(op, {})
             for variant, lmc in lmc_sides.items():
                 lo = lmc.get(op, {})
-                row: dict[str, Any] = {"tier": tier, "op": op, "lmcache": f"{tier} ({variant})"}
+                row: dict[str, Any] = {"tier": tier, "op": op, "lmcache": VARIANT_NAMES.get(variant, tier)}
                 if op == "close":
                     row["unit"] = "s"
                     row["ours"] = o.get("median_s")
@@ -504,7 +510,7 @@ def _rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                     rk = RAW_FOR.get((tier, op))
                     row["raw_op"] = rk
                     row["raw"] = raw.get(rk, {}).get("median_gbps") if rk else None
-                    if op == "get" and tier == "memory":
+                    if all("zero-copy" in side.get("note", "") for side in (o, lo)):
                         row["note"] = "both zero-copy: no bytes move"
                 row["published"] = PUBLISHED.get((tier, op), "")
                 if row["unit"] == "GB/s" and row["ours"] and row["theirs"] and not row.get("note"):
@@ -600,12 +606,14 @@ def main_parent(args: argparse.Namespace) -> int:
                             wd = os.path.join(base, f"{side}-{tier}-{variant}-{rep}")
                             os.makedirs(wd)
                             print(f"  {tier} ({variant}): {side}", file=sys.stderr, flush=True)
+                            # Both sides in a fresh child process: neither keeps warm
+                            # heap or pools from an earlier tier or repeat.
                             if side == "lmcache":
                                 lmc_runs[f"{tier}:{variant}"].append(
-                                    _run_lmcache(args.lmcache_python, tier, variant, args, wd, port)
+                                    _run_child(args.lmcache_python, "lmcache", tier, variant, args, wd, port, rep)
                                 )
                             else:
-                                ours_runs[tier].append(_our_tier(tier, xs, wd, redis_url, rep))
+                                ours_runs[tier].append(_run_child(sys.executable, "ours", tier, variant, args, wd, port, rep))
                             shutil.rmtree(wd, ignore_errors=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -617,7 +625,11 @@ def main_parent(args: argparse.Namespace) -> int:
         "lmcache": {k: _summarise(r) for k, r in lmc_runs.items()},
     }
     rows = _rows(summary)
-    command = "python scripts/bench_lmcache.py " + " ".join(a for a in sys.argv[1:])
+    argv = sys.argv[1:]
+    if "--note" in argv:  # prose, not part of the command anyone needs to repeat
+        i = argv.index("--note")
+        argv = [*argv[:i], "--note", "'...'", *argv[i + 2 :]]
+    command = "python scripts/bench_lmcache.py " + " ".join(argv)
     info = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_info(), "lmcache": lmc_version,
             "count": args.count, "repeat": args.repeat, "chunk_shape": list(SHAPE), "dtype": "bfloat16",
             "load_at_start": [round(x, 2) for x in load], "command": command}  # fmt: skip
@@ -629,7 +641,8 @@ def main_parent(args: argparse.Namespace) -> int:
             json.dump({"info": info, "rows": rows, "raw": summary["raw"]}, f, indent=1, default=str)
     if args.markdown:
         _write_markdown(args.markdown, info, rows, args.note)
-    return 0
+    # LMCache's own failures (its close() hangs) are findings; ours are failures.
+    return 1 if any(r["ours_errors"] for r in rows) else 0
 
 
 def _write_markdown(path: str, info: dict[str, Any], rows: list[dict[str, Any]], note: str) -> None:
@@ -662,14 +675,18 @@ same redis-server and filesystem, the raw medium beside them. Generated by
 
 
 def main_child(args: argparse.Namespace) -> None:
-    """LMCache's side of one tier; prints one result line, then exits hard.
+    """One side of one tier; prints one result line, then exits hard.
 
     ``os._exit``: LMCache's event-loop threads are not daemons, and after a hung
     ``close()`` they would keep the interpreter alive forever.
     """
     xs = make_chunks(args.count + 1, args.seed)
     try:
-        res = _lmc_tier(args.tier, args.variant, xs, args.workdir, args.redis_port, args.close_timeout)
+        if args.side == "lmcache":
+            res = _lmc_tier(args.tier, args.variant, xs, args.workdir, args.redis_port, args.close_timeout)
+        else:
+            redis_url = f"redis://127.0.0.1:{args.redis_port}/0"
+            res = _our_tier(args.tier, xs, args.workdir, redis_url, args.repeat_index)
     except Exception as exc:  # noqa: BLE001 - the parent reports it
         res = {"error": {"error": f"{type(exc).__name__}: {exc}"}}
     print(RESULT_TAG + json.dumps(res), flush=True)
@@ -689,7 +706,8 @@ def main() -> int:
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     ap.add_argument("--note", default="")
-    ap.add_argument("--side", choices=["parent", "lmcache"], default="parent", help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=["parent", "lmcache", "ours"], default="parent", help=argparse.SUPPRESS)
+    ap.add_argument("--repeat-index", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--tier", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="-", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -697,7 +715,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.count < 1 or args.repeat < 1:
         ap.error("--count and --repeat must be at least 1")
-    if args.side == "lmcache":
+    if args.side != "parent":
         main_child(args)
     if not args.lmcache_python:
         ap.error("--lmcache-python is required")

@@ -66,7 +66,7 @@ def test_table_ratios_and_hangs() -> None:
     text = bench_lmcache._table(rows, markdown=True)
     close_line = next(line for line in text.splitlines() if "close()" in line)
     assert "hung" in close_line and "0.01 s" in close_line
-    assert bench_lmcache._errors(rows) == ["redis (py) close: close() hung (no return after 5 s)"]
+    assert bench_lmcache._errors(rows) == ["redis:// (redis-py) close: close() hung (no return after 5 s)"]
 
 
 def test_refuses_an_interpreter_without_lmcache(tmp_path: Path) -> None:
