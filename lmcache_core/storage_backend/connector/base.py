@@ -48,7 +48,7 @@ class RemoteConnector(abc.ABC):
         """The stored bytes, or None when absent.
 
         Bytes-like: ``bytes``, or a ``memoryview`` over a pooled buffer that the
-        caller owns until it drops it (Redis large replies, local files).
+        caller owns until it drops it (Redis large replies).
         """
 
     def get_many(self, keys: Sequence[CacheEngineKey]) -> list[bytes | None]:

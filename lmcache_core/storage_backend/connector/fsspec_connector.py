@@ -24,7 +24,6 @@ from lmcache_core import layout
 from lmcache_core.config import mask_url
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend.connector.base import RemoteConnector, RemoteObject
-from lmcache_core.storage_backend.mem_pool import BufferPool
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +36,6 @@ _S3_DEFAULT_CHUNKSIZE = 50 * 2**20
 _S3_POOL_CONNECTIONS = 32
 #: Bytes one ``get_many`` keeps in flight (see ``FsspecConnector.get_many``).
 BATCH_BUDGET_BYTES = 64 * 2**20
-# Most bytes of warm read buffers a local-directory store keeps (eight 32 MiB chunks).
-LOCAL_READ_POOL_BYTES = 256 * 2**20
 _BOOL_OPTIONS = {"anon", "use_ssl", "requester_pays", "version_aware"}
 _S3_ALIASES = {"region": "region_name", "access_key": "key", "secret_key": "secret"}
 
@@ -89,32 +86,6 @@ class PartsReader(io.RawIOBase):
                 self._pos += n
             start = end
         return written
-
-
-def _read_file(path: str, pool: BufferPool) -> memoryview:
-    """A local file's bytes, read straight into a warm buffer from ``pool``.
-
-    ``LocalFileSystem.cat_file`` goes through a buffered reader into a new
-    ``bytes``; a fresh 32 MiB allocation page-faults (or, with numpy's huge pages,
-    stalls on compaction when the page cache has fragmented memory). On a 2-core VM
-    a hot 32 MiB get went from ~30-60 ms that way to the ~9 ms of the disk tier's
-    read. The view keeps its buffer busy until the last tensor decoded over it is
-    dropped (see ``BufferPool``). Thread-safe.
-
-    Raises:
-        FileNotFoundError: no such file.
-    """
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        array: Any = pool.acquire(size).numpy()  # numpy arrays are buffers; its stubs do not say so
-        view = memoryview(array).cast("B")
-        got = 0
-        while got < size:
-            n = f.readinto(view[got:])
-            if not n:  # shrank under us (a concurrent rewrite): what was read; decode rejects it
-                break
-            got += n
-    return view[:got]
 
 
 def _parse_query(query: str) -> dict[str, Any]:
@@ -205,10 +176,8 @@ class FsspecConnector(RemoteConnector):
         self.timeout = float(timeout)
         self._fs_kwargs = self._filesystem_options(protocol, merged, self.timeout)
         self._local = protocol in ("file", "local")
+        # Local files stream into the backend's warm buffers (LMCRemoteBackend._read_streams).
         self.streams = self._local
-        # Local reads land in reused warm buffers (see _read_file).
-        self._pool = BufferPool("cpu", max_bytes=LOCAL_READ_POOL_BYTES)
-        self._pool_pid = os.getpid()
         # A ranged GET from byte 0 skips the HEAD that s3fs sends before a plain
         # cat_file (one round trip instead of two per chunk).
         self._cat_kwargs: dict[str, Any] = {"start": 0} if protocol == "s3" else {}
@@ -271,13 +240,6 @@ class FsspecConnector(RemoteConnector):
                     self._pid = os.getpid()
         return self._fs
 
-    def _buffers(self) -> BufferPool:
-        """The read buffers, new in a forked child (a lock held at fork() stays held)."""
-        if self._pool_pid != os.getpid():
-            self._pool = BufferPool("cpu", max_bytes=LOCAL_READ_POOL_BYTES)
-            self._pool_pid = os.getpid()
-        return self._pool
-
     def path(self, key: CacheEngineKey) -> str:
         """The object's full path in the filesystem (without protocol)."""
         return f"{self.root}/{layout.key_to_path(key)}"
@@ -293,13 +255,6 @@ class FsspecConnector(RemoteConnector):
             return None
 
     def get(self, key: CacheEngineKey) -> bytes | None:
-        if self._local:
-            try:
-                view = _read_file(self.path(key), self._buffers())
-            except FileNotFoundError:
-                return None
-            self._learn_size((view,))
-            return view  # type: ignore[return-value]  # bytes-like; decode takes any buffer
         try:
             data = self.fs.cat_file(self.path(key), **self._cat_kwargs)
         except FileNotFoundError:
@@ -327,8 +282,6 @@ class FsspecConnector(RemoteConnector):
         """
         if not keys:
             return []
-        if self._local:  # a local filesystem reads one path at a time anyway
-            return [self.get(k) for k in keys]
         paths = [self.path(k) for k in keys]
         fs = self.fs
         kwargs = dict(self._cat_kwargs)
@@ -468,11 +421,9 @@ class FsspecConnector(RemoteConnector):
 
         The filesystem instance is shared through fsspec's instance cache with
         any other connector on the same store, so its pooled sockets are not
-        closed here; they close with the process. Warm read buffers are let go
-        (views already handed out stay valid).
+        closed here; they close with the process.
         """
         self._fs = None
-        self._pool.clear()
 
     def __repr__(self) -> str:
         return f"FsspecConnector({self.display_url!r})"
