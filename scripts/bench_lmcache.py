@@ -86,8 +86,18 @@ def chunk_bytes() -> int:
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality (bf16 as int16, so NaN patterns cannot compare unequal)."""
-    return torch.equal(a.reshape(-1).view(torch.int16), b.reshape(-1).view(torch.int16))
+    """Bitwise equality (bf16 as int16, so NaN patterns cannot compare unequal).
+
+    Compared by numpy on one thread: ``torch.equal`` runs on torch's OpenMP pool,
+    whose workers then spin on the other core for a while, into the next timed
+    get. That slowed our reads (which use both cores) to about half and left
+    LMCache's single-threaded reads as they were: a check's cost, not a get's.
+    """
+    import numpy as np
+
+    return bool(
+        np.array_equal(a.reshape(-1).view(torch.int16).numpy(), b.reshape(-1).view(torch.int16).numpy())
+    )
 
 
 def drop_caches() -> None:

@@ -7,8 +7,12 @@ Both must produce and accept exactly the bytes of the plain, sequential format.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -123,3 +127,145 @@ def test_failed_write_waits_for_the_helper_and_raises(tmp_path):
 
     with pytest.raises(OSError):
         cf.write_chunk(Failing(), big(5), KEY)
+
+
+# -- the split read: a helper reads pieces at offsets while the caller reads and hashes --
+
+
+class Positional:
+    """A plain file with ``preadinto`` (as disk_io's test files have) that records who read
+    which piece and can fail or stall a chosen one."""
+
+    def __init__(
+        self, path: str, *, fail: str | None = None, caller_delay: float = 0.0, helper_delay: float = 0.0
+    ) -> None:
+        self.f = open(path, "rb", buffering=0)
+        self.caller = threading.get_ident()
+        self.fail = fail  # "caller" or "helper": that thread's first read fails
+        self.failed_at: int | None = None
+        self.caller_delay = caller_delay
+        self.helper_delay = helper_delay
+        self.readers: dict[int, int] = {}  # offset -> thread ident
+        self.active = 0  # reads in progress
+        self.lock = threading.Lock()
+
+    def preadinto(self, buf, offset: int) -> int:
+        me = threading.get_ident()
+        with self.lock:
+            self.readers[offset] = me
+            self.active += 1
+        try:
+            if me == self.caller and self.caller_delay:
+                time.sleep(self.caller_delay)  # so the helper surely takes part
+            if me != self.caller and self.helper_delay:
+                time.sleep(self.helper_delay)
+            if self.fail is not None and (me == self.caller) == (self.fail == "caller"):
+                self.failed_at = offset
+                raise OSError(errno.EIO, "injected EIO")
+            return os.preadv(self.f.fileno(), [buf], offset)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+
+def read_positional(path: str, reader_factory, helper=None) -> tuple[torch.Tensor, Positional]:
+    with open(path, "rb", buffering=0) as f:
+        header = cf.read_header(f)
+    r = reader_factory(path)
+    try:
+        r.f.seek(header.data_offset)
+        dest = torch.empty(header.nbytes, dtype=torch.uint8)
+        cf.read_payload_verified(r, header, dest, helper=helper)
+        assert r.f.tell() == header.data_offset + header.nbytes  # left at the payload's end
+    finally:
+        r.f.close()
+    return dest.view(header.torch_dtype).view(header.shape), r
+
+
+def test_split_read_shares_the_pieces_with_the_helper(tmp_path):
+    t = big(6)
+    path = str(tmp_path / "c.safetensors")
+    write_file(path, t)
+    got, r = read_positional(path, lambda p: Positional(p, caller_delay=0.005))
+    assert same(got, t)
+    threads = set(r.readers.values())
+    assert len(threads) == 2, "the helper thread read no piece"
+    assert len(r.readers) == -(-t.numel() * 2 // cf.READ_PIECE_BYTES)  # each piece read once
+
+
+def test_split_read_finishes_alone_when_the_helper_never_starts(tmp_path):
+    t = big(7)
+    path = str(tmp_path / "c.safetensors")
+    write_file(path, t)
+    busy = ThreadPoolExecutor(max_workers=1)
+    release = threading.Event()
+    busy.submit(release.wait)  # the helper's only thread is taken
+    try:
+        got, r = read_positional(path, Positional, helper=busy)
+        assert same(got, t)
+        assert set(r.readers.values()) == {r.caller}
+    finally:
+        release.set()
+        busy.shutdown()
+
+
+@pytest.mark.parametrize("who", ["caller", "helper"])
+def test_a_failed_piece_raises_only_after_the_other_reader_let_go(tmp_path, who):
+    t = big(8)
+    path = str(tmp_path / "c.safetensors")
+    write_file(path, t)
+    with open(path, "rb", buffering=0) as f:
+        header = cf.read_header(f)
+    # The other reader is slow: without the wait it would still be writing into dest
+    # when the error is raised (the caller fails 10 ms in, once the helper has started).
+    slow = {"caller_delay": 0.01, "helper_delay": 0.05} if who == "caller" else {"caller_delay": 0.05}
+    r = Positional(path, fail=who, **slow)
+    r.f.seek(header.data_offset)
+    try:
+        with pytest.raises(OSError, match="injected EIO"):
+            cf.read_payload_verified(r, header, torch.empty(header.nbytes, dtype=torch.uint8))
+        assert r.active == 0, "a read was still writing into dest when the error was raised"
+        assert r.failed_at is not None
+    finally:
+        r.f.close()
+
+
+def test_split_read_detects_truncation_between_stat_and_read(tmp_path):
+    t = big(9)
+    path = str(tmp_path / "c.safetensors")
+    write_file(path, t)
+    with open(path, "rb", buffering=0) as f:
+        header = cf.read_header(f, total_size=os.fstat(f.fileno()).st_size)
+        os.truncate(path, os.path.getsize(path) - 2 * cf.READ_PIECE_BYTES)  # after the size check
+        with pytest.raises(CorruptChunkError, match="truncated"):
+            cf.read_payload_verified(f, header, torch.empty(header.nbytes, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("damage", ["none", "flip", "truncate"])
+def test_a_plain_stream_is_read_and_checked_in_order(tmp_path, damage):
+    """A stream with no read-at-offset (a pipe, a buffered reader) takes the sequential path."""
+    t = big(10)
+    path = str(tmp_path / "c.safetensors")
+    write_file(path, t)
+    size = os.path.getsize(path)
+    if damage == "flip":
+        with open(path, "r+b") as f:
+            f.seek(size - 10)
+            b = f.read(1)
+            f.seek(size - 10)
+            f.write(bytes([b[0] ^ 1]))
+    elif damage == "truncate":
+        os.truncate(path, size - cf.READ_PIECE_BYTES)
+    with open(path, "rb") as f:  # an io.BufferedReader: no preadinto, not a FileIO
+        assert cf._positional_reader(f) is None
+        header = cf.read_header(f)
+        dest = torch.empty(header.nbytes, dtype=torch.uint8)
+        if damage == "none":
+            cf.read_payload_verified(f, header, dest)
+            assert same(dest.view(header.torch_dtype).view(header.shape), t)
+        else:
+            with pytest.raises(CorruptChunkError, match="checksum" if damage == "flip" else "truncated"):
+                cf.read_payload_verified(f, header, dest)

@@ -87,7 +87,7 @@ class Fault:
 
 
 class _FaultyFile:
-    """A file whose write/read/readinto consult the hook first (tests only).
+    """A file whose write/read/readinto/preadinto consult the hook first (tests only).
 
     A failing write first writes half its bytes, as a real disk that fills up
     mid-write does, so callers are tested against torn temp files.
@@ -119,6 +119,13 @@ class _FaultyFile:
         if hook is not None:
             hook("read", self._path)
         return self._f.readinto(buf)  # type: ignore[no-any-return]
+
+    def preadinto(self, buf: Any, offset: int) -> int:
+        """``os.preadv`` at ``offset`` (the positional read the chunk reader uses on plain files)."""
+        hook = _hook
+        if hook is not None:
+            hook("read", self._path)
+        return os.preadv(self._f.fileno(), [buf], offset)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._f, name)
