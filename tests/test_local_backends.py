@@ -6,6 +6,8 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -215,3 +217,86 @@ def test_open_backend_and_create_storage_backend_local(tmp_path):
     dsk.close()
     with pytest.raises(ValueError, match="no tier"):
         CreateStorageBackend(LMCacheEngineConfig.from_defaults(local_device=None), meta, "cpu")
+
+
+# -- disk batched_get: the caller and one reader thread share the keys --------------------
+
+
+def test_disk_batched_get_shares_keys_between_two_threads_and_keeps_order(tmp_path, monkeypatch):
+    store = disk(tmp_path)
+    keys = [make_key(f"bg{i}") for i in range(12)]
+    for i, k in enumerate(keys):
+        if i % 4 != 3:  # every fourth key is a miss
+            store.put(k, chunk(i))
+    path = store._path(keys[5])
+    with open(path, "r+b") as f:  # and one chunk is corrupt
+        f.seek(-1, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([b[0] ^ 1]))
+    readers: set[int] = set()
+    plain_get = store.get
+
+    def get(key):
+        readers.add(threading.get_ident())
+        time.sleep(0.005)  # so neither thread takes every key before the other starts
+        return plain_get(key)
+
+    monkeypatch.setattr(store, "get", get)
+    got = store.batched_get(keys)
+    assert len(readers) == 2
+    for i, g in enumerate(got):
+        if i % 4 == 3 or i == 5:
+            assert g is None
+        else:
+            assert torch.equal(g, chunk(i))
+    assert store.stats["corrupt"] == 1
+    store.close()
+
+
+@pytest.mark.parametrize("failing", ["caller", "reader"])
+def test_disk_batched_get_raises_a_failed_read_after_both_threads_stopped(tmp_path, monkeypatch, failing):
+    store = disk(tmp_path)
+    keys = [make_key(f"be{i}") for i in range(20)]
+    for i, k in enumerate(keys):
+        store.put(k, chunk(i))
+    caller = threading.get_ident()
+    calls: list[int] = []
+    active = [0]
+    lock = threading.Lock()
+    plain_get = store.get
+
+    def get(key):
+        mine = threading.get_ident() == caller
+        with lock:
+            calls.append(keys.index(key))
+            active[0] += 1
+            nth = len(calls)
+        try:
+            # The failing thread fails once a second key is read; the other one is slow, so
+            # it is mid-read then: the call must wait for it before raising.
+            time.sleep(0.002 if mine == (failing == "caller") else 0.03)
+            if mine == (failing == "caller") and nth > 1:
+                raise RuntimeError("injected failure")
+            return plain_get(key)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(store, "get", get)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        store.batched_get(keys)
+    assert active[0] == 0, "a read was still running when batched_get raised"
+    assert len(calls) < len(keys)  # the rest were not read after the failure
+    store.close()
+
+
+def test_disk_batched_get_refuses_a_bad_key_before_reading(tmp_path, monkeypatch):
+    store = disk(tmp_path)
+    store.put(make_key("ok"), chunk(0))
+    reads: list[object] = []
+    monkeypatch.setattr(store, "get", lambda key: reads.append(key))
+    with pytest.raises((TypeError, ValueError)):
+        store.batched_get([make_key("ok"), "../../etc/passwd"])  # type: ignore[list-item]
+    assert reads == []
+    store.close()
