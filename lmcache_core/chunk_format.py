@@ -323,15 +323,16 @@ def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor, 
     twice what hashing does, so two readers and one hasher keep both cores busy:
     32 MiB hot reads went from 0.7x to 0.9-1.0x one raw ``readinto`` on a 2-core
     VM); on other streams it hashes piece i while this thread reads piece i+1.
-    ``readinto``, ``preadv`` and ``xxh3.update`` all release the GIL. Leaves
-    ``f`` at the end of the payload. Thread-safe (per-call state).
+    ``readinto``, ``preadv`` and ``xxh3.update`` all release the GIL. On success
+    ``f`` is left at the end of the payload. Thread-safe (per-call state).
 
     Args:
         helper: where the helper runs (anything with ``submit(fn, *args) -> Future``);
             default the process's shared checksum threads. A reader whose file may
             stall (a network mount) passes its own, so a stuck read never holds up
-            the helpers another store relies on. A busy helper only costs speed:
-            this thread reads whatever the helper has not claimed.
+            the helpers another store relies on. A busy helper (or a pool that
+            refuses work) only costs speed: this thread reads, or hashes, whatever
+            the helper has not taken on.
 
     Raises:
         CorruptChunkError: the file ends early or the checksum does not match.
@@ -348,11 +349,11 @@ def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor, 
             state.update(view[start:end])
     elif pread is not None:
         base = f.tell()
-        _SplitRead(pread, base, view).run(state, helper or _helper())
+        _SplitRead(pread, base, view[:n]).run(state, helper or _helper())
         f.seek(base + n)
     else:
         pieces: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
-        hashed = (helper or _helper()).submit(_hash_pieces, state, pieces)
+        hashed = _submit(helper or _helper(), _hash_pieces, state, pieces)
         try:
             for start in range(0, n, READ_PIECE_BYTES):
                 end = min(start + READ_PIECE_BYTES, n)
@@ -360,20 +361,31 @@ def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor, 
                 pieces.put(view[start:end])
         finally:
             pieces.put(None)  # also on a short read: the helper must let go of ``dest``
-            hashed.result()
+            if hashed is None or hashed.cancel():
+                _hash_pieces(state, pieces)  # the helper never started: hash here
+            else:
+                hashed.result()
     if f"{CHECKSUM_ALGO}:{state.hexdigest()}" != header.checksum:
         raise CorruptChunkError("checksum mismatch")
 
 
-PositionalReader = Callable[[memoryview, int], int]
+_PositionalReader = Callable[[memoryview, int], int]
 
 
-def _positional_reader(f: Any) -> PositionalReader | None:
+def _submit(pool: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """``pool.submit(fn, *args)``, or None when the pool refuses (shut down, interpreter exit)."""
+    try:
+        return pool.submit(fn, *args)
+    except RuntimeError:
+        return None
+
+
+def _positional_reader(f: Any) -> _PositionalReader | None:
     """``f``'s read-at-offset (``preadinto(buf, offset) -> int``), or None for a plain stream."""
     own = getattr(f, "preadinto", None)  # disk_io's fault-injecting files (tests)
     if callable(own):
         return own  # type: ignore[no-any-return]
-    if isinstance(f, io.FileIO) and hasattr(os, "preadv"):
+    if isinstance(f, io.FileIO) and hasattr(os, "preadv") and f.seekable():  # not a pipe
         fd = f.fileno()
         return lambda buf, offset: os.preadv(fd, [buf], offset)
     return None
@@ -389,7 +401,7 @@ class _SplitRead:
     ``view`` afterwards. Not shared between calls.
     """
 
-    def __init__(self, pread: PositionalReader, base: int, view: memoryview) -> None:
+    def __init__(self, pread: _PositionalReader, base: int, view: memoryview) -> None:
         self._pread = pread
         self._base = base
         self._view = view
@@ -401,7 +413,7 @@ class _SplitRead:
 
     def run(self, state: Any, helper: Any) -> None:
         """Read every piece into ``view`` and feed ``state`` them in order; raise the first failure."""
-        helping = helper.submit(self._help)
+        helping = _submit(helper, self._help)
         try:
             h = 0
             while h < self._count:
@@ -418,10 +430,16 @@ class _SplitRead:
         finally:
             with self._lock:
                 self._next = self._count  # nothing more is claimed
-            if not helping.cancel():
+            if helping is not None and not helping.cancel():
                 helping.result()  # a started helper must let go of ``view`` first
         if self._error is not None:
-            raise self._error
+            # Let go of it here: the error's traceback holds this object, and the
+            # cycle would keep ``view`` (a pool buffer) busy until gc ran.
+            error, self._error = self._error, None
+            try:
+                raise error
+            finally:
+                del error  # nor may this frame's local hold the traceback that holds the frame
 
     def _piece(self, i: int) -> memoryview:
         return self._view[i * READ_PIECE_BYTES : (i + 1) * READ_PIECE_BYTES]

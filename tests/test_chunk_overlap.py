@@ -8,10 +8,12 @@ Both must produce and accept exactly the bytes of the plain, sequential format.
 from __future__ import annotations
 
 import errno
+import gc
 import io
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -134,32 +136,39 @@ def test_failed_write_waits_for_the_helper_and_raises(tmp_path):
 
 class Positional:
     """A plain file with ``preadinto`` (as disk_io's test files have) that records who read
-    which piece and can fail or stall a chosen one."""
+    which piece, and can make one thread's first read fail or the helper's reads slow.
+
+    With ``wait_for_helper`` the caller's first read waits until the helper has begun a
+    read, so a test does not depend on how soon a thread gets a core."""
 
     def __init__(
-        self, path: str, *, fail: str | None = None, caller_delay: float = 0.0, helper_delay: float = 0.0
+        self, path: str, *, fail: str | None = None, helper_delay: float = 0.0, wait_for_helper: bool = True
     ) -> None:
         self.f = open(path, "rb", buffering=0)
         self.caller = threading.get_ident()
         self.fail = fail  # "caller" or "helper": that thread's first read fails
         self.failed_at: int | None = None
-        self.caller_delay = caller_delay
         self.helper_delay = helper_delay
+        self.wait_for_helper = wait_for_helper
+        self.helper_reading = threading.Event()
         self.readers: dict[int, int] = {}  # offset -> thread ident
         self.active = 0  # reads in progress
         self.lock = threading.Lock()
 
     def preadinto(self, buf, offset: int) -> int:
         me = threading.get_ident()
+        mine = me == self.caller
         with self.lock:
+            first = me not in self.readers.values()
             self.readers[offset] = me
             self.active += 1
         try:
-            if me == self.caller and self.caller_delay:
-                time.sleep(self.caller_delay)  # so the helper surely takes part
-            if me != self.caller and self.helper_delay:
+            if mine and first and self.wait_for_helper:
+                assert self.helper_reading.wait(10), "the helper never started"
+            if not mine:
+                self.helper_reading.set()
                 time.sleep(self.helper_delay)
-            if self.fail is not None and (me == self.caller) == (self.fail == "caller"):
+            if first and self.fail == ("caller" if mine else "helper"):
                 self.failed_at = offset
                 raise OSError(errno.EIO, "injected EIO")
             return os.preadv(self.f.fileno(), [buf], offset)
@@ -171,66 +180,105 @@ class Positional:
         return getattr(self.f, name)
 
 
-def read_positional(path: str, reader_factory, helper=None) -> tuple[torch.Tensor, Positional]:
+def read_positional(path: str, reader: Positional, helper=None) -> torch.Tensor:
     with open(path, "rb", buffering=0) as f:
         header = cf.read_header(f)
-    r = reader_factory(path)
     try:
-        r.f.seek(header.data_offset)
+        reader.f.seek(header.data_offset)
         dest = torch.empty(header.nbytes, dtype=torch.uint8)
-        cf.read_payload_verified(r, header, dest, helper=helper)
-        assert r.f.tell() == header.data_offset + header.nbytes  # left at the payload's end
+        cf.read_payload_verified(reader, header, dest, helper=helper)
+        assert reader.f.tell() == header.data_offset + header.nbytes  # left at the payload's end
     finally:
-        r.f.close()
-    return dest.view(header.torch_dtype).view(header.shape), r
+        reader.f.close()
+    return dest.view(header.torch_dtype).view(header.shape)
 
 
 def test_split_read_shares_the_pieces_with_the_helper(tmp_path):
     t = big(6)
     path = str(tmp_path / "c.safetensors")
     write_file(path, t)
-    got, r = read_positional(path, lambda p: Positional(p, caller_delay=0.005))
-    assert same(got, t)
-    threads = set(r.readers.values())
-    assert len(threads) == 2, "the helper thread read no piece"
+    r = Positional(path)
+    assert same(read_positional(path, r), t)
+    assert len(set(r.readers.values())) == 2, "the helper thread read no piece"
     assert len(r.readers) == -(-t.numel() * 2 // cf.READ_PIECE_BYTES)  # each piece read once
 
 
-def test_split_read_finishes_alone_when_the_helper_never_starts(tmp_path):
+@pytest.mark.parametrize("pool", ["busy", "shut down"])
+def test_split_read_finishes_alone_when_the_helper_never_starts(tmp_path, pool):
     t = big(7)
     path = str(tmp_path / "c.safetensors")
     write_file(path, t)
-    busy = ThreadPoolExecutor(max_workers=1)
+    helper = ThreadPoolExecutor(max_workers=1)
     release = threading.Event()
-    busy.submit(release.wait)  # the helper's only thread is taken
+    if pool == "busy":
+        helper.submit(release.wait)  # the helper's only thread is taken
+    else:
+        helper.shutdown()  # submit raises RuntimeError
     try:
-        got, r = read_positional(path, Positional, helper=busy)
-        assert same(got, t)
+        r = Positional(path, wait_for_helper=False)
+        assert same(read_positional(path, r, helper=helper), t)
         assert set(r.readers.values()) == {r.caller}
     finally:
         release.set()
-        busy.shutdown()
+        helper.shutdown()
 
 
-@pytest.mark.parametrize("who", ["caller", "helper"])
-def test_a_failed_piece_raises_only_after_the_other_reader_let_go(tmp_path, who):
+def test_a_failed_piece_is_raised_only_once_the_helper_let_go_of_dest(tmp_path):
     t = big(8)
+    path = str(tmp_path / "c.safetensors")
+    write_file(path, t)
+    # The caller's first read fails while the helper is 50 ms into a read of its own:
+    # without the wait, that read would still be writing into dest after the raise.
+    r = Positional(path, fail="caller", helper_delay=0.05)
+    with pytest.raises(OSError, match="injected EIO"):
+        read_positional(path, r)
+    assert r.active == 0, "a read was still writing into dest when the error was raised"
+    assert r.readers[r.failed_at] == r.caller
+
+
+def test_a_helpers_failed_piece_reaches_the_caller(tmp_path):
+    t = big(8)
+    path = str(tmp_path / "c.safetensors")
+    write_file(path, t)
+    r = Positional(path, fail="helper")
+    with pytest.raises(OSError, match="injected EIO"):
+        read_positional(path, r)
+    assert r.failed_at is not None and r.readers[r.failed_at] != r.caller
+
+
+def test_a_failed_split_read_lets_go_of_dest_without_gc(tmp_path):
+    """The error must not keep the buffer it was reading into alive (a pool buffer
+    would stay busy until the cycle collector ran)."""
+    t = big(11)
     path = str(tmp_path / "c.safetensors")
     write_file(path, t)
     with open(path, "rb", buffering=0) as f:
         header = cf.read_header(f)
-    # The other reader is slow: without the wait it would still be writing into dest
-    # when the error is raised (the caller fails 10 ms in, once the helper has started).
-    slow = {"caller_delay": 0.01, "helper_delay": 0.05} if who == "caller" else {"caller_delay": 0.05}
-    r = Positional(path, fail=who, **slow)
-    r.f.seek(header.data_offset)
+    os.truncate(path, os.path.getsize(path) - 2 * cf.READ_PIECE_BYTES)
+    gc.disable()
     try:
-        with pytest.raises(OSError, match="injected EIO"):
-            cf.read_payload_verified(r, header, torch.empty(header.nbytes, dtype=torch.uint8))
-        assert r.active == 0, "a read was still writing into dest when the error was raised"
-        assert r.failed_at is not None
+        dest = torch.empty(header.nbytes, dtype=torch.uint8)
+        ref = weakref.ref(dest)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(header.data_offset)
+            with pytest.raises(CorruptChunkError, match="truncated"):
+                cf.read_payload_verified(f, header, dest)
+        del dest
+        assert ref() is None, "dest is still referenced after the failed read"
     finally:
-        r.f.close()
+        gc.enable()
+
+
+def test_a_dest_larger_than_the_payload_reads_only_the_payload(tmp_path):
+    t = big(12)
+    path = str(tmp_path / "c.safetensors")
+    write_file(path, t)
+    with open(path, "rb", buffering=0) as f:
+        header = cf.read_header(f, total_size=os.fstat(f.fileno()).st_size)
+        dest = torch.zeros(header.nbytes + 64, dtype=torch.uint8)  # a pool buffer rounds up
+        cf.read_payload_verified(f, header, dest)
+    assert same(dest[: header.nbytes].view(header.torch_dtype).view(header.shape), t)
+    assert int(dest[header.nbytes :].sum()) == 0
 
 
 def test_split_read_detects_truncation_between_stat_and_read(tmp_path):
@@ -269,3 +317,16 @@ def test_a_plain_stream_is_read_and_checked_in_order(tmp_path, damage):
         else:
             with pytest.raises(CorruptChunkError, match="checksum" if damage == "flip" else "truncated"):
                 cf.read_payload_verified(f, header, dest)
+
+
+def test_a_plain_stream_is_hashed_here_when_the_helper_pool_refuses(tmp_path):
+    t = big(13)
+    path = str(tmp_path / "c.safetensors")
+    write_file(path, t)
+    helper = ThreadPoolExecutor(max_workers=1)
+    helper.shutdown()
+    with open(path, "rb") as f:  # buffered: the sequential path, whose helper hashes
+        header = cf.read_header(f)
+        dest = torch.empty(header.nbytes, dtype=torch.uint8)
+        cf.read_payload_verified(f, header, dest, helper=helper)
+    assert same(dest.view(header.torch_dtype).view(header.shape), t)

@@ -222,6 +222,43 @@ def test_open_backend_and_create_storage_backend_local(tmp_path):
 # -- disk batched_get: the caller and one reader thread share the keys --------------------
 
 
+class TwoThreadGets:
+    """Wraps a store's ``get``: records which thread read which key; the caller's first
+    get waits until the reader thread has begun one (so no test depends on how soon a
+    thread gets a core); one thread's first get can fail, the reader's gets can be slow."""
+
+    def __init__(self, store, keys, *, fail: str | None = None, reader_delay: float = 0.0) -> None:
+        self.plain_get = store.get
+        self.keys = keys
+        self.caller = threading.get_ident()
+        self.fail = fail
+        self.reader_delay = reader_delay
+        self.reader_started = threading.Event()
+        self.readers: dict[int, int] = {}  # key index -> thread ident
+        self.active = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, key):
+        me = threading.get_ident()
+        mine = me == self.caller
+        with self.lock:
+            first = me not in self.readers.values()
+            self.readers[self.keys.index(key)] = me
+            self.active += 1
+        try:
+            if mine and first:
+                assert self.reader_started.wait(10), "the reader thread never started"
+            if not mine:
+                self.reader_started.set()
+                time.sleep(self.reader_delay)
+            if first and self.fail == ("caller" if mine else "reader"):
+                raise RuntimeError("injected failure")
+            return self.plain_get(key)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
 def test_disk_batched_get_shares_keys_between_two_threads_and_keeps_order(tmp_path, monkeypatch):
     store = disk(tmp_path)
     keys = [make_key(f"bg{i}") for i in range(12)]
@@ -234,17 +271,11 @@ def test_disk_batched_get_shares_keys_between_two_threads_and_keeps_order(tmp_pa
         b = f.read(1)
         f.seek(-1, os.SEEK_END)
         f.write(bytes([b[0] ^ 1]))
-    readers: set[int] = set()
-    plain_get = store.get
-
-    def get(key):
-        readers.add(threading.get_ident())
-        time.sleep(0.005)  # so neither thread takes every key before the other starts
-        return plain_get(key)
-
-    monkeypatch.setattr(store, "get", get)
+    gets = TwoThreadGets(store, keys)
+    monkeypatch.setattr(store, "get", gets)
     got = store.batched_get(keys)
-    assert len(readers) == 2
+    assert len(set(gets.readers.values())) == 2
+    assert sorted(gets.readers) == list(range(len(keys)))  # each key read once
     for i, g in enumerate(got):
         if i % 4 == 3 or i == 5:
             assert g is None
@@ -254,41 +285,43 @@ def test_disk_batched_get_shares_keys_between_two_threads_and_keeps_order(tmp_pa
     store.close()
 
 
-@pytest.mark.parametrize("failing", ["caller", "reader"])
-def test_disk_batched_get_raises_a_failed_read_after_both_threads_stopped(tmp_path, monkeypatch, failing):
+def test_disk_batched_get_raises_the_callers_failure_once_the_reader_stopped(tmp_path, monkeypatch):
     store = disk(tmp_path)
     keys = [make_key(f"be{i}") for i in range(20)]
     for i, k in enumerate(keys):
         store.put(k, chunk(i))
-    caller = threading.get_ident()
-    calls: list[int] = []
-    active = [0]
-    lock = threading.Lock()
-    plain_get = store.get
-
-    def get(key):
-        mine = threading.get_ident() == caller
-        with lock:
-            calls.append(keys.index(key))
-            active[0] += 1
-            nth = len(calls)
-        try:
-            # The failing thread fails once a second key is read; the other one is slow, so
-            # it is mid-read then: the call must wait for it before raising.
-            time.sleep(0.002 if mine == (failing == "caller") else 0.03)
-            if mine == (failing == "caller") and nth > 1:
-                raise RuntimeError("injected failure")
-            return plain_get(key)
-        finally:
-            with lock:
-                active[0] -= 1
-
-    monkeypatch.setattr(store, "get", get)
+    # The caller fails while the reader is 50 ms into a get: the call must wait for it.
+    gets = TwoThreadGets(store, keys, fail="caller", reader_delay=0.05)
+    monkeypatch.setattr(store, "get", gets)
     with pytest.raises(RuntimeError, match="injected failure"):
         store.batched_get(keys)
-    assert active[0] == 0, "a read was still running when batched_get raised"
-    assert len(calls) < len(keys)  # the rest were not read after the failure
+    assert gets.active == 0, "a get was still running when batched_get raised"
+    assert len(gets.readers) < len(keys)  # the rest were not read after the failure
     store.close()
+
+
+def test_disk_batched_get_raises_the_readers_failure(tmp_path, monkeypatch):
+    store = disk(tmp_path)
+    keys = [make_key(f"br{i}") for i in range(20)]
+    for i, k in enumerate(keys):
+        store.put(k, chunk(i))
+    gets = TwoThreadGets(store, keys, fail="reader")
+    monkeypatch.setattr(store, "get", gets)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        store.batched_get(keys)
+    assert gets.active == 0
+    store.close()
+
+
+def test_disk_batched_get_after_close_reads_on_the_calling_thread(tmp_path):
+    store = disk(tmp_path)
+    keys = [make_key(f"bc{i}") for i in range(3)]
+    for i, k in enumerate(keys):
+        store.put(k, chunk(i))
+    store.batched_get(keys)  # the reader pool exists
+    store.close()
+    got = store.batched_get(keys)  # its pool is shut down: no RuntimeError from submit
+    assert all(torch.equal(g, chunk(i)) for i, g in enumerate(got))
 
 
 def test_disk_batched_get_refuses_a_bad_key_before_reading(tmp_path, monkeypatch):

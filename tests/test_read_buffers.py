@@ -64,3 +64,28 @@ def test_redis_large_replies_reuse_buffers(redis_server: Any) -> None:
     finally:
         store.remove(KEY)
         store.close()
+
+
+def test_local_directory_remote_reads_and_checks_a_large_chunk(tmp_path: Path) -> None:
+    """A chunk of OVERLAP_MIN_BYTES or more is read on two threads (the store's own
+    checksum threads); its bytes come back whole, and a flipped byte is a miss."""
+    from lmcache_core import chunk_format
+
+    store = open_backend(f"fsspec+file://{tmp_path}", dst_device="cpu")
+    try:
+        n = chunk_format.OVERLAP_MIN_BYTES + 3 * chunk_format.READ_PIECE_BYTES + 6
+        big = torch.randn(n // 2, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+        store.put(KEY, big)
+        got = store.get(KEY)
+        assert got is not None and torch.equal(got, big)
+        del got
+        (path,) = [p for p in tmp_path.rglob("*.safetensors")]
+        with open(path, "r+b") as f:
+            f.seek(-(2 * chunk_format.READ_PIECE_BYTES), 2)
+            b = f.read(1)
+            f.seek(-(2 * chunk_format.READ_PIECE_BYTES), 2)
+            f.write(bytes([b[0] ^ 0x40]))
+        assert store.get(KEY) is None
+        assert store.stats["corrupt"] == 1
+    finally:
+        store.close()
