@@ -35,6 +35,14 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
+def flip_bit(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
 def write_file(path: str, t: torch.Tensor, key: str = KEY) -> int:
     with open(path, "wb", buffering=0) as f:
         return cf.write_chunk(f, t, key)
@@ -94,11 +102,7 @@ def test_verified_read_detects_a_flip_in_any_piece(tmp_path, where):
     write_file(path, t)
     size = os.path.getsize(path)
     offset = {"first": size - t.numel() * 2, "middle": size - t.numel(), "last": size - 1}[where]
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x10]))
+    flip_bit(path, offset)
     with pytest.raises(CorruptChunkError, match="checksum"):
         read_file(path)
 
@@ -300,11 +304,7 @@ def test_a_plain_stream_is_read_and_checked_in_order(tmp_path, damage):
     write_file(path, t)
     size = os.path.getsize(path)
     if damage == "flip":
-        with open(path, "r+b") as f:
-            f.seek(size - 10)
-            b = f.read(1)
-            f.seek(size - 10)
-            f.write(bytes([b[0] ^ 1]))
+        flip_bit(path, size - 10)
     elif damage == "truncate":
         os.truncate(path, size - cf.READ_PIECE_BYTES)
     with open(path, "rb") as f:  # an io.BufferedReader: no preadinto, not a FileIO
