@@ -321,8 +321,10 @@ def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor, 
     on a plain file (``preadv`` at offsets) it reads pieces ahead while this
     thread reads and hashes, in order (copying out of the page cache costs about
     twice what hashing does, so two readers and one hasher keep both cores busy:
-    32 MiB hot reads went from 0.7x to 0.9-1.0x one raw ``readinto`` on a 2-core
-    VM); on other streams it hashes piece i while this thread reads piece i+1.
+    in a read loop on a 2-core VM, 32 MiB hot reads went from 0.7x to 0.9-1.0x
+    one raw ``readinto``; the disk tier's whole get, with its header and buffer
+    work, measured 0.7-0.95x); on other streams it hashes piece i while this
+    thread reads piece i+1.
     ``readinto``, ``preadv`` and ``xxh3.update`` all release the GIL. On success
     ``f`` is left at the end of the payload. Thread-safe (per-call state).
 
