@@ -303,6 +303,41 @@ def decode(
     return flat.view(header.torch_dtype).view(header.shape)
 
 
+def read_chunk(
+    f: BinaryIO,
+    expected_key: str | None,
+    acquire: Callable[[int], torch.Tensor],
+    *,
+    total_size: int,
+    unkeyed_ok: bool = False,
+    helper: Any = None,
+) -> torch.Tensor:
+    """A whole chunk from a file positioned at its start, as a view of ``acquire(nbytes)``.
+
+    Header and identity are checked first (nothing is allocated for a bad chunk),
+    then the payload is read into the uint8 buffer ``acquire`` returns and verified
+    piece by piece (``read_payload_verified``, which ``helper`` is passed to).
+
+    Args:
+        expected_key: the key string the chunk must carry (None accepts any).
+        total_size: the file's size, which must equal header + payload.
+        unkeyed_ok: also accept a chunk with an empty key (the seed's ``save_disk(path, kv_chunk)``).
+
+    Raises:
+        CorruptChunkError: bad header, size, key or checksum, or the file ends early.
+        OSError: reading failed.
+    """
+    header = read_header(f, total_size=total_size)
+    check_identity(header, None if unkeyed_ok and header.key == "" else expected_key)
+    if not header.nbytes:
+        import torch
+
+        return torch.empty(header.shape, dtype=header.torch_dtype)
+    buf = acquire(header.nbytes)
+    read_payload_verified(f, header, buf, helper=helper)
+    return buf.view(header.torch_dtype).view(header.shape)
+
+
 def read_payload_into(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor) -> None:
     """Fill the uint8 tensor ``dest`` (``header.nbytes`` long) from ``f`` at the payload.
 

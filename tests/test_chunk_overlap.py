@@ -330,3 +330,30 @@ def test_a_plain_stream_is_hashed_here_when_the_helper_pool_refuses(tmp_path):
         dest = torch.empty(header.nbytes, dtype=torch.uint8)
         cf.read_payload_verified(f, header, dest, helper=helper)
     assert same(dest.view(header.torch_dtype).view(header.shape), t)
+
+
+@pytest.mark.parametrize("stored_key, unkeyed_ok, ok", [
+    (KEY, False, True),
+    ("", True, True),  # the seed's save_disk(path, kv_chunk) writes no key
+    ("", False, False),
+    ("vllm@m@1@0@" + "ef" * 32, True, False),  # another chunk's key is refused either way
+])
+def test_read_chunk_checks_identity_before_it_takes_a_buffer(tmp_path, stored_key, unkeyed_ok, ok):
+    t = big(14, 1000)
+    path = str(tmp_path / "c.safetensors")
+    write_file(path, t, key=stored_key)
+    taken: list[int] = []
+
+    def acquire(n: int) -> torch.Tensor:
+        taken.append(n)
+        return torch.empty(n, dtype=torch.uint8)
+
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if ok:
+            got = cf.read_chunk(f, KEY, acquire, total_size=size, unkeyed_ok=unkeyed_ok)
+            assert same(got, t) and taken == [t.numel() * 2]
+        else:
+            with pytest.raises(CorruptChunkError, match="key"):
+                cf.read_chunk(f, KEY, acquire, total_size=size, unkeyed_ok=unkeyed_ok)
+            assert taken == []

@@ -690,13 +690,11 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         try:
             with disk_io.open_read(path) as f:
                 st = os.fstat(f.fileno())
-                header = chunk_format.read_header(f, total_size=st.st_size)
                 # An empty key (written by the seed's save_disk(path, kv_chunk)) is
                 # taken as the key of its path; another key, or none at all, is refused.
-                chunk_format.check_identity(header, None if header.key == "" else key.to_string())
-                buf = self._pool.acquire(header.nbytes)
-                # Checksummed piece by piece as it is read, while each piece is in cache.
-                chunk_format.read_payload_verified(f, header, buf)
+                tensor = chunk_format.read_chunk(
+                    f, key.to_string(), self._pool.acquire, total_size=st.st_size, unkeyed_ok=True
+                )
         except FileNotFoundError:
             with self._lock:
                 if not os.path.exists(path):  # not re-created by a put meanwhile
@@ -713,9 +711,6 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             return None
         self._learn(key, path)
         self.stats.incr("hits")
-        tensor = buf.view(header.torch_dtype).view(header.shape) if header.nbytes else torch.empty(
-            header.shape, dtype=header.torch_dtype
-        )
         return self._to_dst(tensor)
 
     def batched_get(self, keys: Iterable[CacheEngineKey]) -> list[torch.Tensor | None]:

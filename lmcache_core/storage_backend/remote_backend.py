@@ -558,13 +558,13 @@ class LMCRemoteBackend(LMCBackendInterface):
         if f is None:
             return None
         with f:
-            header = chunk_format.read_header(f, total_size=os.fstat(f.fileno()).st_size)
-            chunk_format.check_identity(header, key.to_string())
-            buf = self._read_buffers.acquire(header.nbytes)
-            chunk_format.read_payload_verified(f, header, buf, helper=self._hashers)
-        if not header.nbytes:
-            return torch.empty(header.shape, dtype=header.torch_dtype)
-        return buf.view(header.torch_dtype).view(header.shape)
+            return chunk_format.read_chunk(
+                f,
+                key.to_string(),
+                self._read_buffers.acquire,
+                total_size=os.fstat(f.fileno()).st_size,
+                helper=self._hashers,
+            )
 
     def batched_get(self, keys: Iterable[CacheEngineKey]) -> list[torch.Tensor | None]:
         """One ``get`` after another; once the remote fails, the rest are misses at once.
