@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lmcache_core.storage_backend import mem_pool
@@ -47,3 +48,44 @@ def test_freed_buffers_come_back_warm():
     del first
     assert pool.acquire(4096).data_ptr() == ptr
     assert pool.stats()["buffers"] == 1
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_large_cpu_buffers_are_huge_page_mappings_that_are_reused_and_freed():
+    if mem_pool._MADV_HUGEPAGE is None:
+        pytest.skip("no MADV_HUGEPAGE on this platform: buffers are plain torch allocations")
+    pool = BufferPool("cpu", max_bytes=64 << 20)
+    assert pool.reserve(1, 8 << 20) == 1
+    buf = pool.acquire(8 << 20)
+    # frombuffer over the mapping (a plain allocation has no Python base object)
+    assert buf.untyped_storage().nbytes() == 8 << 20
+    assert buf.data_ptr() % 4096 == 0
+    buf.fill_(7)
+    ptr = buf.data_ptr()
+    del buf
+    again = pool.acquire(8 << 20)
+    assert again.data_ptr() == ptr and int(again[123]) == 7  # the same warm memory
+    del again
+    small = pool.acquire(4096)
+    assert small.numel() == 4096  # below 2 MiB: a plain allocation, still usable
+    pool.clear()
+
+
+def test_huge_page_buffer_round_trips_and_unmaps_when_dropped():
+    if mem_pool._MADV_HUGEPAGE is None:
+        pytest.skip("no MADV_HUGEPAGE on this platform")
+    t = mem_pool.huge_page_buffer(4 << 20)
+    assert t is not None and t.numel() == 4 << 20
+    t.copy_(torch.arange(4 << 20, dtype=torch.int64).to(torch.uint8))
+    assert int(t[257]) == 1
+    view = t[10:20]
+    del t
+    assert int(view[0]) == 10  # a view keeps the mapping alive
+    before = _rss_bytes()
+    del view
+    assert before - _rss_bytes() >= 3 << 20  # the mapping went away with its last view
+    assert mem_pool.huge_page_buffer(0) is None

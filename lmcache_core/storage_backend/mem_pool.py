@@ -12,6 +12,7 @@ small buffers retained. Thread-safe.
 
 from __future__ import annotations
 
+import mmap
 import threading
 from collections import deque
 from typing import Any
@@ -26,6 +27,32 @@ _SCAN_LIMIT = 16
 _SCAN_LIMIT_SMALL = 2
 _SMALL_BYTES = 64 << 10
 _MAX_HINTS = 4096
+# CPU buffers from this size on are asked for transparent huge pages (2 MiB): a
+# 32 MiB buffer in 4 KiB pages costs 8192 TLB entries, and on these VMs (nested
+# paging) a hot 32 MiB file read into it ran 5-7 % slower and hashing it 20 %
+# slower than into huge pages. LMCache does the same with its pinned pools on CUDA.
+_HUGE_PAGE_BYTES = 2 << 20
+_MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
+
+
+def huge_page_buffer(nbytes: int) -> torch.Tensor | None:
+    """A uint8 CPU tensor over private anonymous memory advised for huge pages.
+
+    None where the platform has no ``MADV_HUGEPAGE`` (or refuses it); the kernel
+    falls back to small pages by itself when it has no huge page to give. The
+    tensor keeps the mapping alive; it is unmapped once the last view is gone.
+    """
+    if _MADV_HUGEPAGE is None or nbytes <= 0:
+        return None
+    try:
+        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, ValueError, AttributeError):
+        return None
+    try:
+        m.madvise(_MADV_HUGEPAGE)
+    except OSError:
+        pass  # still plain memory; THP may be disabled system-wide
+    return torch.frombuffer(m, dtype=torch.uint8)
 
 
 def _use_count(t: torch.Tensor) -> int:
@@ -60,7 +87,11 @@ class BufferPool:
         return max(_ALIGN, -(-nbytes // _ALIGN) * _ALIGN)
 
     def _allocate(self, capacity: int, touch: bool) -> torch.Tensor:
-        buf = torch.empty(capacity, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)
+        buf = None
+        if self.device.type == "cpu" and not self.pin_memory and capacity >= _HUGE_PAGE_BYTES:
+            buf = huge_page_buffer(capacity)
+        if buf is None:
+            buf = torch.empty(capacity, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)
         if touch:
             buf.zero_()  # fault the pages in now, not on the hot path
         return buf
