@@ -34,7 +34,7 @@ def test_header_alone_answers_listing_questions():
     h = cf.parse_header(raw[:n])
     assert h.key == KEY and h.dtype == "F16" and h.shape == tuple(t.shape)
     assert h.nbytes == t.numel() * 2 and h.total_size == len(raw)
-    assert h.checksum.startswith("xxh3_128:") and h.data_offset % 8 == 0
+    assert h.checksum.startswith("xxh3_128:") and h.data_offset % 64 == 0
 
 
 def test_checksum_mismatch_is_corrupt():
@@ -98,3 +98,23 @@ def test_decode_is_zero_copy_over_bytearray():
 def test_unsupported_dtype_is_value_error():
     with pytest.raises(ValueError, match="cannot be stored"):
         cf.encode_bytes(torch.zeros(2, dtype=torch.complex64), KEY)
+
+
+def test_parsed_headers_are_memoised_but_sizes_are_checked_every_time():
+    t = sample()
+    header = cf.encode_header(t, KEY)
+    assert len(header) % 64 == 0  # payload starts 64-byte aligned
+    total = len(header) + t.numel() * t.element_size()
+    a = cf.parse_header(header, total_size=total)
+    b = cf.parse_header(header + b"\0" * 5, total_size=total)
+    assert a is b  # same bytes, parsed once
+    with pytest.raises(CorruptChunkError, match="does not match"):
+        cf.parse_header(header, total_size=total - 1)  # the cached header still meets the size check
+    big_key = "vllm@" + "m" * 3000 + "@1@0@" + "ab" * 32
+    big = cf.encode_header(t, big_key)
+    assert len(big) > cf._MEMO_HEADER_BYTES
+    assert cf.parse_header(big) is not cf.parse_header(big)  # large headers are not retained
+    bad = struct.pack("<Q", 16) + b"{not json}      "
+    for _ in range(2):  # a failure is not cached as a success
+        with pytest.raises(CorruptChunkError):
+            cf.parse_header(bad)

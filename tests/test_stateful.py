@@ -69,8 +69,8 @@ class LRUCacheMachine(RuleBasedStateMachine):
         nbytes = value.numel() * value.element_size()
         if self.kind == "memory":
             return nbytes, nbytes
-        header = chunk_format.encode_header(value, key_for(slot).to_string())
-        return nbytes + 512, len(header) + nbytes
+        size = len(chunk_format.encode_header(value, key_for(slot).to_string())) + nbytes
+        return size, size  # the file's exact size, made room for before the write
 
     def _evict_for(self, need_bytes: int, exclude: int) -> None:
         budget = self.store._index.budget
