@@ -361,18 +361,8 @@ def read_chunk(
     return out
 
 
-def read_payload_into(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor) -> None:
-    """Fill the uint8 tensor ``dest`` (``header.nbytes`` long) from ``f`` at the payload.
-
-    Raises:
-        CorruptChunkError: the file ends early.
-    """
-    view = _byte_view(dest) if header.nbytes else memoryview(b"")
-    _readinto_exact(f, view, 0, header.nbytes)
-
-
 def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor, *, helper: Any = None) -> None:
-    """``read_payload_into`` + ``verify_payload`` in one pass over the payload.
+    """Fill the uint8 tensor ``dest`` from ``f`` at the payload and verify it, in one pass.
 
     Each piece is hashed right after it lands in ``dest``, while it is still in
     the CPU cache. From ``OVERLAP_MIN_BYTES`` on, a helper thread shares the work:

@@ -15,6 +15,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import torch
@@ -46,6 +47,14 @@ def flip_bit(path: str, offset: int) -> None:
 def write_file(path: str, t: torch.Tensor, key: str = KEY) -> int:
     with open(path, "wb", buffering=0) as f:
         return cf.write_chunk(f, t, key)
+
+
+def stored(tmp_path: Any, *big_args: int) -> tuple[torch.Tensor, str]:
+    """``big(*big_args)`` written as a chunk to ``tmp_path/c.safetensors``: (tensor, path)."""
+    t = big(*big_args)
+    path = str(tmp_path / "c.safetensors")
+    write_file(path, t)
+    return t, path
 
 
 def read_file(path: str, key: str = KEY) -> torch.Tensor:
@@ -89,17 +98,13 @@ def test_unseekable_stream_falls_back_to_header_first(tmp_path):
     "size", [100, cf.OVERLAP_MIN_BYTES - 2, cf.OVERLAP_MIN_BYTES, cf.OVERLAP_MIN_BYTES + 7 * cf.READ_PIECE_BYTES]
 )
 def test_verified_read_round_trips_every_size(tmp_path, size):
-    t = big(2, size)
-    path = str(tmp_path / "c.safetensors")
-    write_file(path, t)
+    t, path = stored(tmp_path, 2, size)
     assert same(read_file(path), t)
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 def test_verified_read_detects_a_flip_in_any_piece(tmp_path, where):
-    t = big(3)
-    path = str(tmp_path / "c.safetensors")
-    write_file(path, t)
+    t, path = stored(tmp_path, 3)
     size = os.path.getsize(path)
     offset = {"first": size - t.numel() * 2, "middle": size - t.numel(), "last": size - 1}[where]
     flip_bit(path, offset)
@@ -108,9 +113,7 @@ def test_verified_read_detects_a_flip_in_any_piece(tmp_path, where):
 
 
 def test_verified_read_detects_truncation(tmp_path):
-    t = big(4)
-    path = str(tmp_path / "c.safetensors")
-    write_file(path, t)
+    t, path = stored(tmp_path, 4)
     with open(path, "rb", buffering=0) as f:
         header = cf.read_header(f)
     os.truncate(path, os.path.getsize(path) - cf.READ_PIECE_BYTES - 5)
@@ -198,9 +201,7 @@ def read_positional(path: str, reader: Positional, helper=None) -> torch.Tensor:
 
 
 def test_split_read_shares_the_pieces_with_the_helper(tmp_path):
-    t = big(6)
-    path = str(tmp_path / "c.safetensors")
-    write_file(path, t)
+    t, path = stored(tmp_path, 6)
     r = Positional(path)
     assert same(read_positional(path, r), t)
     assert len(set(r.readers.values())) == 2, "the helper thread read no piece"
@@ -209,9 +210,7 @@ def test_split_read_shares_the_pieces_with_the_helper(tmp_path):
 
 @pytest.mark.parametrize("pool", ["busy", "shut down"])
 def test_split_read_finishes_alone_when_the_helper_never_starts(tmp_path, pool):
-    t = big(7)
-    path = str(tmp_path / "c.safetensors")
-    write_file(path, t)
+    t, path = stored(tmp_path, 7)
     helper = ThreadPoolExecutor(max_workers=1)
     release = threading.Event()
     if pool == "busy":
@@ -228,9 +227,7 @@ def test_split_read_finishes_alone_when_the_helper_never_starts(tmp_path, pool):
 
 
 def test_a_failed_piece_is_raised_only_once_the_helper_let_go_of_dest(tmp_path):
-    t = big(8)
-    path = str(tmp_path / "c.safetensors")
-    write_file(path, t)
+    t, path = stored(tmp_path, 8)
     # The caller's first read fails while the helper is 50 ms into a read of its own:
     # without the wait, that read would still be writing into dest after the raise.
     r = Positional(path, fail="caller", helper_delay=0.05)
@@ -241,9 +238,7 @@ def test_a_failed_piece_is_raised_only_once_the_helper_let_go_of_dest(tmp_path):
 
 
 def test_a_helpers_failed_piece_reaches_the_caller(tmp_path):
-    t = big(8)
-    path = str(tmp_path / "c.safetensors")
-    write_file(path, t)
+    t, path = stored(tmp_path, 8)
     r = Positional(path, fail="helper")
     with pytest.raises(OSError, match="injected EIO"):
         read_positional(path, r)
@@ -253,9 +248,7 @@ def test_a_helpers_failed_piece_reaches_the_caller(tmp_path):
 def test_a_failed_split_read_lets_go_of_dest_without_gc(tmp_path):
     """The error must not keep the buffer it was reading into alive (a pool buffer
     would stay busy until the cycle collector ran)."""
-    t = big(11)
-    path = str(tmp_path / "c.safetensors")
-    write_file(path, t)
+    t, path = stored(tmp_path, 11)
     with open(path, "rb", buffering=0) as f:
         header = cf.read_header(f)
     os.truncate(path, os.path.getsize(path) - 2 * cf.READ_PIECE_BYTES)
@@ -274,9 +267,7 @@ def test_a_failed_split_read_lets_go_of_dest_without_gc(tmp_path):
 
 
 def test_a_dest_larger_than_the_payload_reads_only_the_payload(tmp_path):
-    t = big(12)
-    path = str(tmp_path / "c.safetensors")
-    write_file(path, t)
+    t, path = stored(tmp_path, 12)
     with open(path, "rb", buffering=0) as f:
         header = cf.read_header(f, total_size=os.fstat(f.fileno()).st_size)
         dest = torch.zeros(header.nbytes + 64, dtype=torch.uint8)  # a pool buffer rounds up
@@ -286,9 +277,7 @@ def test_a_dest_larger_than_the_payload_reads_only_the_payload(tmp_path):
 
 
 def test_split_read_detects_truncation_between_stat_and_read(tmp_path):
-    t = big(9)
-    path = str(tmp_path / "c.safetensors")
-    write_file(path, t)
+    t, path = stored(tmp_path, 9)
     with open(path, "rb", buffering=0) as f:
         header = cf.read_header(f, total_size=os.fstat(f.fileno()).st_size)
         os.truncate(path, os.path.getsize(path) - 2 * cf.READ_PIECE_BYTES)  # after the size check
@@ -299,9 +288,7 @@ def test_split_read_detects_truncation_between_stat_and_read(tmp_path):
 @pytest.mark.parametrize("damage", ["none", "flip", "truncate"])
 def test_a_plain_stream_is_read_and_checked_in_order(tmp_path, damage):
     """A stream with no read-at-offset (a pipe, a buffered reader) takes the sequential path."""
-    t = big(10)
-    path = str(tmp_path / "c.safetensors")
-    write_file(path, t)
+    t, path = stored(tmp_path, 10)
     size = os.path.getsize(path)
     if damage == "flip":
         flip_bit(path, size - 10)
@@ -320,9 +307,7 @@ def test_a_plain_stream_is_read_and_checked_in_order(tmp_path, damage):
 
 
 def test_a_plain_stream_is_hashed_here_when_the_helper_pool_refuses(tmp_path):
-    t = big(13)
-    path = str(tmp_path / "c.safetensors")
-    write_file(path, t)
+    t, path = stored(tmp_path, 13)
     helper = ThreadPoolExecutor(max_workers=1)
     helper.shutdown()
     with open(path, "rb") as f:  # buffered: the sequential path, whose helper hashes
