@@ -372,6 +372,9 @@ def write_docs(out: dict[str, Any], docs: Path) -> None:
         "* `put_nonblocking`: `put(blocking=False)` for every chunk, then `close()`; GB/s until close "
         "returned (everything durable), against the raw medium writing the same chunks one after another "
         "(once before and once after ours, so neither side always gets the pages just freed); "
+        "the memory and disk tiers repeat this in 3 rounds, each on a new store instance, and the row "
+        "sums them (on these VMs a write into fresh pages costs up to 10x one into pages just freed, "
+        "and the regime changes within seconds); the JSON note has each round's ratio. "
         "p50/p99 are the submit latency.",
         "* `get`: hot reads; the memory tier returns a view of the cache (zero-copy).",
         "* `batched_get[16]`: one call for 16 keys, against 16 sequential raw reads; p50/p99 per batch.",

@@ -44,6 +44,13 @@ def test_memory_and_disk_report_structure_and_cleanup(tmp_path):
     table = format_table(report.rows)
     assert "put_nonblocking" in table and "ratio" in table
     assert format_table(report.rows, markdown=True).startswith("| store |")
+    # Local tiers time the non-blocking put in rounds, each one's ratio in the note;
+    # the row's samples are every round's puts (the store holds max(count, batch) = 4).
+    for store in ("cpu://", str(store_dir)):
+        (nb,) = [r for r in report.rows if r["store"] == store and r["op"] == "put_nonblocking"]
+        rounds = nb["note"].split("ratio per round ")[1].split(";")[0].split(", ")
+        assert len(rounds) == 3 and all(float(x) > 0 for x in rounds)
+        assert nb["samples"] == 3 * 4
 
 
 def test_a_broken_store_is_reported_not_raised(tmp_path):
