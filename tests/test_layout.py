@@ -62,3 +62,13 @@ def test_models_do_not_share_prefixes_by_accident():
 def test_foreign_paths_are_refused(path):
     with pytest.raises(ValueError):
         path_to_key(path)
+
+
+def test_model_encoding_is_memoised_and_still_refuses_long_names():
+    name = "meta-llama/Llama-3.1-8B-Instruct"
+    first = encode_model(name)
+    assert encode_model(name) is first  # the per-character loop ran once
+    too_long = "\u4e00" * 1025  # 3 UTF-8 bytes each: 9225 encoded characters
+    for _ in range(2):  # a refusal is not remembered as a value
+        with pytest.raises(ValueError, match="path characters"):
+            encode_model(too_long)

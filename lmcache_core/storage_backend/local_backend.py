@@ -437,7 +437,8 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         return f"disk {self.root}"
 
     def _path(self, key: CacheEngineKey) -> str:
-        return os.path.join(self.root, *layout.key_to_path(key).split("/"))
+        rel = layout.key_to_path(key)  # '/'-separated, never absolute, no '..' (layout's guarantee)
+        return f"{self.root}{os.sep}{rel if os.sep == '/' else rel.replace('/', os.sep)}"
 
     def _key_lock(self, key: CacheEngineKey) -> threading.Lock:
         return self._key_locks[hash(key) % _KEY_LOCKS]
