@@ -117,6 +117,9 @@ class BenchTarget:
         raw_url: the URL whose raw medium is the baseline (for a hybrid, its
             slowest tier); defaults to ``name``.
         raw_options: options for the raw client (``endpoint_url`` etc. for S3).
+        server_pid: the store's server when it runs on this machine (a benchmark's
+            own redis-server or moto): ``batched_get`` then reports the CPU time
+            it and this process spent, which bounds what concurrency can win.
     """
 
     name: str
@@ -124,6 +127,7 @@ class BenchTarget:
     kind: str
     raw_url: str | None = None
     raw_options: Mapping[str, Any] = field(default_factory=dict)
+    server_pid: int | None = None
 
     def __repr__(self) -> str:
         # name and raw_url may hold a password; raw_options S3 keys: never shown.
@@ -211,6 +215,78 @@ class _Series:
         lo, hi = math.floor(pos), math.ceil(pos)
         v = ts[lo] + (ts[hi] - ts[lo]) * (pos - lo)
         return _sig(v / 1e6)
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _CpuTally:
+    """CPU seconds this process and a server spent inside its ``with`` blocks (summed).
+
+    Read around the timed block, so the reads cost the timing nothing; /proc counts
+    in clock ticks (10 ms), which is why only whole batches are tallied.
+    """
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.server_pid = server_pid
+        self.client_s = 0.0
+        self.server_s: float | None = 0.0 if server_pid is not None else None
+        self._start: tuple[float, float | None] = (0.0, None)
+
+    def __enter__(self) -> None:
+        pid = self.server_pid
+        self._start = (time.process_time(), process_cpu_s(pid) if pid is not None else None)
+
+    def __exit__(self, *exc: object) -> None:
+        client0, server0 = self._start
+        self.client_s += time.process_time() - client0
+        if self.server_s is not None:
+            server1 = process_cpu_s(self.server_pid) if self.server_pid is not None else None
+            self.server_s = None if server0 is None or server1 is None else self.server_s + server1 - server0
+
+
+def _cpu_bound(raw: _Series, raw_cpu: _CpuTally, ours: _Series, ours_cpu: _CpuTally) -> dict[str, Any]:
+    """CPU spent by both sides of a ``batched_get`` comparison, and the ratio it allows.
+
+    However requests are overlapped, a batch cannot finish before the machine's
+    cores have done its CPU work: ``floor = (client + server CPU) / cores``. The
+    best ratio over the sequential reads is then ``sequential wall / floor``;
+    also given for the sequential reads' own CPU spread over every core (what a
+    batch that added no CPU of its own could reach).
+    """
+    cores = os.cpu_count() or 1
+    raw_wall = sum(raw.times) / 1e9
+    wall = sum(ours.times) / 1e9
+    floor = (ours_cpu.client_s + (ours_cpu.server_s or 0.0)) / cores
+    best = raw_wall / floor if floor > 0 else None
+    # The same bound for a batch that spent no more CPU than the sequential reads did.
+    seq_floor = (raw_cpu.client_s + (raw_cpu.server_s or 0.0)) / cores
+    best_seq = raw_wall / seq_floor if seq_floor > 0 else None
+    out: dict[str, Any] = {
+        "cores": cores,
+        "raw_wall_s": _sig(raw_wall, 3),
+        "raw_client_cpu_s": _sig(raw_cpu.client_s, 3),
+        "raw_server_cpu_s": _sig(raw_cpu.server_s or 0.0, 3),
+        "wall_s": _sig(wall, 3),
+        "client_cpu_s": _sig(ours_cpu.client_s, 3),
+        "server_cpu_s": _sig(ours_cpu.server_s or 0.0, 3),
+        "best_ratio": _sig(best, 3) if best else None,
+        "best_ratio_at_sequential_cpu": _sig(best_seq, 3) if best_seq else None,
+    }
+    out["summary"] = (
+        f"CPU s client+server: sequential {out['raw_client_cpu_s']}+{out['raw_server_cpu_s']} "
+        f"in {out['raw_wall_s']} s, batched {out['client_cpu_s']}+{out['server_cpu_s']} in {out['wall_s']} s; "
+        f"on {cores} cores this batch could not beat {out['best_ratio']}x, "
+        f"nor one spending only the sequential reads' CPU {out['best_ratio_at_sequential_cpu']}x"
+    )
+    return out
 
 
 def _sig(x: float, digits: int = 4) -> float:
@@ -545,13 +621,20 @@ def run_bench(
     return report
 
 
-def url_target(url: str, *, name: str | None = None, options: Mapping[str, Any] | None = None) -> BenchTarget:
+def url_target(
+    url: str,
+    *,
+    name: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    server_pid: int | None = None,
+) -> BenchTarget:
     """A ``BenchTarget`` for a store URL (what ``run_bench`` builds for plain URLs).
 
     Args:
         url: as for ``open_backend``.
         name: the ``store`` column (default: the URL, secrets masked).
         options: ``open_backend`` options, also given to the raw fsspec client.
+        server_pid: the store's server process on this machine, if any (``BenchTarget``).
     """
     kind = _kind_of(url)
     opts = dict(options or {})
@@ -567,7 +650,9 @@ def url_target(url: str, *, name: str | None = None, options: Mapping[str, Any] 
             extra.setdefault("max_local_disk_size", float(1 << 20))
         return open_backend(url, dst_device="cpu", metadata=meta, **extra)
 
-    return BenchTarget(name=name or url, open=opener, kind=kind, raw_url=url, raw_options=opts)
+    return BenchTarget(
+        name=name or url, open=opener, kind=kind, raw_url=url, raw_options=opts, server_pid=server_pid
+    )
 
 
 def _bench_store(
@@ -696,28 +781,31 @@ def _bench_store(
         rounds = max(2, count // batch)
         say(f"{name}: batched_get {batch} x{rounds}")
         raw_b, ours_b = _Series(), _Series()
+        raw_cpu, ours_cpu = _CpuTally(tgt.server_pid), _CpuTally(tgt.server_pid)
         bkeys = keys[:batch]
         del store.batched_get(bkeys)[:]  # untimed: a serving process has its read buffers warm
         for _ in range(rounds):
-            with raw_b.op(nbytes * batch):
+            with raw_cpu, raw_b.op(nbytes * batch):
                 for i in range(batch):
                     raw.get(i)
-            with ours_b.op(nbytes * batch):
+            with ours_cpu, ours_b.op(nbytes * batch):
                 got_all = store.batched_get(bkeys)
             misses = sum(g is None for g in got_all)
             del got_all
-        rows.append(
-            _row(
-                name,
-                kind,
-                f"batched_get[{batch}]",
-                ours_b,
-                raw.get_op + f" x{batch} sequential",
-                raw_b,
-                nbytes,
-                "p50/p99 per batch" + (f"; {misses} misses" if misses else ""),
-            )
+        row = _row(
+            name,
+            kind,
+            f"batched_get[{batch}]",
+            ours_b,
+            raw.get_op + f" x{batch} sequential",
+            raw_b,
+            nbytes,
+            "p50/p99 per batch" + (f"; {misses} misses" if misses else ""),
         )
+        if tgt.server_pid is not None and raw_cpu.server_s is not None and ours_cpu.server_s is not None:
+            row["cpu"] = _cpu_bound(raw_b, raw_cpu, ours_b, ours_cpu)
+            row["note"] += "; " + row["cpu"]["summary"]
+        rows.append(row)
 
         # 5. cold reads (disk): page cache dropped, then raw and ours interleaved.
         if kind == "disk" and isinstance(raw, _RawFile):

@@ -48,15 +48,30 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: floa
     raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")
 
 
+# URL (or endpoint) -> pid of the server serving it, while it serves: the benchmark
+# reports the CPU time a server spends (see lmcache_core.bench.BenchTarget.server_pid).
+_pids: dict[str, int] = {}
+
+
+def pid_of(url: str) -> int | None:
+    """The pid of the server this module started for ``url`` (as yielded), or None."""
+    return _pids.get(url)
+
+
 @contextlib.contextmanager
-def _serving(cmd: list[str], port: int, what: str, env: dict[str, str] | None = None) -> Iterator[None]:
+def _serving(
+    cmd: list[str], port: int, what: str, env: dict[str, str] | None = None, *, url: str = ""
+) -> Iterator[None]:
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
     )
     try:
         wait_port(port, proc, what)
+        if url:
+            _pids[url] = proc.pid
         yield
     finally:
+        _pids.pop(url, None)
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
@@ -75,8 +90,9 @@ def redis_server(hint: str = "pass --redis URL") -> Iterator[str]:
     cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
            "--dir", workdir, "--protected-mode", "no", "--proto-max-bulk-len", "1gb"]  # fmt: skip
     try:
-        with _serving(cmd, port, "redis-server"):
-            yield f"redis://127.0.0.1:{port}/0"
+        url = f"redis://127.0.0.1:{port}/0"
+        with _serving(cmd, port, "redis-server", url=url):
+            yield url
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -97,8 +113,9 @@ def s3_server() -> Iterator[str]:
         os.environ.pop(k, None)
     os.environ.update(S3_ENV)
     try:
-        with _serving([*cmd, "-H", "127.0.0.1", "-p", str(port)], port, "moto_server", dict(os.environ)):
-            yield f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}"
+        with _serving([*cmd, "-H", "127.0.0.1", "-p", str(port)], port, "moto_server", dict(os.environ), url=url):
+            yield url
     finally:
         for k, v in saved.items():
             if v is None:

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
-from lmcache_core.bench import ROW_KEYS, BenchTarget, chunk_shape_for, format_table, run_bench
+from lmcache_core.bench import (
+    ROW_KEYS,
+    BenchTarget,
+    _cpu_bound,
+    _CpuTally,
+    _Series,
+    chunk_shape_for,
+    format_table,
+    process_cpu_s,
+    run_bench,
+)
 
 
 def test_memory_and_disk_report_structure_and_cleanup(tmp_path):
@@ -88,3 +99,29 @@ def test_a_broken_store_with_a_secret_in_its_url_is_reported_masked(name):
     report = run_bench([target], kv_shape=(4, 8), count=2, batch=2)  # nothing listens on port 1
     assert report.errors and report.errors[0]["store"].startswith("redis://")
     assert "hunter2" not in json.dumps(report.to_dict())
+
+
+def test_cpu_tally_reads_a_live_process_and_bounds_the_ratio():
+    assert process_cpu_s(os.getpid()) is not None
+    assert process_cpu_s(2**22 + 12345) is None  # above Linux's pid_max: no such process
+    tally = _CpuTally(os.getpid())  # this process stands in for the server
+    with tally:
+        deadline = time.process_time() + 0.05
+        while time.process_time() < deadline:
+            pass
+    assert tally.client_s >= 0.05
+    assert tally.server_s is not None and tally.server_s > 0  # /proc counts 10 ms ticks
+    gone = _CpuTally(2**22 + 12345)
+    with gone:
+        pass
+    assert gone.server_s is None  # unknown, never a made-up zero
+
+    seq, batched = _Series(), _Series()
+    seq.times, batched.times = [2_000_000_000], [1_500_000_000]  # 2 s sequential, 1.5 s batched
+    seq_cpu, batched_cpu = _CpuTally(1), _CpuTally(1)
+    seq_cpu.client_s, seq_cpu.server_s = 1.0, 1.0
+    batched_cpu.client_s, batched_cpu.server_s = 2.0, 1.0
+    out = _cpu_bound(seq, seq_cpu, batched, batched_cpu)
+    cores = os.cpu_count() or 1
+    assert out["best_ratio"] == pytest.approx(2.0 / (3.0 / cores), rel=0.01)
+    assert out["best_ratio_at_sequential_cpu"] == pytest.approx(2.0 / (2.0 / cores), rel=0.01)

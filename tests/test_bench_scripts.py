@@ -5,6 +5,7 @@ No timings are asserted."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,13 @@ def test_bench_script_matrix_without_docs(tmp_path: Path) -> None:
     assert {row["store"].split(" ")[0] for row in size["rows"]} == {"memory", "disk", "redis", "s3"}
     assert (docs.read_bytes() if docs.exists() else None) == before  # --no-docs wrote nothing
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # the disk stores were removed
+    # The servers it started are on this machine: their batched_get rows carry the CPU both sides spent.
+    for store in ("redis", "s3"):
+        (row,) = [r for r in size["rows"] if r["store"].startswith(store) and r["op"] == "batched_get[2]"]
+        cpu = row["cpu"]
+        assert cpu["cores"] == os.cpu_count()
+        assert cpu["wall_s"] > 0 and cpu["raw_wall_s"] > 0
+        assert cpu["client_cpu_s"] >= 0 and cpu["server_cpu_s"] >= 0 and cpu["raw_server_cpu_s"] >= 0
+        assert "this batch could not beat" in row["note"]
+    local = [r for r in size["rows"] if r["store"].split(" ")[0] in ("memory", "disk")]
+    assert local and not any("cpu" in r for r in local)  # no server to account for
