@@ -462,3 +462,30 @@ def test_get_many_bounds_bytes_in_flight_by_the_sizes_it_reads(
     finally:
         del fs._cat_file
         conn.close()
+
+
+def test_get_bodies_are_checked_by_the_chunk_checksum_not_twice(
+    s3_server: S3Server, request: pytest.FixtureRequest
+) -> None:
+    prefix = _prefix(request)
+    key = make_key("flipped")
+    store = _backend(s3_server, prefix)
+    client = s3_server.client()
+    try:
+        config = store.connector.fs.s3.meta.config  # type: ignore[attr-defined]
+        assert config.response_checksum_validation == "when_required"  # botocore's GET CRC is off...
+        assert config.request_checksum_calculation == "when_supported"  # ...uploads keep theirs
+        # ...because every read verifies the payload's xxh3: one flipped payload byte is a miss.
+        blob = bytearray(chunk_format.encode_bytes(chunk(3), key.to_string()))
+        blob[-1] ^= 0x01
+        client.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/{layout.key_to_path(key)}", Body=bytes(blob))
+        assert store.get(key) is None
+        assert store.stats["corrupt"] == 1
+    finally:
+        store.close()
+        client.close()
+    # A caller's own choice wins.
+    opts = dict(s3_server.options, config_kwargs={"response_checksum_validation": "when_supported"})
+    cfg = LMCacheEngineConfig(local_device=None, remote_url=s3_server.url(prefix), remote_timeout=5)
+    with LMCRemoteBackend(cfg, None, "cpu", **opts) as own:
+        assert own.connector.fs.s3.meta.config.response_checksum_validation == "when_supported"  # type: ignore[attr-defined]
