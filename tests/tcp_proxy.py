@@ -15,6 +15,8 @@ Modes:
     ``delay``: like forward, but every chunk of bytes waits ``delay`` seconds.
     ``blackhole``: accept, read and discard what the client sends, never answer.
     ``reset``: close connections at once with a TCP RST (SO_LINGER 0).
+    ``truncate``: like forward, but each connection passes at most ``cut_after``
+    bytes from the server, then both sides are closed cleanly (a reply cut short).
 
 With no ``target`` only ``blackhole`` and ``reset`` make sense. Thread-safe: the
 mode may be changed from any thread. Not meant for production traffic.
@@ -28,8 +30,8 @@ import struct
 import threading
 from typing import Literal
 
-Mode = Literal["forward", "delay", "blackhole", "reset"]
-_MODES = ("forward", "delay", "blackhole", "reset")
+Mode = Literal["forward", "delay", "blackhole", "reset", "truncate"]
+_MODES = ("forward", "delay", "blackhole", "reset", "truncate")
 _POLL = 0.05  # how often idle threads notice a mode change or stop()
 
 
@@ -51,6 +53,7 @@ class TcpProxy:
             mode = "blackhole"
         self.target = target
         self.delay = delay
+        self.cut_after = 0
         self._mode: Mode = "forward"
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -73,14 +76,16 @@ class TcpProxy:
     def mode(self) -> Mode:
         return self._mode
 
-    def set_mode(self, mode: Mode, delay: float | None = None) -> None:
+    def set_mode(self, mode: Mode, delay: float | None = None, cut_after: int | None = None) -> None:
         """Switch behaviour; applies to open connections as well as new ones."""
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
-        if mode in ("forward", "delay") and self.target is None:
+        if mode in ("forward", "delay", "truncate") and self.target is None:
             raise ValueError(f"mode {mode!r} needs a target to forward to")
         if delay is not None:
             self.delay = delay
+        if cut_after is not None:
+            self.cut_after = cut_after
         self._mode = mode
         if mode == "reset":
             self.reset_all()
@@ -149,7 +154,7 @@ class TcpProxy:
         self._track(client)
         upstream: socket.socket | None = None
         try:
-            if self.target is not None and self._mode in ("forward", "delay"):
+            if self.target is not None and self._mode in ("forward", "delay", "truncate"):
                 try:
                     upstream = socket.create_connection(self.target, timeout=5)
                 except OSError:
@@ -162,6 +167,7 @@ class TcpProxy:
 
     def _pump(self, client: socket.socket, upstream: socket.socket | None) -> None:
         socks = [client] + ([upstream] if upstream is not None else [])
+        sent_down = 0  # bytes passed from the server to the client (for "truncate")
         while not self._stop.is_set():
             mode = self._mode
             if mode == "reset":
@@ -185,10 +191,15 @@ class TcpProxy:
                 if mode == "delay" and self._stop.wait(self.delay):
                     return
                 other = upstream if s is client else client
+                if mode == "truncate" and other is client:
+                    data = data[: max(0, self.cut_after - sent_down)]
+                    sent_down += len(data)
                 try:
                     other.sendall(data)
                 except OSError:
                     return
+                if mode == "truncate" and sent_down >= self.cut_after:
+                    return  # the caller's finally closes both sockets: a clean FIN mid-reply
 
 
 def _abort(sock: socket.socket) -> None:

@@ -435,19 +435,21 @@ def test_get_many_bounds_bytes_in_flight_by_the_sizes_it_reads(
     small = {make_key(f"s{i}"): b"s%03d" % i * 25 for i in range(8)}  # 100 bytes: all eight
     conn.put_many([(k, [v]) for k, v in {**big, **small}.items()])
     fs = conn.fs
-    real = fs._cat_file
+    real = fs._call_s3
     state = {"now": 0, "peak": 0}
 
-    async def counting(*args: Any, **kwargs: Any) -> Any:
+    async def counting(method: str, *args: Any, **kwargs: Any) -> Any:
+        if method != "get_object":
+            return await real(method, *args, **kwargs)
         state["now"] += 1  # one event loop: no lock needed
         state["peak"] = max(state["peak"], state["now"])
         try:
             await asyncio.sleep(0.02)  # keep each GET open long enough to overlap the others
-            return await real(*args, **kwargs)
+            return await real(method, *args, **kwargs)
         finally:
             state["now"] -= 1
 
-    fs._cat_file = counting
+    fs._call_s3 = counting
     try:
         assert conn.get(next(iter(big))) == next(iter(big.values()))  # learns: 2000-byte objects
         keys = list(big)[:3] + [make_key("absent")] + list(big)[3:]
@@ -460,7 +462,7 @@ def test_get_many_bounds_bytes_in_flight_by_the_sizes_it_reads(
         assert conn.get_many(list(small)) == list(small.values())
         assert state["peak"] == 8
     finally:
-        del fs._cat_file
+        del fs._call_s3
         conn.close()
 
 
@@ -489,3 +491,62 @@ def test_get_bodies_are_checked_by_the_chunk_checksum_not_twice(
     cfg = LMCacheEngineConfig(local_device=None, remote_url=s3_server.url(prefix), remote_timeout=5)
     with LMCRemoteBackend(cfg, None, "cpu", **opts) as own:
         assert own.connector.fs.s3.meta.config.response_checksum_validation == "when_supported"  # type: ignore[attr-defined]
+
+
+BIG = (4, 2, 64, 8, 64)  # 512 KiB in float16: above POOLED_BODY_BYTES
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
+def test_large_bodies_land_in_reused_pooled_buffers(
+    s3_server: S3Server, request: pytest.FixtureRequest, pipelined: bool
+) -> None:
+    from lmcache_core.storage_backend.connector.fsspec_connector import POOLED_BODY_BYTES
+    from lmcache_core.storage_backend.mem_pool import shared_pool
+
+    keys = [make_key(f"big{i}") for i in range(3)]
+    values = [chunk(i, BIG) for i in range(3)]
+    assert values[0].numel() * values[0].element_size() >= POOLED_BODY_BYTES
+    store = _backend(s3_server, _prefix(request), pipelined=pipelined, timeout=5.0)
+    try:
+        for k, v in zip(keys, values, strict=True):
+            store.put(k, v)
+        raw = store.connector.get(keys[0])
+        assert isinstance(raw, memoryview) and not raw.readonly  # a pooled buffer, not a fresh bytes
+        del raw
+        pool = shared_pool("s3-bodies", 1)  # the connector's pool (already made; the size is ignored)
+        held = store.batched_get(keys)  # three buffers busy at once
+        assert all(same(h, v) for h, v in zip(held, values, strict=True))
+        retained = pool.stats()["retained_bytes"]
+        assert retained >= 3 * values[0].numel() * values[0].element_size()
+        del held
+        for _ in range(5):  # dropped tensors free their buffers: nothing new is allocated
+            got = store.get(keys[1])
+            assert same(got, values[1])
+            del got
+            assert store.batched_get(keys[:2])[1] is not None
+        assert pool.stats()["retained_bytes"] == retained
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
+def test_a_body_cut_short_is_a_failed_read_not_a_short_chunk(
+    s3_server: S3Server, proxied: TcpProxy, request: pytest.FixtureRequest, pipelined: bool
+) -> None:
+    store = _backend(
+        s3_server, _prefix(request), endpoint_url=f"http://127.0.0.1:{proxied.port}", pipelined=pipelined
+    )
+    key = make_key("cut")
+    try:
+        _seed(store, key, chunk(5, BIG))
+        proxied.set_mode("truncate", cut_after=256 * 1024)  # headers and the first ~256 KiB only
+        before = store.stats["remote_errors"]
+        got, elapsed = _timed(lambda: store.batched_get([key])[0] if pipelined else store.get(key))
+        assert got is None and elapsed < BOUND, (got, elapsed)
+        assert store.stats["remote_errors"] > before  # a transport failure...
+        assert store.stats["corrupt"] == 0  # ...not bytes taken for a bad chunk
+        proxied.set_mode("forward")
+        assert _eventually(lambda: same(store.get(key), chunk(5, BIG)))
+    finally:
+        proxied.set_mode("forward")
+        store.close()

@@ -13,6 +13,7 @@ small buffers retained. Thread-safe.
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 from collections import deque
 from typing import Any
@@ -165,3 +166,34 @@ class BufferPool:
                 "retained_bytes": self.retained_bytes,
                 "buffers": sum(len(r) for r in self._free.values()),
             }
+
+
+_shared: dict[str, BufferPool] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_pool(name: str, max_bytes: int) -> BufferPool:
+    """The process's CPU pool called ``name``, made on first use with ``max_bytes``.
+
+    For connectors that read large replies straight into warm memory (Redis
+    replies, S3 bodies): a reply's buffer is free again once the last tensor
+    decoded over it is dropped. A forked child starts with none. Thread-safe.
+    """
+    pool = _shared.get(name)
+    if pool is None:
+        with _shared_lock:
+            pool = _shared.get(name)
+            if pool is None:
+                pool = _shared[name] = BufferPool("cpu", max_bytes=max_bytes)
+    return pool
+
+
+def _forget_shared_after_fork() -> None:
+    # A lock that another parent thread held at fork() stays held in the child.
+    global _shared, _shared_lock
+    _shared = {}
+    _shared_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_shared_after_fork)

@@ -35,7 +35,7 @@ from lmcache_core.config import mask_url
 from lmcache_core.errors import StoreFullError, StoreUnavailableError
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend.connector.base import RemoteConnector, RemoteObject
-from lmcache_core.storage_backend.mem_pool import BufferPool
+from lmcache_core.storage_backend.mem_pool import BufferPool, shared_pool
 
 DEFAULT_PREFIX = "lmcache:"
 INSTALL_HINT = "pip install 'lmcache-toolkit[redis]'"
@@ -566,33 +566,12 @@ def _build_hooks(protocol: int) -> dict[str, Any]:
     return hooks
 
 
-_REPLY_POOL: BufferPool | None = None
-_REPLY_POOL_LOCK = threading.Lock()
-
-
 def _reply_pool() -> BufferPool:
     """The process's warm buffers for large replies (shared by every connection).
 
-    A reply's buffer is free again once the last tensor decoded over it is dropped;
-    at most ``REPLY_POOL_BYTES`` stay retained for the life of the process.
+    At most ``REPLY_POOL_BYTES`` stay retained for the life of the process.
     """
-    global _REPLY_POOL
-    if _REPLY_POOL is None:
-        with _REPLY_POOL_LOCK:
-            if _REPLY_POOL is None:
-                _REPLY_POOL = BufferPool("cpu", max_bytes=REPLY_POOL_BYTES)
-    return _REPLY_POOL
-
-
-def _forget_reply_pool_after_fork() -> None:
-    # A lock that another parent thread held at fork() stays held in the child.
-    global _REPLY_POOL, _REPLY_POOL_LOCK
-    _REPLY_POOL = None
-    _REPLY_POOL_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_reply_pool_after_fork)
+    return shared_pool("redis-replies", REPLY_POOL_BYTES)
 
 
 def _large_reply_parser(protocol: int) -> type:
