@@ -132,7 +132,8 @@ def cpu_section(out: dict[str, Any]) -> list[str]:
         "seconds, from `/proc`, divided by the cores), so `sequential wall / that floor` is the most that "
         "batch could win here, however its requests were scheduled. The next column spreads the "
         "sequential reads' own CPU over every core instead: what a batch adding no CPU of its own could "
-        "reach. The CPU columns and that column are the first run's (clock ticks of 10 ms).",
+        "reach. The measured ratio and the first bound are medians over the runs; the sequential bound "
+        "and the CPU columns are the first run's (clock ticks of 10 ms).",
         "",
         "| store | chunk | measured ratio | most this batch's CPU allows | most the sequential CPU allows | "
         "sequential: client + server CPU s | batched: client + server CPU s |",
