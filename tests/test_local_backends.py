@@ -90,6 +90,27 @@ def test_cuda_destination_round_trip(tmp_path):
         backend.close()
 
 
+def test_reassigned_destination_is_the_one_gets_use(tmp_path):
+    """``dst_device`` may be set after construction (as above): gets must follow it, not
+    a device captured in ``__init__``. The move itself needs CUDA (the test above)."""
+    backend = disk(tmp_path)
+    try:
+        backend.put(make_key(1), chunk(1))
+        backend.dst_device = "cuda"
+        assert backend.dst_device == "cuda"
+        if torch.cuda.is_available():
+            got = backend.get(make_key(1))
+            assert got is not None and got.device.type == "cuda"
+        else:
+            with pytest.raises((AssertionError, RuntimeError)):  # torch: "not compiled with CUDA"
+                backend.get(make_key(1))
+        backend.dst_device = "cpu"
+        got = backend.get(make_key(1))
+        assert got is not None and got.device.type == "cpu" and torch.equal(got, chunk(1))
+    finally:
+        backend.close()
+
+
 # -- disk tier ---------------------------------------------------------------------------
 
 

@@ -88,10 +88,19 @@ class LMCBackendInterface(metaclass=abc.ABCMeta):
 
     def __init__(self, dst_device: str = "cuda") -> None:
         self.dst_device = check_device(dst_device)
-        # Made once: a torch.device per get took ~20 us after a 32 MiB read had
-        # pushed torch's code out of the CPU caches.
-        self._dst = torch.device(self.dst_device)
         self.stats = BackendStats()
+
+    @property
+    def dst_device(self) -> str:
+        """Where ``get`` puts tensors; may be reassigned (LMCache code sets it)."""
+        return self._dst_device
+
+    @dst_device.setter
+    def dst_device(self, value: str) -> None:
+        self._dst_device = value
+        # Made once, not per get: a torch.device per get took ~20 us after a 32 MiB
+        # read had pushed torch's code out of the CPU caches.
+        self._dst = torch.device(value)
 
     @abc.abstractmethod
     def put(self, key: CacheEngineKey, kv_chunk: torch.Tensor, blocking: bool = True) -> None:
