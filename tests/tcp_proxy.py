@@ -17,6 +17,8 @@ Modes:
     ``reset``: close connections at once with a TCP RST (SO_LINGER 0).
     ``truncate``: like forward, but each connection passes at most ``cut_after``
     bytes from the server, then both sides are closed cleanly (a reply cut short).
+    ``flip``: like forward, but byte ``flip_at`` of what each connection passes from
+    the server has its lowest bit flipped (corruption in transit).
 
 With no ``target`` only ``blackhole`` and ``reset`` make sense. Thread-safe: the
 mode may be changed from any thread. Not meant for production traffic.
@@ -30,8 +32,9 @@ import struct
 import threading
 from typing import Literal
 
-Mode = Literal["forward", "delay", "blackhole", "reset", "truncate"]
-_MODES = ("forward", "delay", "blackhole", "reset", "truncate")
+Mode = Literal["forward", "delay", "blackhole", "reset", "truncate", "flip"]
+_MODES = ("forward", "delay", "blackhole", "reset", "truncate", "flip")
+_FORWARDING = ("forward", "delay", "truncate", "flip")
 _POLL = 0.05  # how often idle threads notice a mode change or stop()
 
 
@@ -54,6 +57,7 @@ class TcpProxy:
         self.target = target
         self.delay = delay
         self.cut_after = 0
+        self.flip_at = 0
         self._mode: Mode = "forward"
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -76,16 +80,20 @@ class TcpProxy:
     def mode(self) -> Mode:
         return self._mode
 
-    def set_mode(self, mode: Mode, delay: float | None = None, cut_after: int | None = None) -> None:
+    def set_mode(
+        self, mode: Mode, delay: float | None = None, cut_after: int | None = None, flip_at: int | None = None
+    ) -> None:
         """Switch behaviour; applies to open connections as well as new ones."""
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
-        if mode in ("forward", "delay", "truncate") and self.target is None:
+        if mode in _FORWARDING and self.target is None:
             raise ValueError(f"mode {mode!r} needs a target to forward to")
         if delay is not None:
             self.delay = delay
         if cut_after is not None:
             self.cut_after = cut_after
+        if flip_at is not None:
+            self.flip_at = flip_at
         self._mode = mode
         if mode == "reset":
             self.reset_all()
@@ -154,7 +162,7 @@ class TcpProxy:
         self._track(client)
         upstream: socket.socket | None = None
         try:
-            if self.target is not None and self._mode in ("forward", "delay", "truncate"):
+            if self.target is not None and self._mode in _FORWARDING:
                 try:
                     upstream = socket.create_connection(self.target, timeout=5)
                 except OSError:
@@ -193,6 +201,11 @@ class TcpProxy:
                 other = upstream if s is client else client
                 if mode == "truncate" and other is client:
                     data = data[: max(0, self.cut_after - sent_down)]
+                if mode == "flip" and other is client and sent_down <= self.flip_at < sent_down + len(data):
+                    flipped = bytearray(data)
+                    flipped[self.flip_at - sent_down] ^= 0x01
+                    data = bytes(flipped)
+                if other is client:
                     sent_down += len(data)
                 try:
                     other.sendall(data)

@@ -191,8 +191,9 @@ def test_foreign_and_corrupt_objects_on_s3(s3_server: S3Server, request: pytest.
 def test_regression_empty_object_get_opened_the_circuit_breaker(
     s3_server: S3Server, request: pytest.FixtureRequest
 ) -> None:
-    """A 0-byte object answers our from-byte-0 GET with InvalidRange (416): that is a
-    corrupt chunk on a healthy server, not an outage, so the circuit must stay closed."""
+    """A 0-byte object answers a from-byte-0 GET (``read_header``'s range read) with
+    InvalidRange (416): that is a corrupt chunk on a healthy server, not an outage, so
+    the circuit must stay closed."""
     prefix = _prefix(request)
     key = make_key("empty")
     client = s3_server.client()
@@ -466,33 +467,6 @@ def test_get_many_bounds_bytes_in_flight_by_the_sizes_it_reads(
         conn.close()
 
 
-def test_get_bodies_are_checked_by_the_chunk_checksum_not_twice(
-    s3_server: S3Server, request: pytest.FixtureRequest
-) -> None:
-    prefix = _prefix(request)
-    key = make_key("flipped")
-    store = _backend(s3_server, prefix)
-    client = s3_server.client()
-    try:
-        config = store.connector.fs.s3.meta.config  # type: ignore[attr-defined]
-        assert config.response_checksum_validation == "when_required"  # botocore's GET CRC is off...
-        assert config.request_checksum_calculation == "when_supported"  # ...uploads keep theirs
-        # ...because every read verifies the payload's xxh3: one flipped payload byte is a miss.
-        blob = bytearray(chunk_format.encode_bytes(chunk(3), key.to_string()))
-        blob[-1] ^= 0x01
-        client.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/{layout.key_to_path(key)}", Body=bytes(blob))
-        assert store.get(key) is None
-        assert store.stats["corrupt"] == 1
-    finally:
-        store.close()
-        client.close()
-    # A caller's own choice wins.
-    opts = dict(s3_server.options, config_kwargs={"response_checksum_validation": "when_supported"})
-    cfg = LMCacheEngineConfig(local_device=None, remote_url=s3_server.url(prefix), remote_timeout=5)
-    with LMCRemoteBackend(cfg, None, "cpu", **opts) as own:
-        assert own.connector.fs.s3.meta.config.response_checksum_validation == "when_supported"  # type: ignore[attr-defined]
-
-
 BIG = (4, 2, 64, 8, 64)  # 512 KiB in float16: above POOLED_BODY_BYTES
 
 
@@ -550,3 +524,38 @@ def test_a_body_cut_short_is_a_failed_read_not_a_short_chunk(
     finally:
         proxied.set_mode("forward")
         store.close()
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
+def test_a_body_damaged_in_transit_fails_botocores_crc_and_a_damaged_object_fails_ours(
+    s3_server: S3Server, proxied: TcpProxy, request: pytest.FixtureRequest, pipelined: bool
+) -> None:
+    prefix = _prefix(request)
+    store = _backend(
+        s3_server, prefix, endpoint_url=f"http://127.0.0.1:{proxied.port}", pipelined=pipelined, timeout=5.0
+    )
+    client = s3_server.client()
+    sent, stored_bad = make_key("in-transit"), make_key("stored-bad")
+
+    def read(key: Any) -> Any:
+        return store.batched_get([key])[0] if pipelined else store.get(key)
+
+    try:
+        _seed(store, sent, chunk(6, BIG))  # uploaded with botocore's CRC, which S3 keeps
+        proxied.set_mode("flip", flip_at=300 * 1024)  # a payload byte of the 512 KiB body
+        before = store.stats["remote_errors"]
+        assert read(sent) is None
+        assert store.stats["remote_errors"] > before  # botocore's CRC refused the body...
+        assert store.stats["corrupt"] == 0  # ...before our checksum ever saw it
+        proxied.set_mode("forward")
+        assert _eventually(lambda: same(read(sent), chunk(6, BIG)))
+        # An object stored damaged carries a CRC of its damaged bytes: ours catches it.
+        blob = bytearray(chunk_format.encode_bytes(chunk(7, BIG), stored_bad.to_string()))
+        blob[-1] ^= 0x01
+        client.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/{layout.key_to_path(stored_bad)}", Body=bytes(blob))
+        assert read(stored_bad) is None
+        assert store.stats["corrupt"] == 1
+    finally:
+        proxied.set_mode("forward")
+        store.close()
+        client.close()

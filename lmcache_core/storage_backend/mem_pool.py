@@ -175,6 +175,8 @@ _shared_lock = threading.Lock()
 def shared_pool(name: str, max_bytes: int) -> BufferPool:
     """The process's CPU pool called ``name``, made on first use with ``max_bytes``.
 
+    ``max_bytes`` is the first caller's: later calls get the same pool whatever they pass.
+
     For connectors that read large replies straight into warm memory (Redis
     replies, S3 bodies): a reply's buffer is free again once the last tensor
     decoded over it is dropped. A forked child starts with none. Thread-safe.

@@ -133,7 +133,11 @@ async def _get_pooled(fs: Any, path: str) -> bytes | memoryview:
     length), so a truncated reply is an error to retry, never a shorter chunk.
     """
     bucket, key, version = fs.split_path(path)
-    extra = {"VersionId": version} if version else {}
+    # req_kw (RequestPayer for requester_pays): s3fs adds it inside _call_s3 only
+    # since 2025; older ones left it to each caller, as cat_file did.
+    extra = dict(getattr(fs, "req_kw", None) or {})
+    if version:
+        extra["VersionId"] = version
     resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, **extra)
     body = resp["Body"]
     try:
@@ -145,9 +149,13 @@ async def _get_pooled(fs: Any, path: str) -> bytes | memoryview:
         got = 0
         while got < size:
             n = await body.readinto(view[got:])
-            if not n:  # botocore raises first when the body was shorter than its length
+            if not n:  # a guard: aiohttp (or botocore's length check) raises first
                 raise OSError(f"short body: {got} of {size} bytes")
             got += n
+        # Read to the end: that is where botocore checks the body's length and, when
+        # the object has one, its CRC (a readinto that stops at the size never would).
+        if await body.read():
+            raise OSError(f"body longer than its Content-Length of {size} bytes")
         return view
     finally:
         body.close()
@@ -164,15 +172,6 @@ async def _get_pooled_many(fs: Any, paths: Sequence[str], in_flight: int) -> lis
             return await _get_pooled(fs, path)
 
     return list(await asyncio.gather(*(one(p) for p in paths), return_exceptions=True))
-
-
-def _botocore_has_option(name: str) -> bool:
-    """Whether the installed botocore's ``Config`` takes ``name`` (older ones raise on unknown keys)."""
-    try:
-        from botocore.config import Config
-    except ImportError:
-        return False
-    return name in getattr(Config, "OPTION_DEFAULTS", {})
 
 
 def _timestamp(info: dict[str, Any]) -> float | None:
@@ -242,8 +241,9 @@ class FsspecConnector(RemoteConnector):
         self._local = protocol in ("file", "local")
         # Local files stream into the backend's warm buffers (LMCRemoteBackend._read_streams).
         self.streams = self._local
-        # A ranged GET from byte 0 skips the HEAD that s3fs sends before a plain
-        # cat_file (one round trip instead of two per chunk).
+        # Where cat_file is used (S3 reads go through _get_pooled; this is for an
+        # s3fs without _call_s3): a ranged GET from byte 0 skips the HEAD that s3fs
+        # sends before a plain cat_file (one round trip instead of two per chunk).
         self._cat_kwargs: dict[str, Any] = {"start": 0} if protocol == "s3" else {}
         # Bytes one get_many keeps in flight (sized by the base class's value hint).
         self.batch_budget_bytes = BATCH_BUDGET_BYTES
@@ -273,14 +273,6 @@ class FsspecConnector(RemoteConnector):
         # Retries and backoff live in LMCRemoteBackend, one policy for every
         # connector; botocore's own retries would stack under its timeout.
         config_kwargs.setdefault("retries", {"total_max_attempts": 1})
-        if _botocore_has_option("response_checksum_validation"):
-            # botocore >= 1.36 CRC-checks every GET body by default. Every chunk carries
-            # an xxh3-128 of its payload that each read verifies end to end (a bad body
-            # is a miss, never a wrong tensor), so that second pass over 32 MiB only
-            # costs CPU: a sequential cat_file of 32 MiB from moto went from 1.10 to
-            # 0.80-0.86 client CPU s per 16. Uploads keep their CRC: S3 then refuses a
-            # body damaged in transit instead of storing it.
-            config_kwargs.setdefault("response_checksum_validation", "when_required")
         if client_kwargs:
             opts["client_kwargs"] = client_kwargs
         opts["config_kwargs"] = config_kwargs
@@ -373,14 +365,18 @@ class FsspecConnector(RemoteConnector):
             from fsspec.asyn import sync
 
             values: list[Any] = sync(fs.loop, _get_pooled_many, fs, paths, batch_size)
-            out: list[Any] = []
-            for value in values:
-                if isinstance(value, FileNotFoundError):
-                    out.append(None)
-                elif isinstance(value, BaseException):
-                    raise value
-                else:
-                    out.append(value)
+            error = next(
+                (v for v in values if isinstance(v, BaseException) and not isinstance(v, FileNotFoundError)), None
+            )
+            if error is not None:
+                # Let go of the batch's pooled buffers now, not when gc breaks the cycle
+                # through the traceback; and a CancelledError (a BaseException) would
+                # slip past the backend's retry and timeout handling.
+                values.clear()
+                if not isinstance(error, Exception):
+                    error = OSError(f"S3 GET interrupted: {error!r}")
+                raise error
+            out: list[Any] = [None if isinstance(v, FileNotFoundError) else v for v in values]
             self._learn_size(out)
             return out
         kwargs = dict(self._cat_kwargs)
