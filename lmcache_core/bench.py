@@ -67,6 +67,7 @@ REFERENCE_SHAPE: tuple[int, ...] = (32, 2, 256, 8, 128)
 _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 _NB_RAW = 1 << 20  # raw object ids of the non-blocking phase
 _NB_ROUNDS = 3  # non-blocking put rounds on local tiers (see _bench_store)
+_MIN_BOUND_CPU_S = 0.2  # CPU seconds below which _cpu_bound gives no bound (10 ms ticks)
 ROW_KEYS = ("store", "op", "gbps", "p50_ms", "p99_ms", "raw_op", "raw_gbps", "ratio")
 
 Progress = Callable[[str], None]
@@ -261,14 +262,15 @@ def _cpu_bound(raw: _Series, raw_cpu: _CpuTally, ours: _Series, ours_cpu: _CpuTa
     also given for the sequential reads' own CPU spread over every core (what a
     batch that added no CPU of its own could reach).
     """
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     raw_wall = sum(raw.times) / 1e9
     wall = sum(ours.times) / 1e9
-    floor = (ours_cpu.client_s + (ours_cpu.server_s or 0.0)) / cores
-    best = raw_wall / floor if floor > 0 else None
+    cpu = ours_cpu.client_s + (ours_cpu.server_s or 0.0)
+    seq_cpu = raw_cpu.client_s + (raw_cpu.server_s or 0.0)
+    # /proc counts 10 ms ticks: below ~20 of them a bound would mostly be rounding.
+    best = raw_wall / (cpu / cores) if cpu >= _MIN_BOUND_CPU_S else None
     # The same bound for a batch that spent no more CPU than the sequential reads did.
-    seq_floor = (raw_cpu.client_s + (raw_cpu.server_s or 0.0)) / cores
-    best_seq = raw_wall / seq_floor if seq_floor > 0 else None
+    best_seq = raw_wall / (seq_cpu / cores) if seq_cpu >= _MIN_BOUND_CPU_S else None
     out: dict[str, Any] = {
         "cores": cores,
         "raw_wall_s": _sig(raw_wall, 3),
@@ -280,11 +282,16 @@ def _cpu_bound(raw: _Series, raw_cpu: _CpuTally, ours: _Series, ours_cpu: _CpuTa
         "best_ratio": _sig(best, 3) if best else None,
         "best_ratio_at_sequential_cpu": _sig(best_seq, 3) if best_seq else None,
     }
+    bound = (
+        f"on {cores} cores this batch could not beat {out['best_ratio']}x, "
+        f"nor one spending only the sequential reads' CPU {out['best_ratio_at_sequential_cpu']}x"
+        if best and best_seq
+        else f"too little CPU time (under {_MIN_BOUND_CPU_S} s) to bound the ratio"
+    )
     out["summary"] = (
         f"CPU s client+server: sequential {out['raw_client_cpu_s']}+{out['raw_server_cpu_s']} "
         f"in {out['raw_wall_s']} s, batched {out['client_cpu_s']}+{out['server_cpu_s']} in {out['wall_s']} s; "
-        f"on {cores} cores this batch could not beat {out['best_ratio']}x, "
-        f"nor one spending only the sequential reads' CPU {out['best_ratio_at_sequential_cpu']}x"
+        + bound
     )
     return out
 

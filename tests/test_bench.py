@@ -122,6 +122,13 @@ def test_cpu_tally_reads_a_live_process_and_bounds_the_ratio():
     seq_cpu.client_s, seq_cpu.server_s = 1.0, 1.0
     batched_cpu.client_s, batched_cpu.server_s = 2.0, 1.0
     out = _cpu_bound(seq, seq_cpu, batched, batched_cpu)
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))
+    assert out["cores"] == cores
     assert out["best_ratio"] == pytest.approx(2.0 / (3.0 / cores), rel=0.01)
     assert out["best_ratio_at_sequential_cpu"] == pytest.approx(2.0 / (2.0 / cores), rel=0.01)
+    # A few 10 ms ticks bound nothing: no ratio is made up from them.
+    seq_cpu.client_s, seq_cpu.server_s = 0.03, 0.02
+    batched_cpu.client_s, batched_cpu.server_s = 0.02, 0.01
+    tiny = _cpu_bound(seq, seq_cpu, batched, batched_cpu)
+    assert tiny["best_ratio"] is None and tiny["best_ratio_at_sequential_cpu"] is None
+    assert "too little CPU time" in tiny["summary"]

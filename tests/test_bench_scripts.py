@@ -53,9 +53,11 @@ def test_bench_script_matrix_without_docs(tmp_path: Path) -> None:
     for store in ("redis", "s3"):
         (row,) = [r for r in size["rows"] if r["store"].startswith(store) and r["op"] == "batched_get[2]"]
         cpu = row["cpu"]
-        assert cpu["cores"] == os.cpu_count()
+        assert cpu["cores"] == len(os.sched_getaffinity(0))
         assert cpu["wall_s"] > 0 and cpu["raw_wall_s"] > 0
         assert cpu["client_cpu_s"] >= 0 and cpu["server_cpu_s"] >= 0 and cpu["raw_server_cpu_s"] >= 0
-        assert "this batch could not beat" in row["note"]
+        assert cpu["summary"] in row["note"]
+        if cpu["best_ratio"] is None:  # tiny chunks: a few clock ticks, so no bound is claimed
+            assert "too little CPU time" in row["note"]
     local = [r for r in size["rows"] if r["store"].split(" ")[0] in ("memory", "disk")]
     assert local and not any("cpu" in r for r in local)  # no server to account for
