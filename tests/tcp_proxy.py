@@ -17,8 +17,9 @@ Modes:
     ``reset``: close connections at once with a TCP RST (SO_LINGER 0).
     ``truncate``: like forward, but each connection passes at most ``cut_after``
     bytes from the server, then both sides are closed cleanly (a reply cut short).
-    ``flip``: like forward, but byte ``flip_at`` of what each connection passes from
-    the server has its lowest bit flipped (corruption in transit).
+    ``flip``: like forward, but every ``flip_every``-th byte a connection passes from
+    the server has its lowest bit flipped (corruption in transit: any reply longer
+    than that is damaged, however the client reuses connections).
 
 With no ``target`` only ``blackhole`` and ``reset`` make sense. Thread-safe: the
 mode may be changed from any thread. Not meant for production traffic.
@@ -57,7 +58,7 @@ class TcpProxy:
         self.target = target
         self.delay = delay
         self.cut_after = 0
-        self.flip_at = 0
+        self.flip_every = 0
         self._mode: Mode = "forward"
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -81,7 +82,7 @@ class TcpProxy:
         return self._mode
 
     def set_mode(
-        self, mode: Mode, delay: float | None = None, cut_after: int | None = None, flip_at: int | None = None
+        self, mode: Mode, delay: float | None = None, cut_after: int | None = None, flip_every: int | None = None
     ) -> None:
         """Switch behaviour; applies to open connections as well as new ones."""
         if mode not in _MODES:
@@ -92,8 +93,10 @@ class TcpProxy:
             self.delay = delay
         if cut_after is not None:
             self.cut_after = cut_after
-        if flip_at is not None:
-            self.flip_at = flip_at
+        if flip_every is not None:
+            if flip_every < 1:
+                raise ValueError(f"flip_every must be >= 1, got {flip_every}")
+            self.flip_every = flip_every
         self._mode = mode
         if mode == "reset":
             self.reset_all()
@@ -175,7 +178,7 @@ class TcpProxy:
 
     def _pump(self, client: socket.socket, upstream: socket.socket | None) -> None:
         socks = [client] + ([upstream] if upstream is not None else [])
-        sent_down = 0  # bytes passed from the server to the client (for "truncate")
+        sent_down = 0  # bytes passed from the server to the client ("truncate", "flip")
         while not self._stop.is_set():
             mode = self._mode
             if mode == "reset":
@@ -201,10 +204,14 @@ class TcpProxy:
                 other = upstream if s is client else client
                 if mode == "truncate" and other is client:
                     data = data[: max(0, self.cut_after - sent_down)]
-                if mode == "flip" and other is client and sent_down <= self.flip_at < sent_down + len(data):
-                    flipped = bytearray(data)
-                    flipped[self.flip_at - sent_down] ^= 0x01
-                    data = bytes(flipped)
+                if mode == "flip" and other is client and self.flip_every:
+                    every = self.flip_every
+                    first = -(sent_down + 1) % every  # index in data of the next multiple
+                    if first < len(data):
+                        flipped = bytearray(data)
+                        for i in range(first, len(data), every):
+                            flipped[i] ^= 0x01
+                        data = bytes(flipped)
                 if other is client:
                     sent_down += len(data)
                 try:

@@ -542,7 +542,7 @@ def test_a_body_damaged_in_transit_fails_botocores_crc_and_a_damaged_object_fail
 
     try:
         _seed(store, sent, chunk(6, BIG))  # uploaded with botocore's CRC, which S3 keeps
-        proxied.set_mode("flip", flip_at=300 * 1024)  # a payload byte of the 512 KiB body
+        proxied.set_mode("flip", flip_every=300 * 1024)  # at least one payload byte of the 512 KiB body
         before = store.stats["remote_errors"]
         assert read(sent) is None
         assert store.stats["remote_errors"] > before  # botocore's CRC refused the body...
