@@ -106,13 +106,19 @@ def merge(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged
 
 
+def cpu_bound(row: dict[str, Any]) -> float | None:
+    """A ``batched_get`` row's CPU bound: the median over runs when merged, else its run's."""
+    best = row.get("cpu_best_ratio", (row.get("cpu") or {}).get("best_ratio"))
+    return None if best is None else float(best)
+
+
 def cpu_section(out: dict[str, Any]) -> list[str]:
     """``batched_get`` against servers this machine runs: the ratio the CPU leaves room for."""
     lines = []
     for size, data in out["sizes"].items():
         for row in data["rows"]:
             cpu = row.get("cpu")
-            best = row.get("cpu_best_ratio", cpu.get("best_ratio") if cpu else None)
+            best = cpu_bound(row)
             if cpu is None or best is None or row.get("ratio") is None:
                 continue
             seq = cpu.get("best_ratio_at_sequential_cpu")
@@ -310,7 +316,7 @@ def targets_table(rows_32: list[dict[str, Any]]) -> str:
         ok = row["ratio"] >= bound or (
             op == "get" and kind == "memory" and "zero-copy" in row.get("note", "")
         )
-        best = row.get("cpu_best_ratio", (row.get("cpu") or {}).get("best_ratio"))
+        best = cpu_bound(row)
         bound_note = f"; the CPU allows at most {best:.2f} here (see below)" if best is not None and not ok else ""
         lines.append(f"| {text} | {row['ratio']:.2f}{span}{bound_note} | {'yes' if ok else 'no'} |")
     return "\n".join(lines)
