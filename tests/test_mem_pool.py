@@ -55,15 +55,35 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+def _vm_flags(addr: int) -> list[str] | None:
+    """The kernel's VmFlags of the mapping holding ``addr`` (``/proc/self/smaps``), or None."""
+    try:
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for line in lines:
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:  # a mapping's first line: "start-end perms ..."
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= addr < end
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return None
+
+
 def test_large_cpu_buffers_are_huge_page_mappings_that_are_reused_and_freed():
     if mem_pool._MADV_HUGEPAGE is None:
         pytest.skip("no MADV_HUGEPAGE on this platform: buffers are plain torch allocations")
     pool = BufferPool("cpu", max_bytes=64 << 20)
     assert pool.reserve(1, 8 << 20) == 1
     buf = pool.acquire(8 << 20)
-    # frombuffer over the mapping (a plain allocation has no Python base object)
     assert buf.untyped_storage().nbytes() == 8 << 20
     assert buf.data_ptr() % 4096 == 0
+    flags = _vm_flags(buf.data_ptr())
+    if flags is not None:  # Linux: the kernel was asked for huge pages on this very mapping
+        assert "hg" in flags
     buf.fill_(7)
     ptr = buf.data_ptr()
     del buf
@@ -72,6 +92,8 @@ def test_large_cpu_buffers_are_huge_page_mappings_that_are_reused_and_freed():
     del again
     small = pool.acquire(4096)
     assert small.numel() == 4096  # below 2 MiB: a plain allocation, still usable
+    small_flags = _vm_flags(small.data_ptr())
+    assert small_flags is None or "hg" not in small_flags
     pool.clear()
 
 
