@@ -48,8 +48,9 @@ def _backend(
     pipelined: bool = False,
     timeout: float = TIMEOUT,
     breaker: CircuitBreaker | None = None,
+    **more: Any,
 ) -> LMCRemoteBackend:
-    options = dict(server.options)
+    options = {**server.options, **more}
     if endpoint_url:
         options["endpoint_url"] = endpoint_url
     cfg = LMCacheEngineConfig(local_device=None, remote_url=server.url(prefix), remote_timeout=timeout)
@@ -526,31 +527,58 @@ def test_a_body_cut_short_is_a_failed_read_not_a_short_chunk(
         store.close()
 
 
-@pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
-def test_a_body_damaged_in_transit_fails_botocores_crc_and_a_damaged_object_fails_ours(
-    s3_server: S3Server, proxied: TcpProxy, request: pytest.FixtureRequest, pipelined: bool
+SMALL = (2, 2, 16, 8, 32)  # 64 KiB in float16: read whole, below POOLED_BODY_BYTES
+
+
+@pytest.mark.parametrize(
+    ("shape", "checker", "pipelined"),
+    [
+        (BIG, "ours", False),
+        (BIG, "ours", True),
+        (SMALL, "ours", False),
+        (BIG, "botocore", False),  # a user's config_kwargs asked botocore to check GETs itself
+    ],
+    ids=["pooled", "pooled-pipelined", "small", "botocore-checks"],
+)
+def test_a_body_damaged_in_transit_fails_s3s_checksum_and_a_damaged_object_fails_ours(
+    s3_server: S3Server,
+    proxied: TcpProxy,
+    request: pytest.FixtureRequest,
+    shape: tuple[int, ...],
+    checker: str,
+    pipelined: bool,
 ) -> None:
     prefix = _prefix(request)
+    more: dict[str, Any] = {}
+    if checker == "botocore":
+        more["config_kwargs"] = {"response_checksum_validation": "when_supported"}
     store = _backend(
-        s3_server, prefix, endpoint_url=f"http://127.0.0.1:{proxied.port}", pipelined=pipelined, timeout=5.0
+        s3_server,
+        prefix,
+        endpoint_url=f"http://127.0.0.1:{proxied.port}",
+        pipelined=pipelined,
+        timeout=5.0,
+        **more,
     )
     client = s3_server.client()
     sent, stored_bad = make_key("in-transit"), make_key("stored-bad")
+    nbytes = chunk(6, shape).numel() * 2
 
     def read(key: Any) -> Any:
         return store.batched_get([key])[0] if pipelined else store.get(key)
 
     try:
-        _seed(store, sent, chunk(6, BIG))  # uploaded with botocore's CRC, which S3 keeps
-        proxied.set_mode("flip", flip_every=300 * 1024)  # at least one payload byte of the 512 KiB body
+        _seed(store, sent, chunk(6, shape))  # uploaded with botocore's CRC, which S3 keeps
+        # Every reply longer than this has a bit flipped: at least one payload byte of the body.
+        proxied.set_mode("flip", flip_every=nbytes * 6 // 10)
         before = store.stats["remote_errors"]
         assert read(sent) is None
-        assert store.stats["remote_errors"] > before  # botocore's CRC refused the body...
+        assert store.stats["remote_errors"] > before  # S3's checksum refused the body...
         assert store.stats["corrupt"] == 0  # ...before our checksum ever saw it
         proxied.set_mode("forward")
-        assert _eventually(lambda: same(read(sent), chunk(6, BIG)))
+        assert _eventually(lambda: same(read(sent), chunk(6, shape)))
         # An object stored damaged carries a CRC of its damaged bytes: ours catches it.
-        blob = bytearray(chunk_format.encode_bytes(chunk(7, BIG), stored_bad.to_string()))
+        blob = bytearray(chunk_format.encode_bytes(chunk(7, shape), stored_bad.to_string()))
         blob[-1] ^= 0x01
         client.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/{layout.key_to_path(stored_bad)}", Body=bytes(blob))
         assert read(stored_bad) is None

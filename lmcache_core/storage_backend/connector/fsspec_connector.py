@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl, urlsplit
 from lmcache_core import layout
 from lmcache_core.config import mask_url
 from lmcache_core.key import CacheEngineKey
+from lmcache_core.storage_backend.connector import s3_checksum
 from lmcache_core.storage_backend.connector.base import RemoteConnector, RemoteObject
 from lmcache_core.storage_backend.mem_pool import shared_pool
 
@@ -130,7 +131,9 @@ async def _get_pooled(fs: Any, path: str) -> bytes | memoryview:
     piece is copied once into a buffer from the process's body pool, returned as
     a writable ``memoryview`` that the caller owns until it drops it (as the
     Redis connector's large replies). A short body raises (botocore checks the
-    length), so a truncated reply is an error to retry, never a shorter chunk.
+    length), so a truncated reply is an error to retry, never a shorter chunk;
+    so does a body that fails S3's checksum, checked as it arrives
+    (``s3_checksum``).
     """
     bucket, key, version = fs.split_path(path)
     # req_kw (RequestPayer for requester_pays): s3fs adds it inside _call_s3 only
@@ -138,12 +141,19 @@ async def _get_pooled(fs: Any, path: str) -> bytes | memoryview:
     extra = dict(getattr(fs, "req_kw", None) or {})
     if version:
         extra["VersionId"] = version
+    ours = await s3_checksum.ask_for_checksums(fs)
     resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, **extra)
     body = resp["Body"]
+    expected = s3_checksum.expected_checksum(resp) if ours else None
+    check = s3_checksum.BodyCheck(expected) if expected is not None else None
     try:
         size = int(resp.get("ContentLength") or 0)
         if size < POOLED_BODY_BYTES or not hasattr(body, "readinto"):
-            return bytes(await body.read())
+            data = bytes(await body.read())
+            if check is not None:
+                check.update(data)
+                check.verify()
+            return data
         array: Any = shared_pool("s3-bodies", BODY_POOL_BYTES).acquire(size).numpy()  # a buffer
         view = memoryview(array).cast("B")
         got = 0
@@ -151,11 +161,14 @@ async def _get_pooled(fs: Any, path: str) -> bytes | memoryview:
             n = await body.readinto(view[got:])
             if not n:  # a guard: aiohttp (or botocore's length check) raises first
                 raise OSError(f"short body: {got} of {size} bytes")
+            if check is not None:
+                check.update(view[got : got + n])
             got += n
-        # Read to the end: that is where botocore checks the body's length and, when
-        # the object has one, its CRC (a readinto that stops at the size never would).
+        # Read to the end: that is where botocore checks the length it counted.
         if await body.read():
             raise OSError(f"body longer than its Content-Length of {size} bytes")
+        if check is not None:
+            check.verify()
         return view
     finally:
         body.close()
@@ -237,7 +250,9 @@ class FsspecConnector(RemoteConnector):
             root = os.path.abspath(os.path.expanduser(root))
         self.root = root
         self.timeout = float(timeout)
-        self._fs_kwargs = self._filesystem_options(protocol, merged, self.timeout)
+        self._fs_kwargs = self._filesystem_options(
+            protocol, merged, self.timeout, pooled=callable(getattr(self._cls, "_call_s3", None))
+        )
         self._local = protocol in ("file", "local")
         # Local files stream into the backend's warm buffers (LMCRemoteBackend._read_streams).
         self.streams = self._local
@@ -254,7 +269,9 @@ class FsspecConnector(RemoteConnector):
             os.makedirs(self.root, exist_ok=True)
 
     @staticmethod
-    def _filesystem_options(protocol: str, options: dict[str, Any], timeout: float) -> dict[str, Any]:
+    def _filesystem_options(
+        protocol: str, options: dict[str, Any], timeout: float, *, pooled: bool = False
+    ) -> dict[str, Any]:
         opts = dict(options)
         # Other processes write the same store: a listing cache would hide their chunks.
         opts.setdefault("use_listings_cache", False)
@@ -273,6 +290,12 @@ class FsspecConnector(RemoteConnector):
         # Retries and backoff live in LMCRemoteBackend, one policy for every
         # connector; botocore's own retries would stack under its timeout.
         config_kwargs.setdefault("retries", {"total_max_attempts": 1})
+        # GET bodies are checked against S3's checksum by _get_pooled, beside the
+        # event loop rather than on it (see s3_checksum); the cat_file fallback of an
+        # s3fs without _call_s3 keeps botocore's own check.
+        if pooled:
+            for name, value in s3_checksum.config_defaults().items():
+                config_kwargs.setdefault(name, value)
         if client_kwargs:
             opts["client_kwargs"] = client_kwargs
         opts["config_kwargs"] = config_kwargs
