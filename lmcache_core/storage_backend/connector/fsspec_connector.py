@@ -40,8 +40,10 @@ _S3_POOL_CONNECTIONS = 32
 BATCH_BUDGET_BYTES = 64 * 2**20
 #: S3 bodies at least this long are read into warm pooled buffers (``_get_pooled``).
 POOLED_BODY_BYTES = 256 * 1024
-#: Most bytes of warm body buffers a process keeps (eight 32 MiB chunks).
-BODY_POOL_BYTES = 256 * 1024 * 1024
+#: Most bytes of warm body buffers a process keeps: one ``batched_get`` of sixteen 32 MiB
+#: chunks. With half that, every such batch paged in eight fresh buffers: 0.60-0.68 s
+#: per batch on a 2-core VM, against 0.47-0.54 s with all sixteen warm.
+BODY_POOL_BYTES = 512 * 1024 * 1024
 _BOOL_OPTIONS = {"anon", "use_ssl", "requester_pays", "version_aware"}
 _S3_ALIASES = {"region": "region_name", "access_key": "key", "secret_key": "secret"}
 
