@@ -101,11 +101,12 @@ class S3Server:
         finally:
             client.close()
 
-    def client(self) -> Any:
-        """A plain boto3 client for planting raw objects in tests."""
+    def client(self, **config: Any) -> Any:
+        """A plain boto3 client for planting raw objects in tests; ``config``: botocore ``Config`` options."""
         import boto3
+        from botocore.config import Config
 
-        return boto3.client("s3", **_boto_options(self))
+        return boto3.client("s3", config=Config(**config) if config else None, **_boto_options(self))
 
 
 def _boto_options(server: S3Server) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from lmcache_core.config import LMCacheEngineConfig
 from lmcache_core.errors import StoreUnavailableError
 from lmcache_core.storage_backend import open_backend
 from lmcache_core.storage_backend.circuit import CircuitBreaker
+from lmcache_core.storage_backend.connector import s3_checksum
 from lmcache_core.storage_backend.remote_backend import (
     LMCPipelinedRemoteBackend,
     LMCRemoteBackend,
@@ -575,6 +576,11 @@ def test_a_body_damaged_in_transit_fails_s3s_checksum_and_a_damaged_object_fails
         assert read(sent) is None
         assert store.stats["remote_errors"] > before  # S3's checksum refused the body...
         assert store.stats["corrupt"] == 0  # ...before our checksum ever saw it
+        # ...and the check was the one this case is about, not both or neither.
+        s3 = store.connector.fs.s3
+        ours = checker == "ours"
+        assert s3.meta.config.response_checksum_validation == ("when_required" if ours else "when_supported")
+        assert (s3 in s3_checksum._hooked) is ours
         proxied.set_mode("forward")
         assert _eventually(lambda: same(read(sent), chunk(6, shape)))
         # An object stored damaged carries a CRC of its damaged bytes: ours catches it.

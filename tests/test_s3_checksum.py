@@ -7,21 +7,21 @@ checksum is not over their bytes (multipart) or absent.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
 import zlib
+from types import SimpleNamespace
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 
 from lmcache_core import chunk_format, layout
 from lmcache_core.storage_backend.connector import s3_checksum
 from lmcache_core.storage_backend.connector.fsspec_connector import FsspecConnector
 from tests.conftest import make_key
-from tests.servers_s3 import S3Server, _boto_options
+from tests.servers_s3 import S3Server
 from tests.test_conformance import chunk
 
 
@@ -34,44 +34,141 @@ def _b64(digest: bytes) -> str:
 
 
 def test_the_response_names_the_checksum_to_check() -> None:
-    crc = zlib.crc32(b"body").to_bytes(4, "big")
-    assert s3_checksum.expected_checksum(_response(crc32=_b64(crc))) == ("crc32", crc)
-    sha = hashlib.sha256(b"body").digest()
-    assert s3_checksum.expected_checksum(_response(sha256=_b64(sha))) == ("sha256", sha)
+    crc = _b64(zlib.crc32(b"body").to_bytes(4, "big"))
+    assert s3_checksum.expected_checksum(_response(crc32=crc)) == ("crc32", crc)
+    sha = _b64(hashlib.sha256(b"body").digest())
+    assert s3_checksum.expected_checksum(_response(sha256=sha)) == ("sha256", sha)
     # A multipart object's checksum is over its parts' checksums, not the body: not checkable.
     assert s3_checksum.expected_checksum(_response(crc32="AAAAAA==-3")) is None
-    assert s3_checksum.expected_checksum(_response(crc32c=_b64(b"1234"))) is None  # needs awscrt
     assert s3_checksum.expected_checksum({}) is None
+
+
+def test_checksums_that_need_awscrt_are_checked_with_botocores_classes_when_it_is_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import botocore.httpchecksum
+
+    class FakeCrc32c:  # stands in for botocore's CrtCrc32cChecksum
+        def __init__(self) -> None:
+            self.data = b""
+
+        def update(self, chunk: Any) -> None:
+            self.data += bytes(chunk)
+
+        def digest(self) -> bytes:
+            return hashlib.md5(self.data).digest()[:4]
+
+    value = _b64(hashlib.md5(b"body").digest()[:4])
+    monkeypatch.delitem(botocore.httpchecksum._CHECKSUM_CLS, "crc32c", raising=False)
+    assert s3_checksum.expected_checksum(_response(crc32c=value)) is None  # botocore skips it too
+    monkeypatch.setitem(botocore.httpchecksum._CHECKSUM_CLS, "crc32c", FakeCrc32c)
+    expected = s3_checksum.expected_checksum(_response(crc32c=value))
+    assert expected == ("crc32c", value)
+    check = s3_checksum.BodyCheck(expected, "b/k")
+    check.update(b"bo")
+    check.update(b"dy")
+    check.verify()
+    check = s3_checksum.BodyCheck(expected, "b/k")
+    check.update(b"bodY")
+    with pytest.raises(s3_checksum.BodyChecksumError):
+        check.verify()
 
 
 @pytest.mark.parametrize("algorithm", ["crc32", "sha256", "sha1"])
 def test_a_body_checked_in_pieces_matches_the_whole_and_one_flipped_bit_fails(algorithm: str) -> None:
     body = os.urandom(3 * 2**20 + 17)
     digest = zlib.crc32(body).to_bytes(4, "big") if algorithm == "crc32" else hashlib.new(algorithm, body).digest()
-    check = s3_checksum.BodyCheck((algorithm, digest))
+    check = s3_checksum.BodyCheck((algorithm, _b64(digest)), "bucket/chunk")
     view = memoryview(body)
     for start in range(0, len(body), 65536 + 3):  # uneven pieces, as a socket gives them
         check.update(view[start : start + 65536 + 3])
     check.verify()
     damaged = bytearray(body)
     damaged[len(body) // 2] ^= 0x10
-    check = s3_checksum.BodyCheck((algorithm, digest))
+    check = s3_checksum.BodyCheck((algorithm, _b64(digest)), "bucket/chunk")
     check.update(damaged)
-    with pytest.raises(s3_checksum.BodyChecksumError, match=algorithm) as info:
+    with pytest.raises(s3_checksum.BodyChecksumError, match=f"bucket/chunk: .*{algorithm}") as info:
         check.verify()
     assert isinstance(info.value, OSError)  # a transport failure: retried, not a corrupt chunk
 
 
+def test_a_garbled_checksum_header_fails_the_body() -> None:
+    check = s3_checksum.BodyCheck(("crc32", "not base64!"), "bucket/chunk")
+    check.update(b"body")
+    with pytest.raises(s3_checksum.BodyChecksumError):
+        check.verify()
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.handlers: list[tuple[str, Any, str]] = []
+
+    def register(self, name: str, handler: Any, unique_id: str) -> None:
+        self.handlers.append((name, handler, unique_id))
+
+
+class _Client:
+    def __init__(self, validation: str) -> None:
+        self.meta = SimpleNamespace(config=SimpleNamespace(response_checksum_validation=validation), events=_Events())
+
+
+class _RegionalFs:
+    """s3fs with ``cache_regions``: a bucket's requests go through a client of its own."""
+
+    def __init__(self, validation: str = "when_required") -> None:
+        self.s3 = _Client(validation)
+        self.regional = _Client(validation)
+
+    async def set_session(self) -> Any:
+        return self.s3
+
+    async def get_s3(self, bucket: str) -> Any:
+        return self.regional
+
+
+def test_the_client_that_sends_the_get_is_the_one_hooked_once() -> None:
+    fs = _RegionalFs()
+    assert asyncio.run(s3_checksum.ask_for_checksums(fs, "bucket")) is True
+    assert asyncio.run(s3_checksum.ask_for_checksums(fs, "bucket")) is True
+    assert [h[0] for h in fs.regional.meta.events.handlers] == ["before-sign.s3.GetObject"]
+    assert fs.s3.meta.events.handlers == []
+    # botocore validating by the user's choice: it keeps the job, and nothing is hooked.
+    theirs = _RegionalFs("when_supported")
+    assert asyncio.run(s3_checksum.ask_for_checksums(theirs, "bucket")) is False
+    assert theirs.regional.meta.events.handlers == []
+
+
+def test_the_hook_asks_once_and_never_into_a_presigned_url() -> None:
+    from botocore.awsrequest import AWSRequest
+
+    request = AWSRequest(method="GET", url="http://s3/bucket/key")
+    s3_checksum._checksum_mode_header(request)
+    s3_checksum._checksum_mode_header(request)  # a user's ChecksumMode, or a retry
+    assert request.headers.get_all("x-amz-checksum-mode") == ["ENABLED"]
+    presign = AWSRequest(method="GET", url="http://s3/bucket/key")
+    presign.context["is_presign_request"] = True
+    s3_checksum._checksum_mode_header(presign)
+    assert "x-amz-checksum-mode" not in presign.headers
+
+
 def test_the_fast_crc32_is_zlib_ng_and_agrees_with_zlib() -> None:
-    zlib_ng = pytest.importorskip("zlib_ng.zlib_ng", reason="zlib-ng comes with the s3 and test extras")
+    from zlib_ng import zlib_ng  # the s3 and test extras install it
+
     assert s3_checksum._crc32 is zlib_ng.crc32
     data = os.urandom(1 << 20)
     for start in (0, 1, 4095, 1 << 19):
         assert s3_checksum._crc32(data[start:], 0x1234) == zlib.crc32(data[start:], 0x1234)
 
 
-def test_botocore_is_told_to_leave_get_checks_to_us() -> None:
+def test_botocore_is_told_to_leave_get_checks_to_us_unless_it_is_too_old_to_know_the_option(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from botocore.config import Config
+
     assert s3_checksum.config_defaults() == {"response_checksum_validation": "when_required"}
+    older = {k: v for k, v in Config.OPTION_DEFAULTS.items() if k != "response_checksum_validation"}
+    monkeypatch.setattr(Config, "OPTION_DEFAULTS", older)
+    assert s3_checksum.config_defaults() == {}  # Config(**it) would raise on an unknown option
 
 
 def _connector(server: S3Server, prefix: str) -> FsspecConnector:
@@ -83,7 +180,7 @@ def test_multipart_and_unchecksummed_objects_read_without_a_transport_check(s3_s
     conn = _connector(s3_server, prefix)
     client = s3_server.client()
     # botocore adds a CRC32 to every PUT by default; this client sends none.
-    bare = boto3.client("s3", config=Config(request_checksum_calculation="when_required"), **_boto_options(s3_server))
+    bare = s3_server.client(request_checksum_calculation="when_required")
     multipart, plain = make_key("multipart"), make_key("no-checksum")
     blob = chunk_format.encode_bytes(chunk(1, (12, 2, 128, 8, 128)), multipart.to_string())  # 6 MiB
     assert len(blob) > 5 * 2**20  # two parts: S3's smallest part (but the last) is 5 MiB

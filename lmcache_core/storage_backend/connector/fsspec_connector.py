@@ -41,9 +41,9 @@ BATCH_BUDGET_BYTES = 64 * 2**20
 #: S3 bodies at least this long are read into warm pooled buffers (``_get_pooled``).
 POOLED_BODY_BYTES = 256 * 1024
 #: Most bytes of warm body buffers a process keeps: one ``batched_get`` of sixteen 32 MiB
-#: chunks. With half that, every such batch paged in eight fresh buffers: 0.60-0.68 s
-#: per batch on a 2-core VM, against 0.47-0.54 s with all sixteen warm.
-BODY_POOL_BYTES = 512 * 1024 * 1024
+#: chunks (each with its header). With half that, every such batch paged in eight fresh
+#: buffers: 0.60-0.68 s per batch on a 2-core VM, against 0.47-0.54 s with fifteen warm.
+BODY_POOL_BYTES = 16 * (32 * 2**20 + 64 * 1024)
 _BOOL_OPTIONS = {"anon", "use_ssl", "requester_pays", "version_aware"}
 _S3_ALIASES = {"region": "region_name", "access_key": "key", "secret_key": "secret"}
 
@@ -120,7 +120,7 @@ def _is_invalid_range(exc: BaseException) -> bool:
 
 
 def _pooled_gets(fs: Any) -> bool:
-    """Whether ``fs`` is an s3fs client with the calls ``_get_pooled`` uses."""
+    """Whether ``fs`` (an instance or its class) is s3fs with the calls ``_get_pooled`` uses."""
     return bool(getattr(fs, "async_impl", False)) and callable(getattr(fs, "_call_s3", None))
 
 
@@ -143,12 +143,12 @@ async def _get_pooled(fs: Any, path: str) -> bytes | memoryview:
     extra = dict(getattr(fs, "req_kw", None) or {})
     if version:
         extra["VersionId"] = version
-    ours = await s3_checksum.ask_for_checksums(fs)
+    ours = await s3_checksum.ask_for_checksums(fs, bucket)
     resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, **extra)
     body = resp["Body"]
-    expected = s3_checksum.expected_checksum(resp) if ours else None
-    check = s3_checksum.BodyCheck(expected) if expected is not None else None
     try:
+        expected = s3_checksum.expected_checksum(resp) if ours else None
+        check = s3_checksum.BodyCheck(expected, path) if expected is not None else None
         size = int(resp.get("ContentLength") or 0)
         if size < POOLED_BODY_BYTES or not hasattr(body, "readinto"):
             data = bytes(await body.read())
@@ -253,7 +253,7 @@ class FsspecConnector(RemoteConnector):
         self.root = root
         self.timeout = float(timeout)
         self._fs_kwargs = self._filesystem_options(
-            protocol, merged, self.timeout, pooled=callable(getattr(self._cls, "_call_s3", None))
+            protocol, merged, self.timeout, checks_gets=_pooled_gets(self._cls)
         )
         self._local = protocol in ("file", "local")
         # Local files stream into the backend's warm buffers (LMCRemoteBackend._read_streams).
@@ -272,7 +272,7 @@ class FsspecConnector(RemoteConnector):
 
     @staticmethod
     def _filesystem_options(
-        protocol: str, options: dict[str, Any], timeout: float, *, pooled: bool = False
+        protocol: str, options: dict[str, Any], timeout: float, *, checks_gets: bool = False
     ) -> dict[str, Any]:
         opts = dict(options)
         # Other processes write the same store: a listing cache would hide their chunks.
@@ -292,10 +292,9 @@ class FsspecConnector(RemoteConnector):
         # Retries and backoff live in LMCRemoteBackend, one policy for every
         # connector; botocore's own retries would stack under its timeout.
         config_kwargs.setdefault("retries", {"total_max_attempts": 1})
-        # GET bodies are checked against S3's checksum by _get_pooled, beside the
-        # event loop rather than on it (see s3_checksum); the cat_file fallback of an
-        # s3fs without _call_s3 keeps botocore's own check.
-        if pooled:
+        # _get_pooled checks GET bodies against S3's checksum itself, with a faster
+        # CRC32 than botocore's (see s3_checksum); without it, botocore keeps checking.
+        if checks_gets:
             for name, value in s3_checksum.config_defaults().items():
                 config_kwargs.setdefault(name, value)
         if client_kwargs:

@@ -46,8 +46,8 @@ STANDALONE_SCHEMES = ("redis", "rediss", "unix")
 SCAN_COUNT = 1000
 # Replies at least this long are read with recv_into (below it redis-py's buffer is fine).
 LARGE_REPLY_BYTES = 256 * 1024
-# Most bytes of warm reply buffers a process keeps (eight 32 MiB chunks).
-REPLY_POOL_BYTES = 256 * 1024 * 1024
+# Most bytes of warm reply buffers a process keeps (eight 32 MiB chunks, each with its header).
+REPLY_POOL_BYTES = 8 * (32 * 2**20 + 64 * 1024)
 _GLOB_SPECIAL = "\\*?[]"
 MGET_BUDGET_BYTES = 64 * 1024 * 1024
 # Bytes of values per MGET that a pipelined batched_get sends (fetch_group_keys).
