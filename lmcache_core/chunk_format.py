@@ -285,6 +285,63 @@ def verify_payload(header: ChunkHeader, payload: Any) -> None:
         raise CorruptChunkError("checksum mismatch")
 
 
+class ArrivingPayload:
+    """The payload checksum of one chunk, hashed while its bytes arrive in a buffer.
+
+    A reader that waits on a server (a socket read of a Redis reply) calls
+    ``start(buffer)`` and then ``arrived(n)`` each time the first ``n`` bytes of
+    the chunk are in: once the header is in, the payload bytes are hashed as they
+    come, on the reader's thread, in time it would spend waiting anyway. A second
+    pass over 32 MiB after the read costs ~2.2 ms of a ~30 ms Redis GET.
+    ``digest(value)`` is the ``xxh3_128:<hex>`` of the payload of ``value`` when
+    ``value`` is that buffer and every payload byte was hashed, else None (a bad
+    header, an early end, another buffer). ``decode(..., digest=...)`` uses it.
+    Not thread-safe (one reader).
+    """
+
+    def __init__(self) -> None:
+        self._buffer: Any = None
+        self._state: Any = None
+        self._hashed = self._end = -1
+
+    def start(self, buffer: memoryview) -> None:
+        """A new chunk is arriving in ``buffer`` (forgets any earlier one)."""
+        self._buffer, self._state, self._hashed, self._end = buffer, None, -1, -1
+
+    def arrived(self, n: int) -> None:
+        """The first ``n`` bytes of the chunk are in the buffer."""
+        buf = self._buffer
+        if buf is None:
+            return
+        if self._state is None:
+            try:
+                if n < 8 or n < header_length(buf[:8]):
+                    return
+                header = parse_header(buf[:n])
+            except CorruptChunkError:  # decode reports it; nothing to hash
+                self._buffer = None
+                return
+            self._hashed, self._end = header.data_offset, header.total_size
+            self._state = xxhash.xxh3_128()
+        stop = min(n, self._end)
+        if stop > self._hashed:
+            self._state.update(buf[self._hashed : stop])
+            self._hashed = stop
+
+    def digest(self, value: Any) -> str | None:
+        """The payload's checksum if ``value`` is the buffer's chunk, whole and all hashed."""
+        buf = self._buffer
+        if (
+            self._state is None
+            or not isinstance(value, memoryview)
+            or value.obj is not buf.obj
+            or len(value) != self._end
+            or self._hashed != self._end
+        ):
+            return None
+        return f"{CHECKSUM_ALGO}:{self._state.hexdigest()}"
+
+
 def read_header(f: BinaryIO, total_size: int | None = None) -> ChunkHeader:
     """Read and validate only the header from a file positioned at its start."""
     first = f.read(8)
@@ -298,6 +355,7 @@ def decode(
     expected_key: str | None = None,
     *,
     verify: bool = True,
+    digest: str | None = None,
 ) -> torch.Tensor:
     """Decode a whole chunk, zero-copy over ``buf`` (the tensor aliases it).
 
@@ -305,6 +363,9 @@ def decode(
         buf: the chunk's bytes; the caller must not reuse them afterwards.
         expected_key: the key string the chunk must carry (None accepts any).
         verify: check the payload checksum.
+        digest: the payload's checksum, already computed over ``buf`` as it arrived
+            (``ArrivingPayload``); a match spares hashing it again, anything else
+            is checked the usual way.
 
     Raises:
         CorruptChunkError: bad header, size, key or checksum.
@@ -315,7 +376,7 @@ def decode(
     header = parse_header(mv[: min(len(mv), 8 + MAX_HEADER_BYTES)], total_size=len(mv))
     check_identity(header, expected_key)
     payload = mv[header.data_offset :]
-    if verify:
+    if verify and (digest is None or digest != header.checksum):
         verify_payload(header, payload)
     if header.nbytes == 0:
         return torch.empty(header.shape, dtype=header.torch_dtype)

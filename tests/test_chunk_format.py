@@ -118,3 +118,59 @@ def test_parsed_headers_are_memoised_but_sizes_are_checked_every_time():
     for _ in range(2):  # a failure is not cached as a success
         with pytest.raises(CorruptChunkError):
             cf.parse_header(bad)
+
+
+def _arrive(blob: bytes, steps: list[int]) -> tuple[cf.ArrivingPayload, memoryview]:
+    """Feed ``blob`` into a buffer in the given increments, as a socket read would."""
+    buf = memoryview(bytearray(len(blob) + 2))  # room for a reply's CRLF, as Redis replies have
+    payload = cf.ArrivingPayload()
+    payload.start(buf)
+    got = 0
+    for step in steps:
+        step = min(step, len(blob) - got)
+        buf[got : got + step] = blob[got : got + step]
+        got += step
+        payload.arrived(got)
+    return payload, buf[: len(blob)]
+
+
+@pytest.mark.parametrize("steps", [[3, 5, 200, 70_000], [1] * 20 + [10**7], [10**7]], ids=["uneven", "bytewise-header", "whole"])
+def test_a_payload_hashed_as_it_arrives_matches_the_header_checksum(steps: list[int]) -> None:
+    t = torch.randn(4, 2, 64, 8, 16).to(torch.bfloat16)
+    blob = cf.encode_bytes(t, "k")
+    payload, value = _arrive(blob, steps * (len(blob) // sum(steps) + 1))
+    header = cf.parse_header(blob)
+    assert payload.digest(value) == header.checksum
+    out = cf.decode(value, "k", digest=payload.digest(value))
+    assert torch.equal(out, t)
+
+
+def test_an_arriving_payload_gives_no_digest_unless_whole_and_the_same_buffer() -> None:
+    blob = cf.encode_bytes(sample(), "k")
+    half, value = _arrive(blob, [len(blob) // 2])
+    assert half.digest(value) is None  # not all of it arrived
+    whole, value = _arrive(blob, [len(blob)])
+    assert whole.digest(bytes(value)) is None  # not the buffer it hashed
+    assert whole.digest(memoryview(bytearray(blob))) is None
+    assert whole.digest(value[:-1]) is None  # not the whole chunk
+    bad, value = _arrive(b"\xff" * 8 + blob[8:], [len(blob)])  # a header length out of bounds
+    assert bad.digest(value) is None
+    cut_header, value = _arrive(blob[:20], [20])  # the header never completes
+    assert cut_header.digest(value) is None
+
+
+def test_decode_trusts_a_matching_digest_and_checks_anything_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    t = sample()
+    blob = cf.encode_bytes(t, "k")
+    header = cf.parse_header(blob)
+    calls = []
+    real = cf.verify_payload
+    monkeypatch.setattr(cf, "verify_payload", lambda h, p: (calls.append(1), real(h, p)))
+    assert torch.equal(cf.decode(blob, "k", digest=header.checksum), t)
+    assert calls == []  # the payload was not hashed a second time
+    assert torch.equal(cf.decode(blob, "k", digest="xxh3_128:" + "0" * 32), t)  # a wrong digest: checked
+    assert calls == [1]
+    damaged = bytearray(blob)
+    damaged[-1] ^= 1
+    with pytest.raises(CorruptChunkError, match="checksum"):
+        cf.decode(damaged, "k", digest="xxh3_128:" + "0" * 32)

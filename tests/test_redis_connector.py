@@ -527,3 +527,56 @@ def test_fetch_group_keys_follows_the_values_it_reads(redis_server_private):
         assert c.fetch_group_keys() == 1
     finally:
         c.close()
+
+
+# -- hashing a chunk's payload as its reply arrives (get_hashed) -----------------------
+
+
+def test_get_hashed_hashes_a_large_chunk_as_it_arrives_and_nothing_else(conn):
+    import threading
+
+    import torch
+
+    from lmcache_core import chunk_format
+    from lmcache_core.storage_backend.connector import redis_connector
+
+    big, small = make_key("big"), make_key("small")
+    big_blob = chunk_format.encode_bytes(torch.randn(8, 2, 64, 8, 16).to(torch.bfloat16), big.to_string())
+    small_blob = chunk_format.encode_bytes(torch.randn(2, 2, 4, 2, 8), small.to_string())
+    assert len(big_blob) > LARGE_REPLY_BYTES > len(small_blob)
+    conn.put(big, [big_blob])
+    conn.put(small, [small_blob])
+    value, digest = conn.get_hashed(big)
+    assert _b(value) == big_blob
+    assert digest == chunk_format.parse_header(big_blob).checksum  # every payload byte, hashed on arrival
+    value, digest = conn.get_hashed(small)  # read by redis-py's own buffer: nothing hashed
+    assert _b(value) == small_blob and digest is None
+    assert conn.get_hashed(make_key("absent")) == (None, None)
+    assert redis_connector._arriving.payload is None  # nothing left for the next read on this thread
+    seen = []  # another thread's get never feeds this thread's payload (thread-local)
+    t = threading.Thread(target=lambda: seen.append(getattr(redis_connector._arriving, "payload", "unset")))
+    t.start()
+    t.join()
+    assert seen == ["unset"]
+
+
+def test_a_chunk_damaged_in_redis_is_still_caught_when_hashed_on_arrival(redis_server):
+    import torch
+
+    from lmcache_core import chunk_format
+    from lmcache_core.storage_backend import open_backend
+
+    prefix = _prefix()
+    store = open_backend(f"{redis_server.url}?prefix={prefix}", dst_device="cpu")
+    key = make_key("damaged")
+    chunk = torch.randn(8, 2, 64, 8, 16).to(torch.bfloat16)
+    try:
+        blob = bytearray(chunk_format.encode_bytes(chunk, key.to_string()))
+        blob[-100] ^= 0x04
+        store.connector.put(key, [bytes(blob)])
+        assert store.get(key) is None
+        assert store.stats["corrupt"] == 1
+        store.put(key, chunk)
+        assert torch.equal(store.get(key), chunk)
+    finally:
+        store.close()

@@ -529,8 +529,8 @@ class LMCRemoteBackend(LMCBackendInterface):
             tensor = self._to_dst(tensor)
             self.stats.incr("hits")
             return tensor
-        blob = self._call("get", self.connector.get, key, retry=True)
-        return self.deserialize(key, blob)
+        blob, digest = self._call("get", self.connector.get_hashed, key, retry=True)
+        return self.deserialize(key, blob, digest)
 
     def _read_streams(self, keys: Sequence[CacheEngineKey]) -> list[torch.Tensor | None]:
         """Chunks of a streaming connector (a local directory), aligned with ``keys``.
@@ -588,13 +588,16 @@ class LMCRemoteBackend(LMCBackendInterface):
                 break
         return results
 
-    def deserialize(self, key: CacheEngineKey, blob: bytes | None) -> torch.Tensor | None:
-        """Fetched bytes -> tensor on ``dst_device`` (zero-copy on CPU); misses are ``None``."""
-        tensor = self._decode_blob(key, blob)
+    def deserialize(self, key: CacheEngineKey, blob: bytes | None, digest: str | None = None) -> torch.Tensor | None:
+        """Fetched bytes -> tensor on ``dst_device`` (zero-copy on CPU); misses are ``None``.
+
+        ``digest``: the payload's checksum if the connector hashed it as it arrived.
+        """
+        tensor = self._decode_blob(key, blob, digest)
         self.stats.incr("hits" if tensor is not None else "misses")
         return tensor
 
-    def _decode_blob(self, key: CacheEngineKey, blob: bytes | None) -> torch.Tensor | None:
+    def _decode_blob(self, key: CacheEngineKey, blob: bytes | None, digest: str | None = None) -> torch.Tensor | None:
         """``deserialize`` without the hit/miss count (the caller counts what it returns).
 
         A missing or corrupt object is forgotten from the known set; a corrupt
@@ -605,7 +608,7 @@ class LMCRemoteBackend(LMCBackendInterface):
                 self._known.discard(key)
             return None
         try:
-            tensor = chunk_format.decode(blob, key.to_string())
+            tensor = chunk_format.decode(blob, key.to_string(), digest=digest)
         except CorruptChunkError as exc:
             self._forget_corrupt(key, exc)
             return None

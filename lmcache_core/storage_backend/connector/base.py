@@ -2,6 +2,8 @@
 
 A connector moves chunk *bytes* by key; it knows nothing of tensors, checksums,
 timeouts or retries (``LMCRemoteBackend`` adds those once, for every connector).
+The one exception is an optimisation the backend asks for: ``get_hashed`` may
+hash a chunk's payload while it arrives, with ``chunk_format.ArrivingPayload``.
 Each connector maps keys to its own object names (fsspec: ``layout.key_to_path``
 under the URL's prefix; Redis: ``<prefix>`` + ``key.to_string()``).
 
@@ -50,6 +52,15 @@ class RemoteConnector(abc.ABC):
         Bytes-like: ``bytes``, or a ``memoryview`` over a pooled buffer that the
         caller owns until it drops it (Redis large replies).
         """
+
+    def get_hashed(self, key: CacheEngineKey) -> tuple[bytes | None, str | None]:
+        """``get``, and the chunk's payload checksum when it was hashed as the bytes arrived.
+
+        For ``chunk_format.decode(..., digest=...)``. The default hashes nothing
+        (None: the backend checks the bytes after); a connector whose reads wait on
+        a server can hash while it waits (Redis, ``chunk_format.ArrivingPayload``).
+        """
+        return self.get(key), None
 
     def get_many(self, keys: Sequence[CacheEngineKey]) -> list[bytes | None]:
         """Bytes aligned with ``keys``; connectors override with a concurrent fetch."""
