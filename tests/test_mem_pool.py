@@ -91,9 +91,10 @@ def test_large_cpu_buffers_are_huge_page_mappings_that_are_reused_and_freed():
     assert again.data_ptr() == ptr and int(again[123]) == 7  # the same warm memory
     del again
     small = pool.acquire(4096)
-    assert small.numel() == 4096  # below 2 MiB: a plain allocation, still usable
-    small_flags = _vm_flags(small.data_ptr())
-    assert small_flags is None or "hg" not in small_flags
+    # Below 2 MiB: a plain allocation, still usable. Not asserted free of "hg": numpy
+    # advises huge pages for its large arrays, heap ones included, and a later small
+    # malloc can land in that part of the heap (seen once in a full suite run).
+    assert small.numel() == 4096
     pool.clear()
 
 
