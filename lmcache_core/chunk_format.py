@@ -232,7 +232,7 @@ def _parse_header_bytes(raw: bytes) -> ChunkHeader:
     if not isinstance(info, dict):
         raise CorruptChunkError("tensor entry is not an object")
     dtype = info.get("dtype")
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:  # a list would raise TypeError
         raise CorruptChunkError(f"unknown dtype {dtype!r:.40}")
     shape = info.get("shape")
     if (
@@ -289,52 +289,56 @@ class ArrivingPayload:
     """The payload checksum of one chunk, hashed while its bytes arrive in a buffer.
 
     A reader that waits on a server (a socket read of a Redis reply) calls
-    ``start(buffer)`` and then ``arrived(n)`` each time the first ``n`` bytes of
-    the chunk are in: once the header is in, the payload bytes are hashed as they
-    come, on the reader's thread, in time it would spend waiting anyway. A second
-    pass over 32 MiB after the read costs ~2.2 ms of a ~30 ms Redis GET.
-    ``digest(value)`` is the ``xxh3_128:<hex>`` of the payload of ``value`` when
-    ``value`` is that buffer and every payload byte was hashed, else None (a bad
-    header, an early end, another buffer). ``decode(..., digest=...)`` uses it.
-    Not thread-safe (one reader).
+    ``start(buffer)``, then ``arrived(n)`` each time the first ``n`` bytes of the
+    chunk are in, then ``finish(value)`` with the object it returns. Once the
+    header is in, payload bytes are hashed as they come, on the reader's thread,
+    in time it would spend waiting anyway (a second pass over 32 MiB after the
+    read costs ~2.2 ms of a ~30 ms Redis GET). ``digest(value)`` is the
+    ``xxh3_128:<hex>`` of the payload when ``value`` is the very object given to
+    ``finish`` and every payload byte was hashed, else None; ``decode(...,
+    digest=...)`` uses it. The bytes must not change between ``arrived`` and
+    ``decode``: the reader owns the buffer. Never raises (it is only a shortcut:
+    ``decode`` reports a bad chunk). Not thread-safe (one reader).
     """
 
     def __init__(self) -> None:
-        self._buffer: Any = None
-        self._state: Any = None
+        self._buffer: memoryview | None = None
+        self._result: Any = None
+        self._state: Any = None  # xxhash.xxh3_128 once the header is in
         self._hashed = self._end = -1
 
     def start(self, buffer: memoryview) -> None:
-        """A new chunk is arriving in ``buffer`` (forgets any earlier one)."""
-        self._buffer, self._state, self._hashed, self._end = buffer, None, -1, -1
+        """A new chunk is arriving at the start of ``buffer`` (forgets any earlier one)."""
+        self._buffer, self._result, self._state, self._hashed, self._end = buffer, None, None, -1, -1
 
     def arrived(self, n: int) -> None:
         """The first ``n`` bytes of the chunk are in the buffer."""
         buf = self._buffer
-        if buf is None:
+        if buf is None or self._result is not None:
             return
-        if self._state is None:
-            try:
+        try:
+            if self._state is None:
                 if n < 8 or n < header_length(buf[:8]):
                     return
                 header = parse_header(buf[:n])
-            except CorruptChunkError:  # decode reports it; nothing to hash
-                self._buffer = None
-                return
-            self._hashed, self._end = header.data_offset, header.total_size
-            self._state = xxhash.xxh3_128()
-        stop = min(n, self._end)
-        if stop > self._hashed:
-            self._state.update(buf[self._hashed : stop])
-            self._hashed = stop
+                self._hashed, self._end = header.data_offset, header.total_size
+                self._state = xxhash.xxh3_128()
+            stop = min(n, self._end)
+            if stop > self._hashed:
+                self._state.update(buf[self._hashed : stop])
+                self._hashed = stop
+        except Exception:  # noqa: BLE001 - a bad header: nothing to hash; decode says why
+            self._buffer = self._state = None
+
+    def finish(self, value: Any) -> None:
+        """``value`` is what the reader returns: ``buffer[:len(value)]``, all arrived."""
+        self._result = value
 
     def digest(self, value: Any) -> str | None:
-        """The payload's checksum if ``value`` is the buffer's chunk, whole and all hashed."""
-        buf = self._buffer
+        """The payload's checksum if ``value`` is the finished chunk, whole and all hashed."""
         if (
             self._state is None
-            or not isinstance(value, memoryview)
-            or value.obj is not buf.obj
+            or value is not self._result
             or len(value) != self._end
             or self._hashed != self._end
         ):
@@ -363,9 +367,10 @@ def decode(
         buf: the chunk's bytes; the caller must not reuse them afterwards.
         expected_key: the key string the chunk must carry (None accepts any).
         verify: check the payload checksum.
-        digest: the payload's checksum, already computed over ``buf`` as it arrived
-            (``ArrivingPayload``); a match spares hashing it again, anything else
-            is checked the usual way.
+        digest: the payload's checksum, already computed over exactly these bytes
+            as they arrived (``ArrivingPayload.digest``); trusted when it equals the
+            header's checksum, which spares hashing the payload again. Anything
+            else is checked the usual way.
 
     Raises:
         CorruptChunkError: bad header, size, key or checksum.

@@ -131,10 +131,14 @@ def _arrive(blob: bytes, steps: list[int]) -> tuple[cf.ArrivingPayload, memoryvi
         buf[got : got + step] = blob[got : got + step]
         got += step
         payload.arrived(got)
-    return payload, buf[: len(blob)]
+    value = buf[: len(blob)]
+    payload.finish(value)
+    return payload, value
 
 
-@pytest.mark.parametrize("steps", [[3, 5, 200, 70_000], [1] * 20 + [10**7], [10**7]], ids=["uneven", "bytewise-header", "whole"])
+@pytest.mark.parametrize(
+    "steps", [[3, 5, 200, 70_000], [1] * 20 + [10**7], [10**7]], ids=["uneven", "bytewise-header", "whole"]
+)
 def test_a_payload_hashed_as_it_arrives_matches_the_header_checksum(steps: list[int]) -> None:
     t = torch.randn(4, 2, 64, 8, 16).to(torch.bfloat16)
     blob = cf.encode_bytes(t, "k")
@@ -150,9 +154,10 @@ def test_an_arriving_payload_gives_no_digest_unless_whole_and_the_same_buffer() 
     half, value = _arrive(blob, [len(blob) // 2])
     assert half.digest(value) is None  # not all of it arrived
     whole, value = _arrive(blob, [len(blob)])
-    assert whole.digest(bytes(value)) is None  # not the buffer it hashed
+    assert whole.digest(bytes(value)) is None  # not the object the reader returned
     assert whole.digest(memoryview(bytearray(blob))) is None
-    assert whole.digest(value[:-1]) is None  # not the whole chunk
+    assert whole.digest(value[:-1]) is None
+    assert whole.digest(value[1:]) is None  # same buffer, same exporter, not the chunk
     bad, value = _arrive(b"\xff" * 8 + blob[8:], [len(blob)])  # a header length out of bounds
     assert bad.digest(value) is None
     cut_header, value = _arrive(blob[:20], [20])  # the header never completes
@@ -174,3 +179,11 @@ def test_decode_trusts_a_matching_digest_and_checks_anything_else(monkeypatch: p
     damaged[-1] ^= 1
     with pytest.raises(CorruptChunkError, match="checksum"):
         cf.decode(damaged, "k", digest="xxh3_128:" + "0" * 32)
+
+
+def test_a_header_whose_dtype_is_not_a_string_is_corrupt_and_never_raises_while_arriving() -> None:
+    blob = _with_header({"kv_chunk": {"dtype": [], "shape": [1], "data_offsets": [0, 2]}}, b"\0\0")
+    with pytest.raises(CorruptChunkError, match="dtype"):
+        cf.decode(blob)
+    payload, value = _arrive(blob, [len(blob)])  # the reader's loop must not see a TypeError
+    assert payload.digest(value) is None

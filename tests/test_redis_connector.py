@@ -553,11 +553,21 @@ def test_get_hashed_hashes_a_large_chunk_as_it_arrives_and_nothing_else(conn):
     assert _b(value) == small_blob and digest is None
     assert conn.get_hashed(make_key("absent")) == (None, None)
     assert redis_connector._arriving.payload is None  # nothing left for the next read on this thread
-    seen = []  # another thread's get never feeds this thread's payload (thread-local)
-    t = threading.Thread(target=lambda: seen.append(getattr(redis_connector._arriving, "payload", "unset")))
-    t.start()
-    t.join()
-    assert seen == ["unset"]
+    # Threads at once: each one's digest is of its own reply.
+    results: list = []
+
+    def read(k):
+        value, digest = conn.get_hashed(k)
+        results.append(digest == chunk_format.parse_header(_b(value)).checksum)
+
+    big2 = make_key("big2")
+    conn.put(big2, [chunk_format.encode_bytes(torch.randn(8, 2, 64, 8, 16), big2.to_string())])
+    threads = [threading.Thread(target=read, args=(big if i % 2 else big2,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * 8
 
 
 def test_a_chunk_damaged_in_redis_is_still_caught_when_hashed_on_arrival(redis_server):
@@ -574,9 +584,44 @@ def test_a_chunk_damaged_in_redis_is_still_caught_when_hashed_on_arrival(redis_s
         blob = bytearray(chunk_format.encode_bytes(chunk, key.to_string()))
         blob[-100] ^= 0x04
         store.connector.put(key, [bytes(blob)])
+        _, digest = store.connector.get_hashed(key)
+        assert digest is not None and digest != chunk_format.parse_header(blob).checksum  # the fast path ran
         assert store.get(key) is None
         assert store.stats["corrupt"] == 1
         store.put(key, chunk)
         assert torch.equal(store.get(key), chunk)
+    finally:
+        store.close()
+
+
+def test_a_large_redis_get_is_not_hashed_twice_and_hostile_large_values_are_corrupt_misses(redis_server, monkeypatch):
+    import json
+    import struct
+
+    import torch
+
+    from lmcache_core import chunk_format
+    from lmcache_core.storage_backend import open_backend
+
+    store = open_backend(f"{redis_server.url}?prefix={_prefix()}", dst_device="cpu")
+    key, bad_dtype, cut = make_key("once"), make_key("dtype-list"), make_key("cut")
+    chunk = torch.randn(8, 2, 64, 8, 16).to(torch.bfloat16)
+    calls = []
+    real = chunk_format.verify_payload
+    monkeypatch.setattr(chunk_format, "verify_payload", lambda h, p: (calls.append(1), real(h, p)))
+    try:
+        store.put(key, chunk)
+        assert torch.equal(store.get(key), chunk)
+        assert calls == []  # hashed once, as it arrived
+        head = json.dumps({"kv_chunk": {"dtype": [], "shape": [1], "data_offsets": [0, 2]}}).encode()
+        store.connector.put(bad_dtype, [struct.pack("<Q", len(head)) + head + bytes(LARGE_REPLY_BYTES)])
+        blob = chunk_format.encode_bytes(chunk, cut.to_string())
+        store.connector.put(cut, [blob[: len(blob) - 1000]])
+        breaker_failures = store.stats["remote_errors"]
+        for k in (bad_dtype, cut, bad_dtype, cut):
+            assert store.get(k) is None
+        assert store.stats["corrupt"] == 4  # bad chunks, not a failing server
+        assert store.stats["remote_errors"] == breaker_failures
+        assert torch.equal(store.get(key), chunk)  # the breaker stayed closed
     finally:
         store.close()

@@ -17,7 +17,8 @@ Copies are what a 32 MiB chunk costs most, so every connection gets two redis-py
   joining them (a fresh 32 MiB join cost more than the SET itself on loopback);
 * a reply buffer that reads a large bulk reply with ``recv_into`` straight into one
   uninitialised buffer, returned as a writable ``memoryview``; redis-py's own buffer
-  copies a reply three to four times (measured: a 32 MiB GET 2-2.6x faster).
+  copies a reply three to four times (measured: a 32 MiB GET 2-2.6x faster). Under
+  ``get_hashed`` it also hashes a chunk's payload as the reply arrives.
 
 Both fall back to redis-py's stock behaviour if its internals change. Cluster node
 clients get them through a connection pool class.
@@ -256,9 +257,13 @@ class RedisConnector(RemoteConnector):
         Large values come back as a writable ``memoryview`` (bytes-like, read once off
         the socket); ``chunk_format.decode`` wraps it without copying.
         """
-        name = self._name(key)
-        value = self._call("GET", lambda c: _none_on_wrongtype(self._redis, lambda: c.get(name)))
+        value = self._get(key)
         self._learn_size((value,))
+        return value
+
+    def _get(self, key: CacheEngineKey) -> bytes | None:
+        name = self._name(key)
+        value: bytes | None = self._call("GET", lambda c: _none_on_wrongtype(self._redis, lambda: c.get(name)))
         return value
 
     def get_hashed(self, key: CacheEngineKey) -> tuple[bytes | None, str | None]:
@@ -266,13 +271,17 @@ class RedisConnector(RemoteConnector):
 
         The read loop waits on redis-server (which writes a big reply 64 KiB per
         event loop turn): hashing there hid the ~2.2 ms second pass over 32 MiB.
+        Thread-safe: the hasher is handed to the reply reader through a thread-local,
+        as redis-py reads a command's reply on the thread that sent it.
         """
         payload = chunk_format.ArrivingPayload()
         _arriving.payload = payload
         try:
-            value = self.get(key)
+            value = self._get(key)  # not self.get: an override could change the bytes after hashing
         finally:
             _arriving.payload = None
+        if value is not None:
+            self._learn_size((value,))
         return value, payload.digest(value) if value is not None else None
 
     def get_many(self, keys: Sequence[CacheEngineKey]) -> List[bytes | None]:
@@ -603,7 +612,10 @@ def _large_reply_parser(protocol: int) -> type:
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     class LargeReplyBuffer(SocketBuffer):  # type: ignore[misc]
-        """SocketBuffer whose large bulk reads land in one pooled buffer, copied once."""
+        """SocketBuffer whose large bulk reads land in one pooled buffer, copied once.
+
+        Under ``get_hashed`` it also feeds the chunk's ``ArrivingPayload`` as the bytes come.
+        """
 
         def read(self, length: int, timeout: Any = SENTINEL) -> Any:
             if length < LARGE_REPLY_BYTES:
@@ -642,7 +654,10 @@ def _large_reply_parser(protocol: int) -> type:
                     sock.settimeout(self.socket_timeout)
             if view[length:] != b"\r\n":
                 raise InvalidResponse("Protocol Error: bulk reply without CRLF")
-            return view[:length]
+            value = view[:length]
+            if payload is not None:
+                payload.finish(value)
+            return value
 
     base = _RESP3Parser if protocol == 3 else _RESP2Parser
 
