@@ -56,9 +56,9 @@ T = TypeVar("T")
 _ANSWERS: tuple[type[BaseException], ...] = (StoreFullError, PermissionError)
 # Headers are ~300 bytes: one ranged read of this much nearly always holds one.
 HEADER_PROBE_BYTES = 4096
-# Most bytes of warm read buffers kept for a streaming connector (eight 32 MiB chunks,
-# each with its header).
-STREAM_POOL_BYTES = 8 * (32 * 2**20 + 64 * 1024)
+# Most bytes of warm read buffers kept for a streaming connector (eight 32 MiB payloads:
+# read_chunk takes buffers of the payload's size only).
+STREAM_POOL_BYTES = 256 * 2**20
 
 # fork safety: a lock taken by another thread at fork() time stays taken in the
 # child forever, so the child gets a fresh one.

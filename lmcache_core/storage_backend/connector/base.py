@@ -20,6 +20,9 @@ from lmcache_core.key import CacheEngineKey
 
 #: The value size a connector assumes until a read shows the real one: full 32 MiB chunks.
 ASSUMED_VALUE_BYTES = 32 * 2**20
+#: Room one such chunk's object takes in a warm buffer pool: payload plus header (a
+#: pool sized as N x 32 MiB keeps only N - 1 of them).
+CHUNK_OBJECT_BYTES = ASSUMED_VALUE_BYTES + 64 * 1024
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from lmcache_core import layout
 from lmcache_core.config import mask_url
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend.connector import s3_checksum
-from lmcache_core.storage_backend.connector.base import RemoteConnector, RemoteObject
+from lmcache_core.storage_backend.connector.base import CHUNK_OBJECT_BYTES, RemoteConnector, RemoteObject
 from lmcache_core.storage_backend.mem_pool import shared_pool
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ POOLED_BODY_BYTES = 256 * 1024
 #: Most bytes of warm body buffers a process keeps: one ``batched_get`` of sixteen 32 MiB
 #: chunks (each with its header). With half that, every such batch paged in eight fresh
 #: buffers: 0.60-0.68 s per batch on a 2-core VM, against 0.47-0.54 s with fifteen warm.
-BODY_POOL_BYTES = 16 * (32 * 2**20 + 64 * 1024)
+BODY_POOL_BYTES = 16 * CHUNK_OBJECT_BYTES
 _BOOL_OPTIONS = {"anon", "use_ssl", "requester_pays", "version_aware"}
 _S3_ALIASES = {"region": "region_name", "access_key": "key", "secret_key": "secret"}
 
@@ -119,9 +119,9 @@ def _is_invalid_range(exc: BaseException) -> bool:
     return "range is not satisfiable" in str(exc).lower()
 
 
-def _pooled_gets(fs: Any) -> bool:
-    """Whether ``fs`` (an instance or its class) is s3fs with the calls ``_get_pooled`` uses."""
-    return bool(getattr(fs, "async_impl", False)) and callable(getattr(fs, "_call_s3", None))
+def _pooled_gets(cls: Any) -> bool:
+    """Whether the filesystem class ``cls`` is s3fs with the calls ``_get_pooled`` uses."""
+    return bool(getattr(cls, "async_impl", False)) and callable(getattr(cls, "_call_s3", None))
 
 
 async def _get_pooled(fs: Any, path: str) -> bytes | memoryview:
@@ -252,9 +252,10 @@ class FsspecConnector(RemoteConnector):
             root = os.path.abspath(os.path.expanduser(root))
         self.root = root
         self.timeout = float(timeout)
-        self._fs_kwargs = self._filesystem_options(
-            protocol, merged, self.timeout, checks_gets=_pooled_gets(self._cls)
-        )
+        # One decision for both: botocore's own GET check is off exactly when reads go
+        # through _get_pooled, which checks S3's checksum itself.
+        self._pooled = _pooled_gets(self._cls)
+        self._fs_kwargs = self._filesystem_options(protocol, merged, self.timeout, checks_gets=self._pooled)
         self._local = protocol in ("file", "local")
         # Local files stream into the backend's warm buffers (LMCRemoteBackend._read_streams).
         self.streams = self._local
@@ -345,7 +346,7 @@ class FsspecConnector(RemoteConnector):
     def get(self, key: CacheEngineKey) -> bytes | None:
         """The object's bytes (a pooled ``memoryview`` for large S3 bodies), or None when absent."""
         fs = self.fs
-        if _pooled_gets(fs):
+        if self._pooled:
             from fsspec.asyn import sync
 
             try:
@@ -385,7 +386,7 @@ class FsspecConnector(RemoteConnector):
         paths = [self.path(k) for k in keys]
         fs = self.fs
         batch_size = max(1, self.batch_budget_bytes // max(1, self._value_hint))
-        if _pooled_gets(fs):
+        if self._pooled:
             from fsspec.asyn import sync
 
             values: list[Any] = sync(fs.loop, _get_pooled_many, fs, paths, batch_size)

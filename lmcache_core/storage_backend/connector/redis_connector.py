@@ -36,7 +36,7 @@ from lmcache_core import chunk_format
 from lmcache_core.config import mask_url
 from lmcache_core.errors import StoreFullError, StoreUnavailableError
 from lmcache_core.key import CacheEngineKey
-from lmcache_core.storage_backend.connector.base import RemoteConnector, RemoteObject
+from lmcache_core.storage_backend.connector.base import CHUNK_OBJECT_BYTES, RemoteConnector, RemoteObject
 from lmcache_core.storage_backend.mem_pool import BufferPool, shared_pool
 
 DEFAULT_PREFIX = "lmcache:"
@@ -49,7 +49,7 @@ SCAN_COUNT = 1000
 # Replies at least this long are read with recv_into (below it redis-py's buffer is fine).
 LARGE_REPLY_BYTES = 256 * 1024
 # Most bytes of warm reply buffers a process keeps (eight 32 MiB chunks, each with its header).
-REPLY_POOL_BYTES = 8 * (32 * 2**20 + 64 * 1024)
+REPLY_POOL_BYTES = 8 * CHUNK_OBJECT_BYTES
 _GLOB_SPECIAL = "\\*?[]"
 MGET_BUDGET_BYTES = 64 * 1024 * 1024
 # Bytes of values per MGET that a pipelined batched_get sends (fetch_group_keys).
