@@ -118,7 +118,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def checksum(payload: Any) -> str:
     """``xxh3_128:<hex>`` of a bytes-like payload."""
-    return f"{CHECKSUM_ALGO}:{xxhash.xxh3_128_hexdigest(payload)}"
+    return _spelled(xxhash.xxh3_128_hexdigest(payload))
+
+
+def _spelled(hexdigest: str) -> str:
+    return f"{CHECKSUM_ALGO}:{hexdigest}"
 
 
 def payload_view(tensor: torch.Tensor) -> memoryview:
@@ -343,7 +347,7 @@ class ArrivingPayload:
             or self._hashed != self._end
         ):
             return None
-        return f"{CHECKSUM_ALGO}:{self._state.hexdigest()}"
+        return _spelled(self._state.hexdigest())
 
 
 def read_header(f: BinaryIO, total_size: int | None = None) -> ChunkHeader:
@@ -481,7 +485,7 @@ def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor, 
                 _hash_pieces(state, pieces)  # the helper never started: hash here
             else:
                 hashed.result()
-    if f"{CHECKSUM_ALGO}:{state.hexdigest()}" != header.checksum:
+    if _spelled(state.hexdigest()) != header.checksum:
         raise CorruptChunkError("checksum mismatch")
 
 

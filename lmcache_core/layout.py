@@ -99,6 +99,12 @@ def model_prefix(fmt: str, model_name: str) -> str:
     return f"{fmt}/{encode_model(model_name)}"
 
 
+def disk_path(root: str, key: CacheEngineKey) -> str:
+    """The chunk's file under a disk store's ``root`` (the path a disk tier reads and writes)."""
+    rel = key_to_path(key)  # '/'-separated, never absolute, no '..'
+    return f"{root.rstrip(os.sep)}{os.sep}{rel if os.sep == '/' else rel.replace('/', os.sep)}"
+
+
 def key_to_path(key: CacheEngineKey) -> str:
     """Relative object path of a chunk, '/'-separated."""
     h = key.chunk_hash

@@ -203,7 +203,7 @@ class Store:
         """The chunk's file on a disk store, else None."""
         if self.root is None:
             return None
-        return os.path.join(self.root, *layout.key_to_path(key).split("/"))
+        return layout.disk_path(self.root, key)
 
     def contains(self, key: CacheEngineKey) -> bool:
         path = self.path_of(key)

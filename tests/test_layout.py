@@ -7,7 +7,7 @@ import posixpath
 import pytest
 
 from lmcache_core import CacheEngineKey
-from lmcache_core.layout import decode_model, encode_model, key_to_path, model_prefix, path_to_key
+from lmcache_core.layout import decode_model, disk_path, encode_model, key_to_path, model_prefix, path_to_key
 
 H = "0f" * 32
 NAMES = [
@@ -72,3 +72,14 @@ def test_model_encoding_is_memoised_and_still_refuses_long_names():
     for _ in range(2):  # a refusal is not remembered as a value
         with pytest.raises(ValueError, match="path characters"):
             encode_model(too_long)
+
+
+@pytest.mark.parametrize("root", ["/var/cache/lmcache", "/var/cache/lmcache/", "/"])
+def test_disk_path_is_the_key_path_under_the_root(root: str) -> None:
+    import os
+
+
+    key = CacheEngineKey("vllm", "org/model", 2, 1, "ab" * 32)
+    path = disk_path(root, key)
+    assert path == os.path.join(root, *key_to_path(key).split("/"))
+    assert "//" not in path

@@ -437,8 +437,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         return f"disk {self.root}"
 
     def _path(self, key: CacheEngineKey) -> str:
-        rel = layout.key_to_path(key)  # '/'-separated, never absolute, no '..' (layout's guarantee)
-        return f"{self.root}{os.sep}{rel if os.sep == '/' else rel.replace('/', os.sep)}"
+        return layout.disk_path(self.root, key)
 
     def _key_lock(self, key: CacheEngineKey) -> threading.Lock:
         return self._key_locks[hash(key) % _KEY_LOCKS]
