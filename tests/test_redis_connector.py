@@ -538,7 +538,6 @@ def test_get_hashed_hashes_a_large_chunk_as_it_arrives_and_nothing_else(conn):
     import torch
 
     from lmcache_core import chunk_format
-    from lmcache_core.storage_backend.connector import redis_connector
 
     big, small = make_key("big"), make_key("small")
     big_blob = chunk_format.encode_bytes(torch.randn(8, 2, 64, 8, 16).to(torch.bfloat16), big.to_string())
@@ -552,7 +551,9 @@ def test_get_hashed_hashes_a_large_chunk_as_it_arrives_and_nothing_else(conn):
     value, digest = conn.get_hashed(small)  # read by redis-py's own buffer: nothing hashed
     assert _b(value) == small_blob and digest is None
     assert conn.get_hashed(make_key("absent")) == (None, None)
-    assert redis_connector._arriving.payload is None  # nothing left for the next read on this thread
+    # Nothing left for the next read on this thread (the connector's own module: another
+    # test re-imports redis_connector, and the fresh module has a thread-local of its own).
+    assert sys.modules[type(conn).__module__]._arriving.payload is None
     # Threads at once: each one's digest is of its own reply.
     results: list = []
 
