@@ -23,7 +23,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 import xxhash
 
@@ -177,6 +177,68 @@ def encode(tensor: torch.Tensor, key: str) -> tuple[bytes, memoryview]:
     """Header bytes and a zero-copy payload view; write them one after the other."""
     payload = payload_view(tensor)
     return encode_header(tensor, key, payload), payload
+
+
+# Where the checksum's hex digits start in a header (json.dumps escapes any '"' in the
+# key, so this byte string can only be the field itself).
+_CHECKSUM_FIELD = b'"lmcache.checksum":"' + CHECKSUM_ALGO.encode("ascii") + b":"
+_DIGEST_HEX_CHARS = 32  # xxh3_128
+
+
+class UnsealedChunk:
+    """A chunk to write whose checksum is computed while its payload is being sent.
+
+    ``header`` is the real header with the checksum's hex digits still zeros, at
+    ``checksum_offset``; its length is final. A writer that can patch those digits
+    in afterwards and then publish the object atomically (Redis: a staging key and
+    ``RENAME``) sends ``header`` and then ``pieces(size)``: each piece is hashed
+    just before it is sent, while it is still in the CPU cache, instead of one
+    hashing pass over the whole payload before the first byte goes out (on a
+    2-core loopback host that pass was ~8 % of a 32 MiB Redis ``SET``).
+    ``sealed_header()`` is byte for byte ``encode_header``'s. Not thread-safe:
+    one writer at a time.
+    """
+
+    __slots__ = ("header", "payload", "checksum_offset", "_digest")
+
+    def __init__(self, tensor: torch.Tensor, key: str) -> None:
+        self.payload = payload_view(tensor)
+        self.header = _header_bytes(tensor, key, self.payload.nbytes, _spelled("0" * _DIGEST_HEX_CHARS))
+        self.checksum_offset = self.header.index(_CHECKSUM_FIELD) + len(_CHECKSUM_FIELD)
+        self._digest: bytes | None = None
+
+    @property
+    def size(self) -> int:
+        """Header plus payload bytes."""
+        return len(self.header) + self.payload.nbytes
+
+    def pieces(self, size: int) -> Iterator[memoryview]:
+        """The payload in ``size``-byte views, each hashed just before it is yielded.
+
+        A pass that runs to the end sets ``digest()``; a new pass starts over (a
+        retried send hashes what it sends again).
+        """
+        if size <= 0:
+            raise ValueError(f"size must be > 0, got {size}")
+        self._digest = None
+        state = xxhash.xxh3_128()
+        payload = self.payload
+        for start in range(0, payload.nbytes, size):
+            piece = payload[start : start + size]
+            state.update(piece)
+            yield piece
+        self._digest = state.hexdigest().encode("ascii")
+
+    def digest(self) -> bytes:
+        """The payload's hex digest: from the last complete ``pieces`` pass, else hashed now."""
+        if self._digest is None:
+            self._digest = xxhash.xxh3_128_hexdigest(self.payload).encode("ascii")
+        return self._digest
+
+    def sealed_header(self) -> bytes:
+        """The header with the checksum filled in."""
+        at = self.checksum_offset
+        return self.header[:at] + self.digest() + self.header[at + _DIGEST_HEX_CHARS :]
 
 
 def encode_bytes(tensor: torch.Tensor, key: str) -> bytes:

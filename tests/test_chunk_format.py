@@ -189,3 +189,42 @@ def test_a_header_whose_dtype_is_not_a_string_is_corrupt() -> None:
         cf.decode(blob)
     with pytest.raises(CorruptChunkError, match="dtype"):
         cf.parse_header(blob)
+
+
+# A key that spells the checksum field: json.dumps escapes its quotes, so the offset
+# search cannot land inside it (the key comes before the checksum in the header).
+_TRICKY_KEY = 'vllm@m"lmcache.checksum":"xxh3_128:' + "1" * 32 + '"@1@0@abc'
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (0,), (64, 1024)])
+def test_an_unsealed_chunk_seals_to_the_very_header_encode_writes(shape: tuple[int, ...]) -> None:
+    t = torch.randn(shape)
+    u = cf.UnsealedChunk(t, _TRICKY_KEY)
+    at = u.checksum_offset
+    assert u.header[at : at + 32] == b"0" * 32
+    assert len(u.header) == len(cf.encode_header(t, _TRICKY_KEY))
+    assert u.size == len(u.header) + t.numel() * 4
+    pieces = list(u.pieces(1000))
+    assert all(len(p) <= 1000 for p in pieces) and b"".join(pieces) == bytes(cf.payload_view(t))
+    assert u.sealed_header() == cf.encode_header(t, _TRICKY_KEY)
+    header, payload = u.sealed_header(), u.payload
+    assert torch.equal(cf.decode(header + bytes(payload), _TRICKY_KEY), t)
+
+
+def test_an_unsealed_chunk_digest_comes_only_from_a_whole_pass() -> None:
+    t = torch.randn(4, 1000)
+    want = cf.encode_header(t, "k")
+    # A pass cut short (a send that failed) leaves no digest: sealing hashes it all.
+    u = cf.UnsealedChunk(t, "k")
+    it = u.pieces(512)
+    next(it), next(it)
+    assert u._digest is None
+    assert u.sealed_header() == want
+    # A pass after a cut one starts over rather than hashing on from where it stopped.
+    u = cf.UnsealedChunk(t, "k")
+    it = u.pieces(512)
+    next(it), next(it), next(it)
+    assert b"".join(u.pieces(512)) == bytes(u.payload)
+    assert u._digest is not None and u.sealed_header() == want
+    with pytest.raises(ValueError):
+        next(u.pieces(0))

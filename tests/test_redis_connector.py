@@ -626,3 +626,173 @@ def test_a_large_redis_get_is_not_hashed_twice_and_hostile_large_values_are_corr
         assert torch.equal(store.get(key), chunk)  # the breaker stayed closed
     finally:
         store.close()
+
+
+# -- staged puts: a large chunk is hashed as it is sent, then published whole ------------
+
+
+def _big_chunk(seed: int = 0):
+    import torch
+
+    from lmcache_core.storage_backend.connector.redis_connector import STREAM_PUT_BYTES
+
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(8, 2, 64, 8, 128, generator=g)  # 4 MiB of float32, plus the header
+    assert t.numel() * 4 >= STREAM_PUT_BYTES
+    return t
+
+
+def _staging_keys(raw) -> list[bytes]:
+    return list(raw.scan_iter(match=b"*.lmcache-staging.*"))
+
+
+def test_a_large_chunk_is_staged_then_published_whole_and_leaves_nothing_behind(redis_server, monkeypatch):
+    import torch
+
+    from lmcache_core import chunk_format
+    from lmcache_core.storage_backend import open_backend
+
+    store = open_backend(f"{redis_server.url}?prefix={_prefix()}", dst_device="cpu")
+    conn = store.connector
+    key, small_key = make_key("staged"), make_key("small")
+    old, new = _big_chunk(1), _big_chunk(2)
+    name = conn._name(key)
+    seen: dict = {}
+    real_publish = conn._publish
+
+    def publish(staging, target, chunk):
+        # Between the two steps: the old value is still what readers get, and the staged
+        # one has the whole size, a TTL, and zeros where the checksum goes.
+        with redis_server.client() as raw:
+            seen["old"] = raw.get(target) == chunk_format.encode_bytes(old, key.to_string())
+            seen["pttl"] = raw.pttl(staging)
+            staged = raw.get(staging)
+            seen["staged"] = (len(staged), staged[chunk.checksum_offset : chunk.checksum_offset + 32])
+        seen["calls"] = seen.get("calls", 0) + 1
+        return real_publish(staging, target, chunk)
+
+    try:
+        store.put(key, old)
+        monkeypatch.setattr(conn, "_publish", publish)
+        store.put(key, new)
+        assert seen["calls"] == 1 and seen["old"]
+        assert 0 < seen["pttl"] <= conn._staging_ttl_ms
+        assert seen["staged"] == (chunk_format.UnsealedChunk(new, key.to_string()).size, b"0" * 32)
+        with redis_server.client() as raw:
+            assert raw.get(name) == chunk_format.encode_bytes(new, key.to_string())
+            assert raw.pttl(name) == -1  # the staging TTL did not follow the value
+            assert _staging_keys(raw) == []
+        assert torch.equal(store.get(key), new)
+        # Below STREAM_PUT_BYTES a chunk is one plain SET.
+        store.put(small_key, torch.randn(4, 4))
+        assert seen["calls"] == 1
+        assert {o.key for o in conn.list()} == {key, small_key}  # staging names are never listed
+    finally:
+        store.close()
+
+
+def test_a_staging_key_gone_before_publishing_still_stores_the_chunk(conn, redis_server, monkeypatch):
+    from lmcache_core import chunk_format
+
+    key, t = make_key("vanished"), _big_chunk(3)
+    real_publish = conn._publish
+
+    def publish(staging, target, chunk):
+        with redis_server.client() as raw:
+            assert raw.delete(staging) == 1  # expired, evicted, flushed: as if
+        return real_publish(staging, target, chunk)
+
+    monkeypatch.setattr(conn, "_publish", publish)
+    conn.put_chunk(key, chunk_format.UnsealedChunk(t, key.to_string()))
+    assert _b(conn.get(key)) == chunk_format.encode_bytes(t, key.to_string())
+    assert conn.staged_puts  # a vanished key is no reason to stop staging
+
+
+def test_a_server_that_refuses_the_publish_script_gets_plain_sets(redis_server_private, caplog):
+    from lmcache_core import chunk_format
+
+    with redis_server_private.client() as raw:
+        raw.execute_command("ACL", "SETUSER", "noscript", "on", ">pw", "~*", "+@all", "-eval", "-evalsha")
+        c = RedisConnector(
+            redis_server_private.url.replace("://", "://noscript:pw@"), timeout=TIMEOUT, prefix=_prefix()
+        )
+        key, t = make_key("acl"), _big_chunk(4)
+        c.put_chunk(key, chunk_format.UnsealedChunk(t, key.to_string()))
+        assert not c.staged_puts
+        assert "staged puts off" in caplog.text and "pw" not in caplog.text.replace("NOPERM", "")
+        assert _b(c.get(key)) == chunk_format.encode_bytes(t, key.to_string())
+        assert _staging_keys(raw) == []  # the refused one was deleted, not left to expire
+        key2 = make_key("acl2")
+        c.put_chunk(key2, chunk_format.UnsealedChunk(t, key2.to_string()))  # plain from now on
+        assert _b(c.get(key2)) == chunk_format.encode_bytes(t, key2.to_string())
+        c.close()
+
+
+def test_a_staged_send_cut_midway_is_retried_and_hashed_again(conn):
+    from lmcache_core import chunk_format
+
+    class CutOnce(chunk_format.UnsealedChunk):
+        __slots__ = ("passes",)
+
+        def pieces(self, size):
+            self.passes += 1
+            for i, piece in enumerate(super().pieces(size)):
+                if self.passes == 1 and i == 3:
+                    raise ConnectionResetError(104, "reset by the test")
+                yield piece
+
+    key, t = make_key("cut"), _big_chunk(5)
+    chunk = CutOnce(t, key.to_string())
+    chunk.passes = 0
+    conn.put_chunk(key, chunk)
+    assert chunk.passes == 2  # redis-py's one retry on a fresh connection, packed anew
+    assert _b(conn.get(key)) == chunk_format.encode_bytes(t, key.to_string())
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["cl:", "{tag}:", "a{b:", "x}y{z}:", "x}y{", "{}e:"],
+    ids=["plain", "hash-tag", "open-brace", "tag-after-close", "close-first", "empty-tag"],
+)
+def test_staged_puts_on_a_cluster_keep_the_slot_or_fall_back(redis_cluster, prefix, monkeypatch):
+    from redis.crc import key_slot
+
+    from lmcache_core import chunk_format
+    from lmcache_core.storage_backend.connector.redis_connector import _staging_name
+
+    c = RedisConnector(redis_cluster.url, timeout=TIMEOUT, prefix=prefix + uuid.uuid4().hex[:8] + ":")
+    staged = []
+    real_publish = c._publish
+    monkeypatch.setattr(c, "_publish", lambda s, n, ch: (staged.append(s), real_publish(s, n, ch))[1])
+    try:
+        for i in range(3):
+            key, t = make_key(f"cl{i}"), _big_chunk(10 + i)
+            name = c._name(key)
+            staging = _staging_name(name)
+            if staging is not None:
+                assert key_slot(staging) == key_slot(name) and staging.startswith(b"{")
+                assert staging != _staging_name(name)  # fresh each time
+            c.put_chunk(key, chunk_format.UnsealedChunk(t, key.to_string()))
+            assert _b(c.get(key)) == chunk_format.encode_bytes(t, key.to_string())
+        # Only a name without a hash tag that holds a "}" cannot be staged.
+        assert len(staged) == (0 if prefix in ("x}y{", "{}e:") else 3)
+        assert {o.key for o in c.list()} == {make_key(f"cl{i}") for i in range(3)}
+    finally:
+        c.close()
+
+
+def test_staged_puts_into_a_full_redis_are_store_full_and_leave_no_staging_key(redis_server_factory):
+    from lmcache_core import chunk_format
+
+    server = redis_server_factory("--maxmemory", "12mb", "--maxmemory-policy", "noeviction")
+    c = RedisConnector(server.url, timeout=TIMEOUT, prefix="full:")
+    first, t = make_key("first"), _big_chunk(6)
+    c.put_chunk(first, chunk_format.UnsealedChunk(t, first.to_string()))
+    with pytest.raises(StoreFullError):
+        for i in range(8):
+            c.put_chunk(make_key(i), chunk_format.UnsealedChunk(t, make_key(i).to_string()))
+    assert c.staged_puts  # full is not "scripts refused"
+    with server.client() as raw:
+        assert _staging_keys(raw) == []
+    assert _b(c.get(first)) == chunk_format.encode_bytes(t, first.to_string())
+    c.close()

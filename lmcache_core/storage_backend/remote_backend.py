@@ -474,9 +474,9 @@ class LMCRemoteBackend(LMCBackendInterface):
                 done.set()
 
     def _write(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
-        header, payload = chunk_format.encode(kv_chunk, key.to_string())
+        chunk = chunk_format.UnsealedChunk(kv_chunk, key.to_string())
         try:
-            self._call("put", self.connector.put, key, (header, payload), retry=False)
+            self._call("put", self.connector.put_chunk, key, chunk, retry=False)
         except Exception:
             self.stats.incr("put_failures")
             with self._lock:

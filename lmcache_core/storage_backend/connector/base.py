@@ -2,8 +2,9 @@
 
 A connector moves chunk *bytes* by key; it knows nothing of tensors, checksums,
 timeouts or retries (``LMCRemoteBackend`` adds those once, for every connector).
-The one exception is an optimisation the backend asks for: ``get_hashed`` may
-hash a chunk's payload while it arrives, with ``chunk_format.ArrivingPayload``.
+The exceptions are two optimisations the backend asks for: ``get_hashed`` may
+hash a chunk's payload while it arrives (``chunk_format.ArrivingPayload``), and
+``put_chunk`` may hash it while it is sent (``chunk_format.UnsealedChunk``).
 Each connector maps keys to its own object names (fsspec: ``layout.key_to_path``
 under the URL's prefix; Redis: ``<prefix>`` + ``key.to_string()``).
 
@@ -16,6 +17,7 @@ import abc
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator, Sequence
 
+from lmcache_core.chunk_format import UnsealedChunk
 from lmcache_core.key import CacheEngineKey
 
 #: The value size a connector assumes until a read shows the real one: full 32 MiB chunks.
@@ -101,6 +103,14 @@ class RemoteConnector(abc.ABC):
     @abc.abstractmethod
     def put(self, key: CacheEngineKey, parts: Sequence[bytes | memoryview]) -> None:
         """Store the concatenation of ``parts`` (header, payload) under ``key``, atomically."""
+
+    def put_chunk(self, key: CacheEngineKey, chunk: UnsealedChunk) -> None:
+        """Store an encoded chunk whose checksum is not in its header yet, atomically.
+
+        Default: hash the payload, then ``put``. A connector that can publish an
+        object after writing it (Redis) overrides this to hash as it sends.
+        """
+        self.put(key, (chunk.sealed_header(), chunk.payload))
 
     def put_many(self, items: Sequence[tuple[CacheEngineKey, Sequence[bytes | memoryview]]]) -> None:
         for key, parts in items:

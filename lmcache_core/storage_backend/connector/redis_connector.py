@@ -22,14 +22,28 @@ Copies are what a 32 MiB chunk costs most, so every connection gets two redis-py
 
 Both fall back to redis-py's stock behaviour if its internals change. Cluster node
 clients get them through a connection pool class.
+
+A chunk of at least ``STREAM_PUT_BYTES`` is written in two steps, so that its payload
+is hashed piece by piece just before each piece is sent rather than in one pass
+before the ``SET`` (``chunk_format.UnsealedChunk``): ``SET`` of the header (checksum
+still zeros) and payload under a staging name ``{<slot>}.lmcache-staging.<random>``
+with a TTL, then one script that writes the checksum in place, renames the staging
+key onto the chunk's name and drops the TTL. Readers see the old value or the whole
+new one, never a staged one. The staging name is in the chunk's cluster slot and
+outside the prefix, so ``list()`` never sees it; a writer that dies between the two
+steps leaves it to expire. A server or proxy that refuses the script turns staging
+off for the connector, which then sends a plain ``SET``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import itertools
+import logging
 import os
 import threading
-from typing import Any, Callable, Iterator, List, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, List, Sequence, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from lmcache_core import chunk_format
@@ -54,6 +68,30 @@ _GLOB_SPECIAL = "\\*?[]"
 MGET_BUDGET_BYTES = 64 * 1024 * 1024
 # Bytes of values per MGET that a pipelined batched_get sends (fetch_group_keys).
 FETCH_GROUP_BYTES = 1024 * 1024
+
+# Chunks at least this large are staged and hashed as they are sent (module docstring).
+# 32 MiB SETs on a 2-core loopback host: 0.92x raw redis-py hashing first, 1.05-1.08x
+# staged; 8 MiB 0.95-0.97x and 1.09x. At 2 MiB the second round trip costs more than
+# it saves (0.83-0.87x hashing first, 0.78-0.80x staged).
+STREAM_PUT_BYTES = 4 * 1024 * 1024
+# Piece of a staged payload: hashed, then sent while it is still in the CPU cache.
+STREAM_PIECE_BYTES = 256 * 1024
+STAGING_MARK = b".lmcache-staging."
+# A staging key left by a writer that died before publishing lives this long at most
+# (or ten socket timeouts, if longer).
+STAGING_TTL_S = 60
+# KEYS: staging name, chunk name. ARGV: checksum offset, checksum digits, value size.
+# STRLEN is 0 for a missing key: a staging key that expired or was evicted is not
+# published (the caller then sends a plain SET).
+_PUBLISH_SCRIPT = """
+if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[3]) then return 0 end
+redis.call('SETRANGE', KEYS[1], ARGV[1], ARGV[2])
+redis.call('RENAME', KEYS[1], KEYS[2])
+redis.call('PERSIST', KEYS[2])
+return 1
+"""
+
+logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
@@ -151,6 +189,9 @@ class RedisConnector(RemoteConnector):
         self._hooks = _fast_path_hooks(int(options.get("protocol") or 2))
         #: whether ``put`` sends header and payload without joining them first
         self.zero_copy_put = "command_packer" in self._hooks
+        #: whether ``put_chunk`` stages large chunks and hashes them as they are sent
+        self.staged_puts = self.zero_copy_put
+        self._staging_ttl_ms = int(max(STAGING_TTL_S, 10 * self.timeout) * 1000)
         #: about how many reply bytes one MGET of ``get_many`` may ask for
         self.mget_budget_bytes = MGET_BUDGET_BYTES
         self._lock = threading.Lock()
@@ -336,6 +377,44 @@ class RedisConnector(RemoteConnector):
         value = self._value(parts)
         self._call("SET", lambda c: c.execute_command("SET", name, value))
 
+    def put_chunk(self, key: CacheEngineKey, chunk: chunk_format.UnsealedChunk) -> None:
+        """Store a chunk, staged and hashed as it is sent when large (module docstring)."""
+        name = self._name(key)
+        staging = _staging_name(name) if self.staged_puts and chunk.size >= STREAM_PUT_BYTES else None
+        if staging is None:
+            self.put(key, (chunk.sealed_header(), chunk.payload))
+            return
+        value = StagedValue(chunk)
+        published = False
+        try:
+            self._call("SET (staging)", lambda c: c.execute_command("SET", staging, value, "PX", self._staging_ttl_ms))
+            published = self._publish(staging, name, chunk)
+        finally:
+            if not published:
+                # Best effort: what is left expires anyway.
+                with contextlib.suppress(Exception):
+                    self._call("DEL (staging)", lambda c: c.delete(staging))
+        if not published:
+            self.put(key, (chunk.sealed_header(), chunk.payload))
+
+    def _publish(self, staging: bytes, name: bytes, chunk: chunk_format.UnsealedChunk) -> bool:
+        """Checksum in, staging key renamed onto ``name``; False if it is gone or the script refused."""
+        redis = self._redis
+        args = (chunk.checksum_offset, chunk.digest(), chunk.size)
+
+        def run(c: Any) -> bool:
+            try:
+                return int(c.execute_command("EVAL", _PUBLISH_SCRIPT, 2, staging, name, *args)) == 1
+            except redis.exceptions.OutOfMemoryError:
+                raise
+            except redis.exceptions.ResponseError as exc:
+                # EVAL off, an ACL, a proxy without scripts: plain SETs from now on.
+                logger.warning("%s: staged puts off, the server refused the publish script: %s", self.display_url, exc)
+                self.staged_puts = False
+                return False
+
+        return self._call("EVAL (publish)", run)
+
     def put_many(self, items: Sequence[tuple[CacheEngineKey, Sequence[bytes | memoryview]]]) -> None:
         """All ``SET``s in one pipeline (per node on a cluster)."""
         if not items:
@@ -515,11 +594,38 @@ class ChunkValue:
         self.nbytes = sum(p.nbytes for p in self.parts)
 
 
+class StagedValue:
+    """A command argument: an ``UnsealedChunk``'s header, then its payload hashed piece by piece."""
+
+    __slots__ = ("chunk", "nbytes")
+
+    def __init__(self, chunk: chunk_format.UnsealedChunk) -> None:
+        self.chunk = chunk
+        self.nbytes = chunk.size
+
+
+def _staging_name(name: bytes) -> bytes | None:
+    """A fresh staging name in ``name``'s cluster slot, outside any prefix; None if none fits.
+
+    RENAME and the publish script need both names in one slot. The slot comes from
+    ``name``'s hash tag if it has one, else from all of it; ``{<that>}`` gives the
+    same slot unless it holds a ``}``.
+    """
+    start = name.find(b"{")
+    end = name.find(b"}", start + 1) if start != -1 else -1
+    source = name[start + 1 : end] if start != -1 and end > start + 1 else name
+    if b"}" in source:
+        return None
+    return b"{" + source + b"}" + STAGING_MARK + os.urandom(8).hex().encode("ascii")
+
+
 class _ChunkValuePacker:
     """redis-py command packer that sends ``ChunkValue`` arguments without joining them.
 
-    Other commands go to redis-py's own packer. Stateless, so one instance serves every
-    connection of every thread.
+    A ``StagedValue`` is packed lazily: its payload pieces are hashed as redis-py's
+    send loop takes them (a retried send packs, so hashes, again). Other commands go
+    to redis-py's own packer. Stateless, so one instance serves every connection of
+    every thread.
     """
 
     def __init__(self) -> None:
@@ -529,23 +635,29 @@ class _ChunkValuePacker:
         self._encode = Encoder("utf-8", "strict", False).encode
         self._plain = PythonRespSerializer(6000, self._encode)
 
-    def pack(self, *args: Any) -> list[bytes | memoryview]:
-        if not any(type(a) is ChunkValue for a in args):
+    def pack(self, *args: Any) -> Iterable[bytes | memoryview]:
+        if not any(type(a) is ChunkValue or type(a) is StagedValue for a in args):
             return self._plain.pack(*args)  # type: ignore[no-any-return]
         if isinstance(args[0], str) and " " in args[0]:
             args = tuple(args[0].encode().split()) + args[1:]
         out: list[bytes | memoryview] = []
+        lazy: list[Iterable[bytes | memoryview]] = []
         buff = b"*%d\r\n" % len(args)
         for arg in args:
             if type(arg) is ChunkValue:
                 out.append(buff + b"$%d\r\n" % arg.nbytes)
                 out.extend(arg.parts)
                 buff = b"\r\n"
+            elif type(arg) is StagedValue:
+                out.append(buff + b"$%d\r\n" % arg.nbytes + arg.chunk.header)
+                lazy += [out, arg.chunk.pieces(STREAM_PIECE_BYTES)]
+                out = []
+                buff = b"\r\n"
             else:
                 enc = self._encode(arg)
                 buff += b"$%d\r\n" % len(enc) + bytes(enc) + b"\r\n"
         out.append(buff)
-        return out
+        return itertools.chain.from_iterable(lazy + [out]) if lazy else out
 
 
 def _pool_class(hooks: dict[str, Any]) -> type:
