@@ -215,7 +215,8 @@ class UnsealedChunk:
     def pieces(self, size: int) -> Iterator[memoryview]:
         """The payload in ``size``-byte views, each hashed just before it is yielded.
 
-        A pass that runs to the end sets ``digest()``; a new pass starts over (a
+        A pass that runs to the end sets ``digest()``. Each pass hashes from the
+        start and forgets any earlier digest when its first piece is taken (a
         retried send hashes what it sends again).
         """
         if size <= 0:

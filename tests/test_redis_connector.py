@@ -643,7 +643,31 @@ def _big_chunk(seed: int = 0):
 
 
 def _staging_keys(raw) -> list[bytes]:
-    return list(raw.scan_iter(match=b"*.lmcache-staging.*"))
+    return list(raw.scan_iter(match=b"*@lmcache-staging@*"))
+
+
+class _Steps:
+    """Spies on a connector's staging steps: the publish replies, and plain SETs."""
+
+    def __init__(self, conn, monkeypatch, before_publish=None) -> None:
+        self.published: list = []  # the script's replies
+        self.plain_sets = 0
+        real_outcome, real_put = conn._outcome, conn.put
+
+        def outcome(client, *args):
+            if args[0] == "EVAL" and before_publish is not None:
+                before_publish(name=args[3], staging=args[4], offset=args[5])
+            reply = real_outcome(client, *args)
+            if args[0] == "EVAL":
+                self.published.append(reply)
+            return reply
+
+        def put(key, parts):
+            self.plain_sets += 1
+            return real_put(key, parts)
+
+        monkeypatch.setattr(conn, "_outcome", outcome)
+        monkeypatch.setattr(conn, "put", put)
 
 
 def test_a_large_chunk_is_staged_then_published_whole_and_leaves_nothing_behind(redis_server, monkeypatch):
@@ -652,63 +676,83 @@ def test_a_large_chunk_is_staged_then_published_whole_and_leaves_nothing_behind(
     from lmcache_core import chunk_format
     from lmcache_core.storage_backend import open_backend
 
-    store = open_backend(f"{redis_server.url}?prefix={_prefix()}", dst_device="cpu")
+    prefix = _prefix()
+    store = open_backend(f"{redis_server.url}?prefix={prefix}", dst_device="cpu")
     conn = store.connector
     key, small_key = make_key("staged"), make_key("small")
     old, new = _big_chunk(1), _big_chunk(2)
-    name = conn._name(key)
     seen: dict = {}
-    real_publish = conn._publish
 
-    def publish(staging, target, chunk):
-        # Between the two steps: the old value is still what readers get, and the staged
-        # one has the whole size, a TTL, and zeros where the checksum goes.
+    def before_publish(name, staging, offset):
+        # Between the two steps: readers still get the old value; the staged one is under
+        # the prefix, whole, with a TTL and zeros where the checksum goes.
         with redis_server.client() as raw:
-            seen["old"] = raw.get(target) == chunk_format.encode_bytes(old, key.to_string())
+            seen["old"] = raw.get(name) == chunk_format.encode_bytes(old, key.to_string())
             seen["pttl"] = raw.pttl(staging)
             staged = raw.get(staging)
-            seen["staged"] = (len(staged), staged[chunk.checksum_offset : chunk.checksum_offset + 32])
-        seen["calls"] = seen.get("calls", 0) + 1
-        return real_publish(staging, target, chunk)
+            seen["staged"] = (staging.startswith(prefix.encode()), len(staged), staged[offset : offset + 32])
 
     try:
         store.put(key, old)
-        monkeypatch.setattr(conn, "_publish", publish)
+        steps = _Steps(conn, monkeypatch, before_publish)
         store.put(key, new)
-        assert seen["calls"] == 1 and seen["old"]
-        assert 0 < seen["pttl"] <= conn._staging_ttl_ms
-        assert seen["staged"] == (chunk_format.UnsealedChunk(new, key.to_string()).size, b"0" * 32)
+        assert steps.published == [1] and steps.plain_sets == 0
+        assert seen["old"] and 0 < seen["pttl"] <= conn._staging_ttl_ms
+        assert seen["staged"] == (True, chunk_format.UnsealedChunk(new, key.to_string()).size, b"0" * 32)
         with redis_server.client() as raw:
-            assert raw.get(name) == chunk_format.encode_bytes(new, key.to_string())
-            assert raw.pttl(name) == -1  # the staging TTL did not follow the value
+            assert raw.get(conn._name(key)) == chunk_format.encode_bytes(new, key.to_string())
+            assert raw.pttl(conn._name(key)) == -1  # the staging TTL did not follow the value
             assert _staging_keys(raw) == []
         assert torch.equal(store.get(key), new)
         # Below STREAM_PUT_BYTES a chunk is one plain SET.
         store.put(small_key, torch.randn(4, 4))
-        assert seen["calls"] == 1
-        assert {o.key for o in conn.list()} == {key, small_key}  # staging names are never listed
+        assert steps.published == [1] and steps.plain_sets == 1
+        assert {o.key for o in conn.list()} == {key, small_key}
     finally:
         store.close()
 
 
-def test_a_staging_key_gone_before_publishing_still_stores_the_chunk(conn, redis_server, monkeypatch):
+def test_staged_keys_gone_before_publishing_fall_back_and_then_turn_staging_off(conn, redis_server, monkeypatch):
     from lmcache_core import chunk_format
+    from lmcache_core.storage_backend.connector.redis_connector import STAGING_GONE_LIMIT
 
-    key, t = make_key("vanished"), _big_chunk(3)
-    real_publish = conn._publish
-
-    def publish(staging, target, chunk):
+    def vanish(name, staging, offset):
         with redis_server.client() as raw:
-            assert raw.delete(staging) == 1  # expired, evicted, flushed: as if
-        return real_publish(staging, target, chunk)
+            assert raw.delete(staging) == 1  # expired, evicted, on another server: as if
 
-    monkeypatch.setattr(conn, "_publish", publish)
-    conn.put_chunk(key, chunk_format.UnsealedChunk(t, key.to_string()))
+    steps = _Steps(conn, monkeypatch, vanish)
+    for i in range(STAGING_GONE_LIMIT):
+        assert conn.staged_puts  # one vanished key is no reason to stop staging
+        key, t = make_key(f"vanished{i}"), _big_chunk(3 + i)
+        conn.put_chunk(key, chunk_format.UnsealedChunk(t, key.to_string()))
+        assert _b(conn.get(key)) == chunk_format.encode_bytes(t, key.to_string())
+    assert steps.published == [0] * STAGING_GONE_LIMIT and steps.plain_sets == STAGING_GONE_LIMIT
+    assert not conn.staged_puts
+
+
+def test_the_publish_script_recognises_a_retry_and_refuses_anything_else(conn, redis_server):
+    from lmcache_core import chunk_format
+    from lmcache_core.storage_backend.connector.redis_connector import _PUBLISH_SCRIPT
+
+    key, t = make_key("retry"), _big_chunk(7)
+    chunk = chunk_format.UnsealedChunk(t, key.to_string())
+    conn.put_chunk(key, chunk)
+    name, c = conn._name(key), conn._client()
+    gone = name + b"@lmcache-staging@gone"
+
+    def publish(target, digest):
+        return c.execute_command("EVAL", _PUBLISH_SCRIPT, 2, target, gone, chunk.checksum_offset, digest, chunk.size)
+
+    assert publish(name, chunk.digest()) == 1  # the reply of the first was lost: it is there
+    assert publish(name, b"f" * 32) == 0  # another value under the name
+    assert publish(name + b"-absent", chunk.digest()) == 0
+    with redis_server.client() as raw:
+        raw.hset(name + b"-hash", "f", "v")
+    assert publish(name + b"-hash", chunk.digest()) == 0  # not a string: no error either
     assert _b(conn.get(key)) == chunk_format.encode_bytes(t, key.to_string())
-    assert conn.staged_puts  # a vanished key is no reason to stop staging
 
 
-def test_a_server_that_refuses_the_publish_script_gets_plain_sets(redis_server_private, caplog):
+def test_a_server_that_refuses_the_publish_script_gets_plain_sets(redis_server_private, caplog, monkeypatch):
     from lmcache_core import chunk_format
 
     with redis_server_private.client() as raw:
@@ -716,19 +760,53 @@ def test_a_server_that_refuses_the_publish_script_gets_plain_sets(redis_server_p
         c = RedisConnector(
             redis_server_private.url.replace("://", "://noscript:pw@"), timeout=TIMEOUT, prefix=_prefix()
         )
+        steps = _Steps(c, monkeypatch)
         key, t = make_key("acl"), _big_chunk(4)
         c.put_chunk(key, chunk_format.UnsealedChunk(t, key.to_string()))
+        assert steps.published == ["refused"] and steps.plain_sets == 1
         assert not c.staged_puts
-        assert "staged puts off" in caplog.text and "pw" not in caplog.text.replace("NOPERM", "")
+        assert "staged puts off" in caplog.text and ":pw@" not in caplog.text
         assert _b(c.get(key)) == chunk_format.encode_bytes(t, key.to_string())
         assert _staging_keys(raw) == []  # the refused one was deleted, not left to expire
         key2 = make_key("acl2")
         c.put_chunk(key2, chunk_format.UnsealedChunk(t, key2.to_string()))  # plain from now on
+        assert steps.published == ["refused"] and steps.plain_sets == 2
         assert _b(c.get(key2)) == chunk_format.encode_bytes(t, key2.to_string())
         c.close()
 
 
-def test_a_staged_send_cut_midway_is_retried_and_hashed_again(conn):
+def test_an_acl_limited_to_the_prefix_still_gets_staged_puts(redis_server_private, monkeypatch):
+    from lmcache_core import chunk_format
+
+    prefix = _prefix()
+    with redis_server_private.client() as raw:
+        raw.execute_command("ACL", "SETUSER", "app", "on", ">pw", f"~{prefix}*", "+@all")
+    c = RedisConnector(redis_server_private.url.replace("://", "://app:pw@"), timeout=TIMEOUT, prefix=prefix)
+    steps = _Steps(c, monkeypatch)
+    for i in range(2):
+        key, t = make_key(f"app{i}"), _big_chunk(20 + i)
+        c.put_chunk(key, chunk_format.UnsealedChunk(t, key.to_string()))
+        assert _b(c.get(key)) == chunk_format.encode_bytes(t, key.to_string())
+    assert steps.published == [1, 1] and steps.plain_sets == 0 and c.staged_puts
+    c.close()
+
+
+def test_staged_puts_can_be_turned_off(redis_server, monkeypatch):
+    from lmcache_core import chunk_format
+
+    c = RedisConnector(redis_server.url, timeout=TIMEOUT, prefix=_prefix(), staged_puts="false")
+    assert not c.staged_puts
+    steps = _Steps(c, monkeypatch)
+    key, t = make_key("off"), _big_chunk(8)
+    c.put_chunk(key, chunk_format.UnsealedChunk(t, key.to_string()))
+    assert steps.published == [] and steps.plain_sets == 1
+    assert _b(c.get(key)) == chunk_format.encode_bytes(t, key.to_string())
+    c.close()
+    with pytest.raises(ValueError, match="staged_puts"):
+        RedisConnector(redis_server.url, timeout=TIMEOUT, staged_puts="maybe")
+
+
+def test_a_staged_send_cut_midway_is_retried_and_hashed_again(conn, monkeypatch):
     from lmcache_core import chunk_format
 
     class CutOnce(chunk_format.UnsealedChunk):
@@ -741,41 +819,60 @@ def test_a_staged_send_cut_midway_is_retried_and_hashed_again(conn):
                     raise ConnectionResetError(104, "reset by the test")
                 yield piece
 
+    steps = _Steps(conn, monkeypatch)
     key, t = make_key("cut"), _big_chunk(5)
     chunk = CutOnce(t, key.to_string())
     chunk.passes = 0
     conn.put_chunk(key, chunk)
     assert chunk.passes == 2  # redis-py's one retry on a fresh connection, packed anew
+    # Published with the digest of the second, whole pass (a hasher that carried on from
+    # the cut pass would have written a wrong checksum).
+    assert steps.published == [1] and steps.plain_sets == 0
     assert _b(conn.get(key)) == chunk_format.encode_bytes(t, key.to_string())
 
 
 @pytest.mark.parametrize(
-    "prefix",
-    ["cl:", "{tag}:", "a{b:", "x}y{z}:", "x}y{", "{}e:"],
-    ids=["plain", "hash-tag", "open-brace", "tag-after-close", "close-first", "empty-tag"],
+    "name",
+    [b"p:vllm@m@1@0@ab", b"{t}:vllm@m@1@0@ab", b"x}y{z}w", b"a{b", b"a{}b", b"a{}b}c", b"}a", b"{", b"{{x}}"],
 )
-def test_staged_puts_on_a_cluster_keep_the_slot_or_fall_back(redis_cluster, prefix, monkeypatch):
+def test_staging_names_share_the_slot_start_with_the_prefix_and_never_parse_as_keys(name):
     from redis.crc import key_slot
 
-    from lmcache_core import chunk_format
     from lmcache_core.storage_backend.connector.redis_connector import _staging_name
 
+    prefix = name[:2]
+    staging = _staging_name(name, prefix)
+    if staging is None:  # only a name without a tag that holds "}", or a prefix with "{"
+        start = name.find(b"{")
+        assert b"}" in name or b"{" in prefix
+        assert not (start != -1 and name.find(b"}", start + 1) > start + 1)
+        return
+    assert key_slot(staging) == key_slot(name)
+    assert staging.startswith(prefix) and staging != _staging_name(name, prefix)
+    c = RedisConnector("redis://127.0.0.1:1/0", timeout=1, prefix=prefix.decode())
+    assert c._parse_name(staging) is None
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["cl:", "{tag}:", "x}y{z}:", "a{b:", "x}y{", "{}e:"],
+    ids=["plain", "hash-tag", "tag-after-close", "open-brace", "close-first", "empty-tag"],
+)
+def test_staged_puts_on_a_cluster_keep_the_slot_or_fall_back(redis_cluster, prefix, monkeypatch):
+    from lmcache_core import chunk_format
+
     c = RedisConnector(redis_cluster.url, timeout=TIMEOUT, prefix=prefix + uuid.uuid4().hex[:8] + ":")
-    staged = []
-    real_publish = c._publish
-    monkeypatch.setattr(c, "_publish", lambda s, n, ch: (staged.append(s), real_publish(s, n, ch))[1])
+    steps = _Steps(c, monkeypatch)
     try:
         for i in range(3):
             key, t = make_key(f"cl{i}"), _big_chunk(10 + i)
-            name = c._name(key)
-            staging = _staging_name(name)
-            if staging is not None:
-                assert key_slot(staging) == key_slot(name) and staging.startswith(b"{")
-                assert staging != _staging_name(name)  # fresh each time
             c.put_chunk(key, chunk_format.UnsealedChunk(t, key.to_string()))
             assert _b(c.get(key)) == chunk_format.encode_bytes(t, key.to_string())
-        # Only a name without a hash tag that holds a "}" cannot be staged.
-        assert len(staged) == (0 if prefix in ("x}y{", "{}e:") else 3)
+        if prefix in ("cl:", "{tag}:", "x}y{z}:"):
+            assert steps.published == [1, 1, 1] and steps.plain_sets == 0
+        else:  # no tag and a "}" in the name, or a "{" in the prefix: plain SETs
+            assert steps.published == [] and steps.plain_sets == 3
+        assert c.staged_puts
         assert {o.key for o in c.list()} == {make_key(f"cl{i}") for i in range(3)}
     finally:
         c.close()
@@ -791,7 +888,7 @@ def test_staged_puts_into_a_full_redis_are_store_full_and_leave_no_staging_key(r
     with pytest.raises(StoreFullError):
         for i in range(8):
             c.put_chunk(make_key(i), chunk_format.UnsealedChunk(t, make_key(i).to_string()))
-    assert c.staged_puts  # full is not "scripts refused"
+    assert c.staged_puts  # full is not "refused"
     with server.client() as raw:
         assert _staging_keys(raw) == []
     assert _b(c.get(first)) == chunk_format.encode_bytes(t, first.to_string())

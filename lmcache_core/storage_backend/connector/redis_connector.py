@@ -26,13 +26,17 @@ clients get them through a connection pool class.
 A chunk of at least ``STREAM_PUT_BYTES`` is written in two steps, so that its payload
 is hashed piece by piece just before each piece is sent rather than in one pass
 before the ``SET`` (``chunk_format.UnsealedChunk``): ``SET`` of the header (checksum
-still zeros) and payload under a staging name ``{<slot>}.lmcache-staging.<random>``
-with a TTL, then one script that writes the checksum in place, renames the staging
-key onto the chunk's name and drops the TTL. Readers see the old value or the whole
-new one, never a staged one. The staging name is in the chunk's cluster slot and
-outside the prefix, so ``list()`` never sees it; a writer that dies between the two
-steps leaves it to expire. A server or proxy that refuses the script turns staging
-off for the connector, which then sends a plain ``SET``.
+still zeros) and payload under a staging name with a TTL, then one script that writes
+the checksum in place, renames the staging key onto the chunk's name and drops the
+TTL. Readers see the old value or the whole new one, never a staged one. The staging
+name starts with the prefix (so an ACL of ``~<prefix>*`` allows it), is in the
+chunk's cluster slot, and never parses as a key (``list()`` skips it); a writer that
+dies between the two steps leaves it to expire. The script names the chunk first, so
+a proxy that routes by the first key runs it where the chunk lives; a staging key
+not found there is not published. A server that refuses staging (an ACL, scripts
+off, a proxy without ``EVAL`` or ``RENAME``), or where staged keys keep vanishing,
+turns it off for the connector, which then sends a plain ``SET``; so does the
+``staged_puts=False`` option.
 """
 
 from __future__ import annotations
@@ -76,20 +80,35 @@ FETCH_GROUP_BYTES = 1024 * 1024
 STREAM_PUT_BYTES = 4 * 1024 * 1024
 # Piece of a staged payload: hashed, then sent while it is still in the CPU cache.
 STREAM_PIECE_BYTES = 256 * 1024
-STAGING_MARK = b".lmcache-staging."
+# In every staging name; its "@"s give a key string six fields, so it never parses as a key.
+STAGING_MARK = b"@lmcache-staging@"
 # A staging key left by a writer that died before publishing lives this long at most
 # (or ten socket timeouts, if longer).
 STAGING_TTL_S = 60
-# KEYS: staging name, chunk name. ARGV: checksum offset, checksum digits, value size.
-# STRLEN is 0 for a missing key: a staging key that expired or was evicted is not
-# published (the caller then sends a plain SET).
+# Staged keys gone before publishing this many times in a row turn staging off.
+STAGING_GONE_LIMIT = 3
+# KEYS: chunk name, staging name. ARGV: checksum offset, checksum digits, value size.
+# STRLEN is 0 for a missing key: a staging key that expired, was evicted or lives on
+# another server is not published (the caller then sends a plain SET), unless the
+# chunk already holds exactly this value (a retry of a publish whose reply was lost).
 _PUBLISH_SCRIPT = """
-if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[3]) then return 0 end
-redis.call('SETRANGE', KEYS[1], ARGV[1], ARGV[2])
-redis.call('RENAME', KEYS[1], KEYS[2])
-redis.call('PERSIST', KEYS[2])
+if redis.call('STRLEN', KEYS[2]) ~= tonumber(ARGV[3]) then
+  local n = redis.pcall('STRLEN', KEYS[1])
+  if n == tonumber(ARGV[3]) and redis.call('GETRANGE', KEYS[1], ARGV[1], ARGV[1] + 31) == ARGV[2] then
+    return 1
+  end
+  return 0
+end
+redis.call('SETRANGE', KEYS[2], ARGV[1], ARGV[2])
+redis.call('RENAME', KEYS[2], KEYS[1])
+redis.call('PERSIST', KEYS[1])
 return 1
 """
+# What a staging step's ResponseError means (_outcome).
+_FULL, _REFUSED = "full", "refused"
+# Words of the errors a server or proxy gives for a command it will not run for us
+# (an ACL's NOPERM is recognised by its class).
+_REFUSAL_WORDS = ("unknown command", "unsupported", "not supported", "disabled", "crossslot", "not allowed")
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +163,9 @@ class RedisConnector(RemoteConnector):
         url: see the module docstring; secrets in it never reach a message.
         timeout: seconds for connecting and for each socket operation.
         **options: ``prefix`` (default ``lmcache:``), ``health_check_interval`` (seconds,
-            default 30), and any redis-py client option (``ssl_ca_certs``,
+            default 30), ``staged_puts`` (default true; false sends every chunk as one
+            plain ``SET``, e.g. behind a proxy that routes keys without hash tags), and
+            any redis-py client option (``ssl_ca_certs``,
             ``ssl_cert_reqs``, ``max_connections``, ``username``, ...).
 
     Raises:
@@ -180,6 +201,7 @@ class RedisConnector(RemoteConnector):
             )
         self._url = stripped
         self._options = options
+        staged = options.pop("staged_puts", True)
         options.setdefault("health_check_interval", 30)
         # Parse now so a malformed URL fails at construction, not at the first call.
         if self.cluster:
@@ -190,8 +212,9 @@ class RedisConnector(RemoteConnector):
         #: whether ``put`` sends header and payload without joining them first
         self.zero_copy_put = "command_packer" in self._hooks
         #: whether ``put_chunk`` stages large chunks and hashes them as they are sent
-        self.staged_puts = self.zero_copy_put
+        self.staged_puts = self.zero_copy_put and _streaming_send_loop() and _as_flag("staged_puts", staged)
         self._staging_ttl_ms = int(max(STAGING_TTL_S, 10 * self.timeout) * 1000)
+        self._staging_gone = 0  # staged keys gone before publishing, in a row
         #: about how many reply bytes one MGET of ``get_many`` may ask for
         self.mget_budget_bytes = MGET_BUDGET_BYTES
         self._lock = threading.Lock()
@@ -380,40 +403,66 @@ class RedisConnector(RemoteConnector):
     def put_chunk(self, key: CacheEngineKey, chunk: chunk_format.UnsealedChunk) -> None:
         """Store a chunk, staged and hashed as it is sent when large (module docstring)."""
         name = self._name(key)
-        staging = _staging_name(name) if self.staged_puts and chunk.size >= STREAM_PUT_BYTES else None
-        if staging is None:
+        large = self.staged_puts and chunk.size >= STREAM_PUT_BYTES
+        staging = _staging_name(name, self._prefix_bytes) if large else None
+        if staging is None or not self._put_staged(name, staging, chunk):
             self.put(key, (chunk.sealed_header(), chunk.payload))
-            return
+
+    def _put_staged(self, name: bytes, staging: bytes, chunk: chunk_format.UnsealedChunk) -> bool:
+        """Stage, then publish; False when the caller should send a plain ``SET`` instead.
+
+        A transport failure raises and leaves the staging key to its TTL (a ``DEL``
+        would wait out another timeout on a server that is not answering).
+        """
         value = StagedValue(chunk)
-        published = False
-        try:
-            self._call("SET (staging)", lambda c: c.execute_command("SET", staging, value, "PX", self._staging_ttl_ms))
-            published = self._publish(staging, name, chunk)
-        finally:
-            if not published:
-                # Best effort: what is left expires anyway.
-                with contextlib.suppress(Exception):
-                    self._call("DEL (staging)", lambda c: c.delete(staging))
-        if not published:
-            self.put(key, (chunk.sealed_header(), chunk.payload))
-
-    def _publish(self, staging: bytes, name: bytes, chunk: chunk_format.UnsealedChunk) -> bool:
-        """Checksum in, staging key renamed onto ``name``; False if it is gone or the script refused."""
-        redis = self._redis
+        outcome = self._call(
+            "SET (staging)", lambda c: self._outcome(c, "SET", staging, value, "PX", self._staging_ttl_ms)
+        )
+        if outcome is _FULL:
+            raise StoreFullError(self.display_url, "SET (staging): Redis is at maxmemory")
+        if outcome is _REFUSED:
+            return False
         args = (chunk.checksum_offset, chunk.digest(), chunk.size)
+        outcome = self._call(
+            "EVAL (publish)", lambda c: self._outcome(c, "EVAL", _PUBLISH_SCRIPT, 2, name, staging, *args)
+        )
+        if outcome == 1:
+            self._staging_gone = 0
+            return True
+        # Not published: the staged value goes; at maxmemory a plain SET may still fit
+        # once it has (and raises StoreFullError itself if not).
+        with contextlib.suppress(Exception):
+            self._call("DEL (staging)", lambda c: c.delete(staging))
+        if outcome == 0:
+            self._staging_gone += 1
+            if self._staging_gone >= STAGING_GONE_LIMIT:
+                self._staging_off(f"{STAGING_GONE_LIMIT} staged keys in a row were gone before publishing")
+        return False
 
-        def run(c: Any) -> bool:
-            try:
-                return int(c.execute_command("EVAL", _PUBLISH_SCRIPT, 2, staging, name, *args)) == 1
-            except redis.exceptions.OutOfMemoryError:
-                raise
-            except redis.exceptions.ResponseError as exc:
-                # EVAL off, an ACL, a proxy without scripts: plain SETs from now on.
-                logger.warning("%s: staged puts off, the server refused the publish script: %s", self.display_url, exc)
-                self.staged_puts = False
-                return False
+    def _outcome(self, client: Any, *args: Any) -> Any:
+        """The command's reply, or ``_FULL``/``_REFUSED`` for those errors (others raise).
 
-        return self._call("EVAL (publish)", run)
+        A refusal turns staging off for this connector: it would be refused again.
+        """
+        redis = self._redis
+        try:
+            return client.execute_command(*args)
+        except redis.exceptions.ResponseError as exc:
+            text = str(exc)
+            # Redis 6 reports OOM inside a script as "ERR Error running script ... -OOM".
+            if isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in text:
+                return _FULL
+            if isinstance(exc, redis.exceptions.NoPermissionError) or any(
+                w in text.lower() for w in _REFUSAL_WORDS
+            ):
+                self._staging_off(f"the server refused {args[0]}: {text:.200}")
+                return _REFUSED
+            raise
+
+    def _staging_off(self, why: str) -> None:
+        if self.staged_puts:
+            self.staged_puts = False
+            logger.warning("%s: staged puts off, plain SETs from now on: %s", self.display_url, why)
 
     def put_many(self, items: Sequence[tuple[CacheEngineKey, Sequence[bytes | memoryview]]]) -> None:
         """All ``SET``s in one pipeline (per node on a cluster)."""
@@ -595,7 +644,10 @@ class ChunkValue:
 
 
 class StagedValue:
-    """A command argument: an ``UnsealedChunk``'s header, then its payload hashed piece by piece."""
+    """A command argument: an ``UnsealedChunk``'s header, then its payload hashed piece by piece.
+
+    For one command at a time (its chunk is hashed as the command is sent).
+    """
 
     __slots__ = ("chunk", "nbytes")
 
@@ -604,19 +656,22 @@ class StagedValue:
         self.nbytes = chunk.size
 
 
-def _staging_name(name: bytes) -> bytes | None:
-    """A fresh staging name in ``name``'s cluster slot, outside any prefix; None if none fits.
+def _staging_name(name: bytes, prefix: bytes) -> bytes | None:
+    """A fresh staging name for ``name``: under ``prefix``, in ``name``'s cluster slot.
 
-    RENAME and the publish script need both names in one slot. The slot comes from
-    ``name``'s hash tag if it has one, else from all of it; ``{<that>}`` gives the
-    same slot unless it holds a ``}``.
+    RENAME and the publish script need both names in one slot. A name with a hash tag
+    keeps it (staging = name + mark); one without gets ``{name}`` after the prefix,
+    which hashes like the name itself unless the name holds a ``}`` or the prefix a
+    ``{`` (then None: a plain SET).
     """
+    token = STAGING_MARK + os.urandom(8).hex().encode("ascii")
     start = name.find(b"{")
     end = name.find(b"}", start + 1) if start != -1 else -1
-    source = name[start + 1 : end] if start != -1 and end > start + 1 else name
-    if b"}" in source:
+    if end > start + 1:  # a non-empty tag: the first "{" and the first "}" after it
+        return name + token  # the same first tag: the same slot
+    if b"}" in name or b"{" in prefix:
         return None
-    return b"{" + source + b"}" + STAGING_MARK + os.urandom(8).hex().encode("ascii")
+    return prefix + b"{" + name + b"}" + token
 
 
 class _ChunkValuePacker:
@@ -684,6 +739,30 @@ def _fast_path_hooks(protocol: int) -> dict[str, Any]:
         if protocol not in _HOOKS:
             _HOOKS[protocol] = _build_hooks(protocol)
         return dict(_HOOKS[protocol])
+
+
+def _streaming_send_loop() -> bool:
+    """Whether redis-py sends a packed command by iterating over it once, piece by piece.
+
+    A staged put packs its payload as a generator that hashes each piece as the send
+    loop takes it; a redis-py that joined or measured the packed command first would
+    break that, so staging needs this (else puts hash first, as before).
+    """
+    try:
+        from redis.connection import AbstractConnection
+
+        source = inspect.getsource(AbstractConnection.send_packed_command)
+    except (ImportError, AttributeError, OSError, TypeError):
+        return False
+    return "for item in command:" in source and "sendall(item)" in source
+
+
+def _as_flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    raise ValueError(f"{name}: expected true or false, got {value!r:.40}")
 
 
 def _build_hooks(protocol: int) -> dict[str, Any]:
