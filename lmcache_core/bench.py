@@ -809,17 +809,7 @@ def _bench_store(
         # 3. get, hot.
         say(f"{name}: get x{count}")
         raw_get, ours_get = _Series(), _Series()
-        misses = 0
-        for i in range(count):
-            for side in _turns(i):
-                if side == "raw":
-                    with raw_get.op(nbytes):
-                        raw.get(i)
-                else:
-                    with ours_get.op(nbytes):
-                        got = store.get(keys[i])
-                    misses += got is None
-                    del got  # hand pool buffers back before the next read
+        misses = _read_pairs(raw, store, keys[:count], nbytes, raw_get, ours_get)
         note = f"{misses} misses" if misses else ""
         if kind == "memory":
             note = "zero-copy (returns a view of the cache)" + (f"; {note}" if note else "")
@@ -864,15 +854,7 @@ def _bench_store(
             ours_paths = [store._path(k) for k in keys[:count]] if hasattr(store, "_path") else []
             method = drop_page_cache(raw.paths(range(count)) + ours_paths)
             raw_c, ours_c = _Series(), _Series()
-            for i in range(count):
-                for side in _turns(i):
-                    if side == "raw":
-                        with raw_c.op(nbytes):
-                            raw.get(i)
-                    else:
-                        with ours_c.op(nbytes):
-                            got = store.get(keys[i])
-                        del got
+            misses = _read_pairs(raw, store, keys[:count], nbytes, raw_c, ours_c)
             rows.append(
                 _row(
                     name,
@@ -882,7 +864,7 @@ def _bench_store(
                     raw.get_op.replace("warm buffer", "warm buffer, cold file"),
                     raw_c,
                     nbytes,
-                    f"page cache dropped via {method}",
+                    f"page cache dropped via {method}" + (f"; {misses} misses" if misses else ""),
                 )
             )
     finally:
@@ -897,6 +879,30 @@ def _bench_store(
             model,
         )
     return rows
+
+
+def _read_pairs(
+    raw: _RawMedium,
+    store: LMCBackendInterface,
+    keys: Sequence[CacheEngineKey],
+    nbytes: int,
+    raw_series: _Series,
+    ours_series: _Series,
+) -> int:
+    """Read object ``i`` from the raw medium and ``keys[i]`` from the store, pair by pair,
+    taking turns at going first; returns the store's misses."""
+    misses = 0
+    for i, key in enumerate(keys):
+        for side in _turns(i):
+            if side == "raw":
+                with raw_series.op(nbytes):
+                    raw.get(i)
+            else:
+                with ours_series.op(nbytes):
+                    got = store.get(key)
+                misses += got is None
+                del got  # hand pool buffers back before the next read
+    return misses
 
 
 def _turns(i: int) -> tuple[str, str]:
