@@ -716,17 +716,31 @@ def test_staged_keys_gone_before_publishing_fall_back_and_then_turn_staging_off(
     from lmcache_core import chunk_format
     from lmcache_core.storage_backend.connector.redis_connector import STAGING_GONE_LIMIT
 
-    def vanish(name, staging, offset):
-        with redis_server.client() as raw:
-            assert raw.delete(staging) == 1  # expired, evicted, on another server: as if
+    vanish = {"on": True}
 
-    steps = _Steps(conn, monkeypatch, vanish)
-    for i in range(STAGING_GONE_LIMIT):
-        assert conn.staged_puts  # one vanished key is no reason to stop staging
-        key, t = make_key(f"vanished{i}"), _big_chunk(3 + i)
+    def before_publish(name, staging, offset):
+        if vanish["on"]:
+            with redis_server.client() as raw:
+                assert raw.delete(staging) == 1  # expired, evicted, on another server: as if
+
+    steps = _Steps(conn, monkeypatch, before_publish)
+
+    def put(i: int) -> None:
+        key, t = make_key(f"vanished{i}"), _big_chunk(30 + i)
         conn.put_chunk(key, chunk_format.UnsealedChunk(t, key.to_string()))
         assert _b(conn.get(key)) == chunk_format.encode_bytes(t, key.to_string())
-    assert steps.published == [0] * STAGING_GONE_LIMIT and steps.plain_sets == STAGING_GONE_LIMIT
+
+    for i in range(STAGING_GONE_LIMIT - 1):
+        put(i)
+    vanish["on"] = False
+    put(10)  # a publish that works starts the count again
+    vanish["on"] = True
+    for i in range(STAGING_GONE_LIMIT - 1):
+        put(20 + i)
+    assert conn.staged_puts  # vanished keys, but never the limit in a row
+    put(30)
+    assert steps.published == [0] * (STAGING_GONE_LIMIT - 1) + [1] + [0] * STAGING_GONE_LIMIT
+    assert steps.plain_sets == 2 * STAGING_GONE_LIMIT - 1  # one per vanished key
     assert not conn.staged_puts
 
 
@@ -743,7 +757,7 @@ def test_the_publish_script_recognises_a_retry_and_refuses_anything_else(conn, r
     def publish(target, digest):
         return c.execute_command("EVAL", _PUBLISH_SCRIPT, 2, target, gone, chunk.checksum_offset, digest, chunk.size)
 
-    assert publish(name, chunk.digest()) == 1  # the reply of the first was lost: it is there
+    assert publish(name, chunk.digest()) == 2  # the reply of the first was lost: it is there
     assert publish(name, b"f" * 32) == 0  # another value under the name
     assert publish(name + b"-absent", chunk.digest()) == 0
     with redis_server.client() as raw:
@@ -752,20 +766,25 @@ def test_the_publish_script_recognises_a_retry_and_refuses_anything_else(conn, r
     assert _b(conn.get(key)) == chunk_format.encode_bytes(t, key.to_string())
 
 
-def test_a_server_that_refuses_the_publish_script_gets_plain_sets(redis_server_private, caplog, monkeypatch):
+_PASSWORD = "s3cr3t-Zq81"
+
+
+@pytest.mark.parametrize("denied", ["-eval", "-rename", "-persist", "-setrange"])
+def test_a_server_that_refuses_a_staging_command_gets_plain_sets(redis_server_private, caplog, monkeypatch, denied):
+    # -eval: the script is refused; the others: a command inside it is (an ACL checks each).
     from lmcache_core import chunk_format
 
     with redis_server_private.client() as raw:
-        raw.execute_command("ACL", "SETUSER", "noscript", "on", ">pw", "~*", "+@all", "-eval", "-evalsha")
+        raw.execute_command("ACL", "SETUSER", "limited", "on", f">{_PASSWORD}", "~*", "+@all", denied)
         c = RedisConnector(
-            redis_server_private.url.replace("://", "://noscript:pw@"), timeout=TIMEOUT, prefix=_prefix()
+            redis_server_private.url.replace("://", f"://limited:{_PASSWORD}@"), timeout=TIMEOUT, prefix=_prefix()
         )
         steps = _Steps(c, monkeypatch)
         key, t = make_key("acl"), _big_chunk(4)
         c.put_chunk(key, chunk_format.UnsealedChunk(t, key.to_string()))
         assert steps.published == ["refused"] and steps.plain_sets == 1
         assert not c.staged_puts
-        assert "staged puts off" in caplog.text and ":pw@" not in caplog.text
+        assert "staged puts off" in caplog.text and _PASSWORD not in caplog.text
         assert _b(c.get(key)) == chunk_format.encode_bytes(t, key.to_string())
         assert _staging_keys(raw) == []  # the refused one was deleted, not left to expire
         key2 = make_key("acl2")
@@ -773,6 +792,47 @@ def test_a_server_that_refuses_the_publish_script_gets_plain_sets(redis_server_p
         assert steps.published == ["refused"] and steps.plain_sets == 2
         assert _b(c.get(key2)) == chunk_format.encode_bytes(t, key2.to_string())
         c.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "meaning"),
+    [
+        ("OOM command not allowed when used memory > 'maxmemory'.", "full"),
+        ("ERR Error running script (call to f_1): @user_script:3: -OOM command not allowed when used memory > "
+         "'maxmemory'.", "full"),
+        ("NOPERM this user has no permissions to run the 'eval' command", "refused"),
+        ("ERR unknown command 'EVAL', with args beginning with: ", "refused"),
+        ("ERR Error running script (call to f_1): @user_script:5: Unknown Redis command called from Lua script",
+         "refused"),
+        ("ERR The user executing the script can't run this command or subcommand script: f_1, on @user_script:5.",
+         "refused"),
+        ("ERR ACL failure in script: User limited has no permissions to run the 'rename' command", "refused"),
+        ("CROSSSLOT Keys in request don't hash to the same slot", "refused"),
+        ("TRYAGAIN Multiple keys request during rehashing of slot", "moving"),
+        ("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk. "
+         "Commands that may modify the data set are disabled, because this instance is configured to report "
+         "errors during writes if RDB snapshotting fails (stop-writes-on-bgsave-error option).", None),
+        ("READONLY You can't write against a read only replica.", None),
+        ("BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.", None),
+        ("CLUSTERDOWN The cluster is down", None),
+        ("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.", None),
+        ("NOREPLICAS Not enough good replicas to write.", None),
+        ("LOADING Redis is loading the dataset in memory", None),
+        ("WRONGTYPE Operation against a key holding the wrong kind of value", None),
+    ],
+)  # fmt: skip
+def test_what_a_staging_error_means(reply, meaning):
+    # Each reply parsed by redis-py's own parser, as it would reach the connector.
+    import redis
+    from redis._parsers.base import BaseParser
+
+    from lmcache_core.storage_backend.connector.redis_connector import _staging_error
+
+    exc = BaseParser.parse_error(reply)
+    if not isinstance(exc, redis.exceptions.ResponseError):  # LOADING is a ConnectionError: never asked
+        assert meaning is None
+        return
+    assert _staging_error(redis, exc) == meaning
 
 
 def test_an_acl_limited_to_the_prefix_still_gets_staged_puts(redis_server_private, monkeypatch):
@@ -791,11 +851,16 @@ def test_an_acl_limited_to_the_prefix_still_gets_staged_puts(redis_server_privat
     c.close()
 
 
-def test_staged_puts_can_be_turned_off(redis_server, monkeypatch):
+@pytest.mark.parametrize("how", ["option", "url"])
+def test_staged_puts_can_be_turned_off(redis_server, monkeypatch, how):
     from lmcache_core import chunk_format
 
-    c = RedisConnector(redis_server.url, timeout=TIMEOUT, prefix=_prefix(), staged_puts="false")
-    assert not c.staged_puts
+    prefix = _prefix()
+    if how == "option":
+        c = RedisConnector(redis_server.url, timeout=TIMEOUT, prefix=prefix, staged_puts="false")
+    else:
+        c = RedisConnector(f"{redis_server.url}?staged_puts=false&prefix={prefix}", timeout=TIMEOUT)
+    assert not c.staged_puts and c.prefix == prefix
     steps = _Steps(c, monkeypatch)
     key, t = make_key("off"), _big_chunk(8)
     c.put_chunk(key, chunk_format.UnsealedChunk(t, key.to_string()))
@@ -835,7 +900,7 @@ def test_a_staged_send_cut_midway_is_retried_and_hashed_again(conn, monkeypatch)
     "name",
     [b"p:vllm@m@1@0@ab", b"{t}:vllm@m@1@0@ab", b"x}y{z}w", b"a{b", b"a{}b", b"a{}b}c", b"}a", b"{", b"{{x}}"],
 )
-def test_staging_names_share_the_slot_start_with_the_prefix_and_never_parse_as_keys(name):
+def test_staging_names_share_the_slot_and_start_with_the_prefix(name):
     from redis.crc import key_slot
 
     from lmcache_core.storage_backend.connector.redis_connector import _staging_name
@@ -849,7 +914,21 @@ def test_staging_names_share_the_slot_start_with_the_prefix_and_never_parse_as_k
         return
     assert key_slot(staging) == key_slot(name)
     assert staging.startswith(prefix) and staging != _staging_name(name, prefix)
-    c = RedisConnector("redis://127.0.0.1:1/0", timeout=1, prefix=prefix.decode())
+
+
+@pytest.mark.parametrize("prefix", ["lmcache:", "{t}:", "t{", "x}y{z}:", "a{b}"])
+def test_a_staging_name_never_parses_as_a_key(prefix):
+    from lmcache_core.storage_backend.connector.redis_connector import _staging_name
+
+    c = RedisConnector("redis://127.0.0.1:1/0", timeout=1, prefix=prefix)
+    key = make_key("parse")
+    name = c._name(key)
+    assert c._parse_name(name) == key
+    staging = _staging_name(name, c._prefix_bytes)
+    if prefix == "t{":
+        assert staging is None  # no tag in the name, a "{" in the prefix
+        return
+    assert staging is not None and staging.startswith(c._prefix_bytes)
     assert c._parse_name(staging) is None
 
 
@@ -892,4 +971,32 @@ def test_staged_puts_into_a_full_redis_are_store_full_and_leave_no_staging_key(r
     with server.client() as raw:
         assert _staging_keys(raw) == []
     assert _b(c.get(first)) == chunk_format.encode_bytes(t, first.to_string())
+    c.close()
+
+
+def test_full_at_publish_deletes_the_staged_value_and_tries_a_plain_set(redis_server_private, monkeypatch):
+    from lmcache_core import chunk_format
+
+    c = RedisConnector(redis_server_private.url, timeout=TIMEOUT, prefix=_prefix())
+    limit = {"maxmemory": b"0"}
+
+    def fill_up(name, staging, offset):
+        with redis_server_private.client() as raw:
+            raw.config_set("maxmemory-policy", "noeviction")
+            raw.config_set("maxmemory", limit["maxmemory"])
+
+    steps = _Steps(c, monkeypatch, fill_up)
+    key, t = make_key("fits-after"), _big_chunk(9)
+    limit["maxmemory"] = b"1"  # full once the chunk is staged: the publish is refused for memory
+    with pytest.raises(StoreFullError):
+        c.put_chunk(key, chunk_format.UnsealedChunk(t, key.to_string()))
+    assert steps.published == ["full"] and steps.plain_sets == 1  # the plain SET was tried, and refused too
+    with redis_server_private.client() as raw:
+        assert _staging_keys(raw) == []
+        raw.config_set("maxmemory", 0)
+    assert c.staged_puts and c.get(key) is None
+    limit["maxmemory"] = b"0"
+    c.put_chunk(key, chunk_format.UnsealedChunk(t, key.to_string()))
+    assert steps.published == ["full", 1]
+    assert _b(c.get(key)) == chunk_format.encode_bytes(t, key.to_string())
     c.close()

@@ -33,15 +33,17 @@ name starts with the prefix (so an ACL of ``~<prefix>*`` allows it), is in the
 chunk's cluster slot, and never parses as a key (``list()`` skips it); a writer that
 dies between the two steps leaves it to expire. The script names the chunk first, so
 a proxy that routes by the first key runs it where the chunk lives; a staging key
-not found there is not published. A server that refuses staging (an ACL, scripts
-off, a proxy without ``EVAL`` or ``RENAME``), or where staged keys keep vanishing,
-turns it off for the connector, which then sends a plain ``SET``; so does the
-``staged_puts=False`` option.
+not found there is not published. Staging needs ``SET``, ``EVAL``, and inside the
+script ``STRLEN``, ``GETRANGE``, ``SETRANGE``, ``RENAME`` and ``PERSIST``; a server that
+refuses any of them (an ACL, a renamed command, a proxy without ``EVAL``), or where
+staged keys keep vanishing, turns it off for the connector, which then sends plain
+``SET``s; so does the ``staged_puts=false`` option.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import logging
@@ -80,7 +82,8 @@ FETCH_GROUP_BYTES = 1024 * 1024
 STREAM_PUT_BYTES = 4 * 1024 * 1024
 # Piece of a staged payload: hashed, then sent while it is still in the CPU cache.
 STREAM_PIECE_BYTES = 256 * 1024
-# In every staging name; its "@"s give a key string six fields, so it never parses as a key.
+# In every staging name; its two "@"s give a key string at least seven fields, so a
+# staging name never parses as a key.
 STAGING_MARK = b"@lmcache-staging@"
 # A staging key left by a writer that died before publishing lives this long at most
 # (or ten socket timeouts, if longer).
@@ -88,14 +91,15 @@ STAGING_TTL_S = 60
 # Staged keys gone before publishing this many times in a row turn staging off.
 STAGING_GONE_LIMIT = 3
 # KEYS: chunk name, staging name. ARGV: checksum offset, checksum digits, value size.
-# STRLEN is 0 for a missing key: a staging key that expired, was evicted or lives on
-# another server is not published (the caller then sends a plain SET), unless the
-# chunk already holds exactly this value (a retry of a publish whose reply was lost).
+# Returns 1 when published. STRLEN is 0 for a missing key: a staging key that expired,
+# was evicted or lives on another server is not published: 0 (the caller then sends a
+# plain SET), or 2 when the chunk already holds a value of this size and checksum (a
+# retry of a publish whose reply was lost, or the same chunk put again).
 _PUBLISH_SCRIPT = """
 if redis.call('STRLEN', KEYS[2]) ~= tonumber(ARGV[3]) then
   local n = redis.pcall('STRLEN', KEYS[1])
   if n == tonumber(ARGV[3]) and redis.call('GETRANGE', KEYS[1], ARGV[1], ARGV[1] + 31) == ARGV[2] then
-    return 1
+    return 2
   end
   return 0
 end
@@ -104,11 +108,22 @@ redis.call('RENAME', KEYS[2], KEYS[1])
 redis.call('PERSIST', KEYS[1])
 return 1
 """
-# What a staging step's ResponseError means (_outcome).
-_FULL, _REFUSED = "full", "refused"
-# Words of the errors a server or proxy gives for a command it will not run for us
-# (an ACL's NOPERM is recognised by its class).
-_REFUSAL_WORDS = ("unknown command", "unsupported", "not supported", "disabled", "crossslot", "not allowed")
+# What a staging step's error means (_staging_error).
+_FULL, _REFUSED, _MOVING = "full", "refused", "moving"
+# Error codes of a server that is saving, loading, failing over or moving slots: errors
+# that pass, never a refusal (MISCONF's text says writes are "disabled").
+_TRANSIENT_CODES = frozenset(
+    {"MISCONF", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS",
+     "MOVED", "ASK", "EXECABORT"}
+)  # fmt: skip
+# Words of the errors for a command a server or proxy will not run for us, also from
+# inside the script (Redis 6/7.0: "The user executing the script can't run this
+# command", 7.2: "ACL failure in script", a renamed command: "Unknown Redis command
+# called from script"). NOPERM and CROSSSLOT are recognised by their classes.
+_REFUSAL_WORDS = (
+    "unknown command", "unknown redis command", "acl failure", "can't run this command", "no permissions",
+    "unsupported", "not supported", "not allowed from script",
+)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -133,20 +148,28 @@ def escape_glob(text: str) -> str:
 
 def split_prefix(url: str) -> tuple[str, str | None]:
     """Remove ``prefix=`` from the URL's query; returns (url without it, the prefix or None)."""
+    return split_query(url, "prefix")
+
+
+def split_query(url: str, name: str) -> tuple[str, str | None]:
+    """Remove ``name=`` from the URL's query; returns (url without it, its value or None).
+
+    For our own options, which redis-py would refuse.
+    """
     # String surgery, not urlunsplit: that turns "unix:///path" into "unix:/path".
     base, sep, query = url.partition("?")
     if not sep:
         return url, None
-    prefix = None
+    value = None
     kept = []
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        if name == "prefix":
-            prefix = value
+    for key, item in parse_qsl(query, keep_blank_values=True):
+        if key == name:
+            value = item
         else:
-            kept.append((name, value))
-    if prefix is None:
+            kept.append((key, item))
+    if value is None:
         return url, None
-    return (f"{base}?{urlencode(kept)}" if kept else base), prefix
+    return (f"{base}?{urlencode(kept)}" if kept else base), value
 
 
 class RedisConnector(RemoteConnector):
@@ -163,9 +186,9 @@ class RedisConnector(RemoteConnector):
         url: see the module docstring; secrets in it never reach a message.
         timeout: seconds for connecting and for each socket operation.
         **options: ``prefix`` (default ``lmcache:``), ``health_check_interval`` (seconds,
-            default 30), ``staged_puts`` (default true; false sends every chunk as one
-            plain ``SET``, e.g. behind a proxy that routes keys without hash tags), and
-            any redis-py client option (``ssl_ca_certs``,
+            default 30), ``staged_puts`` (default true, also ``?staged_puts=false`` in
+            the URL; false sends every chunk as one plain ``SET``), and any redis-py
+            client option (``ssl_ca_certs``,
             ``ssl_cert_reqs``, ``max_connections``, ``username``, ...).
 
     Raises:
@@ -182,6 +205,7 @@ class RedisConnector(RemoteConnector):
         self.display_url = mask_url(url)
         self.timeout = float(timeout)
         stripped, url_prefix = split_prefix(url)
+        stripped, url_staged = split_query(stripped, "staged_puts")
         opt_prefix = options.pop("prefix", None)
         if url_prefix is not None and opt_prefix is not None and url_prefix != opt_prefix:
             raise ValueError("prefix given both in the URL and as an option, with different values")
@@ -201,7 +225,7 @@ class RedisConnector(RemoteConnector):
             )
         self._url = stripped
         self._options = options
-        staged = options.pop("staged_puts", True)
+        staged = options.pop("staged_puts", url_staged if url_staged is not None else True)
         options.setdefault("health_check_interval", 30)
         # Parse now so a malformed URL fails at construction, not at the first call.
         if self.cluster:
@@ -420,7 +444,7 @@ class RedisConnector(RemoteConnector):
         )
         if outcome is _FULL:
             raise StoreFullError(self.display_url, "SET (staging): Redis is at maxmemory")
-        if outcome is _REFUSED:
+        if outcome is _REFUSED or outcome is _MOVING:
             return False
         args = (chunk.checksum_offset, chunk.digest(), chunk.size)
         outcome = self._call(
@@ -429,10 +453,13 @@ class RedisConnector(RemoteConnector):
         if outcome == 1:
             self._staging_gone = 0
             return True
-        # Not published: the staged value goes; at maxmemory a plain SET may still fit
-        # once it has (and raises StoreFullError itself if not).
+        # Not published: the staged value goes (at maxmemory a plain SET may fit once it
+        # has, and raises StoreFullError itself if not; during a slot migration a plain
+        # SET follows the slot).
         with contextlib.suppress(Exception):
             self._call("DEL (staging)", lambda c: c.delete(staging))
+        if outcome == 2:
+            return True  # the chunk holds this very value already
         if outcome == 0:
             self._staging_gone += 1
             if self._staging_gone >= STAGING_GONE_LIMIT:
@@ -440,7 +467,7 @@ class RedisConnector(RemoteConnector):
         return False
 
     def _outcome(self, client: Any, *args: Any) -> Any:
-        """The command's reply, or ``_FULL``/``_REFUSED`` for those errors (others raise).
+        """The command's reply, or ``_FULL``/``_REFUSED``/``_MOVING`` (other errors raise).
 
         A refusal turns staging off for this connector: it would be refused again.
         """
@@ -448,16 +475,18 @@ class RedisConnector(RemoteConnector):
         try:
             return client.execute_command(*args)
         except redis.exceptions.ResponseError as exc:
-            text = str(exc)
-            # Redis 6 reports OOM inside a script as "ERR Error running script ... -OOM".
-            if isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in text:
-                return _FULL
-            if isinstance(exc, redis.exceptions.NoPermissionError) or any(
-                w in text.lower() for w in _REFUSAL_WORDS
-            ):
-                self._staging_off(f"the server refused {args[0]}: {text:.200}")
-                return _REFUSED
-            raise
+            meaning = _staging_error(redis, exc)
+            if meaning is None:
+                raise
+            if meaning is _REFUSED:
+                self._staging_off(f"the server refused {args[0]}: {str(exc):.200}")
+            return meaning
+        except redis.exceptions.ClusterError:
+            # redis-py's cluster client gives up on TRYAGAIN (a slot migrating: the two
+            # names on different nodes for now) with "TTL exhausted"; a plain SET works.
+            if args[0] != "EVAL":
+                raise
+            return _MOVING
 
     def _staging_off(self, why: str) -> None:
         if self.staged_puts:
@@ -656,6 +685,28 @@ class StagedValue:
         self.nbytes = chunk.size
 
 
+def _staging_error(redis: Any, exc: Exception) -> str | None:
+    """What a staging step's ``ResponseError`` means: ``_FULL``, ``_REFUSED``, ``_MOVING``, or
+    None for an error like any other (raised as usual)."""
+    errors = redis.exceptions
+    text = str(exc)
+    # redis-py strips the codes it knows from the text (and keeps them as status_code).
+    code = getattr(exc, "status_code", None) or text.split(" ", 1)[0]
+    # Redis 6 reports OOM inside a script as "ERR Error running script ... -OOM ...".
+    if isinstance(exc, errors.OutOfMemoryError) or "OOM command not allowed" in text:
+        return _FULL
+    if isinstance(exc, errors.TryAgainError):
+        return _MOVING
+    if code in _TRANSIENT_CODES or isinstance(
+        exc, (errors.ReadOnlyError, errors.ClusterDownError, errors.MasterDownError, errors.ExecAbortError)
+    ):
+        return None
+    if isinstance(exc, (errors.NoPermissionError, errors.ClusterCrossSlotError)):
+        return _REFUSED
+    lowered = text.lower()
+    return _REFUSED if any(w in lowered for w in _REFUSAL_WORDS) else None
+
+
 def _staging_name(name: bytes, prefix: bytes) -> bytes | None:
     """A fresh staging name for ``name``: under ``prefix``, in ``name``'s cluster slot.
 
@@ -741,6 +792,7 @@ def _fast_path_hooks(protocol: int) -> dict[str, Any]:
         return dict(_HOOKS[protocol])
 
 
+@functools.lru_cache(maxsize=1)
 def _streaming_send_loop() -> bool:
     """Whether redis-py sends a packed command by iterating over it once, piece by piece.
 
@@ -752,9 +804,13 @@ def _streaming_send_loop() -> bool:
         from redis.connection import AbstractConnection
 
         source = inspect.getsource(AbstractConnection.send_packed_command)
-    except (ImportError, AttributeError, OSError, TypeError):
+    except (ImportError, AttributeError, OSError, TypeError) as exc:
+        logger.debug("staged puts off: cannot read redis-py's send loop (%r)", exc)
         return False
-    return "for item in command:" in source and "sendall(item)" in source
+    found = "for item in command:" in source and "sendall(item)" in source
+    if not found:
+        logger.debug("staged puts off: redis-py's send loop is not the one they were built for")
+    return found
 
 
 def _as_flag(name: str, value: Any) -> bool:
