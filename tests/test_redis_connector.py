@@ -313,6 +313,8 @@ def test_blackholed_server_times_out_within_bound():
             lambda: c.put(make_key(1), [b"h", memoryview(b"x" * 4_000_000)]),
             lambda: c.exists(make_key(1)),
             lambda: c.get_many([make_key(1), make_key(2)]),
+            # A staged put (4 MiB and more): its first step times out like any SET.
+            lambda: c.put_chunk(make_key(1), _unsealed(make_key(1), _big_chunk(0))),
         ):
             start = time.monotonic()
             with pytest.raises(StoreUnavailableError):
@@ -640,6 +642,12 @@ def _big_chunk(seed: int = 0):
     t = torch.randn(8, 2, 64, 8, 128, generator=g)  # 4 MiB of float32, plus the header
     assert t.numel() * 4 >= STREAM_PUT_BYTES
     return t
+
+
+def _unsealed(key: CacheEngineKey, tensor):
+    from lmcache_core import chunk_format
+
+    return chunk_format.UnsealedChunk(tensor, key.to_string())
 
 
 def _staging_keys(raw) -> list[bytes]:

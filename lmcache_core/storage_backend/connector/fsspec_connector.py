@@ -377,8 +377,9 @@ class FsspecConnector(RemoteConnector):
         at a time: against a throughput-bound server (moto on loopback) a batch
         of sixteen 32 MiB chunks with all sixteen GETs in flight ran at 0.64x
         sequential ``cat_file``s, with 4-8 in flight (the default 4 fetch groups
-        x 2) at 1.4-1.8x (measured with the batch ``cat`` the pooled GETs replaced); and a caller batching 16 x 32 MiB would otherwise hold
-        512 MiB of half-read replies. S3 bodies land in pooled buffers
+        x 2) at 1.4-1.8x (measured with the batch ``cat`` the pooled GETs
+        replaced); and a caller batching 16 x 32 MiB would otherwise hold 512 MiB
+        of half-read replies. S3 bodies land in pooled buffers
         (``_get_pooled``); other filesystems go through one batch ``cat``.
         """
         if not keys:

@@ -345,13 +345,12 @@ class RedisConnector(RemoteConnector):
         Large values come back as a writable ``memoryview`` (bytes-like, read once off
         the socket); ``chunk_format.decode`` wraps it without copying.
         """
-        value = self._get(key)
-        self._learn_size((value,))
-        return value
+        return self._get(key)
 
     def _get(self, key: CacheEngineKey) -> bytes | None:
         name = self._name(key)
         value: bytes | None = self._call("GET", lambda c: _none_on_wrongtype(self._redis, lambda: c.get(name)))
+        self._learn_size((value,))
         return value
 
     def get_hashed(self, key: CacheEngineKey) -> tuple[bytes | None, str | None]:
@@ -368,8 +367,6 @@ class RedisConnector(RemoteConnector):
             value = self._get(key)  # not self.get: an override could change the bytes after hashing
         finally:
             _arriving.payload = None
-        if value is not None:
-            self._learn_size((value,))
         return value, payload.digest(value) if value is not None else None
 
     def get_many(self, keys: Sequence[CacheEngineKey]) -> List[bytes | None]:
@@ -438,9 +435,10 @@ class RedisConnector(RemoteConnector):
         A transport failure raises and leaves the staging key to its TTL (a ``DEL``
         would wait out another timeout on a server that is not answering).
         """
-        value = StagedValue(chunk)
+        # The packer sends an UnsealedChunk argument as its header, then its payload
+        # hashed piece by piece.
         outcome = self._call(
-            "SET (staging)", lambda c: self._outcome(c, "SET", staging, value, "PX", self._staging_ttl_ms)
+            "SET (staging)", lambda c: self._outcome(c, "SET", staging, chunk, "PX", self._staging_ttl_ms)
         )
         if outcome is _FULL:
             raise StoreFullError(self.display_url, "SET (staging): Redis is at maxmemory")
@@ -672,19 +670,6 @@ class ChunkValue:
         self.nbytes = sum(p.nbytes for p in self.parts)
 
 
-class StagedValue:
-    """A command argument: an ``UnsealedChunk``'s header, then its payload hashed piece by piece.
-
-    For one command at a time (its chunk is hashed as the command is sent).
-    """
-
-    __slots__ = ("chunk", "nbytes")
-
-    def __init__(self, chunk: chunk_format.UnsealedChunk) -> None:
-        self.chunk = chunk
-        self.nbytes = chunk.size
-
-
 def _staging_error(redis: Any, exc: Exception) -> str | None:
     """What a staging step's ``ResponseError`` means: ``_FULL``, ``_REFUSED``, ``_MOVING``, or
     None for an error like any other (raised as usual)."""
@@ -728,8 +713,8 @@ def _staging_name(name: bytes, prefix: bytes) -> bytes | None:
 class _ChunkValuePacker:
     """redis-py command packer that sends ``ChunkValue`` arguments without joining them.
 
-    A ``StagedValue`` is packed lazily: its payload pieces are hashed as redis-py's
-    send loop takes them (a retried send packs, so hashes, again). Other commands go
+    A ``chunk_format.UnsealedChunk`` is packed lazily: its payload pieces are hashed
+    as redis-py's send loop takes them (a retried send packs, so hashes, again). Other commands go
     to redis-py's own packer. Stateless, so one instance serves every connection of
     every thread.
     """
@@ -742,7 +727,7 @@ class _ChunkValuePacker:
         self._plain = PythonRespSerializer(6000, self._encode)
 
     def pack(self, *args: Any) -> Iterable[bytes | memoryview]:
-        if not any(type(a) is ChunkValue or type(a) is StagedValue for a in args):
+        if not any(type(a) is ChunkValue or isinstance(a, chunk_format.UnsealedChunk) for a in args):
             return self._plain.pack(*args)  # type: ignore[no-any-return]
         if isinstance(args[0], str) and " " in args[0]:
             args = tuple(args[0].encode().split()) + args[1:]
@@ -754,9 +739,9 @@ class _ChunkValuePacker:
                 out.append(buff + b"$%d\r\n" % arg.nbytes)
                 out.extend(arg.parts)
                 buff = b"\r\n"
-            elif type(arg) is StagedValue:
-                out.append(buff + b"$%d\r\n" % arg.nbytes + arg.chunk.header)
-                lazy += [out, arg.chunk.pieces(STREAM_PIECE_BYTES)]
+            elif isinstance(arg, chunk_format.UnsealedChunk):
+                out.append(buff + b"$%d\r\n" % arg.size + arg.header)
+                lazy += [out, arg.pieces(STREAM_PIECE_BYTES)]
                 out = []
                 buff = b"\r\n"
             else:
