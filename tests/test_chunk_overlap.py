@@ -205,7 +205,50 @@ def test_split_read_shares_the_pieces_with_the_helper(tmp_path):
     r = Positional(path)
     assert same(read_positional(path, r), t)
     assert len(set(r.readers.values())) == 2, "the helper thread read no piece"
-    assert len(r.readers) == -(-t.numel() * 2 // cf.READ_PIECE_BYTES)  # each piece read once
+    assert len(r.readers) == -(-t.numel() * 2 // cf.SPLIT_PIECE_BYTES)  # each piece read once
+
+
+class RecordingState:
+    """An xxh3-128 state that records which thread fed it how many bytes, in order."""
+
+    def __init__(self) -> None:
+        import xxhash
+
+        self.state = xxhash.xxh3_128()
+        self.feeds: list[tuple[int, int]] = []
+
+    def update(self, piece) -> None:
+        self.feeds.append((threading.get_ident(), len(piece)))
+        self.state.update(piece)
+
+
+def test_split_read_hashes_on_both_threads_in_order(tmp_path):
+    """A piece landing while no other thread holds the hash token is hashed by the thread
+    that read it: here each of the helper's reads takes 0.2 s, so the caller reads every
+    other piece, hashes none past the helper's, and is waiting (token free) when it lands;
+    the helper then hashes its piece and every later one. The digest proves the order:
+    any piece fed twice, skipped or out of place changes it."""
+    t, path = stored(tmp_path, 14)
+    with open(path, "rb", buffering=0) as f:
+        header = cf.read_header(f)
+    r = Positional(path, helper_delay=0.2)
+    dest = torch.empty(header.nbytes, dtype=torch.uint8)
+    state = RecordingState()
+    helper = ThreadPoolExecutor(max_workers=1)
+    try:
+        cf._SplitRead(lambda buf, off: r.preadinto(buf, off), header.data_offset, cf._byte_view(dest)).run(
+            state, helper
+        )
+    finally:
+        helper.shutdown()
+        r.f.close()
+    assert "xxh3_128:" + state.state.hexdigest() == header.checksum
+    assert sum(n for _, n in state.feeds) == header.nbytes
+    assert all(n == cf.SPLIT_PIECE_BYTES for _, n in state.feeds[:-1])  # one feed per piece
+    helpers = set(r.readers.values()) - {r.caller}
+    assert len(helpers) == 1, "the helper read no piece"
+    assert state.feeds[-1][0] in helpers, "the helper hashed no piece"
+    assert same(dest.view(header.torch_dtype).view(header.shape), t)
 
 
 @pytest.mark.parametrize("pool", ["busy", "shut down"])
