@@ -8,13 +8,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 import torch
 
 from lmcache_core import LMCacheEngineConfig, LMCacheEngineMetadata
-from lmcache_core.storage_backend import CreateStorageBackend
+from lmcache_core.storage_backend import CreateStorageBackend, disk_io
 from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend
 from lmcache_core.storage_backend.local_backend import LMCLocalBackend, LMCLocalDiskBackend
 from lmcache_core.storage_backend.remote_backend import LMCPipelinedRemoteBackend, LMCRemoteBackend
@@ -171,6 +172,68 @@ def test_write_through_reaches_remote(tmp_path, redis_server):
         assert torch.equal(fresh.get(make_key(6)), chunk(6))
 
 
+class SendSpy:
+    """Wraps a remote connector's ``put_chunk``: marks when a send starts and ends."""
+
+    def __init__(self, connector, delay: float = 0.0) -> None:
+        self.real = connector.put_chunk
+        self.delay = delay
+        self.started = threading.Event()
+        self.ended = threading.Event()
+        connector.put_chunk = self
+
+    def __call__(self, *args, **kwargs):
+        self.started.set()
+        try:
+            time.sleep(self.delay)
+            return self.real(*args, **kwargs)
+        finally:
+            self.ended.set()
+
+
+def test_blocking_put_sends_to_the_remote_while_the_disk_tier_writes(tmp_path, redis_server):
+    """The disk tier's write waits (up to 5 s) for the remote send to begin: had the
+    hybrid written the tiers one after the other, the send would start only after."""
+    url = redis_url(redis_server, f"par-{tmp_path.name}")
+    backend = hybrid(tmp_path, url, local_disk=str(tmp_path / "disk"))
+    spy = SendSpy(backend.remote.connector)
+    seen: list[bool] = []
+
+    def disk_write(op: str, path: str) -> None:
+        if op == "write" and str(tmp_path / "disk") in path and not seen:
+            seen.append(spy.started.wait(5))
+
+    with disk_io.fault_hook(disk_write):
+        backend.put(make_key(7), chunk(7), blocking=True)
+    assert seen == [True], "the remote send had not begun while the disk tier wrote"
+    assert spy.ended.is_set()  # a blocking put returns only once the remote has it
+    memory, disk = (t for _, t in backend.local_tiers)
+    assert torch.equal(memory.get(make_key(7)), chunk(7)) and torch.equal(disk.get(make_key(7)), chunk(7))
+    assert backend.stats["remote_put_failures"] == 0
+    backend.close()
+    with remote_only(url) as fresh:
+        assert torch.equal(fresh.get(make_key(7)), chunk(7))
+
+
+def test_a_local_tier_that_raises_waits_for_the_remote_send_first(tmp_path, redis_server):
+    """The caller may reuse its tensor once put returns, even by an exception: the send
+    (slowed to 0.3 s here) must be over by then, or it would read the changed bytes."""
+    url = redis_url(redis_server, f"parx-{tmp_path.name}")
+    backend = hybrid(tmp_path, url, local_disk=str(tmp_path / "disk"))
+    spy = SendSpy(backend.remote.connector, delay=0.3)
+
+    def disk_write(op: str, path: str) -> None:
+        if op == "write" and str(tmp_path / "disk") in path:
+            raise RuntimeError("injected: a bug in the disk tier")
+
+    with disk_io.fault_hook(disk_write), pytest.raises(RuntimeError, match="injected"):
+        backend.put(make_key(8), chunk(8), blocking=True)
+    assert spy.started.is_set() and spy.ended.is_set(), "put raised while the remote send was still running"
+    backend.close()
+    with remote_only(url) as fresh:
+        assert torch.equal(fresh.get(make_key(8)), chunk(8))
+
+
 def test_prefetch_is_bounded_filtered_and_non_blocking(tmp_path, redis_server):
     url = redis_url(redis_server, f"pf-{tmp_path.name}")
     nbytes = chunk(0).numel() * 2
@@ -227,7 +290,7 @@ _CHILD = textwrap.dedent(
     """
     import hashlib, json, sys
     from lmcache_core import LMCacheEngineConfig, LMCacheEngineMetadata
-    from lmcache_core.storage_backend import CreateStorageBackend
+    from lmcache_core.storage_backend import CreateStorageBackend, disk_io
     from lmcache_core.tokens import ChunkedKVStore
     url, disk, tokens = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     cfg = LMCacheEngineConfig.from_defaults(local_device="cpu", local_disk=disk, remote_url=url,

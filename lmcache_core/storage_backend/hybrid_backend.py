@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -114,23 +114,50 @@ class LMCHybridBackend(LMCBackendInterface):
         stored = 0
         too_large: ValueError | None = None
         source = kv_chunk
-        for name, tier in self._tiers:
+        sent: Callable[[], None] | None = None  # waits for a remote put under way
+        send_error: Exception | None = None
+        start_put = getattr(self.remote, "start_put", None)
+        if blocking and start_put is not None:
+            # The chunk goes to the remote on its I/O thread while the local tiers are
+            # written here: 32 MiB took disk time plus Redis time one after the other.
             try:
-                tier.put(key, kv_chunk, blocking=True)
-                stored += 1
-                if name == "memory":
-                    # The memory tier's copy is immutable to us: hand it to the
-                    # remote writer so the caller may reuse its buffer at once.
-                    copy = tier.get(key) if not blocking else None
-                    source = kv_chunk if copy is None else copy
-            except ValueError as exc:  # larger than this tier's budget
-                too_large = exc
-            except OSError as exc:
-                logger.warning("%s tier put of %s failed: %s", name, key, exc)
-                self.stats.incr(f"{name}_put_failures")
+                sent = start_put(key, kv_chunk)
+            except ValueError:
+                raise
+            except Exception as exc:  # handled below, as a failed remote put
+                send_error = exc
+        try:
+            for name, tier in self._tiers:
+                try:
+                    tier.put(key, kv_chunk, blocking=True)
+                    stored += 1
+                    if name == "memory":
+                        # The memory tier's copy is immutable to us: hand it to the
+                        # remote writer so the caller may reuse its buffer at once.
+                        copy = tier.get(key) if not blocking else None
+                        source = kv_chunk if copy is None else copy
+                except ValueError as exc:  # larger than this tier's budget
+                    too_large = exc
+                except OSError as exc:
+                    logger.warning("%s tier put of %s failed: %s", name, key, exc)
+                    self.stats.incr(f"{name}_put_failures")
+        except BaseException:
+            if sent is not None:
+                # The caller may change its tensor once this returns: the send ends first.
+                try:
+                    sent()
+                except Exception as exc:
+                    logger.warning("remote put of %s failed: %s", key, exc)
+                    self.stats.incr("remote_put_failures")
+            raise
         if self.remote is not None:
             try:
-                self.remote.put(key, source, blocking=blocking)
+                if send_error is not None:
+                    raise send_error
+                if sent is not None:
+                    sent()
+                else:
+                    self.remote.put(key, source, blocking=blocking)
                 stored += 1
             except ValueError:
                 raise

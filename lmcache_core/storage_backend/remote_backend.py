@@ -425,6 +425,22 @@ class LMCRemoteBackend(LMCBackendInterface):
         self._supersede(key)
         self._write(key, kv_chunk)
 
+    def start_put(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> Callable[[], None]:
+        """A blocking put in two halves: send now on an I/O thread, wait with what this returns.
+
+        The caller may do other work in between (the hybrid writes its local tiers
+        while the chunk is on its way) but must call the returned function, and
+        must not modify ``kv_chunk`` until it has returned. Each half raises what
+        ``put(blocking=True)`` raises; the wait is bounded by ``remote_timeout``.
+        Thread-safe.
+        """
+        check_key(key)
+        check_chunk(kv_chunk)
+        self._check_open()
+        self._check_fork()
+        self._supersede(key)
+        return self._start_write(key, kv_chunk)
+
     def put_nonblocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
         """Queue the write; the caller must not modify ``kv_chunk`` until it is stored."""
         with self._lock:
@@ -474,17 +490,33 @@ class LMCRemoteBackend(LMCBackendInterface):
                 done.set()
 
     def _write(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
+        self._start_write(key, kv_chunk)()
+
+    def _start_write(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> Callable[[], None]:
+        """Submit the write of ``kv_chunk`` to an I/O thread; the returned function awaits it."""
         chunk = chunk_format.UnsealedChunk(kv_chunk, key.to_string())
         try:
-            self._call("put", self.connector.put_chunk, key, chunk, retry=False)
+            future, deadline = self._submit("put", self.connector.put_chunk, key, chunk, retry=False)
         except Exception:
-            self.stats.incr("put_failures")
-            with self._lock:
-                self._known.discard(key)
+            self._write_failed(key)
             raise
+
+        def finish() -> None:
+            try:
+                self._await("put", future, deadline)
+            except Exception:
+                self._write_failed(key)
+                raise
+            with self._lock:
+                self._known.add(key)
+            self.stats.incr("puts")
+
+        return finish
+
+    def _write_failed(self, key: CacheEngineKey) -> None:
+        self.stats.incr("put_failures")
         with self._lock:
-            self._known.add(key)
-        self.stats.incr("puts")
+            self._known.discard(key)
 
     def _supersede(self, key: CacheEngineKey) -> bool:
         """Drop a queued write of ``key`` and wait for one in flight; True if one was queued."""
