@@ -89,3 +89,50 @@ def test_local_directory_remote_reads_and_checks_a_large_chunk(tmp_path: Path) -
         assert store.stats["corrupt"] == 1
     finally:
         store.close()
+
+
+def test_disk_batched_get_reads_each_large_chunk_on_one_thread(tmp_path: Path) -> None:
+    """A disk ``batched_get`` already reads two chunks side by side, so a chunk of
+    OVERLAP_MIN_BYTES or more is not split over a helper as well (four threads on two
+    cores ran 20 % slower). Each read sleeps 1 ms here, so a split chunk would
+    certainly be read by two threads (the helper claims pieces while the caller sleeps)."""
+    import threading
+    import time
+    from collections import defaultdict
+
+    from lmcache_core import chunk_format
+    from lmcache_core.storage_backend import disk_io
+
+    store = open_backend(str(tmp_path / "store"), dst_device="cpu")
+    n = chunk_format.OVERLAP_MIN_BYTES + 6
+    chunks = {
+        CacheEngineKey("vllm", "m", 1, 0, f"{i:064x}"): torch.randn(
+            n // 2, generator=torch.Generator().manual_seed(i)
+        ).to(torch.bfloat16)
+        for i in range(4)
+    }
+    try:
+        for key, chunk in chunks.items():
+            store.put(key, chunk)
+        readers: defaultdict[str, set[int]] = defaultdict(set)
+        pause = [0.001]
+
+        def slow_read(op: str, path: str) -> None:
+            if op == "read":
+                readers[path].add(threading.get_ident())
+                time.sleep(pause[0])
+
+        with disk_io.fault_hook(slow_read):
+            got = store.batched_get(list(chunks))
+        assert all(g is not None and torch.equal(g, c) for g, c in zip(got, chunks.values(), strict=True))
+        assert len(readers) == len(chunks)
+        assert all(len(threads) == 1 for threads in readers.values()), "a chunk was split over threads"
+        del got
+        readers.clear()
+        pause[0] = 0.005  # the helper has 17 x 5 ms to wake up and claim a piece
+        with disk_io.fault_hook(slow_read):
+            one = store.get(next(iter(chunks)))  # alone, a get still splits its chunk
+        assert one is not None and torch.equal(one, next(iter(chunks.values())))
+        assert [len(threads) for threads in readers.values()] == [2]
+    finally:
+        store.close()
