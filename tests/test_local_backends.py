@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from lmcache_core import LMCacheEngineConfig, LMCacheMemPoolMetadata
+from lmcache_core import LMCacheEngineConfig, LMCacheMemPoolMetadata, chunk_format
 from lmcache_core.layout import key_to_path
 from lmcache_core.storage_backend import CreateStorageBackend, open_backend
 from lmcache_core.storage_backend.local_backend import LMCLocalBackend, LMCLocalDiskBackend, save_disk
@@ -244,13 +244,15 @@ def test_open_backend_and_create_storage_backend_local(tmp_path):
 
 
 class TwoThreadGets:
-    """Wraps a store's ``get``: records which thread read which key; the caller's first
+    """Wraps a disk store's ``_get`` (the get ``batched_get`` calls, with its read helper):
+    records which thread read which key and with which helper; the caller's first
     get waits until the reader thread has begun one (so no test depends on how soon a
     thread gets a core); one thread's first get can fail, the reader's gets can be slow."""
 
     def __init__(self, store, keys, *, fail: str | None = None, reader_delay: float = 0.0) -> None:
-        self.plain_get = store.get
+        self.plain_get = store._get
         self.keys = keys
+        self.helpers: set[object] = set()
         self.caller = threading.get_ident()
         self.fail = fail
         self.reader_delay = reader_delay
@@ -259,10 +261,11 @@ class TwoThreadGets:
         self.active = 0
         self.lock = threading.Lock()
 
-    def __call__(self, key):
+    def __call__(self, key, helper=None):
         me = threading.get_ident()
         mine = me == self.caller
         with self.lock:
+            self.helpers.add(helper)
             first = me not in self.readers.values()
             self.readers[self.keys.index(key)] = me
             self.active += 1
@@ -274,7 +277,7 @@ class TwoThreadGets:
                 time.sleep(self.reader_delay)
             if first and self.fail == ("caller" if mine else "reader"):
                 raise RuntimeError("injected failure")
-            return self.plain_get(key)
+            return self.plain_get(key, helper)
         finally:
             with self.lock:
                 self.active -= 1
@@ -293,9 +296,10 @@ def test_disk_batched_get_shares_keys_between_two_threads_and_keeps_order(tmp_pa
         f.seek(-1, os.SEEK_END)
         f.write(bytes([b[0] ^ 1]))
     gets = TwoThreadGets(store, keys)
-    monkeypatch.setattr(store, "get", gets)
+    monkeypatch.setattr(store, "_get", gets)
     got = store.batched_get(keys)
     assert len(set(gets.readers.values())) == 2
+    assert gets.helpers == {chunk_format.ALONE}  # two chunks at a time, neither split further
     assert sorted(gets.readers) == list(range(len(keys)))  # each key read once
     for i, g in enumerate(got):
         if i % 4 == 3 or i == 5:
@@ -314,7 +318,7 @@ def test_disk_batched_get_raises_a_failure_once_the_other_thread_stopped(tmp_pat
         store.put(k, chunk(i))
     # When the caller fails, the reader is 50 ms into a get: the call must wait for it.
     gets = TwoThreadGets(store, keys, fail=failing, reader_delay=0.05 if failing == "caller" else 0.0)
-    monkeypatch.setattr(store, "get", gets)
+    monkeypatch.setattr(store, "_get", gets)
     with pytest.raises(RuntimeError, match="injected failure"):
         store.batched_get(keys)
     assert gets.active == 0, "a get was still running when batched_get raised"
@@ -339,6 +343,7 @@ def test_disk_batched_get_refuses_a_bad_key_before_reading(tmp_path, monkeypatch
     store.put(make_key("ok"), chunk(0))
     reads: list[object] = []
     monkeypatch.setattr(store, "get", lambda key: reads.append(key))
+    monkeypatch.setattr(store, "_get", lambda key, helper=None: reads.append(key))
     with pytest.raises((TypeError, ValueError)):
         store.batched_get([make_key("ok"), "../../etc/passwd"])  # type: ignore[list-item]
     assert reads == []
