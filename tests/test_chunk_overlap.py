@@ -385,3 +385,48 @@ def test_read_chunk_checks_identity_before_it_takes_a_buffer(tmp_path, stored_ke
             with pytest.raises(CorruptChunkError, match="key"):
                 cf.read_chunk(f, KEY, acquire, total_size=size, unkeyed_ok=unkeyed_ok)
             assert taken == []
+
+
+# -- the split gate: no split while the helper has no core of its own ----------------------
+
+
+def test_split_gate_backs_off_then_tries_again():
+    gate = cf.SplitGate(backoff=3)
+    assert gate.allow() and gate.allow()
+    gate.preempted()
+    assert [gate.allow() for _ in range(5)] == [False, False, False, True, True]
+
+
+def _pinned_pool(cpu: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, initializer=os.sched_setaffinity, initargs=(0, {cpu}))
+
+
+def test_a_preempted_split_read_sends_the_next_reads_down_the_one_thread_path(tmp_path, monkeypatch):
+    """Caller and helper pinned to one CPU take turns on it, as when the scheduler puts
+    the helper beside the caller: the caller is preempted, the gate closes, and the next
+    ``backoff`` reads use no helper (no positional reads); then splitting resumes."""
+    gate = cf.SplitGate(backoff=2)
+    monkeypatch.setattr(cf, "SPLIT_GATE", gate)
+    t, path = stored(tmp_path, 15, 64 << 20)
+    cpu = min(os.sched_getaffinity(0))
+    pool = _pinned_pool(cpu)
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        for _ in range(5):  # each 64 MiB read on one shared core takes several time slices
+            r = Positional(path)
+            assert same(read_positional(path, r, helper=pool), t)
+            assert len(set(r.readers.values())) == 2  # split: the helper read pieces
+            if gate._alone_left:
+                break
+        assert gate._alone_left == 2, "five split reads on one shared core were never preempted"
+    finally:
+        os.sched_setaffinity(0, before)
+        pool.shutdown()
+    for _ in range(2):
+        r = Positional(path, wait_for_helper=False)
+        assert same(read_positional(path, r), t)
+        assert r.readers == {}, "a read split while the gate was closed"
+    r = Positional(path)
+    assert same(read_positional(path, r), t)
+    assert len(set(r.readers.values())) == 2, "splitting did not resume after the backoff"
