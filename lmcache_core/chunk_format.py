@@ -27,13 +27,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 import xxhash
 
-try:  # Unix only; Linux alone counts per thread
-    import resource
-
-    _RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)
-except ImportError:  # pragma: no cover - Windows
-    _RUSAGE_THREAD = None
-
 from lmcache_core.errors import CorruptChunkError
 
 if TYPE_CHECKING:
@@ -533,8 +526,6 @@ def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor, 
     state = xxhash.xxh3_128()
     inline = n < OVERLAP_MIN_BYTES or helper is ALONE
     pread = None if inline else _positional_reader(f)
-    if pread is not None and not SPLIT_GATE.allow():
-        inline, pread = True, None  # a recent split read had no second core to itself
     if inline:
         for start in range(0, n, READ_PIECE_BYTES):
             end = min(start + READ_PIECE_BYTES, n)
@@ -542,10 +533,7 @@ def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor, 
             state.update(view[start:end])
     elif pread is not None:
         base = f.tell()
-        switches = _involuntary_switches()
         _SplitRead(pread, base, view[:n]).run(state, helper or _helper())
-        if switches is not None and (_involuntary_switches() or 0) - switches >= PREEMPTED_SWITCHES:
-            SPLIT_GATE.preempted()
         f.seek(base + n)
     else:
         pieces: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
@@ -693,56 +681,6 @@ class _SplitRead:
                 self._next = self._count  # the other thread stops too
             return False
         return True
-
-
-class SplitGate:
-    """Whether to split large reads over a helper: not for a while after one was preempted.
-
-    A split read pays off only with a second core free for the helper. When the
-    scheduler puts the helper on the caller's core instead (after a parallel
-    torch op, whose OpenMP worker leaves the other core looking busy; or when
-    other work holds the cores), the two threads take turns on one core: 32 MiB
-    hot reads then ran at 0.63x raw, where one thread alone ran at 0.89x. The
-    caller counts its involuntary context switches over each split read: with a
-    free core it had none in 80 of 80 reads, with the helper beside it 2-4 in 38
-    of 80. ``PREEMPTED_SWITCHES`` or more send the next ``backoff`` large reads
-    down the one-thread path, then a split is tried again. Thread-safe.
-    """
-
-    def __init__(self, backoff: int = 16) -> None:
-        self.backoff = backoff
-        self._alone_left = 0
-        self._lock = threading.Lock()
-
-    def allow(self) -> bool:
-        """True if this read may split (each refusal counts down the backoff)."""
-        with self._lock:
-            if self._alone_left > 0:
-                self._alone_left -= 1
-                return False
-            return True
-
-    def preempted(self) -> None:
-        """A split read was preempted: read the next ``backoff`` alone."""
-        with self._lock:
-            self._alone_left = self.backoff
-
-
-#: Involuntary context switches of the caller during one split read that mean it had
-#: no core to itself (one is common noise: 1 of 80 reads with a free core had one).
-PREEMPTED_SWITCHES = 2
-#: The process's gate for every split read (contention is a property of the machine).
-SPLIT_GATE = SplitGate()
-
-
-def _involuntary_switches() -> int | None:
-    """This thread's involuntary context switches so far; None where the OS does not say."""
-    if _RUSAGE_THREAD is None:
-        return None
-    try:
-        return int(resource.getrusage(_RUSAGE_THREAD).ru_nivcsw)
-    except (OSError, ValueError):
-        return None
 
 
 def _hash_pieces(state: Any, pieces: queue.SimpleQueue[memoryview | None]) -> None:

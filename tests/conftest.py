@@ -6,22 +6,12 @@ from typing import Callable, Iterator
 
 import pytest
 
-from lmcache_core import chunk_format
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend.abstract_backend import LMCBackendInterface
 from tests.backend_cases import BackendCase, CaseContext, all_cases, case_selected
 from tests.servers import *  # noqa: F401,F403  (redis, S3 fixtures)
 
 CASES = all_cases()
-
-
-@pytest.fixture(autouse=True)
-def split_reads_always_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Large reads split over a helper in every test, whatever the machine's load: the
-    process's ``SPLIT_GATE`` would send reads down the one-thread path after a preempted
-    one, and a test asserting a split (or a test after it) would depend on the scheduler.
-    Tests of the gate install their own."""
-    monkeypatch.setattr(chunk_format, "SPLIT_GATE", chunk_format.SplitGate(backoff=0))
 
 
 @pytest.fixture(params=CASES, ids=[c.name for c in CASES])
