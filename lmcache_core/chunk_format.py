@@ -23,7 +23,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Final, Iterator
 
 import xxhash
 
@@ -500,10 +500,12 @@ def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor, 
     Each piece is hashed right after it lands in ``dest``, while it is still in
     the CPU cache. From ``OVERLAP_MIN_BYTES`` on, a helper thread shares the work:
     on a plain file (``preadv`` at offsets) both threads read pieces and hash
-    them in order, each mostly the pieces it read itself (``_SplitRead``: 32 MiB
-    hot reads on a 2-core VM at 1.12-1.16x one raw ``preadv``, where one thread
-    reading and hashing is at 0.87x); on other streams it hashes piece i while
-    this thread reads piece i+1.
+    them in order, each mostly the pieces it read itself (``_SplitRead``); on
+    other streams it hashes piece i while this thread reads piece i+1. The split
+    needs the second core free: right after a parallel torch op on the CPU (whose
+    OpenMP worker leaves that core looking busy) the scheduler often put the
+    helper beside the caller, and 32 MiB hot reads ran at 0.63-0.69x raw, where
+    one thread alone runs at 0.87-0.91x.
     ``readinto``, ``preadv`` and ``xxh3.update`` all release the GIL. On success
     ``f`` is left at the end of the payload. Thread-safe (per-call state).
 
@@ -587,8 +589,10 @@ class _SplitRead:
     that lands while the other thread holds the token is hashed by the next
     sweep (at the latest the caller's last one, after the helper has stopped).
     32 MiB hot reads on a 2-core VM, 60 shuffled rounds against one raw
-    ``preadv``: 1.12-1.16x with 256 KiB pieces, where the caller hashing every
-    piece itself (the helper only reading ahead, 1 MiB pieces) gave 0.95-1.03x.
+    ``preadv`` (no file open, no header): 1.12-1.16x with 256 KiB pieces, where
+    the previous design in the same runs (the caller hashing every piece itself,
+    the helper only reading ahead, 1 MiB pieces) gave 0.95-1.03x, and one thread
+    reading and hashing 0.87x.
     The caller always waits for a started helper before returning, so nothing
     writes into ``view`` afterwards. Not shared between calls.
     """
@@ -598,7 +602,7 @@ class _SplitRead:
         self._base = base
         self._view = view
         self._count = -(-len(view) // SPLIT_PIECE_BYTES)
-        self._landed = [False] * self._count  # set by the reader; one store, atomic
+        self._landed = [False] * self._count  # set by the reader; a list store is atomic under the GIL
         self._next = 0
         self._lock = threading.Lock()  # guards _next and _error
         self._token = threading.Lock()  # held by the thread feeding the checksum
@@ -751,14 +755,19 @@ OVERLAP_MIN_BYTES = 4 << 20
 #: few enough syscalls; 0.5-1 MiB measured best here (ratio to raw readinto 0.88 vs 0.87 at
 #: 256 KiB and 0.83 at 128 KiB, 60 shuffled rounds).
 READ_PIECE_BYTES = 1 << 20
-#: The split read's pieces (``_SplitRead``): each is hashed by the core that read it, so it
+#: The split read's pieces (``_SplitRead``): each is mostly hashed by the core that read it, so it
 #: must fit that core's L2. 256-384 KiB measured best (1.12x raw), 128 KiB 1.02x, 1 MiB 1.01-1.08x.
 SPLIT_PIECE_BYTES = 256 << 10
 _PLACEHOLDER_CHECKSUM = f"{CHECKSUM_ALGO}:{'0' * 32}"
 #: ``read_payload_verified(helper=ALONE)``: read and hash on the calling thread only. A
 #: disk ``batched_get`` already reads two chunks at once; splitting each as well put four
 #: threads on two cores (16 hot 32 MiB chunks: 0.77x raw sequential reads, 0.94-1.01x alone).
-ALONE: Any = object()
+class _Alone:
+    def __repr__(self) -> str:
+        return "chunk_format.ALONE"
+
+
+ALONE: Final = _Alone()
 _helper_pool: ThreadPoolExecutor | None = None
 _helper_lock = threading.Lock()
 

@@ -225,9 +225,10 @@ class RecordingState:
 def test_split_read_hashes_on_both_threads_in_order(tmp_path):
     """A piece landing while no other thread holds the hash token is hashed by the thread
     that read it: here each of the helper's reads takes 0.2 s, so the caller reads every
-    other piece, hashes none past the helper's, and is waiting (token free) when it lands;
-    the helper then hashes its piece and every later one. The digest proves the order:
-    any piece fed twice, skipped or out of place changes it."""
+    piece but the one the helper sleeps on, hashes none past it, and is waiting (token
+    free) when it lands (reading ~7 MiB takes it milliseconds); the helper then hashes
+    its piece and every later one. The digest proves the order: any piece fed twice,
+    skipped or out of place changes it."""
     t, path = stored(tmp_path, 14)
     with open(path, "rb", buffering=0) as f:
         header = cf.read_header(f)

@@ -203,14 +203,16 @@ def test_blocking_put_sends_to_the_remote_while_the_disk_tier_writes(tmp_path, r
         if op == "write" and str(tmp_path / "disk") in path and not seen:
             seen.append(spy.started.wait(5))
 
-    with disk_io.fault_hook(disk_write):
-        backend.put(make_key(7), chunk(7), blocking=True)
-    assert seen == [True], "the remote send had not begun while the disk tier wrote"
-    assert spy.ended.is_set()  # a blocking put returns only once the remote has it
-    memory, disk = (t for _, t in backend.local_tiers)
-    assert torch.equal(memory.get(make_key(7)), chunk(7)) and torch.equal(disk.get(make_key(7)), chunk(7))
-    assert backend.stats["remote_put_failures"] == 0
-    backend.close()
+    try:
+        with disk_io.fault_hook(disk_write):
+            backend.put(make_key(7), chunk(7), blocking=True)
+        assert seen == [True], "the remote send had not begun while the disk tier wrote"
+        assert spy.ended.is_set()  # a blocking put returns only once the remote has it
+        memory, disk = (t for _, t in backend.local_tiers)
+        assert torch.equal(memory.get(make_key(7)), chunk(7)) and torch.equal(disk.get(make_key(7)), chunk(7))
+        assert backend.stats["remote_put_failures"] == 0
+    finally:
+        backend.close()
     with remote_only(url) as fresh:
         assert torch.equal(fresh.get(make_key(7)), chunk(7))
 
@@ -226,10 +228,12 @@ def test_a_local_tier_that_raises_waits_for_the_remote_send_first(tmp_path, redi
         if op == "write" and str(tmp_path / "disk") in path:
             raise RuntimeError("injected: a bug in the disk tier")
 
-    with disk_io.fault_hook(disk_write), pytest.raises(RuntimeError, match="injected"):
-        backend.put(make_key(8), chunk(8), blocking=True)
-    assert spy.started.is_set() and spy.ended.is_set(), "put raised while the remote send was still running"
-    backend.close()
+    try:
+        with disk_io.fault_hook(disk_write), pytest.raises(RuntimeError, match="injected"):
+            backend.put(make_key(8), chunk(8), blocking=True)
+        assert spy.started.is_set() and spy.ended.is_set(), "put raised while the remote send was still running"
+    finally:
+        backend.close()
     with remote_only(url) as fresh:
         assert torch.equal(fresh.get(make_key(8)), chunk(8))
 
@@ -290,7 +294,7 @@ _CHILD = textwrap.dedent(
     """
     import hashlib, json, sys
     from lmcache_core import LMCacheEngineConfig, LMCacheEngineMetadata
-    from lmcache_core.storage_backend import CreateStorageBackend, disk_io
+    from lmcache_core.storage_backend import CreateStorageBackend
     from lmcache_core.tokens import ChunkedKVStore
     url, disk, tokens = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     cfg = LMCacheEngineConfig.from_defaults(local_device="cpu", local_disk=disk, remote_url=url,

@@ -115,12 +115,20 @@ def test_disk_batched_get_reads_each_large_chunk_on_one_thread(tmp_path: Path) -
         for key, chunk in chunks.items():
             store.put(key, chunk)
         readers: defaultdict[str, set[int]] = defaultdict(set)
-        pause = [0.001]
+        me = threading.get_ident()
+        helper_read = threading.Event()
+        wait_for_helper = [False]
 
         def slow_read(op: str, path: str) -> None:
             if op == "read":
                 readers[path].add(threading.get_ident())
-                time.sleep(pause[0])
+                if threading.get_ident() != me:
+                    helper_read.set()
+                elif wait_for_helper[0]:
+                    # The caller gives a helper up to 0.5 s per read to join (its two
+                    # header reads come before any helper exists, so no assertion here).
+                    helper_read.wait(0.5)
+                time.sleep(0.001)
 
         with disk_io.fault_hook(slow_read):
             got = store.batched_get(list(chunks))
@@ -129,7 +137,8 @@ def test_disk_batched_get_reads_each_large_chunk_on_one_thread(tmp_path: Path) -
         assert all(len(threads) == 1 for threads in readers.values()), "a chunk was split over threads"
         del got
         readers.clear()
-        pause[0] = 0.005  # the helper has 17 x 5 ms to wake up and claim a piece
+        helper_read.clear()  # batched_get's reader set it
+        wait_for_helper[0] = True
         with disk_io.fault_hook(slow_read):
             one = store.get(next(iter(chunks)))  # alone, a get still splits its chunk
         assert one is not None and torch.equal(one, next(iter(chunks.values())))

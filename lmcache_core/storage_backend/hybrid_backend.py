@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
@@ -18,6 +18,9 @@ from lmcache_core.storage_backend.abstract_backend import (
     check_chunk,
     check_key,
 )
+
+if TYPE_CHECKING:
+    from lmcache_core.storage_backend.remote_backend import LMCRemoteBackend
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ class LMCHybridBackend(LMCBackendInterface):
                 self._tiers.append(("memory", LMCLocalBackend(config, mpool_metadata, dst_device)))
             if config.disk_path is not None:
                 self._tiers.append(("disk", LMCLocalDiskBackend(config, mpool_metadata, dst_device)))
-            self.remote: LMCBackendInterface | None = None
+            self.remote: LMCRemoteBackend | None = None
             if config.remote_url is not None:
                 from lmcache_core.storage_backend.remote_backend import (
                     LMCPipelinedRemoteBackend,
@@ -107,6 +110,11 @@ class LMCHybridBackend(LMCBackendInterface):
         """Store in every local tier now and in the remote (in the background unless ``blocking``).
 
         ``value`` is the seed's name for this class (the other tiers say ``kv_chunk``).
+        A blocking put sends to the remote while the local tiers are written, and
+        returns once the remote has the chunk, failed, or ``remote_timeout`` passed
+        (a send a hung server holds past that may still read ``value``). If a local
+        tier raises, the remote send is waited for first, so the remote may hold
+        the chunk although the call raised.
         """
         kv_chunk = value
         check_key(key)
@@ -116,13 +124,12 @@ class LMCHybridBackend(LMCBackendInterface):
         source = kv_chunk
         sent: Callable[[], None] | None = None  # waits for a remote put under way
         send_error: Exception | None = None
-        start_put = getattr(self.remote, "start_put", None)
-        if blocking and start_put is not None:
+        if blocking and self.remote is not None:
             # The chunk goes to the remote on its I/O thread while the local tiers are
             # written here: 32 MiB took disk time plus Redis time one after the other.
             try:
-                sent = start_put(key, kv_chunk)
-            except ValueError:
+                sent = self.remote.start_put(key, kv_chunk)
+            except ValueError:  # a bad key or chunk; checked above already, so not expected
                 raise
             except Exception as exc:  # handled below, as a failed remote put
                 send_error = exc
@@ -142,8 +149,12 @@ class LMCHybridBackend(LMCBackendInterface):
                     logger.warning("%s tier put of %s failed: %s", name, key, exc)
                     self.stats.incr(f"{name}_put_failures")
         except BaseException:
+            if send_error is not None:
+                logger.warning("remote put of %s failed: %s", key, send_error)
+                self.stats.incr("remote_put_failures")
             if sent is not None:
-                # The caller may change its tensor once this returns: the send ends first.
+                # The caller may change its tensor once this returns: the send ends first
+                # (or its wait times out).
                 try:
                     sent()
                 except Exception as exc:

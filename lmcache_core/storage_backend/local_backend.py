@@ -724,8 +724,9 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         caller works instead of waiting (16 hot 2 MiB chunks: 5.2-5.7 ms on two pool
         threads, 3.4-3.7 ms this way, 4.1-4.5 ms one after another). Each thread reads
         and hashes its chunk alone (``chunk_format.ALONE``), where a single ``get`` of
-        4 MiB or more splits it with a helper. If both threads fail, the caller's
-        error is raised. Thread-safe.
+        4 MiB or more splits it with a helper (as the caller does here when the
+        reader pool is shut down). If both threads fail, the caller's error is
+        raised. Thread-safe.
         """
         keys = list(keys)
         if len(keys) < 2:
@@ -736,7 +737,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         next_index = [0]
         claim_lock = threading.Lock()
 
-        def work() -> None:
+        def work(helper: Any = chunk_format.ALONE) -> None:
             while True:
                 with claim_lock:
                     i = next_index[0]
@@ -744,7 +745,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                         return
                     next_index[0] = i + 1
                 try:
-                    out[i] = self._get(keys[i], chunk_format.ALONE)
+                    out[i] = self._get(keys[i], helper)
                 except BaseException:
                     with claim_lock:
                         next_index[0] = len(keys)  # the other thread stops too
@@ -753,7 +754,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         try:
             helping = self._read_pool().submit(work)
         except RuntimeError:  # the reader pool is shut down (closed store, interpreter exit)
-            work()
+            work(None)  # one chunk at a time, so each may split over a checksum helper
             return out
         try:
             work()

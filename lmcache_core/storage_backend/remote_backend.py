@@ -430,9 +430,18 @@ class LMCRemoteBackend(LMCBackendInterface):
 
         The caller may do other work in between (the hybrid writes its local tiers
         while the chunk is on its way) but must call the returned function, and
-        must not modify ``kv_chunk`` until it has returned. Each half raises what
-        ``put(blocking=True)`` raises; the wait is bounded by ``remote_timeout``.
-        Thread-safe.
+        must not modify ``kv_chunk`` until it has returned. Thread-safe.
+
+        Returns:
+            The wait: returns once the remote has stored the chunk; bounded by
+            ``remote_timeout``, as ``put`` is (a send that a hung server holds past
+            it may still be reading ``kv_chunk``, as with ``put``).
+
+        Raises:
+            ValueError: a bad key or chunk (before anything is sent).
+            RuntimeError: the backend is closed.
+            StoreUnavailableError: the circuit is open (here), or the remote failed
+                or timed out (from the wait).
         """
         check_key(key)
         check_chunk(kv_chunk)
