@@ -196,16 +196,31 @@ class UnsealedChunk:
     hashing pass over the whole payload before the first byte goes out (on a
     2-core loopback host that pass was ~8 % of a 32 MiB Redis ``SET``).
     ``sealed_header()`` is byte for byte ``encode_header``'s. Not thread-safe:
-    one writer at a time.
+    one writer at a time (``abandon`` excepted).
     """
 
-    __slots__ = ("header", "payload", "checksum_offset", "_digest")
+    __slots__ = ("header", "payload", "checksum_offset", "_digest", "_abandoned")
 
     def __init__(self, tensor: torch.Tensor, key: str) -> None:
         self.payload = payload_view(tensor)
         self.header = _header_bytes(tensor, key, self.payload.nbytes, _spelled("0" * _DIGEST_HEX_CHARS))
         self.checksum_offset = self.header.index(_CHECKSUM_FIELD) + len(_CHECKSUM_FIELD)
         self._digest: bytes | None = None
+        self._abandoned = False
+
+    def abandon(self) -> None:
+        """The put's caller stopped waiting (it timed out) and may change the tensor now.
+
+        A send still running reads those changes, and hashing as it sends would
+        give them a matching checksum: a writer checks ``abandoned`` after the last
+        piece and then publishes nothing. Set before the caller is told, so a
+        writer that sees it unset read every piece before any change. Thread-safe.
+        """
+        self._abandoned = True
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned
 
     @property
     def size(self) -> int:

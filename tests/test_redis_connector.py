@@ -1008,3 +1008,61 @@ def test_full_at_publish_deletes_the_staged_value_and_tries_a_plain_set(redis_se
     assert steps.published == ["full", 1]
     assert _b(c.get(key)) == chunk_format.encode_bytes(t, key.to_string())
     c.close()
+
+
+def test_a_staged_put_whose_caller_timed_out_is_not_published(redis_server, monkeypatch):
+    """The caller's wait ends at remote_timeout and it may then change its tensor; a send
+    still running would hash the changed bytes as it sends them, so a matching checksum
+    could not catch them. Here the staging step is held until the caller has timed out:
+    the chunk must not be published, and the staged value must go."""
+    import threading
+
+    from lmcache_core import LMCacheEngineConfig
+    from lmcache_core.storage_backend.remote_backend import LMCRemoteBackend
+
+    prefix = _prefix()
+    cfg = LMCacheEngineConfig.from_defaults(remote_url=f"{redis_server.url}?prefix={prefix}", remote_timeout=0.5)
+    backend = LMCRemoteBackend(cfg, None, "cpu")
+    conn = backend.connector
+    caller_gave_up = threading.Event()
+    real_outcome = conn._outcome
+    evals: list = []
+
+    def outcome(client, *args):
+        if args[0] == "EVAL":
+            evals.append(args)
+        reply = real_outcome(client, *args)
+        if args[0] == "SET" and args[1] != conn._name(key):  # the staging SET is in
+            assert caller_gave_up.wait(10), "the caller never timed out"
+        return reply
+
+    key, chunk = make_key("abandoned"), _big_chunk(3)
+    monkeypatch.setattr(conn, "_outcome", outcome)
+    try:
+        with pytest.raises(StoreUnavailableError, match="timeout"):
+            backend.put(key, chunk)
+        chunk.zero_()  # what a caller may do once put has raised
+        caller_gave_up.set()
+        deadline = time.monotonic() + 10
+        with redis_server.client() as raw:
+            while _staging_keys(raw) and time.monotonic() < deadline:
+                time.sleep(0.05)  # the I/O thread deletes the staged value
+            assert _staging_keys(raw) == []
+            assert raw.get(conn._name(key)) is None, "the abandoned put was published"
+        assert evals == []  # no publish script ran
+    finally:
+        caller_gave_up.set()
+        backend.close()
+
+
+def test_an_abandoned_chunk_is_not_sent_by_a_plain_set_either(conn):
+    """The fallback after a refused or skipped staging step checks too (a retry after the
+    caller gave up would send bytes the caller may be changing)."""
+    from lmcache_core import chunk_format
+
+    key = make_key("abandoned-plain")
+    chunk = chunk_format.UnsealedChunk(_big_chunk(4)[:8], key.to_string())  # small: a plain SET
+    chunk.abandon()
+    with pytest.raises(StoreUnavailableError, match="abandoned"):
+        conn.put_chunk(key, chunk)
+    assert conn.get(key) is None

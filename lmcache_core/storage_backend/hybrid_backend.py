@@ -112,7 +112,8 @@ class LMCHybridBackend(LMCBackendInterface):
         ``value`` is the seed's name for this class (the other tiers say ``kv_chunk``).
         A blocking put sends to the remote while the local tiers are written, and
         returns once the remote has the chunk, failed, or ``remote_timeout`` passed
-        (a send a hung server holds past that may still read ``value``). If a local
+        (a send a hung server holds past that may still read ``value``, but what it
+        read after the timeout is never stored as a valid chunk). If a local
         tier raises, the remote send is waited for first, so the remote may hold
         the chunk although the call raised.
         """

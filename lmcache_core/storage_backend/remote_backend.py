@@ -434,8 +434,10 @@ class LMCRemoteBackend(LMCBackendInterface):
 
         Returns:
             The wait: returns once the remote has stored the chunk; bounded by
-            ``remote_timeout``, as ``put`` is (a send that a hung server holds past
-            it may still be reading ``kv_chunk``, as with ``put``).
+            ``remote_timeout``, as ``put`` is. A send that a hung server holds past
+            it may still read ``kv_chunk``, as with ``put``, but is abandoned: a
+            staged Redis put is not published, and a plain write of bytes changed
+            mid-send fails its checksum on read.
 
         Raises:
             ValueError: a bad key or chunk (before anything is sent).
@@ -514,6 +516,7 @@ class LMCRemoteBackend(LMCBackendInterface):
             try:
                 self._await("put", future, deadline)
             except Exception:
+                chunk.abandon()  # a send still running must not publish what the caller changes next
                 self._write_failed(key)
                 raise
             with self._lock:

@@ -427,6 +427,8 @@ class RedisConnector(RemoteConnector):
         large = self.staged_puts and chunk.size >= STREAM_PUT_BYTES
         staging = _staging_name(name, self._prefix_bytes) if large else None
         if staging is None or not self._put_staged(name, staging, chunk):
+            if chunk.abandoned:
+                raise StoreUnavailableError(self.display_url, "put abandoned by its caller (timed out)")
             self.put(key, (chunk.sealed_header(), chunk.payload))
 
     def _put_staged(self, name: bytes, staging: bytes, chunk: chunk_format.UnsealedChunk) -> bool:
@@ -444,6 +446,10 @@ class RedisConnector(RemoteConnector):
             raise StoreFullError(self.display_url, "SET (staging): Redis is at maxmemory")
         if outcome is _REFUSED or outcome is _MOVING:
             return False
+        if chunk.abandoned:  # its caller timed out: the bytes sent may have changed meanwhile
+            with contextlib.suppress(Exception):
+                self._call("DEL (staging)", lambda c: c.delete(staging))
+            raise StoreUnavailableError(self.display_url, "put abandoned by its caller (timed out) before publishing")
         args = (chunk.checksum_offset, chunk.digest(), chunk.size)
         outcome = self._call(
             "EVAL (publish)", lambda c: self._outcome(c, "EVAL", _PUBLISH_SCRIPT, 2, name, staging, *args)
