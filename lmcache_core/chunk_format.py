@@ -774,14 +774,16 @@ READ_PIECE_BYTES = 1 << 20
 #: must fit that core's L2. 256-384 KiB measured best (1.12x raw), 128 KiB 1.02x, 1 MiB 1.01-1.08x.
 SPLIT_PIECE_BYTES = 256 << 10
 _PLACEHOLDER_CHECKSUM = f"{CHECKSUM_ALGO}:{'0' * 32}"
-#: ``read_payload_verified(helper=ALONE)``: read and hash on the calling thread only. A
-#: disk ``batched_get`` already reads two chunks at once; splitting each as well put four
-#: threads on two cores (16 hot 32 MiB chunks: 0.77x raw sequential reads, 0.94-1.01x alone).
+
+
 class _Alone:
     def __repr__(self) -> str:
         return "chunk_format.ALONE"
 
 
+#: ``read_payload_verified(helper=ALONE)``: read and hash on the calling thread only. A
+#: disk ``batched_get`` already reads two chunks at once; splitting each as well put four
+#: threads on two cores (16 hot 32 MiB chunks: 0.77x raw sequential reads, 0.94-1.01x alone).
 ALONE: Final = _Alone()
 _helper_pool: ThreadPoolExecutor | None = None
 _helper_lock = threading.Lock()
