@@ -145,3 +145,54 @@ def test_disk_batched_get_reads_each_large_chunk_on_one_thread(tmp_path: Path) -
         assert [len(threads) for threads in readers.values()] == [2]
     finally:
         store.close()
+
+
+def test_a_streaming_remote_keeps_warm_buffers_for_a_batch_of_16(tmp_path: Path) -> None:
+    """Sixteen chunks of the metadata's size held at once (a batched_get) reuse warm
+    buffers: with room for only eight, the other eight page-faulted fresh memory each time."""
+    from lmcache_core import LMCacheEngineConfig
+    from lmcache_core.config import LMCacheEngineMetadata
+    from lmcache_core.storage_backend import remote_backend
+
+    meta = LMCacheEngineMetadata(model_name="m", kv_dtype=torch.bfloat16, kv_shape=(32, 2, 256, 8, 128))
+    assert remote_backend._stream_pool_bytes(meta) == 16 * (32 << 20)
+    assert remote_backend._stream_pool_bytes(None) == remote_backend.STREAM_POOL_BYTES
+    small = LMCacheEngineMetadata(model_name="m", kv_dtype=torch.bfloat16, kv_shape=(2, 2, 16, 8, 128))
+    assert remote_backend._stream_pool_bytes(small) == remote_backend.STREAM_POOL_BYTES  # never below
+    cfg = LMCacheEngineConfig.from_defaults(remote_url=f"fsspec+file://{tmp_path}")
+    store = remote_backend.LMCRemoteBackend(cfg, meta, "cpu")
+    try:
+        assert store._read_buffers.max_bytes == 16 * (32 << 20)
+    finally:
+        store.close()
+
+
+def test_a_pipelined_local_directory_batch_reads_each_chunk_alone(tmp_path: Path, monkeypatch: Any) -> None:
+    """Several fetch groups read side by side, so none also splits its chunks over the
+    checksum helpers; a single get, and a batch of one group, still may."""
+    from lmcache_core import LMCacheEngineConfig, chunk_format
+    from lmcache_core.storage_backend.remote_backend import LMCPipelinedRemoteBackend
+
+    cfg = LMCacheEngineConfig.from_defaults(remote_url=f"fsspec+file://{tmp_path}", pipelined_backend=True)
+    store = LMCPipelinedRemoteBackend(cfg, None, "cpu", fetch_parallelism=4)
+    keys = [CacheEngineKey("vllm", "m", 1, 0, f"{i:064x}") for i in range(8)]
+    chunks = [torch.randn(4, 64, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    helpers: list[Any] = []
+    real = store._read_stream
+
+    def spy(key: Any, helper: Any = None) -> Any:
+        helpers.append(helper)
+        return real(key, helper)
+
+    monkeypatch.setattr(store, "_read_stream", spy)
+    try:
+        for k, c in zip(keys, chunks, strict=True):
+            store.put(k, c)
+        got = store.batched_get(keys)
+        assert all(g is not None and torch.equal(g, c) for g, c in zip(got, chunks, strict=True))
+        assert len(helpers) == 8 and set(helpers) == {chunk_format.ALONE}
+        helpers.clear()
+        assert torch.equal(store.get(keys[0]), chunks[0])
+        assert helpers == [None]  # a single get: the store's own checksum helpers
+    finally:
+        store.close()
