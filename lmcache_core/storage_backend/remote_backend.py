@@ -62,7 +62,6 @@ HEADER_PROBE_BYTES = 4096
 STREAM_POOL_BYTES = 256 * 2**20
 
 
-
 def _stream_pool_bytes(metadata: Any) -> int:
     """Warm read buffers for a streaming connector: a ``batched_get`` of 16 when the
     metadata fixes the chunk size (16 hot 32 MiB chunks from a local directory took
