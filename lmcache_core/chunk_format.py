@@ -722,8 +722,8 @@ def write_chunk(f: BinaryIO | io.RawIOBase, tensor: torch.Tensor, key: str) -> i
 
     For large payloads on a seekable file the checksum runs on a helper thread
     while the payload is written (``write`` releases the GIL): the header,
-    whose size does not depend on the checksum's value, is written last, at
-    offset 0. The bytes on disk are the same either way.
+    whose size does not depend on the checksum's value (``UnsealedChunk``), is
+    written last, at offset 0. The bytes on disk are the same either way.
     """
     payload = payload_view(tensor)
     if payload.nbytes < OVERLAP_MIN_BYTES or not _seekable(f):
@@ -731,19 +731,16 @@ def write_chunk(f: BinaryIO | io.RawIOBase, tensor: torch.Tensor, key: str) -> i
         _write_all(f, header)
         _write_all(f, payload)
         return len(header) + payload.nbytes
-    digest = _helper().submit(checksum, payload)
+    chunk = UnsealedChunk(tensor, key)
+    digest = _helper().submit(chunk.digest)
     try:
-        header_size = len(_header_bytes(tensor, key, payload.nbytes, _PLACEHOLDER_CHECKSUM))
-        f.seek(header_size)
-        _write_all(f, payload)
+        f.seek(len(chunk.header))
+        _write_all(f, chunk.payload)
     finally:
-        value = digest.result()  # also when the write failed: the helper reads ``payload``
-    header = _header_bytes(tensor, key, payload.nbytes, value)
-    if len(header) != header_size:  # cannot happen: hex digests have a fixed width
-        raise AssertionError("checksum changed the header size")
+        digest.result()  # also when the write failed: the helper reads the payload
     f.seek(0)
-    _write_all(f, header)
-    return header_size + payload.nbytes
+    _write_all(f, chunk.sealed_header())
+    return chunk.size
 
 
 def _seekable(f: Any) -> bool:
@@ -773,7 +770,6 @@ READ_PIECE_BYTES = 1 << 20
 #: The split read's pieces (``_SplitRead``): each is mostly hashed by the core that read it, so it
 #: must fit that core's L2. 256-384 KiB measured best (1.12x raw), 128 KiB 1.02x, 1 MiB 1.01-1.08x.
 SPLIT_PIECE_BYTES = 256 << 10
-_PLACEHOLDER_CHECKSUM = f"{CHECKSUM_ALGO}:{'0' * 32}"
 
 
 class _Alone:

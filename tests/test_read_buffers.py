@@ -152,19 +152,22 @@ def test_a_streaming_remote_keeps_warm_buffers_for_a_batch_of_16(tmp_path: Path)
     buffers: with room for only eight, the other eight page-faulted fresh memory each time."""
     from lmcache_core import LMCacheEngineConfig
     from lmcache_core.config import LMCacheEngineMetadata
-    from lmcache_core.storage_backend import remote_backend
+    from lmcache_core.storage_backend import mem_pool, remote_backend
 
     meta = LMCacheEngineMetadata(model_name="m", kv_dtype=torch.bfloat16, kv_shape=(32, 2, 256, 8, 128))
-    assert remote_backend._stream_pool_bytes(meta) == 16 * (32 << 20)
-    assert remote_backend._stream_pool_bytes(None) == remote_backend.STREAM_POOL_BYTES
+    assert mem_pool.read_pool_bytes(meta) == 16 * (32 << 20)
+    assert mem_pool.read_pool_bytes(None) == mem_pool.READ_POOL_BYTES
     small = LMCacheEngineMetadata(model_name="m", kv_dtype=torch.bfloat16, kv_shape=(2, 2, 16, 8, 128))
-    assert remote_backend._stream_pool_bytes(small) == remote_backend.STREAM_POOL_BYTES  # never below
+    assert mem_pool.read_pool_bytes(small) == mem_pool.READ_POOL_BYTES  # never below
     cfg = LMCacheEngineConfig.from_defaults(remote_url=f"fsspec+file://{tmp_path}")
     store = remote_backend.LMCRemoteBackend(cfg, meta, "cpu")
+    disk = open_backend(str(tmp_path / "disk"), dst_device="cpu", metadata=meta)
     try:
         assert store._read_buffers.max_bytes == 16 * (32 << 20)
+        assert disk._pool.max_bytes == 16 * (32 << 20)  # the disk tier sizes its pool the same way
     finally:
         store.close()
+        disk.close()
 
 
 def test_a_pipelined_local_directory_batch_reads_each_chunk_alone(tmp_path: Path, monkeypatch: Any) -> None:

@@ -35,7 +35,7 @@ from lmcache_core.storage_backend.abstract_backend import (
     check_key,
 )
 from lmcache_core.storage_backend.evictor import LRUIndex
-from lmcache_core.storage_backend.mem_pool import BufferPool
+from lmcache_core.storage_backend.mem_pool import BufferPool, fixed_chunk_shape, read_pool_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +47,6 @@ STALE_TEMP_SECONDS = 3600.0
 
 class LocalBackendEndSignal:
     """Queued to stop a put worker after everything before it is written."""
-
-
-def _chunk_shape(metadata: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
-    shape = getattr(metadata, "kv_shape", None)
-    dtype = getattr(metadata, "kv_dtype", None)
-    if shape and isinstance(dtype, torch.dtype):
-        return tuple(int(d) for d in shape), dtype
-    return None
 
 
 class LMCLocalBackend(LMCBackendInterface):
@@ -86,7 +78,7 @@ class LMCLocalBackend(LMCBackendInterface):
         self._lock = threading.Lock()
         pin = torch.device(self.device).type == "cpu" and torch.device(dst_device).type == "cuda"
         self._pool = BufferPool(self.device, max_bytes=config.memory_budget_bytes, pin_memory=pin)
-        fixed = _chunk_shape(metadata)
+        fixed = fixed_chunk_shape(metadata)
         if fixed is not None:
             slot = math.prod(fixed[0]) * fixed[1].itemsize
             if slot > 0:
@@ -333,9 +325,7 @@ def chunk_file_size(kv_chunk: torch.Tensor, key: str) -> int:
 
     Exact, without hashing the payload (the checksum's hex digest has a fixed width).
     """
-    nbytes = kv_chunk.numel() * kv_chunk.element_size()
-    header = chunk_format._header_bytes(kv_chunk, key, nbytes, chunk_format._PLACEHOLDER_CHECKSUM)
-    return len(header) + nbytes
+    return chunk_format.UnsealedChunk(kv_chunk, key).size
 
 
 # Backends whose queued writes are drained at interpreter exit, as a thread pool's are.
@@ -414,11 +404,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         # just before must not put them back in the index (a ghost entry).
         self._dropping: dict[CacheEngineKey, int] = {}
         pin = torch.device(dst_device).type == "cuda"
-        fixed = _chunk_shape(metadata)
-        slot = math.prod(fixed[0]) * fixed[1].itemsize if fixed else 0
-        # Warm read buffers: enough for a batched_get of 16 in flight, not a second cache
-        # (retained only once that many are held at the same time).
-        self._pool = BufferPool("cpu", max_bytes=max(16 * slot, 256 << 20), pin_memory=pin)
+        self._pool = BufferPool("cpu", max_bytes=read_pool_bytes(metadata), pin_memory=pin)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._readers: ThreadPoolExecutor | None = None
         self._readers_lock = threading.Lock()

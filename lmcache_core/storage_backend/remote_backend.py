@@ -47,7 +47,7 @@ from lmcache_core.storage_backend.abstract_backend import (
 )
 from lmcache_core.storage_backend.circuit import OPEN, CircuitBreaker
 from lmcache_core.storage_backend.connector.base import RemoteConnector
-from lmcache_core.storage_backend.mem_pool import BufferPool
+from lmcache_core.storage_backend.mem_pool import BufferPool, read_pool_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -57,21 +57,6 @@ T = TypeVar("T")
 _ANSWERS: tuple[type[BaseException], ...] = (StoreFullError, PermissionError)
 # Headers are ~300 bytes: one ranged read of this much nearly always holds one.
 HEADER_PROBE_BYTES = 4096
-# Most bytes of warm read buffers kept for a streaming connector (eight 32 MiB payloads:
-# read_chunk takes buffers of the payload's size only).
-STREAM_POOL_BYTES = 256 * 2**20
-
-
-def _stream_pool_bytes(metadata: Any) -> int:
-    """Warm read buffers for a streaming connector: a ``batched_get`` of 16 when the
-    metadata fixes the chunk size (16 hot 32 MiB chunks from a local directory took
-    130 ms with eight buffers, the other eight fresh and page-faulting, against 51 ms
-    one get after another), else ``STREAM_POOL_BYTES``."""
-    shape = getattr(metadata, "kv_shape", None)
-    dtype = getattr(metadata, "kv_dtype", None)
-    if not shape or not isinstance(dtype, torch.dtype):
-        return STREAM_POOL_BYTES
-    return max(16 * math.prod(int(d) for d in shape) * dtype.itemsize, STREAM_POOL_BYTES)
 
 
 # fork safety: a lock taken by another thread at fork() time stays taken in the
@@ -260,7 +245,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         # For chunks streamed from a local directory (connector.streams): warm buffers,
         # and checksum helpers of this store's own (a stalled mount must not hold up
         # the shared ones the disk tier uses).
-        self._read_buffers = BufferPool("cpu", max_bytes=_stream_pool_bytes(self.metadata))
+        self._read_buffers = BufferPool("cpu", max_bytes=read_pool_bytes(self.metadata))
         self._hashers = _DaemonPool(2 if self.connector.streams else 0, "lmcache-remote-checksum")
         # One queue per writer; a key always goes to the same writer, so two
         # queued writes of one key land in the order they were made. Each writer
