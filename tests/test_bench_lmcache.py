@@ -63,9 +63,11 @@ def test_table_ratios_and_hangs() -> None:
     by_op = {r["op"]: r for r in rows}
     assert by_op["get"]["ratio"] == pytest.approx(3.0)
     assert by_op["get"]["raw"] == pytest.approx(1.0)
+    assert by_op["get"]["paired_median"] == pytest.approx(3.0) and by_op["get"]["ahead"] == 1
     text = bench_lmcache._table(rows, markdown=True)
     close_line = next(line for line in text.splitlines() if "close()" in line)
     assert "hung" in close_line and "0.01 s" in close_line
+    assert "| 3.00 | 3.00 (3.00-3.00) | 1 of 1 |" in text
     assert bench_lmcache._errors(rows) == ["redis:// (redis-py) close: close() hung (no return after 5 s)"]
 
 
@@ -76,3 +78,23 @@ def test_refuses_an_interpreter_without_lmcache(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "cannot import lmcache" in proc.stderr
+
+
+def test_paired_ratios_are_taken_within_each_repeat() -> None:
+    """Medians of each side mix the drift between repeats in; ratios within a repeat do not."""
+    mib32 = bench_lmcache.chunk_bytes()
+
+    def run(gbps: float) -> dict[str, Any]:
+        return {"get": {"s": 2 * mib32 / (gbps * 1e9), "n": 2, "lat_ms": [1.0], "note": ""}}
+
+    failed = {"get": {"error": "boom"}}
+    ours = bench_lmcache._summarise([run(2.0), run(4.0), run(8.0), run(1.0)])
+    theirs = bench_lmcache._summarise([run(1.0), run(5.0), failed, run(2.0)])
+    summary = {"tiers": ["disk"], "variants": {"disk": ["-"]}, "raw": {},
+               "ours": {"disk": ours}, "lmcache": {"disk:-": theirs}}  # fmt: skip
+    (row,) = [r for r in bench_lmcache._rows(summary) if r["op"] == "get"]
+    # Medians 3.0 and 2.0; within the repeats both sides ran: 2.0, 0.8, 0.5.
+    assert row["ratio"] == pytest.approx(1.5)
+    assert row["pairs"] == 3 and row["ahead"] == 1
+    assert row["paired_median"] == pytest.approx(0.8)
+    assert (row["paired_min"], row["paired_max"]) == (pytest.approx(0.5), pytest.approx(2.0))
