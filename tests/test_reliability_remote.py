@@ -105,6 +105,65 @@ def test_redis_behind_a_delaying_or_resetting_proxy_stays_bounded(redis_server, 
         store.close()
 
 
+# -- close() drains a long queue while the remote keeps storing it ---------------------------------
+
+
+def test_close_drains_a_queue_longer_than_close_timeout_while_writes_keep_landing(redis_server):
+    """Bug: close_timeout was a total budget, so a healthy but slower remote with a long
+    queue lost acknowledged writes (134 of 300 queued 4 MiB puts to moto). Now the
+    bound is on time without progress: here each write takes ~20-40 ms through the
+    delaying proxy and the whole queue several times close_timeout."""
+    from tests.tcp_proxy import TcpProxy
+
+    prefix = f"drain{redis_server.port}:"
+    keys = [make_key(f"drain{i}") for i in range(30)]
+    with TcpProxy(("127.0.0.1", redis_server.port), mode="delay", delay=0.01) as proxy:
+        cfg = LMCacheEngineConfig(
+            local_device=None, remote_url=f"redis://127.0.0.1:{proxy.port}/0?prefix={prefix}", remote_timeout=5.0
+        )
+        store = LMCRemoteBackend(cfg, None, "cpu", close_timeout=0.15)
+        for i, k in enumerate(keys):
+            store.put(k, chunk(i), blocking=False)
+        start = time.monotonic()
+        store.close()
+        elapsed = time.monotonic() - start
+    assert store.stats["dropped_on_close"] == 0 and store.stats["background_put_failures"] == 0
+    assert elapsed > 0.15  # the queue did outlast close_timeout: the old bound would have cut it
+    cfg = LMCacheEngineConfig(local_device=None, remote_url=f"{redis_server.url}?prefix={prefix}", remote_timeout=5.0)
+    reader = LMCRemoteBackend(cfg, None, "cpu")
+    try:
+        for i, k in enumerate(keys):
+            got = reader.get(k)
+            assert got is not None and torch.equal(got, chunk(i)), i
+    finally:
+        reader.close()
+
+
+def test_close_gives_up_once_nothing_is_stored_for_close_timeout(redis_server):
+    """The other side of the bound: a remote that stores nothing (blackholed, and a
+    breaker that never opens) holds close() for about close_timeout, not for every
+    queued write's own timeout in turn; what is left is counted as dropped."""
+    from lmcache_core.storage_backend.circuit import CircuitBreaker
+    from tests.tcp_proxy import TcpProxy
+
+    with TcpProxy(("127.0.0.1", redis_server.port)) as proxy:
+        cfg = LMCacheEngineConfig(
+            local_device=None, remote_url=f"redis://127.0.0.1:{proxy.port}/0?prefix=gone{proxy.port}:",
+            remote_timeout=T,
+        )  # fmt: skip
+        breaker = CircuitBreaker(failure_threshold=1000, reset_timeout=60, name="test")
+        store = LMCRemoteBackend(cfg, None, "cpu", breaker=breaker, close_timeout=1.0)
+        store.put(make_key("warm"), chunk(0))  # connected before the blackhole
+        proxy.set_mode("blackhole")
+        for i in range(20):  # 20 x T one after another on 2 writers: 5 s
+            store.put(make_key(f"lost{i}"), chunk(i), blocking=False)
+        start = time.monotonic()
+        store.close()
+        elapsed = time.monotonic() - start
+    assert elapsed < 1.0 + T + 1.0, elapsed
+    assert store.stats["dropped_on_close"] > 0
+
+
 # -- a hybrid keeps serving local hits while its remote hangs ---------------------------------------
 
 
