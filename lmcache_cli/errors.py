@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import typer
 from typer.core import TyperGroup
 
 from lmcache_cli.output import mask_secrets
 from lmcache_core.errors import ConfigError, CorruptChunkError, StoreFullError, StoreUnavailableError
+
+if TYPE_CHECKING:
+    from lmcache_core.store_ops import ChunkCheck
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -36,6 +39,17 @@ def usage_error(message: str) -> CliError:
     return CliError(message, EXIT_USAGE)
 
 
+def unusable_chunk(key: object, check: ChunkCheck, where: str) -> CliError:
+    """The error for a chunk that cannot be shown or written: missing, unreadable or corrupt."""
+    from lmcache_core import store_ops
+
+    if check.status == store_ops.MISSING:
+        return CliError(f"{key}: not in {where}; list keys with `lmcache ls`")
+    if check.status == store_ops.UNVERIFIED:  # not the chunk's fault: never suggest removing it
+        return CliError(f"{key}: {check.reason}; check the store and retry")
+    return CliError(f"{key}: {check.reason}; remove it with `lmcache verify --fix`")
+
+
 def _filename(exc: OSError) -> str:
     return f" {exc.filename}" if exc.filename else ""
 
@@ -52,6 +66,7 @@ ERROR_TABLE: list[tuple[type[BaseException], Callable[[Any], str]]] = [
     (FileNotFoundError, lambda e: f"no such file or directory:{_filename(e)}; check the path"),
     (PermissionError, lambda e: f"permission denied:{_filename(e)}; check ownership or choose another --store"),
     (IsADirectoryError, lambda e: f"is a directory:{_filename(e)}; give a file path"),
+    (NotADirectoryError, lambda e: f"not a directory:{_filename(e)}; a disk store is a directory, check the path"),
     (ConnectionError, lambda e: f"connection failed: {e}; check the URL and that the server is up"),
     (TimeoutError, lambda e: f"timed out: {e}; check the server, or raise remote_timeout"),
     (OSError, lambda e: f"I/O error:{_filename(e)}: {e.strerror or e}; check the disk and the path"),
@@ -61,14 +76,19 @@ ERROR_TABLE: list[tuple[type[BaseException], Callable[[Any], str]]] = [
 ]
 
 
+def one_line(text: str) -> str:
+    """``text`` with its line breaks (and the indentation after them) folded into spaces."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 def describe_error(exc: BaseException) -> tuple[str, int]:
     """The one-line message and exit code for an exception."""
     for etype, render in ERROR_TABLE:
         if isinstance(exc, etype):
             code = exc.code if isinstance(exc, CliError) else EXIT_FAILURE
-            return mask_secrets(render(exc)), code
+            return one_line(mask_secrets(render(exc))), code
     return (
-        mask_secrets(f"unexpected {type(exc).__name__}: {exc} (rerun with LMCACHE_DEBUG=1 for a traceback)"),
+        one_line(mask_secrets(f"unexpected {type(exc).__name__}: {exc} (rerun with LMCACHE_DEBUG=1 for a traceback)")),
         EXIT_FAILURE,
     )
 
@@ -100,8 +120,28 @@ def _framework_kind(exc: BaseException) -> str | None:
     return "other"
 
 
+def _usage_exit(exc: Any, path: str) -> typer.Exit:
+    """Print a usage error as one line; the ``Exit`` (code 2) to raise."""
+    exc_ctx = getattr(exc, "ctx", None)
+    if exc_ctx is not None:
+        path = exc_ctx.command_path
+    message = one_line(mask_secrets(exc.format_message()))
+    sys.stderr.write(f"error: {message} (see `{path} --help`)\n")
+    return typer.Exit(EXIT_USAGE)
+
+
 class ErrorReportingGroup(TyperGroup):
     """Runs a command and turns any exception into one ``error:`` line and an exit code."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        # The root's own options (``lmcache --format xml ls``) are parsed here, before
+        # ``invoke``: without this, click prints its multi-line usage block.
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as exc:
+            if _framework_kind(exc) != "usage" or type(exc).__name__ == "NoArgsIsHelpError":
+                raise  # bare `lmcache` prints the help, as before
+            raise _usage_exit(exc, ctx.command_path) from None
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -117,11 +157,7 @@ class ErrorReportingGroup(TyperGroup):
             if kind in ("control", "other"):
                 raise
             if kind == "usage":
-                exc_ctx = getattr(exc, "ctx", None)
-                path = exc_ctx.command_path if exc_ctx is not None else ctx.command_path
-                message = exc.format_message()  # type: ignore[attr-defined]
-                sys.stderr.write(f"error: {mask_secrets(message)} (see `{path} --help`)\n")
-                raise typer.Exit(EXIT_USAGE) from None
+                raise _usage_exit(exc, ctx.command_path) from None
             if debug_enabled():
                 raise
             message, code = describe_error(exc)

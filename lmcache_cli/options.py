@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import enum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Sequence
 
 import typer
 
 from lmcache_cli.errors import usage_error
 from lmcache_cli.units import parse_age, parse_size
 from lmcache_core.key import CacheEngineKey
+
+if TYPE_CHECKING:
+    from lmcache_cli.output import Output
+    from lmcache_core.store_ops import ChunkEntry
 
 
 class KvFmt(str, enum.Enum):
@@ -76,3 +80,12 @@ ChunkSizeOption = Annotated[
 WorldSizeOption = Annotated[int, typer.Option("--world-size", metavar="N", min=1, help="Tensor-parallel world size of the keys.")]
 WorkerIdOption = Annotated[int, typer.Option("--worker-id", metavar="N", min=0, help="Worker rank of the keys.")]
 KvFmtOption = Annotated[KvFmt, typer.Option("--fmt", metavar="vllm|huggingface", help="KV layout: vllm [L,2,T,H,D] or huggingface [L,2,H,T,D].")]
+
+
+def warn_unknown_ages(out: Output, entries: Sequence[ChunkEntry], where: str) -> None:
+    """Warn that ``--older-than`` cannot match chunks whose medium records no age (Redis),
+    rather than let it match nothing in silence."""
+    unknown = sum(1 for e in entries if e.last_used is None)
+    if unknown:
+        what = "chunk has" if unknown == 1 else "chunks have"
+        out.warn(f"{unknown} {what} no recorded age in {where}; --older-than never selects them")

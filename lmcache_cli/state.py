@@ -111,5 +111,11 @@ def get_state(ctx: typer.Context) -> CliState:
 
 
 def check_exclusive(store: str | None, config: str | None) -> None:
+    """Reject ``--store`` with ``--config``, and empty values of either (usage errors)."""
+    # An empty value (``--store "$UNSET"``) must not fall back to the default store:
+    # ``lmcache --store "$UNSET" evict '*' --yes`` would wipe the user's cache.
+    for name, value, want in (("--store", store, "a directory or URL"), ("--config", config, "a YAML file")):
+        if value is not None and not value.strip():
+            raise usage_error(f"{name}: empty value; give {want}")
     if store and config:
         raise usage_error("give --store or --config, not both (--config describes the store itself)")

@@ -93,7 +93,10 @@ def load_tokens(path: str) -> np.ndarray:
             raise CliError(f"{p} is not valid JSON: {exc}") from None
         if not isinstance(data, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in data):
             raise CliError(f"{p} must hold a JSON list of integer token ids")
-        arr = np.asarray(data, dtype=np.int64)
+        try:
+            arr = np.asarray(data, dtype=np.int64)
+        except OverflowError:
+            raise CliError(f"{p}: token ids must fit in 64 bits (-2**63 .. 2**63-1)") from None
     else:
         raise usage_error(f"{p}: token ids must be a .json list or a .npy array")
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
@@ -112,8 +115,10 @@ def write_atomic(path: str, data_parts: list[Any]) -> int:
                 f.write(part)
                 n += memoryview(part).nbytes
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename == str(tmp):
+            exc.filename = path  # the user's path, not our temp name, in the error
         raise
     return n
 

@@ -14,6 +14,7 @@ for one command at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fnmatch
 import os
@@ -30,7 +31,7 @@ from urllib.parse import urlsplit
 from lmcache_core import chunk_format, layout
 from lmcache_core.chunk_format import ChunkHeader
 from lmcache_core.config import LMCacheEngineConfig, mask_url, store_kind
-from lmcache_core.errors import CorruptChunkError
+from lmcache_core.errors import CorruptChunkError, StoreUnavailableError
 from lmcache_core.key import CacheEngineKey, chunk_hashes
 
 if TYPE_CHECKING:
@@ -87,15 +88,39 @@ class TempFile:
     stale: bool  # its writer is gone (or it is older than any write takes)
 
 
+# What a check of one chunk found (``ChunkCheck.status``).
+OK = "ok"
+CORRUPT = "corrupt"  # read in full and confirmed bad: the only status ``verify --fix`` removes
+MISSING = "missing"  # not there (removed meanwhile, or never stored)
+UNVERIFIED = "unverified"  # could not be read (timeout, remote down, permission): never removed
+
+
 @dataclass(frozen=True)
 class ChunkCheck:
-    """Result of reading one chunk in full."""
+    """Result of reading one chunk in full.
+
+    ``status`` defaults to ``ok`` or ``corrupt`` from ``ok``; checks that could not
+    tell (``missing``, ``unverified``) say so explicitly.
+    """
 
     key: CacheEngineKey | None
     where: str  # key string, or the file path for unparseable names
     ok: bool
     reason: str = ""
     header: ChunkHeader | None = None
+    status: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.status:
+            object.__setattr__(self, "status", OK if self.ok else CORRUPT)
+
+
+@dataclass(frozen=True)
+class ForeignFile:
+    """A file named like a chunk that is not at a chunk path (model weights, say): never touched."""
+
+    path: str
+    reason: str
 
 
 class Store:
@@ -122,6 +147,9 @@ class Store:
             )
         else:
             self.kind, self.root = _config_kind(self.config)
+        if self.root is not None and os.path.exists(self.root) and not os.path.isdir(self.root):
+            # Listing it would find "0 chunks" and succeed; writing would fail obscurely.
+            raise NotADirectoryError(errno.ENOTDIR, "a disk store must be a directory", self.root)
 
     # -- identity ------------------------------------------------------------------
 
@@ -225,35 +253,88 @@ class Store:
     # -- reading in full -----------------------------------------------------------
 
     def check(self, key: CacheEngineKey) -> ChunkCheck:
-        """Read the whole chunk and check header, key and checksum."""
+        """Read the whole chunk and check header, key and checksum.
+
+        ``status`` tells a confirmed corrupt chunk from one that is missing or
+        could not be read (a remote timeout or outage is ``unverified``, never ``corrupt``).
+        """
         path = self.path_of(key)
         if path is not None:
             return check_file(path, key)
-        chunk = self.backend.get(key)
-        if chunk is None:
-            return ChunkCheck(key, key.to_string(), False, "missing, unreadable or failed its checksum")
-        return ChunkCheck(key, key.to_string(), True, header=_header_of(chunk, key))
+        where = key.to_string()
+        try:
+            buf = self._fetch(key)
+        except StoreUnavailableError as exc:
+            return ChunkCheck(key, where, False, f"not verified: {exc}", status=UNVERIFIED)
+        except OSError as exc:  # a disk tier's file (never a timeout: those are the above)
+            return _unreadable(key, where, exc)
+        if buf is None:
+            return ChunkCheck(key, where, False, "not found", status=MISSING)
+        if isinstance(buf, _Decoded):  # a tier that holds tensors, not bytes (memory)
+            return ChunkCheck(key, where, True, header=_header_of(buf.chunk, key))
+        return check_bytes(buf, key, where)
 
     def read(self, key: CacheEngineKey) -> tuple[torch.Tensor | None, ChunkCheck]:
-        """The chunk's tensor and its check; on a disk store a chunk that fails its
-        checksum is still decoded (when its header is sound) so it can be inspected."""
+        """The chunk's tensor and its check; a chunk that fails its checksum is still
+        decoded (when its header is sound) so it can be inspected.
+
+        Raises:
+            StoreUnavailableError: a remote store did not answer (not a miss, not corruption).
+        """
         path = self.path_of(key)
+        where = key.to_string()
         if path is None:
-            chunk = self.backend.get(key)
-            if chunk is None:
-                return None, ChunkCheck(key, key.to_string(), False, "not found (or failed its checksum)")
-            return chunk, ChunkCheck(key, key.to_string(), True, header=_header_of(chunk, key))
-        try:
-            with open_chunk_file(path) as f:
-                buf = bytearray(f.read())
-        except FileNotFoundError:
-            return None, ChunkCheck(key, key.to_string(), False, "not found")
-        except OSError as exc:
-            return None, ChunkCheck(key, key.to_string(), False, f"unreadable: {exc.strerror or exc}")
-        result = check_bytes(buf, key, key.to_string())
+            fetched = self._fetch(key)
+            if fetched is None:
+                return None, ChunkCheck(key, where, False, "not found", status=MISSING)
+            if isinstance(fetched, _Decoded):
+                return fetched.chunk, ChunkCheck(key, where, True, header=_header_of(fetched.chunk, key))
+            buf = bytearray(fetched)  # writable: the decoded tensor aliases it
+        else:
+            try:
+                with open_chunk_file(path) as f:
+                    buf = bytearray(f.read())
+            except FileNotFoundError:
+                return None, ChunkCheck(key, where, False, "not found", status=MISSING)
+            except OSError as exc:
+                return None, _unreadable(key, where, exc)
+        result = check_bytes(buf, key, where)
         if result.header is None:
             return None, result
         return chunk_format.decode(buf, verify=False), result
+
+    def _fetch(self, key: CacheEngineKey) -> Any:
+        """A non-disk chunk's raw bytes (None when absent), or ``_Decoded`` for a tier
+        that holds tensors. Raw bytes so the caller can tell corruption from absence;
+        through the remote's own timeout so an outage raises instead of reading as a miss.
+
+        Raises:
+            StoreUnavailableError: the remote did not answer.
+        """
+        from lmcache_core.storage_backend.remote_backend import LMCRemoteBackend  # torch: loaded by backend
+
+        backend = self.backend
+        if isinstance(backend, LMCRemoteBackend):
+            return backend.fetch_bytes(key)
+        from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend
+
+        if isinstance(backend, LMCHybridBackend):
+            # Tier by tier, without the read-through fill that ``get`` does: a
+            # read-only command must not write the chunk into local tiers.
+            for name, tier in backend.tiers():
+                found: Any
+                if isinstance(tier, LMCRemoteBackend):
+                    found = tier.fetch_bytes(key)
+                elif name == "disk":
+                    found = _read_tier_file(tier, key)
+                else:
+                    chunk = tier.get(key)
+                    found = None if chunk is None else _Decoded(chunk)
+                if found is not None:
+                    return found
+            return None
+        chunk = backend.get(key)
+        return None if chunk is None else _Decoded(chunk)
 
     def remove(self, key: CacheEngineKey) -> bool:
         path = self.path_of(key)
@@ -319,23 +400,64 @@ def is_stale_temp(name: str, mtime: float, now: float) -> bool:
     return now - mtime > STALE_TEMP_SECONDS
 
 
+class NotRegularFileError(OSError):
+    """A FIFO, device, socket (or a link to one) where a chunk file should be."""
+
+
+# Linux only; elsewhere 0 (a plain open).
+_O_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
 def open_chunk_file(path: str) -> Any:
     """Open a chunk file for reading; only regular files (``disk_io.open_read``'s rule).
 
     ``O_NONBLOCK``: a FIFO planted at a chunk path would otherwise block ``open``
-    forever and hang ``show``/``get``/``verify``.
+    forever and hang ``show``/``get``/``verify``. ``O_NOATIME``: looking at a chunk
+    is not using it; a read that bumped its atime would make ``evict --older-than``
+    and LRU ``--to-size`` spare chunks nobody uses. The kernel allows it only to the
+    file's owner (EPERM otherwise), so a plain open follows then.
 
     Raises:
-        OSError: ``EINVAL`` for a FIFO, device or socket; the usual errors otherwise.
+        NotRegularFileError: a FIFO, device or socket (``EINVAL``).
+        OSError: the usual errors otherwise.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    flags = os.O_RDONLY | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags | _O_NOATIME)
+    except PermissionError as exc:
+        if not _O_NOATIME or exc.errno != errno.EPERM:
+            raise
+        fd = os.open(path, flags)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", path)
+            raise NotRegularFileError(errno.EINVAL, "not a regular file", path)
         return open(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+
+
+def _unreadable(key: CacheEngineKey | None, where: str, exc: OSError) -> ChunkCheck:
+    """The check of a chunk file that could not be read: a non-file at a chunk path
+    is no chunk (corrupt); any other error (permission, I/O) leaves it unverified."""
+    status = CORRUPT if isinstance(exc, NotRegularFileError) else UNVERIFIED
+    return ChunkCheck(key, where, False, f"unreadable: {exc.strerror or exc}", status=status)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """A chunk from a tier that holds tensors rather than bytes (memory)."""
+
+    chunk: Any
+
+
+def _read_tier_file(tier: Any, key: CacheEngineKey) -> bytes | None:
+    """A disk tier's chunk file, read directly (no index, no fill, atime kept); None when absent."""
+    try:
+        with open_chunk_file(layout.disk_path(tier.root, key)) as f:
+            return cast(bytes, f.read())
+    except FileNotFoundError:
+        return None
 
 
 def check_bytes(buf: Any, key: CacheEngineKey | None, where: str) -> ChunkCheck:
@@ -360,9 +482,9 @@ def check_file(path: str, key: CacheEngineKey | None) -> ChunkCheck:
         with open_chunk_file(path) as f:
             buf = f.read()
     except FileNotFoundError:
-        return ChunkCheck(key, where, False, "not found")
+        return ChunkCheck(key, where, False, "not found", status=MISSING)
     except OSError as exc:
-        return ChunkCheck(key, where, False, f"unreadable: {exc.strerror or exc}")
+        return _unreadable(key, where, exc)
     return check_bytes(buf, key, where)
 
 
@@ -516,11 +638,19 @@ def run_evict(store: Store, plan: EvictPlan) -> tuple[int, int, list[str]]:
 
 @dataclass
 class VerifyReport:
-    """What ``verify_store`` found (and fixed)."""
+    """What ``verify_store`` found (and fixed).
+
+    ``bad`` chunks were read in full and failed (what ``--fix`` removes);
+    ``unverified`` ones could not be read (remote timeout, permission): a problem
+    left, never removed; ``foreign`` files are named like chunks but lie outside
+    the store's layout (model weights, say): reported, never a problem, never removed.
+    """
 
     checked: int = 0
     ok: int = 0
     bad: list[ChunkCheck] = field(default_factory=list)
+    unverified: list[ChunkCheck] = field(default_factory=list)
+    foreign: list[ForeignFile] = field(default_factory=list)
     temps: list[TempFile] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)  # what --fix removed
     fix_failures: list[str] = field(default_factory=list)
@@ -530,13 +660,15 @@ class VerifyReport:
         fixed = set(self.removed)
         bad_left = [b for b in self.bad if _problem_id(b) not in fixed]
         temps_left = [t for t in self.temps if t.stale and t.path not in fixed]
-        return len(bad_left) + len(temps_left)
+        return len(bad_left) + len(self.unverified) + len(temps_left)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "checked": self.checked,
             "ok": self.ok,
             "bad": [{"chunk": b.where, "reason": b.reason} for b in self.bad],
+            "unverified": [{"chunk": u.where, "reason": u.reason} for u in self.unverified],
+            "foreign": [{"path": f.path, "reason": f.reason} for f in self.foreign],
             "temp_files": [
                 {"path": t.path, "size": t.size, "stale": t.stale} for t in self.temps
             ],
@@ -545,9 +677,29 @@ class VerifyReport:
             "problems_left": self.remaining_problems,
         }
 
+    def merge(self, other: VerifyReport, tier: str) -> None:
+        """Add a tier's report, its chunks named ``<tier>: <chunk>``."""
+        self.checked += other.checked
+        self.ok += other.ok
+        self.bad += [dataclasses.replace(b, where=f"{tier}: {b.where}") for b in other.bad]
+        self.unverified += [dataclasses.replace(u, where=f"{tier}: {u.where}") for u in other.unverified]
+        self.foreign += other.foreign
+        self.temps += other.temps
+        temp_paths = {t.path for t in other.temps}
+        self.removed += [r if r in temp_paths else f"{tier}: {r}" for r in other.removed]
+        self.fix_failures += [f"{tier}: {f}" for f in other.fix_failures]
+
 
 def _problem_id(check: ChunkCheck) -> str:
     return check.where
+
+
+def _key_at(root: str, path: str) -> CacheEngineKey | None:
+    """The key whose chunk path ``path`` is, or None when it is no chunk path."""
+    try:
+        return layout.path_to_key(os.path.relpath(path, root).replace(os.sep, "/"))
+    except ValueError:
+        return None
 
 
 def verify_store(
@@ -559,73 +711,119 @@ def verify_store(
 ) -> VerifyReport:
     """Read every chunk and check header, key and checksum; find stray temp files.
 
+    A store described by a config is checked tier by tier (the disk tier's files,
+    the remote's objects), so a bad copy in one tier is not hidden by a good one in
+    another, and nothing is read through into a faster tier. The memory tier
+    belongs to the process that filled it: nothing to check from a tool.
+
     Args:
-        fix: remove bad chunks and stale temp files (a live writer's temp file stays).
+        fix: remove chunks that failed their check and stale temp files (a live
+            writer's temp file stays; chunks that could not be read and files
+            outside the store's layout are never removed).
         jobs: chunks checked in parallel (checksums release the GIL on large buffers).
         progress: called with (chunks checked, bytes checked) as work completes.
     """
+    if store.url is None and store.kind == "tiered":
+        return _verify_tiers(store, fix=fix, jobs=jobs, progress=progress)
     report = VerifyReport()
-    targets: list[tuple[CacheEngineKey | None, str | None, int]] = []
+    targets: list[tuple[CacheEngineKey, str | None, int]] = []
     special: list[ChunkCheck] = []
     if store.root is not None:
         for path, st, key in layout.scan_store(store.root, special=True):
-            name = os.path.basename(path)
-            if not stat.S_ISREG(st.st_mode):
-                special.append(ChunkCheck(None, path, False, "not a regular file (FIFO, device, socket or link)"))
-            elif key is not None or layout.is_chunk_name(name):
-                targets.append((key, path, st.st_size))
+            if not layout.is_chunk_name(os.path.basename(path)):
+                continue  # temp files (below) and whatever else lives there
+            if stat.S_ISREG(st.st_mode):
+                if key is not None:
+                    targets.append((key, path, st.st_size))
+                else:
+                    report.foreign.append(ForeignFile(path, "named like a chunk but not at a chunk path"))
+                continue
+            at = _key_at(store.root, path)
+            if at is None:
+                report.foreign.append(ForeignFile(path, "not a regular file, not at a chunk path"))
+            else:  # squats a chunk's path: no chunk can be stored there
+                special.append(ChunkCheck(at, path, False, "not a regular file (FIFO, device, socket or link)"))
         report.temps = store.temp_files()
     else:
         targets = [(e.key, None, e.size or 0) for e in store.entries()]
 
-    def one(target: tuple[CacheEngineKey | None, str | None, int]) -> ChunkCheck:
+    def one(target: tuple[CacheEngineKey, str | None, int]) -> ChunkCheck:
         key, path, _ = target
-        if key is None:
-            assert path is not None
-            return ChunkCheck(None, path, False, "file named like a chunk but not at a chunk path")
-        if path is not None:
-            return check_file(path, key)
-        return store.check(key)
+        return check_file(path, key) if path is not None else store.check(key)
 
     done_bytes = 0
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {pool.submit(one, t): t for t in targets}
         for fut in as_completed(futures):
             result = fut.result()
-            report.checked += 1
             done_bytes += futures[fut][2]
-            if result.ok:
+            if result.status == OK:
+                report.checked += 1
                 report.ok += 1
-            elif result.reason != "not found":  # removed by someone else meanwhile
+            elif result.status == CORRUPT:
+                report.checked += 1
                 report.bad.append(result)
-            else:
-                report.checked -= 1
+            elif result.status == UNVERIFIED:
+                report.checked += 1
+                report.unverified.append(result)
+            # MISSING: removed by someone else meanwhile; nothing to check
             if progress is not None:
                 progress(report.checked, done_bytes)
     report.bad.extend(special)
     report.bad.sort(key=lambda b: b.where)
+    report.unverified.sort(key=lambda u: u.where)
+    report.foreign.sort(key=lambda f: f.path)
     if fix:
-        for b in report.bad:
-            try:
-                if b.key is not None:
-                    store.remove(b.key)
-                else:
-                    os.unlink(b.where)
-                report.removed.append(b.where)
-            except FileNotFoundError:
-                report.removed.append(b.where)
-            except Exception as exc:
-                report.fix_failures.append(f"{b.where}: {exc}")
-        for t in report.temps:
-            if not t.stale:
-                continue  # a live writer's file: removing it would fail its write
-            try:
-                os.unlink(t.path)
-                report.removed.append(t.path)
-            except FileNotFoundError:
-                report.removed.append(t.path)
-            except OSError as exc:
-                report.fix_failures.append(f"{t.path}: {exc.strerror or exc}")
+        _fix(store, report)
+    return report
+
+
+def _fix(store: Store, report: VerifyReport) -> None:
+    """Remove what failed its check (by key: only ever a chunk path) and stale temp files."""
+    for b in report.bad:
+        if b.key is None or b.status != CORRUPT:
+            continue  # never remove what is not a confirmed bad chunk
+        try:
+            store.remove(b.key)
+            report.removed.append(b.where)
+        except Exception as exc:
+            report.fix_failures.append(f"{b.where}: {exc}")
+    for t in report.temps:
+        if not t.stale:
+            continue  # a live writer's file: removing it would fail its write
+        try:
+            os.unlink(t.path)
+            report.removed.append(t.path)
+        except FileNotFoundError:
+            report.removed.append(t.path)
+        except OSError as exc:
+            report.fix_failures.append(f"{t.path}: {exc.strerror or exc}")
+
+
+def _verify_tiers(
+    store: Store, *, fix: bool, jobs: int, progress: Callable[[int, int], None] | None
+) -> VerifyReport:
+    """``verify_store`` over each persistent tier of a config-described store, as its own store."""
+    cfg = store.config
+    tiers: list[tuple[str, str]] = []
+    if cfg.disk_path:
+        tiers.append(("disk", cfg.disk_path))
+    if cfg.remote_url:
+        tiers.append(("remote", cfg.remote_url))
+    report = VerifyReport()
+    finished = [0, 0]  # chunks and bytes of the tiers done, so progress keeps counting up
+    for name, url in tiers:
+        last = [0, 0]
+
+        def tier_progress(done: int, nbytes: int, last: list[int] = last) -> None:
+            last[:] = [done, nbytes]
+            if progress is not None:
+                progress(finished[0] + done, finished[1] + nbytes)
+
+        with Store(url, cfg) as tier_store:
+            report.merge(verify_store(tier_store, fix=fix, jobs=jobs, progress=tier_progress), name)
+        finished[0] += last[0]
+        finished[1] += last[1]
     return report
 
 

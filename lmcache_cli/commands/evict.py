@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from lmcache_cli.errors import CliError, usage_error
-from lmcache_cli.options import ModelOption, OlderThanOption, PatternArgument, age_option, size_option
+from lmcache_cli.options import (
+    ModelOption,
+    OlderThanOption,
+    PatternArgument,
+    age_option,
+    size_option,
+    warn_unknown_ages,
+)
 from lmcache_cli.output import Column, Output
 from lmcache_cli.state import FormatOption, get_state
 from lmcache_cli.units import human_age, human_size, plural
@@ -59,8 +66,11 @@ def evict(
         raise usage_error("say what to evict: PATTERN, --model, --older-than or --to-size ('*' for everything)")
     now = time.time()
     with state.open_store() as store:
+        listed = store.entries()
+        if max_age is not None:
+            warn_unknown_ages(out, listed, store.describe())
         plan = store_ops.plan_evict(
-            store.entries(), pattern=pattern, model=model, older_than=max_age, to_size=target, now=now
+            listed, pattern=pattern, model=model, older_than=max_age, to_size=target, now=now
         )
         where = store.describe()
         if not out.json:

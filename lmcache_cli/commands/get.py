@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from lmcache_cli.errors import CliError, usage_error
+from lmcache_cli.errors import CliError, unusable_chunk, usage_error
 from lmcache_cli.options import (
     ChunkSizeOption,
     KvFmt,
@@ -58,14 +58,14 @@ def get(
         raise usage_error("give a KEY, or --tokens FILE --model NAME")
     chunk_key = parse_key(key)
     from lmcache_cli.tensor_files import write_atomic
-    from lmcache_core import chunk_format
+    from lmcache_core import chunk_format, store_ops
 
     with state.open_store() as store:
         chunk, check = store.read(chunk_key)
         if chunk is None or not check.ok:
-            if check.reason == "not found" or chunk is None and not store.is_disk:
-                raise CliError(f"{chunk_key}: not in {store.describe()}; list keys with `lmcache ls`")
-            raise CliError(f"{chunk_key}: {check.reason}; not written (run `lmcache verify --fix`)")
+            if check.status == store_ops.CORRUPT:
+                raise CliError(f"{chunk_key}: {check.reason}; not written (run `lmcache verify --fix`)")
+            raise unusable_chunk(chunk_key, check, store.describe())
         header, payload = chunk_format.encode(chunk, chunk_key.to_string())
         size = write_atomic(output, [header, payload])
     result = {

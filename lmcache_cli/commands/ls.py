@@ -15,6 +15,7 @@ from lmcache_cli.options import (
     SortBy,
     age_option,
     size_option,
+    warn_unknown_ages,
 )
 from lmcache_cli.output import Column
 from lmcache_cli.state import FormatOption, get_state
@@ -50,8 +51,11 @@ def ls(
     min_age = age_option(older_than, "--older-than")
     now = time.time()
     with state.open_store() as store:
+        listed = store.entries()
+        if min_age is not None:
+            warn_unknown_ages(out, listed, store.describe())
         entries = store_ops.select(
-            store.entries(),
+            listed,
             pattern=pattern,
             model=model,
             fmt=fmt.value if fmt else None,

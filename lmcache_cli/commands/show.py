@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lmcache_cli.errors import CliError
+from lmcache_cli.errors import unusable_chunk
 from lmcache_cli.options import parse_key
 from lmcache_cli.output import Column
 from lmcache_cli.state import FormatOption, get_state
@@ -40,9 +40,7 @@ def show(
         chunk, check = store.read(chunk_key)
         path = store.path_of(chunk_key)
         if check.header is None:
-            if check.reason == "not found" or not store.is_disk:
-                raise CliError(f"{chunk_key}: not in {store.describe()}; list keys with `lmcache ls`")
-            raise CliError(f"{chunk_key}: {check.reason}; remove it with `lmcache verify --fix`")
+            raise unusable_chunk(chunk_key, check, store.describe())
         stored_size = None
         if path is not None:
             import os

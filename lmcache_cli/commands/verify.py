@@ -14,13 +14,19 @@ from lmcache_cli.units import human_size, plural
 
 def verify(
     ctx: typer.Context,
-    fix: Annotated[bool, typer.Option("--fix", help="Remove bad chunks and stale temp files.")] = False,
+    fix: Annotated[
+        bool,
+        typer.Option("--fix", help="Remove chunks that failed their checksum and stale temp files (nothing else)."),
+    ] = False,
     jobs: Annotated[int, typer.Option("--jobs", "-j", metavar="N", min=1, max=64, help="Chunks checked in parallel.")] = 4,
     format_: FormatOption = None,
 ) -> None:
     """Check every chunk's header and checksum; find stray temp files.
 
-    Exit code 1 when something bad remains (after --fix, when given).
+    Exit code 1 when something bad remains (after --fix, when given), or when a
+    chunk could not be read (a remote timeout): such chunks are reported as
+    unverified and never removed. Files named like chunks outside the store's
+    layout (model weights, say) are listed as foreign and left alone.
 
     \b
     Examples:
@@ -32,7 +38,9 @@ def verify(
     state = get_state(ctx)
     out = state.output(format_)
     with state.open_store() as store:
-        entries = store.entries()
+        # A config-described store is verified tier by tier (store_ops opens each);
+        # listing it here would open every tier at once just for a progress total.
+        entries = store.entries() if store.kind != "tiered" else []
         total = sum(e.size or 0 for e in entries)
         with progress_bar(out, "verify", total or None, len(entries)) as bar:
             last = [0]
@@ -49,6 +57,8 @@ def verify(
     else:
         removed = set(report.removed)
         rows = [[b.where, b.reason, "removed" if b.where in removed else "bad"] for b in report.bad]
+        rows += [[u.where, u.reason, "unverified"] for u in report.unverified]
+        rows += [[f.path, f.reason, "ignored"] for f in report.foreign]
         rows += [
             [t.path, f"temp file, {human_size(t.size)}" + ("" if t.stale else " (writer alive)"),
              "removed" if t.path in removed else ("stray" if t.stale else "in use")]
@@ -59,11 +69,21 @@ def verify(
         stray = sum(1 for t in report.temps if t.stale)
         out.line(
             f"checked {plural(report.checked, 'chunk')} in {where}: {report.ok} ok, {len(report.bad)} bad, "
-            f"{plural(stray, 'stray temp file')}" + (f"; removed {len(report.removed)}" if fix else "")
+            + (f"{len(report.unverified)} unverified, " if report.unverified else "")
+            + f"{plural(stray, 'stray temp file')}"
+            + (f"; removed {len(report.removed)}" if fix else "")
+        )
+    if report.foreign:
+        out.warn(
+            f"{plural(len(report.foreign), 'file')} named like chunks but not at a chunk path "
+            f"(e.g. {report.foreign[0].path}): not part of the store, left alone"
         )
     for failure in report.fix_failures:
         out.warn(f"could not remove {failure}")
     if left:
-        hint = "check permissions and rerun" if fix else "rerun with --fix to remove them"
+        if report.unverified:
+            hint = "some chunks could not be read (never removed); check the store and rerun"
+        else:
+            hint = "check permissions and rerun" if fix else "rerun with --fix to remove them"
         out.error(f"{plural(left, 'problem')} left in {where}; {hint}")
         raise typer.Exit(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
@@ -50,6 +51,9 @@ def warm(
     with src_store, dst_store:
         if src_store.describe() == dst_store.describe():
             raise usage_error(f"--from and --to are the same store ({src_store.describe()})")
+        if src_store.root is not None and not os.path.isdir(src_store.root):
+            # Opening it would create an empty store and "copy 0" successfully.
+            raise CliError(f"--from {src_store.root}: no such store directory; check the path")
         if keys_file is not None:
             if pattern is not None or model is not None:
                 raise usage_error("--keys lists the chunks itself; drop PATTERN/--model")

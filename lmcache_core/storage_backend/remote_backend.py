@@ -756,6 +756,23 @@ class LMCRemoteBackend(LMCBackendInterface):
             logger.debug("%s: no header for %s: %s", self.display_url, key, exc)
             return None
 
+    def fetch_bytes(self, key: CacheEngineKey) -> bytes | None:
+        """The stored object as it is (neither decoded nor checked); None when absent.
+
+        For tools that check chunks themselves (``lmcache verify``/``show``): unlike
+        ``get``, an outage raises rather than reading as a miss, so it is never
+        mistaken for a corrupt or missing chunk. Writes queued in this process are
+        not consulted.
+
+        Raises:
+            StoreUnavailableError: no answer within ``remote_timeout``, open circuit,
+                or a transport failure.
+        """
+        check_key(key)
+        self._check_fork()
+        self._check_open()
+        return self._call("get", self.connector.get, key, retry=True)
+
 
 class _BatchCall:
     """One ``batched_get`` in flight through the fetch and decode stages.
