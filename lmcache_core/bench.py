@@ -18,9 +18,9 @@ hybrid              the raw medium of its slowest tier
 Operations: ``put`` (blocking), ``put_nonblocking`` (``put(blocking=False)`` for
 every chunk, then ``close()``: the time until everything is durable),
 ``get``, ``batched_get`` (``batch`` keys per call, against the raw medium's
-sequential reads of the same objects) and, for disk, ``get_cold`` after the page
-cache is dropped (``/proc/sys/vm/drop_caches`` as root, else
-``posix_fadvise(DONTNEED)`` per file). Raw and store operations are interleaved
+sequential reads of the same objects) and, for disk, ``get_cold`` after the run's
+own files are evicted from the page cache (``posix_fadvise(DONTNEED)`` per file;
+with ``drop_caches=True`` and root, the whole machine's page cache instead). Raw and store operations are interleaved
 chunk by chunk, taking turns at going first, so noise from other processes hits
 both sides alike. On remote stores each pair of blocking puts is deleted (untimed)
 before the next pair, so a server writes into memory it just freed, as a cache at
@@ -540,14 +540,16 @@ def _kind_of(url: str) -> str:
 # -- page cache --------------------------------------------------------------------------
 
 
-def drop_page_cache(paths: Sequence[str]) -> str:
+def drop_page_cache(paths: Sequence[str], *, whole_machine: bool = False) -> str:
     """Evict ``paths`` from the page cache; returns the method used.
 
-    As root: ``sync`` then ``/proc/sys/vm/drop_caches``. Otherwise (or when that is
-    refused): ``fdatasync`` then ``posix_fadvise(DONTNEED)`` per file (dirty pages
-    cannot be dropped, hence the sync first).
+    ``fdatasync`` then ``posix_fadvise(DONTNEED)`` per file (dirty pages cannot be
+    dropped, hence the sync first). With ``whole_machine`` and root: ``sync`` then
+    ``/proc/sys/vm/drop_caches``, which also throws out every other process's
+    cached files (a serving engine's hot disk-tier chunks among them), so only a
+    dedicated benchmark machine should ask for it.
     """
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
+    if whole_machine and hasattr(os, "geteuid") and os.geteuid() == 0:
         try:
             os.sync()
             with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -579,6 +581,7 @@ def run_bench(
     batch: int = 16,
     progress: Progress | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    drop_caches: bool = False,
 ) -> BenchReport:
     """Benchmark each store beside its raw medium.
 
@@ -594,6 +597,8 @@ def run_bench(
         progress: called with a short message before each phase.
         options: per store URL, extra ``open_backend`` options (also given to the
             raw fsspec client: ``endpoint_url``, ``key``, ``secret``, ...).
+        drop_caches: for cold disk reads, drop the whole machine's page cache when
+            root (``drop_page_cache``); default: evict only this run's files.
 
     Returns:
         A ``BenchReport``; stores that failed are in ``report.errors``.
@@ -631,7 +636,7 @@ def run_bench(
             else url_target(target, options=(options or {}).get(target, {}))
         )
         try:
-            report.rows.extend(_bench_store(tgt, chunks, shape, tdtype, nbytes, count, batch, say))
+            report.rows.extend(_bench_store(tgt, chunks, shape, tdtype, nbytes, count, batch, say, drop_caches))
         except Exception as exc:  # one broken store must not lose the others' figures
             report.errors.append(
                 {
@@ -686,6 +691,7 @@ def _bench_store(
     count: int,
     batch: int,
     say: Progress,
+    drop_caches: bool = False,
 ) -> list[dict[str, Any]]:
     token = secrets.token_hex(4)
     model = f"lmcache-bench-{token}"
@@ -852,7 +858,7 @@ def _bench_store(
         if kind == "disk" and isinstance(raw, _RawFile):
             say(f"{name}: get_cold x{count}")
             ours_paths = [store._path(k) for k in keys[:count]] if hasattr(store, "_path") else []
-            method = drop_page_cache(raw.paths(range(count)) + ours_paths)
+            method = drop_page_cache(raw.paths(range(count)) + ours_paths, whole_machine=drop_caches)
             raw_c, ours_c = _Series(), _Series()
             misses = _read_pairs(raw, store, keys[:count], nbytes, raw_c, ours_c)
             rows.append(

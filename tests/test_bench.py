@@ -36,6 +36,10 @@ def test_memory_and_disk_report_structure_and_cleanup(tmp_path):
         for op in ("put", "put_nonblocking", "get", "batched_get[4]"):
             assert (store, op) in ops
     assert (str(store_dir), "get_cold") in ops
+    # Even as root, only the run's own files leave the page cache unless drop_caches=True
+    # (a whole-machine drop would throw out a co-located engine's hot chunks too).
+    (cold,) = [r for r in report.rows if r["op"] == "get_cold"]
+    assert "posix_fadvise" in cold["note"] and "drop_caches" not in cold["note"]
     for row in report.rows:
         assert set(ROW_KEYS) <= set(row)
         assert row["gbps"] and row["gbps"] > 0 and row["raw_gbps"] and row["raw_gbps"] > 0

@@ -32,6 +32,7 @@ def bench(
     count: Annotated[int | None, typer.Option("--count", "-n", metavar="N", min=2, help="Chunks per measurement [default: 8].")] = None,
     batch: Annotated[int | None, typer.Option("--batch", metavar="N", min=1, help="Chunks per batched get [default: 16].")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Small run (4 MiB chunks, 8 of them) for a first look.")] = False,
+    drop_caches: Annotated[bool, typer.Option("--drop-caches", help="Cold disk reads after dropping the whole machine's page cache (root; evicts other processes' cached files too) [default: only the run's own files].")] = False,
     format_: FormatOption = None,
 ) -> None:
     """Measure put/get GB/s and latency per store against the raw medium.
@@ -75,6 +76,7 @@ def bench(
         chunk_bytes=int(chunk_mb * (1 << 20)) if chunk_mb is not None else None,
         kv_shape=shape,
         progress=out.message,
+        drop_caches=drop_caches,
         **kwargs,  # type: ignore[arg-type]
     )
     errors = list(getattr(report, "errors", []) or [])
