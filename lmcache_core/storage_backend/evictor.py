@@ -77,3 +77,22 @@ class LRUIndex(Generic[K]):
             victims.append(key)
             need -= s
         return victims
+
+    def victims_over_budget(self, keep: K | None = None) -> list[K]:
+        """Least recently used keys to drop so that ``used <= budget``, never ``keep``.
+
+        For use after ``add``: ``keep`` is the entry just added, already counted in
+        ``used`` (``victims_for(0, exclude=key)`` would subtract it a second time and
+        leave the budget exceeded by one entry). ``check_fits`` made sure ``keep``
+        alone fits, so dropping the others always suffices.
+        """
+        need = self.used - self.budget
+        victims: list[K] = []
+        for key, s in self._sizes.items():
+            if need <= 0:
+                break
+            if key == keep:
+                continue
+            victims.append(key)
+            need -= s
+        return victims

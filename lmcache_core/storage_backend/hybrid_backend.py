@@ -20,9 +20,13 @@ from lmcache_core.storage_backend.abstract_backend import (
 )
 
 if TYPE_CHECKING:
+    from lmcache_core.storage_backend.local_backend import LMCLocalBackend
     from lmcache_core.storage_backend.remote_backend import LMCRemoteBackend
 
 logger = logging.getLogger(__name__)
+
+# The base class's dst_device property: the hybrid's setter runs it, then sets the tiers'.
+_BASE_DST_DEVICE: property = vars(LMCBackendInterface)["dst_device"]
 
 
 class LMCHybridBackend(LMCBackendInterface):
@@ -37,9 +41,13 @@ class LMCHybridBackend(LMCBackendInterface):
     * ``config.prefetch``: a background thread copies this model's / rank's
       remote chunks into the local tiers, bounded by local capacity; it never
       blocks construction and skips foreign keys;
-    * a remote that is down never raises into the caller: local tiers keep serving.
+    * a remote that is down never raises into the caller: local tiers keep serving;
+    * ``dst_device`` set after construction is set on every tier too.
 
-    Thread-safe.
+    Fills never keep the tensor handed to the caller: a memory fill copies it
+    at once, a disk fill writes a private copy, so modifying a tensor returned by
+    a disk or remote hit changes no tier (a memory hit is zero-copy; see
+    ``LMCLocalBackend``). Thread-safe; fork-safe as its tiers are.
     """
 
     def __init__(
@@ -55,12 +63,14 @@ class LMCHybridBackend(LMCBackendInterface):
         self.config = config
         self.metadata = metadata
         self._tiers: list[tuple[str, LMCBackendInterface]] = []
+        self._memory: LMCLocalBackend | None = None
         # Checked before any tier exists: a remote built first would leak its threads.
         if config.local_memory_device is None and config.disk_path is None:
             raise ValueError("LMCHybridBackend needs a local tier (local_device or local_disk)")
         try:
             if config.local_memory_device is not None:
-                self._tiers.append(("memory", LMCLocalBackend(config, mpool_metadata, dst_device)))
+                self._memory = LMCLocalBackend(config, mpool_metadata, dst_device)
+                self._tiers.append(("memory", self._memory))
             if config.disk_path is not None:
                 self._tiers.append(("disk", LMCLocalDiskBackend(config, mpool_metadata, dst_device)))
             self.remote: LMCRemoteBackend | None = None
@@ -89,6 +99,22 @@ class LMCHybridBackend(LMCBackendInterface):
             self.prefetch_done.set()
 
     # -- introspection -------------------------------------------------------------
+
+    @property
+    def dst_device(self) -> str:
+        """Where ``get`` puts tensors; reassigning it reassigns it on every tier. Thread-safe."""
+        return self._dst_device
+
+    @dst_device.setter
+    def dst_device(self, value: str) -> None:
+        _BASE_DST_DEVICE.__set__(self, value)
+        # The tiers return the tensors get hands out, so they must follow. The base
+        # __init__ sets this before any tier exists, hence the defaults.
+        for _, tier in self.__dict__.get("_tiers", []):
+            tier.dst_device = value
+        remote = self.__dict__.get("remote")
+        if remote is not None:
+            remote.dst_device = value
 
     @property
     def local_tiers(self) -> list[tuple[str, LMCBackendInterface]]:
@@ -245,14 +271,39 @@ class LMCHybridBackend(LMCBackendInterface):
             self.stats.incr("remote_errors")
             return None
 
-    def _fill(self, key: CacheEngineKey, chunk: torch.Tensor, tiers: list[tuple[str, LMCBackendInterface]]) -> None:
-        """Copy a chunk read from a slower tier into faster ones (best effort)."""
+    def _fill(
+        self,
+        key: CacheEngineKey,
+        chunk: torch.Tensor,
+        tiers: list[tuple[str, LMCBackendInterface]],
+        *,
+        handed_out: bool = True,
+    ) -> None:
+        """Copy a chunk read from a slower tier into faster ones (best effort).
+
+        ``handed_out``: ``chunk`` is also returned to the caller, who may modify it,
+        so a background fill gets a private copy (a blocking fill copies it at once).
+        """
+        private: torch.Tensor | None = None if handed_out else chunk
         for name, tier in tiers:
+            blocking = name == "memory"  # memory fills are one fast copy; disk fills go to workers
             try:
-                # Memory fills are one fast copy; disk fills go to the tier's workers.
-                tier.put(key, chunk, blocking=(name == "memory"))
+                if blocking:
+                    tier.put(key, chunk, blocking=True)
+                    continue
+                if private is None:
+                    private = self._private_copy(key, chunk)
+                tier.put(key, private, blocking=False)
             except (ValueError, OSError, RuntimeError) as exc:
                 logger.debug("filling %s tier with %s skipped: %s", name, key, exc)
+
+    def _private_copy(self, key: CacheEngineKey, chunk: torch.Tensor) -> torch.Tensor:
+        """A copy of ``chunk`` nobody else writes to: the memory tier's own, else a clone."""
+        if self._memory is not None:
+            stored = self._memory.peek(key)  # filled just before, or a hit there
+            if stored is not None and stored.dtype == chunk.dtype and stored.shape == chunk.shape:
+                return stored
+        return chunk.detach().clone()
 
     def _touch_below(self, key: CacheEngineKey, i: int) -> None:
         # A hit in a fast tier is a use of the chunk in the slower local tiers too,
@@ -349,7 +400,7 @@ class LMCHybridBackend(LMCBackendInterface):
                 size = chunk.numel() * chunk.element_size()
                 if used + size > budget:
                     continue
-                self._fill(k, chunk, self._tiers)
+                self._fill(k, chunk, self._tiers, handed_out=False)  # nobody else holds it
                 used += size
                 self.prefetched += 1
         except Exception as exc:

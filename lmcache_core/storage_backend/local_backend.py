@@ -29,6 +29,7 @@ from lmcache_core.key import CacheEngineKey
 from lmcache_core.layout import scan_store
 from lmcache_core.storage_backend import disk_io
 from lmcache_core.storage_backend.abstract_backend import (
+    BackendStats,
     ChunkInfo,
     LMCBackendInterface,
     check_chunk,
@@ -49,6 +50,20 @@ class LocalBackendEndSignal:
     """Queued to stop a put worker after everything before it is written."""
 
 
+# fork safety: a lock taken by another thread at fork() time stays taken in the
+# child forever, so the child gets a fresh one (as remote_backend does).
+_fork_lock = threading.Lock()
+
+
+def _reset_fork_lock() -> None:
+    global _fork_lock
+    _fork_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_fork_lock)
+
+
 class LMCLocalBackend(LMCBackendInterface):
     """KV chunks in CPU or GPU memory, LRU under ``max_local_cache_size`` GB.
 
@@ -58,7 +73,12 @@ class LMCLocalBackend(LMCBackendInterface):
     tensor shares memory with the cache and must not be modified. A slot is
     reused only after every tensor returned from it is released.
 
-    Thread-safe; not process-safe (memory is per process).
+    The last submitted put of a key wins: a blocking put supersedes a
+    non-blocking put of the key still queued.
+
+    Thread-safe; not process-safe (memory is per process). Fork-safe: a forked
+    child gets its own copy of the cache, and on first use its own lock and put
+    worker, which also stores the writes that were still queued at fork().
     """
 
     def __init__(
@@ -85,8 +105,34 @@ class LMCLocalBackend(LMCBackendInterface):
                 self._pool.reserve(config.memory_budget_bytes // slot, slot)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._closed = False
-        self._worker = threading.Thread(target=self.put_worker, name="lmcache-mem-put", daemon=True)
-        self._worker.start()
+        self._pid = os.getpid()
+        self._worker = self._start_worker()
+
+    def _start_worker(self) -> threading.Thread:
+        worker = threading.Thread(target=self.put_worker, name="lmcache-mem-put", daemon=True)
+        worker.start()
+        return worker
+
+    def _check_fork(self) -> None:
+        """In a forked child, rebuild what fork() broke (first use only). Thread-safe."""
+        if self._pid == os.getpid():
+            return
+        with _fork_lock:
+            if self._pid == os.getpid():
+                return
+            # The parent's worker thread does not exist here, and a lock a parent thread
+            # held at fork() would stay held forever: fresh ones for this process.
+            self._lock = threading.Lock()
+            self._pool.after_fork()
+            self.stats = BackendStats()
+            self._queue = queue.Queue()
+            # Writes acknowledged before fork() are in this copy of _pending: queue them
+            # again, so this copy of the cache ends up as the parent's does.
+            for key, chunk in self._pending.items():
+                self._queue.put((key, chunk))
+            if not self._closed:
+                self._worker = self._start_worker()
+            self._pid = os.getpid()  # last: other threads wait on _fork_lock until the rest is done
 
     def describe(self) -> str:
         return f"memory ({self.device})"
@@ -105,10 +151,16 @@ class LMCLocalBackend(LMCBackendInterface):
             self.put_nonblocking(key, kv_chunk)
 
     def put_blocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
-        self._store(key, kv_chunk, only_if_pending=False)
+        """Store now; a non-blocking put of ``key`` still queued is discarded. Thread-safe."""
+        self._check_fork()
+        with self._lock:
+            # What is queued now was submitted before this put: it must never land after it.
+            superseded = self._pending.get(key)
+        self._store(key, kv_chunk, only_if_pending=False, supersedes=superseded)
 
     def put_nonblocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
-        """Queue the write; the caller must not modify ``kv_chunk`` until it is stored."""
+        """Queue the write; the caller must not modify ``kv_chunk`` until it is stored. Thread-safe."""
+        self._check_fork()
         with self._lock:
             self._pending[key] = kv_chunk
         self._queue.put((key, kv_chunk))
@@ -132,7 +184,20 @@ class LMCLocalBackend(LMCBackendInterface):
             finally:
                 self._queue.task_done()
 
-    def _store(self, key: CacheEngineKey, kv_chunk: torch.Tensor, *, only_if_pending: bool) -> None:
+    def _store(
+        self,
+        key: CacheEngineKey,
+        kv_chunk: torch.Tensor,
+        *,
+        only_if_pending: bool,
+        supersedes: torch.Tensor | None = None,
+    ) -> None:
+        """Copy ``kv_chunk`` in as ``key``.
+
+        ``only_if_pending``: a queued write, dropped unless still the newest put of the
+        key. ``supersedes``: the queued write a blocking put found when submitted; it
+        is dequeued here (not a newer one queued while this put ran).
+        """
         nbytes = kv_chunk.numel() * kv_chunk.element_size()
         with self._lock:
             self._evict(self._index.victims_for(nbytes, exclude=key))
@@ -146,10 +211,12 @@ class LMCLocalBackend(LMCBackendInterface):
                 if self._pending.get(key) is not kv_chunk:
                     return  # removed (or replaced) while queued
                 del self._pending[key]
+            elif supersedes is not None and self._pending.get(key) is supersedes:
+                del self._pending[key]
             self._chunks[key] = stored
             self._index.add(key, nbytes)
             # Concurrent writers may have filled the budget meanwhile.
-            self._evict(self._index.victims_for(0, exclude=key))
+            self._evict(self._index.victims_over_budget(keep=key))
         self.stats.incr("puts")
 
     def _evict(self, victims: list[CacheEngineKey]) -> None:
@@ -167,6 +234,7 @@ class LMCLocalBackend(LMCBackendInterface):
 
     def get(self, key: CacheEngineKey) -> torch.Tensor | None:
         check_key(key)
+        self._check_fork()
         with self._lock:
             chunk = self._chunks.get(key)
             if chunk is not None:
@@ -182,15 +250,18 @@ class LMCLocalBackend(LMCBackendInterface):
 
     def contains(self, key: CacheEngineKey) -> bool:
         check_key(key)
+        self._check_fork()
         with self._lock:
             return key in self._chunks or key in self._pending
 
     def touch(self, key: CacheEngineKey) -> None:
+        self._check_fork()
         with self._lock:
             self._index.touch(key)
 
     def remove(self, key: CacheEngineKey) -> bool:
         check_key(key)
+        self._check_fork()
         with self._lock:
             was_pending = self._pending.pop(key, None) is not None
             present = self._index.pop(key) is not None
@@ -198,14 +269,30 @@ class LMCLocalBackend(LMCBackendInterface):
         return present or was_pending
 
     def list(self) -> list[CacheEngineKey]:
+        self._check_fork()
         with self._lock:
             return list(self._index) + [k for k in self._pending if k not in self._chunks]
 
     def list_info(self) -> builtins.list[ChunkInfo]:
+        self._check_fork()
         with self._lock:
             return [ChunkInfo(k, self._index.size_of(k)) for k in self._index]
 
+    def peek(self, key: CacheEngineKey) -> torch.Tensor | None:
+        """The tier's own stored tensor of ``key`` on its storage device, or ``None``.
+
+        Not moved to ``dst_device`` and not counted as a hit. Stored tensors are never
+        written again (a put copies into a fresh slot), so the result is a private,
+        immutable copy of the chunk for as long as it is held; it must not be
+        modified. Thread-safe.
+        """
+        check_key(key)
+        self._check_fork()
+        with self._lock:
+            return self._chunks.get(key)
+
     def read_header(self, key: CacheEngineKey) -> ChunkHeader | None:
+        self._check_fork()
         with self._lock:
             chunk = self._chunks.get(key)
         if chunk is None:
@@ -215,12 +302,15 @@ class LMCLocalBackend(LMCBackendInterface):
 
     @property
     def used_bytes(self) -> int:
+        self._check_fork()
         with self._lock:
             return self._index.used
 
     def close(self) -> None:
+        """Store every queued chunk, then stop the put worker. Idempotent."""
         if self._closed:
             return
+        self._check_fork()  # in a child: its own worker, which close must drain
         self._closed = True
         self._queue.put(LocalBackendEndSignal())
         self._worker.join()
@@ -365,7 +455,9 @@ class LMCLocalDiskBackend(LMCBackendInterface):
 
     Thread-safe. Several processes may share one directory: each sees the others'
     chunks, and a chunk removed by another process is a miss, never an error;
-    the budget is enforced by each process over the chunks it knows.
+    the budget is enforced by each process over the chunks it knows. Fork-safe:
+    a forked child gets, on first use, its own locks, queue and writer threads;
+    writes the parent had in flight at fork() are the parent's to finish.
     """
 
     def __init__(
@@ -410,14 +502,47 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         self._readers_lock = threading.Lock()
         self._closed = False
         self.stale_temps_removed = 0
+        self._pid = os.getpid()
         self._rebuild_index()
-        self._workers = [
-            threading.Thread(target=self.put_worker, name=f"lmcache-disk-put-{i}", daemon=True)
-            for i in range(put_workers)
-        ]
-        for worker in self._workers:
-            worker.start()
+        self._put_workers = put_workers
+        self._workers = self._start_workers()
         _open_disk_backends.add(self)
+
+    def _start_workers(self) -> builtins.list[threading.Thread]:
+        workers = [
+            threading.Thread(target=self.put_worker, name=f"lmcache-disk-put-{i}", daemon=True)
+            for i in range(self._put_workers)
+        ]
+        for worker in workers:
+            worker.start()
+        return workers
+
+    def _check_fork(self) -> None:
+        """In a forked child, rebuild what fork() broke (first use only). Thread-safe."""
+        if self._pid == os.getpid():
+            return
+        with _fork_lock:
+            if self._pid == os.getpid():
+                return
+            # A lock a parent thread held at fork() would stay held here forever.
+            self._lock = threading.Lock()
+            self._key_locks = [threading.Lock() for _ in range(_KEY_LOCKS)]
+            self._readers = None  # the parent's reader thread does not exist here
+            self._readers_lock = threading.Lock()
+            self._pool = BufferPool("cpu", max_bytes=self._pool.max_bytes, pin_memory=self._pool.pin_memory)
+            self.stats = BackendStats()
+            # The parent's queued and running writes are the parent's: their futures
+            # never complete here (a read would wait forever), and repeating them here
+            # could put back what the parent superseded since. Its bookkeeping of
+            # them (in-flight counts, floors, unlinks under way) is dropped with them.
+            self._futures = {}
+            self._inflight = {}
+            self._floor = {}
+            self._dropping = {}
+            self._queue = queue.Queue()
+            if not self._closed:
+                self._workers = self._start_workers()
+            self._pid = os.getpid()  # last: other threads wait on _fork_lock until the rest is done
 
     def describe(self) -> str:
         return f"disk {self.root}"
@@ -448,7 +573,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             for _, key, size in found:
                 self._index.add(key, size)
             # The budget may have shrunk since the last run.
-            over = self._evict_locked(self._index.victims_for(0))
+            over = self._evict_locked(self._index.victims_over_budget())
         self._unlink_evicted(over)
         if self.stale_temps_removed:
             logger.info("removed %d stale temp files under %s", self.stale_temps_removed, self.root)
@@ -478,16 +603,27 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             self.put_nonblocking(key, kv_chunk)
 
     def put_blocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
-        """Write now; ``OSError``/``StoreFullError`` when the disk refuses."""
+        """Write now; ``OSError``/``StoreFullError`` when the disk refuses. Thread-safe."""
+        self._check_fork()
         with self._lock:
             seq = self._begin_locked(key)
+            older = self._futures.get(key)
         try:
-            self._write(key, kv_chunk, seq)
+            committed = self._write(key, kv_chunk, seq)
         finally:
             self._end(key)
+        if committed and older is not None:
+            # That queued put is older than this one, so it will be discarded as stale:
+            # reads must not wait for it (behind a backlog). A newer one stays.
+            with self._lock:
+                if self._futures.get(key) is older:
+                    del self._futures[key]
 
     def put_nonblocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
-        """Queue the write for the workers; the caller must not modify ``kv_chunk`` meanwhile."""
+        """Queue the write for the workers; the caller must not modify ``kv_chunk`` meanwhile.
+
+        Thread-safe.
+        """
         self.buffer_sweeper()
         future: Future[None] = Future()
         with self._lock:
@@ -579,12 +715,13 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                 self._floor[key] = seq
                 self._index.add(key, size)
                 # Concurrent writers may have filled the budget meanwhile.
-                over = self._evict_locked(self._index.victims_for(0, exclude=key))
+                over = self._evict_locked(self._index.victims_over_budget(keep=key))
         self._unlink_evicted(over)
         return True
 
     def buffer_sweeper(self) -> None:
-        """Forget finished futures (and so the chunks they held)."""
+        """Forget finished futures (and so the chunks they held). Thread-safe."""
+        self._check_fork()
         with self._lock:
             done = [k for k, f in self._futures.items() if f.done()]
             for k in done:
@@ -663,7 +800,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                 return
             self._index.add(key, size)
             # The budget holds over chunks learnt from other processes too.
-            over = self._evict_locked(self._index.victims_for(0, exclude=key))
+            over = self._evict_locked(self._index.victims_over_budget(keep=key))
         self._unlink_evicted(over)
 
     # -- reads ---------------------------------------------------------------------
@@ -674,6 +811,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
     def _get(self, key: CacheEngineKey, helper: Any = None) -> torch.Tensor | None:
         """``get``; ``helper`` is ``read_chunk``'s (``chunk_format.ALONE``: this thread only)."""
         check_key(key)
+        self._check_fork()
         self._wait_pending(key)
         path = self._path(key)
         st: os.stat_result | None = None
@@ -715,6 +853,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         raised. Thread-safe.
         """
         keys = list(keys)
+        self._check_fork()  # before _read_pool(): the parent's reader does not exist in a child
         if len(keys) < 2:
             return [self.get(k) for k in keys]
         for key in keys:
@@ -783,6 +922,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
 
     def contains(self, key: CacheEngineKey) -> bool:
         check_key(key)
+        self._check_fork()
         with self._lock:
             future = self._futures.get(key)
             if key in self._index or (future is not None and not future.done()):
@@ -794,12 +934,14 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         return True
 
     def touch(self, key: CacheEngineKey) -> None:
+        self._check_fork()
         with self._lock:
             self._index.touch(key)
 
     def remove(self, key: CacheEngineKey) -> bool:
         """Remove ``key``; puts of it submitted before are discarded, not waited for."""
         check_key(key)
+        self._check_fork()
         with self._lock:
             future = self._futures.pop(key, None)
             was_pending = future is not None and not future.done()
@@ -823,6 +965,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
 
     def read_header(self, key: CacheEngineKey) -> ChunkHeader | None:
         check_key(key)
+        self._check_fork()
         self._wait_pending(key)
         try:
             with disk_io.open_read(self._path(key)) as f:
@@ -833,11 +976,13 @@ class LMCLocalDiskBackend(LMCBackendInterface):
 
     @property
     def used_bytes(self) -> int:
+        self._check_fork()
         with self._lock:
             return self._index.used
 
     def close(self) -> None:
-        """Write every queued chunk, then stop the writer and reader threads."""
+        """Write every queued chunk, then stop the writer and reader threads. Idempotent."""
+        self._check_fork()  # in a child: its own writers, which close must drain
         with self._lock:
             if self._closed:
                 return

@@ -152,6 +152,12 @@ class BufferPool:
                 return buf[:nbytes]
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)
 
+    def after_fork(self) -> None:
+        """In a forked child: a fresh lock (one a parent thread held at fork() stays held).
+
+        Call before any other thread of the child uses the pool."""
+        self._lock = threading.Lock()
+
     def clear(self) -> None:
         """Forget retained buffers (views already handed out stay valid)."""
         with self._lock:
