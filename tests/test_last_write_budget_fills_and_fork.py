@@ -188,6 +188,19 @@ def test_memory_budget_holds_after_concurrent_puts() -> None:
     backend.close()
 
 
+def test_a_memory_put_that_raced_close_is_refused_not_queued_past_the_end() -> None:
+    """A put(blocking=False) that passed put()'s closed check just before close() ran
+    used to queue its chunk behind the worker's end signal: acknowledged, never stored.
+    Its second half (put_nonblocking) now checks under the lock close() takes."""
+    backend = memory()
+    backend.put(make_key(0), chunk(0), blocking=False)
+    backend.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.put_nonblocking(make_key(1), chunk(1))
+    assert torch.equal(backend.get(make_key(0)), chunk(0))  # drained before the end signal
+    assert not backend.contains(make_key(1))
+
+
 # -- hybrid fills never store the caller's tensor ------------------------------------------
 
 

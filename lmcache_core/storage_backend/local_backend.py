@@ -162,8 +162,12 @@ class LMCLocalBackend(LMCBackendInterface):
         """Queue the write; the caller must not modify ``kv_chunk`` until it is stored. Thread-safe."""
         self._check_fork()
         with self._lock:
+            # Checked under the lock close() sets it under: a put that raced close()
+            # either lands before the end signal (and is drained) or raises.
+            if self._closed:
+                raise RuntimeError("backend is closed")
             self._pending[key] = kv_chunk
-        self._queue.put((key, kv_chunk))
+            self._queue.put((key, kv_chunk))
 
     def put_worker(self) -> None:
         """Body of the background writer thread: store queued chunks in order."""
@@ -311,8 +315,11 @@ class LMCLocalBackend(LMCBackendInterface):
         if self._closed:
             return
         self._check_fork()  # in a child: its own worker, which close must drain
-        self._closed = True
-        self._queue.put(LocalBackendEndSignal())
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(LocalBackendEndSignal())  # after every put queued before it
         self._worker.join()
 
 
