@@ -55,15 +55,33 @@ def encode_model(name: str) -> str:
     segments: list[str] = []
     rest = encoded
     while len(rest) > _SEGMENT:
-        cut = _SEGMENT - 1
-        # Never split inside a %XX escape, and never start a segment with '.'
-        # (a segment of '.' or '..' would be a traversal).
-        while rest[cut - 1] == "%" or rest[cut - 2] == "%" or rest[cut] == ".":
-            cut -= 1
+        cut = _cut_point(rest)
         segments.append(rest[:cut] + _CONT)
         rest = rest[cut:]
+    if rest in (".", ".."):  # only after a cut inside a long run of dots
+        previous = segments.pop()[: -len(_CONT)]
+        segments.append(previous[:-2] + _CONT)
+        rest = previous[-2:] + rest
     segments.append(rest)
     return "/".join(segments)
+
+
+def _cut_point(rest: str) -> int:
+    """Where the next segment of an encoded name longer than ``_SEGMENT`` ends."""
+    cut = _SEGMENT - 1
+    # Never split inside a %XX escape, and never start a segment with '.' (the
+    # last segment must never be '.' or '..', a traversal).
+    while rest[cut - 1] == "%" or rest[cut - 2] == "%" or rest[cut] == ".":
+        cut -= 1
+        if cut < 3:
+            # A run of dots fills the segment: backing up further never ended (a
+            # name like "m" + "." * 250 hung every put and get of its keys). Cut
+            # inside the run; this segment ends with '+', so it is never '.' or '..'.
+            cut = _SEGMENT - 1
+            while rest[cut - 1] == "%" or rest[cut - 2] == "%":
+                cut -= 1
+            break
+    return cut
 
 
 def decode_model(encoded: str) -> str:

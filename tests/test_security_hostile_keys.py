@@ -190,3 +190,38 @@ def test_regression_long_unicode_model_name_gave_enametoolong(tmp_path):
     assert torch.equal(store.get(key), torch.ones(4))
     assert store.list() == [key]
     store.close()
+
+
+DOT_RUN_NAMES = ["m" + "." * 250, "a" * 100 + "." * 200, "." * 512, "x" * 199 + "..", "é" * 200 + "." * 300]
+
+
+def test_regression_a_long_run_of_dots_in_a_model_name_hung_path_encoding(tmp_path):
+    """Bug: splitting a long encoded name backed the cut up over a run of dots (a
+    segment may not start with '.') until it reached 0, then looped forever: every
+    put and get of such a key hung its thread (on a remote, one I/O thread each,
+    until the store served nothing). Run in a child so a regression fails, not hangs."""
+    import subprocess
+    import sys
+
+    script = (
+        "from lmcache_core.key import CacheEngineKey\n"
+        "from lmcache_core.layout import key_to_path, path_to_key\n"
+        f"for i, name in enumerate({DOT_RUN_NAMES!r}):\n"
+        "    key = CacheEngineKey('vllm', name, 1, 0, f'{i:02x}' * 8)\n"
+        "    path = key_to_path(key)\n"
+        "    assert path_to_key(path) == key, name\n"
+        "    assert all(p not in ('', '.', '..') and len(p.encode()) <= 255 for p in path.split('/')), path\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-500:]
+    from lmcache_core import LMCacheEngineConfig
+    from lmcache_core.storage_backend.local_backend import LMCLocalDiskBackend
+
+    store = LMCLocalDiskBackend(LMCacheEngineConfig.from_defaults(local_device=None, local_disk=str(tmp_path)), None, "cpu")
+    keys = [CacheEngineKey("vllm", name, 1, 0, H) for name in DOT_RUN_NAMES]
+    for i, key in enumerate(keys):
+        store.put(key, torch.full((4,), float(i)))
+    assert all(torch.equal(store.get(k), torch.full((4,), float(i))) for i, k in enumerate(keys))
+    assert sorted(store.list(), key=str) == sorted(keys, key=str)
+    store.close()
