@@ -233,6 +233,9 @@ def _coerce(name: str, value: Any) -> Any:
             raise _error(name, f"must be a finite number >= 0, got {_shown(value)}")
         if name == "remote_timeout" and x == 0:
             raise _error(name, "must be > 0 seconds")
+        if name == "remote_timeout" and x > MAX_REMOTE_TIMEOUT_S:
+            # Connectors turn it into milliseconds and socket timeouts; 1e308 overflowed there.
+            raise _error(name, f"must be at most {MAX_REMOTE_TIMEOUT_S:g} seconds, got {_shown(value)}")
         return x
     if name in ("pipelined_backend", "prefetch"):
         return _as_bool(name, value)
@@ -275,13 +278,20 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+#: A day: longer than any remote call should ever wait, far below what overflows.
+MAX_REMOTE_TIMEOUT_S = 86400.0
+
+
 def _as_int(name: str, value: Any) -> int:
     if isinstance(value, bool):
         raise _error(name, f"expected an integer, got {_shown(value)}")
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("+-").isascii():
+        try:  # isdigit() alone let "+-5" and "²" through to int(), which raised its own error
+            return int(value)
+        except ValueError:
+            pass
     raise _error(name, f"expected an integer, got {_shown(value)}")
 
 
@@ -303,7 +313,8 @@ def _as_bool(name: str, value: Any) -> bool:
 
 
 # Names (query parameters, option keys) whose values are secrets.
-_SECRET_NAME_RE = re.compile(r"secret|password|passwd|token|key|credential", re.I)
+# Query parameters whose values are secrets; ``sig`` is an Azure SAS signature, ``pw`` a password.
+_SECRET_NAME_RE = re.compile(r"secret|password|passwd|token|key|credential|^sig$|^pw$|^pwd$", re.I)
 
 
 def _mask_userinfo(authority: str) -> str:
@@ -337,6 +348,15 @@ def mask_url(url: str) -> str:
     if "://" not in url:
         end = min((i for i in (url.find(c) for c in "/?#") if i >= 0), default=len(url))
         return _mask_userinfo(url[:end]) + url[end:]
+    scheme, _, rest = url.partition("://")
+    at = rest.rfind("@")
+    if at > 0 and ":" in rest[:at] and any(c in rest[:at] for c in "/?#"):
+        # A password with an unencoded '/', '?' or '#' (a mistyped URL, just the kind
+        # that gets printed): urlsplit would take part of it for the path, query or
+        # fragment and print it. Mask everything up to the last '@' instead.
+        user = rest[:at].split(":", 1)[0]
+        tail = mask_url(f"{scheme}://{rest[at + 1 :]}")  # no '@' left: its query secrets too
+        return f"{scheme}://{user}:***@{tail[len(scheme) + 3 :]}"
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -351,7 +371,10 @@ def mask_url(url: str) -> str:
                 v = "***"
             pairs.append(f"{k}{eq}{v}")
         query = "&".join(pairs)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    out = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if not netloc and not out.startswith(f"{parts.scheme}://"):
+        out = f"{parts.scheme}://{out[len(parts.scheme) + 1 :]}"  # unix:///path stays unix:///path
+    return out
 
 
 # A run of text that may be a URL or a schemeless ``user:pw@host``: no spaces or quotes.

@@ -228,10 +228,17 @@ class RedisConnector(RemoteConnector):
         staged = options.pop("staged_puts", url_staged if url_staged is not None else True)
         options.setdefault("health_check_interval", 30)
         # Parse now so a malformed URL fails at construction, not at the first call.
-        if self.cluster:
-            self._cluster_args = _parse_cluster_url(stripped)
-        else:
-            self._redis.connection.parse_url(stripped)
+        try:
+            if self.cluster:
+                self._cluster_args = _parse_cluster_url(stripped)
+            else:
+                self._redis.connection.parse_url(stripped)
+                _check_db_path(stripped)
+        except ValueError as exc:
+            # Only our own messages: redis-py's quote parts of the URL, and in a mistyped
+            # one (a '/' in the password) those parts are the password.
+            why = str(exc) if isinstance(exc, _UrlError) else "expected redis://[user:pw@]host:port/db"
+            raise ValueError(f"not a valid Redis URL: {self.display_url}: {why}") from None
         self._hooks = _fast_path_hooks(int(options.get("protocol") or 2))
         #: whether ``put`` sends header and payload without joining them first
         self.zero_copy_put = "command_packer" in self._hooks
@@ -619,6 +626,23 @@ def _none_on_wrongtype(redis: Any, fn: Callable[[], _T]) -> _T | None:
         raise
 
 
+class _UrlError(ValueError):
+    """A malformed Redis URL, in words that quote none of it."""
+
+
+def _check_db_path(url: str) -> None:
+    """Refuse a database path redis-py would quietly misread (``/notadb`` -> db 0, ``/1/5`` -> 15).
+
+    A ``unix://`` URL's path is its socket (the database comes from ``?db=``).
+    """
+    parts = urlsplit(url)
+    if parts.scheme.lower().startswith("unix") or parts.path in ("", "/"):
+        return
+    db = parts.path[1:]
+    if not db.isascii() or not db.isdigit():
+        raise _UrlError("the path names the database: /<number>")  # not the path: it may hold a password
+
+
 def _parse_cluster_url(url: str) -> dict[str, Any]:
     """``redis+cluster://[user:pw@]h:p[,h:p...][/0][?opts]`` -> RedisCluster arguments."""
     from redis.cluster import ClusterNode
@@ -643,12 +667,13 @@ def _parse_cluster_url(url: str) -> dict[str, Any]:
         else:
             host, _, port = item.rpartition(":")
         if not host or not port.isdigit():
-            raise ValueError(f"Redis Cluster node {item!r} is not host:port")
+            # Not the item itself: with a '/' in the password, it holds part of it.
+            raise _UrlError("a Redis Cluster node is not host:port")
         nodes.append(ClusterNode(unquote(host), int(port)))
     if not nodes:
-        raise ValueError("Redis Cluster URL names no node: redis+cluster://host:port[,host:port]")
+        raise _UrlError("Redis Cluster URL names no node: redis+cluster://host:port[,host:port]")
     if parts.path not in ("", "/", "/0"):
-        raise ValueError("Redis Cluster has only database 0")
+        raise _UrlError("Redis Cluster has only database 0")
     for name, value in parse_qsl(parts.query):
         if name == "ssl":
             kwargs["ssl"] = value.lower() in ("1", "true", "yes", "on")
