@@ -117,6 +117,15 @@ def model_prefix(fmt: str, model_name: str) -> str:
     return f"{fmt}/{encode_model(model_name)}"
 
 
+def rank_prefix(fmt: str, model_name: str, world_size: int, worker_id: int) -> str:
+    """Relative directory holding every chunk of one model, fmt and rank (for listing).
+
+    Unique to them: another model's directory never starts with it (every segment of
+    an encoded name but the last ends with ``+``, which no other name part holds).
+    """
+    return f"{model_prefix(fmt, model_name)}/{world_size}-{worker_id}"
+
+
 def disk_path(root: str, key: CacheEngineKey) -> str:
     """The chunk's file under a disk store's ``root`` (the path a disk tier reads and writes)."""
     rel = key_to_path(key)  # '/'-separated, never absolute, no '..'

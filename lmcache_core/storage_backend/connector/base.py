@@ -127,6 +127,15 @@ class RemoteConnector(abc.ABC):
     def list(self) -> Iterator[RemoteObject]:
         """Every chunk object under this connector's prefix; foreign names skipped."""
 
+    def list_rank(self, fmt: str, model_name: str, world_size: int, worker_id: int) -> Iterator[RemoteObject]:
+        """The chunks of one model, fmt and rank. Default: ``list()`` filtered; stores that
+        can list by prefix override it, so other models' objects are never scanned."""
+        scope = (fmt, model_name, world_size, worker_id)
+        for obj in self.list():
+            k = obj.key
+            if (k.fmt, k.model_name, k.world_size, k.worker_id) == scope:
+                yield obj
+
     def get_range(self, key: CacheEngineKey, start: int, end: int) -> bytes | None:
         """Bytes ``[start, end)`` of the object (for header-only reads); default reads all."""
         data = self.get(key)

@@ -519,9 +519,22 @@ class FsspecConnector(RemoteConnector):
 
     def list(self) -> Iterator[RemoteObject]:
         """Every chunk under the prefix; temp files and foreign objects are skipped."""
+        return self._list_under(self.root)
+
+    def list_rank(self, fmt: str, model_name: str, world_size: int, worker_id: int) -> Iterator[RemoteObject]:
+        """The chunks of one model, fmt and rank: a listing of their directory only
+        (on S3 a prefix listing), never of other models' objects."""
+        scope = (fmt, model_name, world_size, worker_id)
+        under = f"{self.root.rstrip('/')}/{layout.rank_prefix(*scope)}"
+        for obj in self._list_under(under):
+            k = obj.key
+            if (k.fmt, k.model_name, k.world_size, k.worker_id) == scope:
+                yield obj
+
+    def _list_under(self, path: str) -> Iterator[RemoteObject]:
         fs = self.fs
         try:
-            found = fs.find(self.root, detail=True)
+            found = fs.find(path, detail=True)
         except FileNotFoundError:
             return
         base = fs._strip_protocol(self.root).rstrip("/") + "/"

@@ -548,7 +548,18 @@ class RedisConnector(RemoteConnector):
         blocking the server; names that do not parse as keys, or hold non-strings, are
         skipped.
         """
-        pattern = escape_glob(self.prefix) + "*"
+        return self._list_matching(escape_glob(self.prefix) + "*")
+
+    def list_rank(self, fmt: str, model_name: str, world_size: int, worker_id: int) -> Iterator[RemoteObject]:
+        """The chunks of one model, fmt and rank: ``SCAN MATCH`` on their names only."""
+        scope = (fmt, model_name, world_size, worker_id)
+        start = CacheEngineKey(fmt, model_name, world_size, worker_id, "0").to_string()[:-1]
+        for obj in self._list_matching(escape_glob(self.prefix + start) + "*"):
+            k = obj.key
+            if (k.fmt, k.model_name, k.world_size, k.worker_id) == scope:
+                yield obj
+
+    def _list_matching(self, pattern: str) -> Iterator[RemoteObject]:
         for node in self._call("SCAN", self._scan_targets):
             batch: List[tuple[bytes, CacheEngineKey]] = []
             for name in self._scan(node, pattern):
