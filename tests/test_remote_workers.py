@@ -272,6 +272,135 @@ def test_a_batch_against_a_silent_remote_is_misses_counted_once(blackholed_redis
         backend.close()
 
 
+def _large(i: int) -> Any:
+    import torch
+
+    return torch.full((300_000,), float(i), dtype=torch.float16)  # 600 kB: one key per Redis group
+
+
+def test_regression_a_slow_batch_is_not_cut_off_at_one_remote_timeout(redis_server: Any) -> None:
+    """A live remote that answers every group well within ``remote_timeout`` serves the
+    whole batch, though the batch takes several timeouts: the deadline is the time
+    without progress. (It was one ``remote_timeout`` for the whole batch: 48 x 4 MiB
+    from moto with a 0.5 s timeout came back all misses, a timeout and a strike.)"""
+    from lmcache_core.storage_backend.circuit import CircuitBreaker
+    from tests.tcp_proxy import TcpProxy
+
+    timeout = 1.0
+    with TcpProxy(("127.0.0.1", redis_server.port)) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/0?prefix=slow{proxy.port}:"
+        keys = [make_key(f"slow{i}") for i in range(16)]
+        writer = LMCRemoteBackend(LMCacheEngineConfig(local_device=None, remote_url=url), None, "cpu")
+        try:
+            for i, k in enumerate(keys):
+                writer.put(k, _large(i))
+        finally:
+            writer.close()
+        cfg = LMCacheEngineConfig(local_device=None, remote_url=url, remote_timeout=timeout)
+        breaker = CircuitBreaker(failure_threshold=1, reset_timeout=60.0)
+        backend = LMCPipelinedRemoteBackend(cfg, None, "cpu", fetch_parallelism=2, breaker=breaker)
+        try:
+            # Open both connections now (a handshake is several round trips), and show
+            # the value size: one key per group from here on.
+            assert all(same(g, _large(i)) for i, g in enumerate(backend.batched_get(keys[:2])))
+            assert backend.connector.fetch_group_keys() == 1
+            # Each forwarded piece waits 0.1 s: a group (one 600 kB GET, a few pieces)
+            # takes 0.2-0.4 s, and the batch, 8 groups after one another on each of
+            # two connections, about twice the timeout.
+            proxy.set_mode("delay", delay=0.1)
+            hits, misses = backend.stats["hits"], backend.stats["misses"]
+            got = backend.batched_get(keys)
+            assert [i for i, g in enumerate(got) if g is None] == []
+            assert all(same(g, _large(i)) for i, g in enumerate(got))
+            assert backend.stats["hits"] - hits == len(keys) and backend.stats["misses"] == misses
+            assert backend.stats["timeouts"] == 0 and backend.stats["unavailable"] == 0
+            assert breaker.consecutive_failures == 0 and breaker.times_opened == 0
+        finally:
+            proxy.set_mode("forward")
+            backend.close()
+
+
+def test_a_cold_batch_of_large_values_is_fetched_in_groups_of_bounded_bytes(
+    remote: tuple[str, dict[str, Any]],
+) -> None:
+    """Until a read shows the value size, a batch is not split into a few huge groups
+    (each would take as long as the whole batch, and the first could not arrive
+    within one ``remote_timeout``): single keys first, then at most
+    ``FETCH_GROUP_BYTES`` of values a group."""
+    import torch
+
+    from lmcache_core.storage_backend.remote_backend import FETCH_GROUP_BYTES
+
+    value = lambda i: torch.full((2_500_000,), float(i), dtype=torch.float16)  # noqa: E731  (5 MB)
+    keys = [make_key(f"cold{i}") for i in range(8)]
+    writer = _open(LMCRemoteBackend, remote)
+    try:
+        for i, k in enumerate(keys):
+            writer.put(k, value(i))
+    finally:
+        writer.close()
+    backend = _open(LMCPipelinedRemoteBackend, remote, fetch_parallelism=2)
+    try:
+        real = backend.connector.get_many
+        groups: list[int] = []
+
+        def recording(ks: Any) -> Any:
+            groups.append(len(ks))
+            return real(ks)
+
+        backend.connector.get_many = recording  # type: ignore[method-assign]
+        got = backend.batched_get(keys)
+        assert all(same(g, value(i)) for i, g in enumerate(got))
+        assert sum(groups) == len(keys)
+        assert groups[:2] == [1, 1]  # what the split was before a read: [4, 4]
+        assert max(groups) * 5_000_000 <= FETCH_GROUP_BYTES
+    finally:
+        backend.close()
+
+
+def test_a_remote_that_goes_silent_mid_batch_ends_it_one_timeout_after_the_last_progress(
+    blackholed_redis: tuple[Any, str],
+) -> None:
+    """Groups already served stay hits; the rest are misses one ``remote_timeout`` after
+    the remote stopped answering, not one timeout per group left."""
+    proxy, url = blackholed_redis
+    timeout = 0.5
+    cfg = LMCacheEngineConfig(local_device=None, remote_url=url, remote_timeout=timeout)
+    backend = LMCPipelinedRemoteBackend(cfg, None, "cpu", fetch_parallelism=2)
+    try:
+        keys = [make_key(f"s{i}") for i in range(20)]
+        for i, k in enumerate(keys):
+            backend.put(k, _large(i))
+        backend.batched_get(keys[:1])  # a read shows the value size: one key per group
+        real = backend.connector.get_many
+        calls = [0]
+        lock = threading.Lock()
+
+        def going_silent(ks: Any) -> Any:
+            with lock:
+                calls[0] += 1
+                if calls[0] == 5:  # four groups served, then the remote stops answering
+                    proxy.set_mode("blackhole")
+            return real(ks)
+
+        backend.connector.get_many = going_silent  # type: ignore[method-assign]
+        counted = backend.stats["hits"] + backend.stats["misses"]
+        started = time.monotonic()
+        got = backend.batched_get(keys)
+        elapsed = time.monotonic() - started
+        # Generous: ten groups after one another, a timeout each, would be 5 s.
+        assert elapsed < 4 * timeout, elapsed
+        assert all(g is None or same(g, _large(i)) for i, g in enumerate(got))
+        assert sum(g is not None for g in got) >= 3  # served before the silence (one may race it)
+        assert got[-1] is None
+        assert backend.stats["hits"] + backend.stats["misses"] - counted == len(keys)  # each once
+        assert backend.stats["timeouts"] >= 1
+        assert backend.breaker.consecutive_failures >= 1
+    finally:
+        proxy.set_mode("forward")
+        backend.close()
+
+
 def test_a_batch_fetches_at_most_fetch_parallelism_groups_at_once(remote: tuple[str, dict[str, Any]]) -> None:
     """Large Redis values go one GET per group; no remote sees more than the window at once."""
     import torch
@@ -281,7 +410,7 @@ def test_a_batch_fetches_at_most_fetch_parallelism_groups_at_once(remote: tuple[
         stored = {make_key(f"w{i}"): torch.full((300_000,), float(i), dtype=torch.float16) for i in range(7)}
         for k, v in stored.items():  # 600 kB each: over half of Redis's 1 MiB per MGET
             backend.put(k, v)
-        backend.get(next(iter(stored)))  # the connector learns the value size from a read
+        backend.batched_get([next(iter(stored))])  # a read shows the value size (connector and batch)
         real = backend.connector.get_many
         state = {"now": 0, "peak": 0, "groups": [], "lock": threading.Lock()}
 

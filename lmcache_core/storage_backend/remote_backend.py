@@ -57,6 +57,13 @@ T = TypeVar("T")
 _ANSWERS: tuple[type[BaseException], ...] = (StoreFullError, PermissionError)
 # Headers are ~300 bytes: one ranged read of this much nearly always holds one.
 HEADER_PROBE_BYTES = 4096
+# Most bytes of values in one fetch group of a pipelined batch, once a read has shown
+# the value size (unless the connector sizes groups itself). A batch may take many
+# timeouts in all, but each group must arrive within one: 48 x 4 MiB from moto on
+# loopback in four even groups of 12 took 0.26-0.5 s a group (the groups share the
+# link and end together, so a group took as long as the whole batch); in groups of
+# 4 (16 MiB) 0.05-0.13 s a group, and the batch the same 0.25-0.3 s.
+FETCH_GROUP_BYTES = 16 * 1024 * 1024
 
 
 # fork safety: a lock taken by another thread at fork() time stays taken in the
@@ -774,46 +781,73 @@ class LMCRemoteBackend(LMCBackendInterface):
         return self._call("get", self.connector.get, key, retry=True)
 
 
+def _value_nbytes(value: Any) -> int:
+    """Bytes of a fetched value: bytes-like, or a tensor (a streaming connector's)."""
+    if isinstance(value, (torch.Tensor, memoryview)):
+        return int(value.nbytes)
+    return len(value)
+
+
 class _BatchCall:
     """One ``batched_get`` in flight through the fetch and decode stages.
 
-    Its keys are split into groups (indices into ``keys``); ``start`` hands the
-    first ``window`` to the fetch stage, and each fetch thread then takes the
-    call's next group itself (``take_next``). A stage finishes a group with
-    ``finish``. The caller waits in ``wait`` until every group is
-    finished or the deadline passes; from then on the call is *closed* and any
-    late ``finish`` is refused, so the caller's results never change under it
-    and a group is counted (hit, miss or timeout) exactly once.
+    Its keys (``to_fetch``, indices into ``keys``) are handed to the fetch stage in
+    groups formed as they are handed out, so a group's size follows what the
+    batch's first groups showed of the value size (``group_size``). ``start``
+    hands the first ``window`` to the fetch stage, and each fetch thread then takes
+    the call's next group itself (``take_next``). A stage finishes a group with
+    ``finish``.
+
+    The deadline is ``timeout`` after the latest progress (a group fetched or
+    finished; a failed group is no progress), not after the start: a batch that a
+    live remote serves group after group may take many timeouts in all, while one
+    that makes no progress for ``timeout`` (a dead or hung remote) ends then. The
+    caller waits in ``wait`` until every key is finished or the deadline passes;
+    from then on the call is *closed*: no group is handed out, any late ``finish``
+    is refused, so the caller's results never change under it and a group is
+    counted (hit, miss or timeout) exactly once. Thread-safe.
     """
 
     def __init__(
         self,
         keys: Sequence[CacheEngineKey],
-        groups: Sequence[Sequence[int]],
-        deadline: float,
+        to_fetch: Sequence[int],
+        group_size: Callable[[_BatchCall], int],
+        timeout: float,
         submit: Callable[[_BatchCall, int], None],
         window: int,
     ) -> None:
         self.keys = keys
-        self.groups = groups
-        self.deadline = deadline
+        self.to_fetch = to_fetch
+        self.groups: list[Sequence[int]] = []  # appended under the lock, never changed
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
         self.results: list[torch.Tensor | None] = [None] * len(keys)
-        self._unfinished = set(range(len(groups)))
+        self.window = max(1, window)
+        # Keys per group when nothing better is known: the batch split evenly over the window.
+        self.even_size = max(1, math.ceil(len(to_fetch) / self.window))
+        self._group_size = group_size
+        self._unfinished: set[int] = set()
         self._closed = False
         self._cond = threading.Condition(threading.Lock())
         self._submit = submit
-        self._window = max(1, window)
-        self._next = 0  # the next group to hand to the fetch stage
+        self._next = 0  # index into to_fetch of the next key to hand out
 
     def start(self) -> None:
         """Hand the first ``window`` groups to the fetch stage."""
-        for _ in range(min(self._window, len(self.groups))):
+        for _ in range(self.window):
             gid = self.take_next()
-            if gid is not None:
-                self._submit(self, gid)
+            if gid is None:
+                return
+            self._submit(self, gid)
+
+    def _live(self) -> bool:
+        """Not closed and the deadline not passed (exact with the lock held: only then
+        can no progress move the deadline meanwhile)."""
+        return not self._closed and time.monotonic() < self.deadline
 
     def take_next(self) -> int | None:
-        """The next group not yet handed out (None: none left, or the caller gave up).
+        """The next group, formed now (None: no keys left, or the caller gave up).
 
         A fetch thread that finished one group of this call takes the next itself,
         so at most ``window`` groups are fetched at once and no other thread has to
@@ -821,10 +855,14 @@ class _BatchCall:
         throughput with 2 MiB Redis values).
         """
         with self._cond:
-            if self._closed or self._next >= len(self.groups):
+            if not self._live() or self._next >= len(self.to_fetch):
                 return None
-            gid = self._next
-            self._next += 1
+            size = max(1, self._group_size(self))
+            gid = len(self.groups)
+            group = self.to_fetch[self._next : self._next + size]
+            self.groups.append(group)
+            self._next += len(group)
+            self._unfinished.add(gid)
             return gid
 
     def group_keys(self, gid: int) -> list[CacheEngineKey]:
@@ -832,31 +870,51 @@ class _BatchCall:
 
     def wanted(self) -> bool:
         """False once the caller has its answer or the deadline passed: skip the work."""
-        return not self._closed and time.monotonic() < self.deadline
+        return self._live()
+
+    def progress(self) -> None:
+        """The remote answered for this call: it gets another ``timeout`` (if still live)."""
+        with self._cond:
+            if self._live():
+                self.deadline = time.monotonic() + self.timeout
 
     def finish(self, gid: int, tensors: Sequence[torch.Tensor | None] | None) -> bool:
-        """Record group ``gid`` (``None``: it failed); False if the caller already gave up on it."""
+        """Record group ``gid`` (``None``: it failed); False if the caller already gave up on it.
+
+        A group that arrived is progress; a failed one is not, so a remote that fails
+        every group within its timeout still ends the call one timeout after the
+        last progress, not one timeout per group.
+        """
         with self._cond:
-            if self._closed or gid not in self._unfinished:
+            if not self._live() or gid not in self._unfinished:
                 return False
             if tensors is not None:
                 for i, t in zip(self.groups[gid], tensors, strict=True):
                     self.results[i] = t
+                self.deadline = time.monotonic() + self.timeout
             self._unfinished.discard(gid)
-            if not self._unfinished:
+            if self._done():
                 self._cond.notify_all()
             return True
 
-    def wait(self) -> list[int]:
-        """Block until every group is finished or the deadline; the groups left unfinished."""
+    def _done(self) -> bool:
+        return not self._unfinished and self._next >= len(self.to_fetch)
+
+    def wait(self) -> tuple[list[int], int]:
+        """Block until every key is finished or the deadline, then close the call.
+
+        Returns:
+            The groups in flight at the deadline (timed out) and the number of keys
+            never handed out (not tried: misses).
+        """
         with self._cond:
-            while self._unfinished:
-                left = self.deadline - time.monotonic()
+            while not self._done():
+                left = self.deadline - time.monotonic()  # moves on with each progress
                 if left <= 0:
                     break
                 self._cond.wait(left)
             self._closed = True
-            return sorted(self._unfinished)
+            return sorted(self._unfinished), len(self.to_fetch) - self._next
 
 
 class LMCPipelinedRemoteBackend(LMCRemoteBackend):
@@ -864,15 +922,20 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
 
     LMCache's two-stage pipeline: fetch threads run ``network_worker()`` and
     decode threads run ``deserialize_worker()``, joined by queues. A
-    ``batched_get`` splits its keys into groups (``fetch_parallelism`` even groups,
-    or the connector's ``fetch_group_keys`` keys each: Redis sends large values
-    one per group) and hands them to the fetch stage at most
-    ``fetch_parallelism`` at a time; each group is one connector ``get_many``
-    (fsspec batch ``cat``, Redis MGET) whose bytes go straight on to the
-    decode stage, so one group is decoded while the others are still in flight.
+    ``batched_get`` splits its keys into groups and hands them to the fetch stage
+    at most ``fetch_parallelism`` at a time; each group is one connector
+    ``get_many`` (fsspec batch ``cat``, Redis MGET) whose bytes go straight on to
+    the decode stage, so one group is decoded while the others are still in
+    flight. A group has the connector's ``fetch_group_keys`` keys (Redis sends
+    large values one per group), else at most ``FETCH_GROUP_BYTES`` of values
+    and at most an even share of the batch; until a read has shown the value
+    size, the first ``fetch_parallelism`` groups have one key each.
     Results are aligned with the keys, ``None`` for misses, corrupt objects or a
-    dead remote; every call returns by its deadline (``remote_timeout``) whatever
-    the stages are doing. Thread-safe: any number of callers may batch at once.
+    dead remote. ``remote_timeout`` bounds the time without progress, not the
+    whole batch: each group must arrive within it of the previous one, and a
+    call whose remote stops answering returns one ``remote_timeout`` after the
+    last group arrived, whatever the stages are doing (keys not yet sent are
+    misses). Thread-safe: any number of callers may batch at once.
 
     Args:
         fetch_parallelism: concurrent ``get_many`` calls per batch (and its number of
@@ -905,6 +968,9 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
         self.fetch_parallelism = fetch_parallelism
         self.fetch_workers = fetch_workers or 2 * fetch_parallelism
         self.decode_workers = decode_workers or max(1, min(fetch_parallelism, os.cpu_count() or 1))
+        # The largest value of the latest fetched group (0: none seen yet), which sizes
+        # groups when the connector does not. Threads race on it harmlessly.
+        self._fetch_value_bytes = 0
         super().__init__(config, metadata, dst_device, **kwargs)
 
     def _start_runtime(self) -> None:
@@ -992,7 +1058,25 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
         side, else split (16 hot 32 MiB chunks from a local directory: 57 ms with each
         chunk also split over the checksum helpers, six threads on two cores; 47-51 ms
         alone, about one raw ``readinto`` after another)."""
-        return chunk_format.ALONE if len(call.groups) > 1 else None
+        return chunk_format.ALONE if call.window > 1 and len(call.to_fetch) > 1 else None
+
+    def _group_size(self, call: _BatchCall) -> int:
+        """Keys in the next group of ``call`` (see the class docstring)."""
+        hint = self.connector.fetch_group_keys()
+        if hint is not None:
+            return max(1, hint)
+        if self._fetch_value_bytes:
+            return max(1, min(call.even_size, FETCH_GROUP_BYTES // self._fetch_value_bytes))
+        if len(call.groups) < call.window:
+            # Value size unknown: a group of 32 MiB chunks split evenly could take many
+            # timeouts to arrive; single chunks show the size (or that they are absent).
+            return 1
+        return call.even_size
+
+    def _learn_value_bytes(self, blobs: Sequence[Any]) -> None:
+        largest = max((_value_nbytes(b) for b in blobs if b is not None), default=0)
+        if largest:
+            self._fetch_value_bytes = largest
 
     def _fetch_group(self, call: _BatchCall, gid: int) -> None:
         keys = call.group_keys(gid)
@@ -1003,7 +1087,9 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
             else self.connector.get_many
         )
         try:
-            blobs = self._attempts("get_many", fetch, (keys,), call.deadline, True)
+            # Each group's retries get one timeout of their own (the caller's deadline
+            # moves on with the batch's progress, see _BatchCall).
+            blobs = self._attempts("get_many", fetch, (keys,), time.monotonic() + self.timeout, True)
             if len(blobs) != len(keys):  # a connector bug must not shift results between keys
                 raise RuntimeError(f"get_many returned {len(blobs)} values for {len(keys)} keys")
         except Exception as exc:
@@ -1012,6 +1098,8 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
                 self.stats.incr("unavailable")
                 self.stats.incr("misses", len(keys))
             return
+        self._learn_value_bytes(blobs)
+        call.progress()  # the remote answered: decoding is not held to the fetch's clock
         self._decode_queue.put((call, gid, blobs))
 
     def deserialize_worker(self) -> None:
@@ -1069,20 +1157,21 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
             self.stats.incr("circuit_rejections")
             self.stats.incr("misses", len(to_fetch))
             return results
-        hint = self.connector.fetch_group_keys()
-        size = max(1, hint) if hint is not None else math.ceil(len(to_fetch) / self.fetch_parallelism)
-        groups = [to_fetch[j : j + size] for j in range(0, len(to_fetch), size)]
         self._start_stages()
         call = _BatchCall(
-            keys, groups, time.monotonic() + self.timeout, self._queue_fetch, window=self.fetch_parallelism
+            keys, to_fetch, self._group_size, self.timeout, self._queue_fetch, window=self.fetch_parallelism
         )
         call.start()
-        unfinished = call.wait()
-        if unfinished:  # the deadline: whatever is still out is a miss
+        unfinished, not_sent = call.wait()
+        # The deadline (remote_timeout without progress): what is still out is a miss
+        # and a timeout, one strike against the circuit; keys never sent are misses.
+        if unfinished:
             for gid in unfinished:
                 self.stats.incr("timeouts")
-                self.stats.incr("misses", len(groups[gid]))
+                self.stats.incr("misses", len(call.groups[gid]))
             self.breaker.record_failure()
+        if not_sent:
+            self.stats.incr("misses", not_sent)
         for i in to_fetch:
             results[i] = call.results[i]
         # The call is closed (no late finish writes to it); a stage thread may still
