@@ -256,6 +256,45 @@ def test_prefetch_is_bounded_filtered_and_non_blocking(tmp_path, redis_server):
     backend.close()
 
 
+@pytest.mark.parametrize("remote", ["redis", "s3"])
+def test_prefetch_lists_only_its_own_rank(tmp_path, request, monkeypatch, remote):
+    """Found by review: prefetch listed the whole store (one ListObjectsV2 of a shared
+    bucket returned 203 objects, 200 of them another model's) and filtered afterwards.
+    A full listing is made to fail here: prefetch must still find its 3 chunks."""
+    from lmcache_core.storage_backend.connector.base import RemoteConnector
+    from lmcache_core.storage_backend.connector.fsspec_connector import FsspecConnector
+    from lmcache_core.storage_backend.connector.redis_connector import RedisConnector
+
+    if remote == "redis":
+        url = redis_url(request.getfixturevalue("redis_server"), f"pfr-{tmp_path.name}")
+    else:
+        server = request.getfixturevalue("s3_server")  # credentials from its environment
+        url = f"s3://{server.bucket}/pfr-{tmp_path.name}?endpoint_url={server.endpoint_url}"
+    cfg = LMCacheEngineConfig.from_defaults(local_device=None, remote_url=url, remote_timeout=5.0)
+    writer = LMCRemoteBackend(cfg, None, "cpu")
+    for i in range(3):
+        writer.put(make_key(i), chunk(i))
+    for i in range(20):
+        writer.put(make_key(f"o{i}", model="another/model"), chunk(i))
+    writer.close()
+
+    def no_full_scan(self: RemoteConnector) -> None:
+        raise AssertionError("prefetch listed the whole store")
+
+    for cls in (RedisConnector, FsspecConnector):
+        monkeypatch.setattr(cls, "list", no_full_scan)
+    cfg = LMCacheEngineConfig.from_defaults(
+        local_device="cpu", remote_url=url, remote_timeout=5.0, prefetch=True, max_local_cache_size=0.01
+    )
+    backend = CreateStorageBackend(cfg, LMCacheEngineMetadata(model_name="test/model"), "cpu")
+    try:
+        assert backend.prefetch_done.wait(30)
+        assert backend.prefetched == 3
+        assert sorted(backend.local_tiers[0][1].list(), key=str) == sorted((make_key(i) for i in range(3)), key=str)
+    finally:
+        backend.close()
+
+
 def test_prefetch_does_not_block_construction(tmp_path, redis_server):
     from tests.tcp_proxy import TcpProxy
 

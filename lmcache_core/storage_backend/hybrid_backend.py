@@ -381,14 +381,11 @@ class LMCHybridBackend(LMCBackendInterface):
                 self.config.disk_budget_bytes
             )
             used = 0
-            for info in self.remote.list_info():
+            # Only this rank's objects are listed: a shared bucket of many models is not scanned.
+            for info in self.remote.list_rank_info(meta.fmt, meta.model_name, meta.world_size, meta.worker_id):
                 if self._closing.is_set():
                     return
                 k = info.key
-                if (k.model_name, k.fmt, k.world_size, k.worker_id) != (
-                    meta.model_name, meta.fmt, meta.world_size, meta.worker_id
-                ):
-                    continue
                 # info.size includes the header; the budget counts payload bytes.
                 if info.size is not None and used + info.size - 8 - MAX_HEADER_BYTES > budget:
                     continue

@@ -738,6 +738,26 @@ class LMCRemoteBackend(LMCBackendInterface):
         """Every stored key (and queued ones); also refreshes the cached set of known keys."""
         return [info.key for info in self.list_info()]
 
+    def list_rank_info(self, fmt: str, model_name: str, world_size: int, worker_id: int) -> builtins.list[ChunkInfo]:
+        """The stored chunks of one model, fmt and rank, listed by their prefix only
+        (other models' objects are not scanned); queued writes are not included.
+
+        Raises:
+            StoreUnavailableError: the listing failed or took longer than ``list_timeout``.
+        """
+        self._check_open()
+        self._check_fork()
+        objects = self._call(
+            "list",
+            lambda: list(self.connector.list_rank(fmt, model_name, world_size, worker_id)),
+            retry=True,
+            timeout=self.list_timeout,
+        )
+        infos = [ChunkInfo(o.key, o.size, o.mtime) for o in objects]
+        with self._lock:
+            self._known.update(i.key for i in infos)
+        return infos
+
     def read_header(self, key: CacheEngineKey) -> ChunkHeader | None:
         """The chunk's header from a ranged read of its first bytes (payload not fetched)."""
         check_key(key)
