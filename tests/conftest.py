@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
@@ -59,3 +61,12 @@ def make_key(i: int | str = 0, model: str = "test/model", fmt: str = "vllm", ws:
     import hashlib
 
     return CacheEngineKey(fmt, model, ws, wid, hashlib.sha256(str(i).encode()).hexdigest())
+
+
+@pytest.fixture
+def private_cli_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No LMCACHE_* variable of the caller leaks in; the default store is private (CLI tests)."""
+    for name in list(os.environ):
+        if name.startswith("LMCACHE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

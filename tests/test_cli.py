@@ -24,13 +24,8 @@ MODEL = "test/llama"
 KEY = f"vllm@{MODEL}@1@0@" + "ab" * 32
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No LMCACHE_* variable of the caller leaks in; the default store is private."""
-    for name in list(os.environ):
-        if name.startswith("LMCACHE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+# Every test: no LMCACHE_* variable of the caller, a private default store.
+pytestmark = pytest.mark.usefixtures("private_cli_env")
 
 
 @pytest.fixture

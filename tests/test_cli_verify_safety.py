@@ -25,13 +25,8 @@ from tests.conftest import make_key
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No LMCACHE_* variable of the caller leaks in; the default store is private."""
-    for name in list(os.environ):
-        if name.startswith("LMCACHE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+# Every test: no LMCACHE_* variable of the caller, a private default store.
+pytestmark = pytest.mark.usefixtures("private_cli_env")
 
 
 def lmcache(*args: str, code: int | None = 0) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import builtins
+import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Tuple
@@ -30,6 +31,26 @@ class ChunkInfo:
     size: int | None = None  # stored bytes, header included
     mtime: float | None = None  # POSIX seconds when written, if the medium knows
     atime: float | None = None  # POSIX seconds of last use, if the medium knows
+
+
+# Fork safety: a backend rebuilds its threads and locks in a forked child on first
+# use, under this lock. A lock another thread held at fork() stays held in the child
+# forever, so the child gets a fresh one.
+_fork_lock = threading.Lock()
+
+
+def fork_lock() -> threading.Lock:
+    """The process's lock for rebuilding a backend after fork() (fresh in every child)."""
+    return _fork_lock
+
+
+def _reset_fork_lock() -> None:
+    global _fork_lock
+    _fork_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_fork_lock)
 
 
 class BackendStats:

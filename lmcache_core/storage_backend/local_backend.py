@@ -34,6 +34,7 @@ from lmcache_core.storage_backend.abstract_backend import (
     LMCBackendInterface,
     check_chunk,
     check_key,
+    fork_lock,
 )
 from lmcache_core.storage_backend.evictor import LRUIndex
 from lmcache_core.storage_backend.mem_pool import BufferPool, fixed_chunk_shape, read_pool_bytes
@@ -48,20 +49,6 @@ STALE_TEMP_SECONDS = 3600.0
 
 class LocalBackendEndSignal:
     """Queued to stop a put worker after everything before it is written."""
-
-
-# fork safety: a lock taken by another thread at fork() time stays taken in the
-# child forever, so the child gets a fresh one (as remote_backend does).
-_fork_lock = threading.Lock()
-
-
-def _reset_fork_lock() -> None:
-    global _fork_lock
-    _fork_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_fork_lock)
 
 
 class LMCLocalBackend(LMCBackendInterface):
@@ -117,7 +104,7 @@ class LMCLocalBackend(LMCBackendInterface):
         """In a forked child, rebuild what fork() broke (first use only). Thread-safe."""
         if self._pid == os.getpid():
             return
-        with _fork_lock:
+        with fork_lock():
             if self._pid == os.getpid():
                 return
             # The parent's worker thread does not exist here, and a lock a parent thread
@@ -132,7 +119,7 @@ class LMCLocalBackend(LMCBackendInterface):
                 self._queue.put((key, chunk))
             if not self._closed:
                 self._worker = self._start_worker()
-            self._pid = os.getpid()  # last: other threads wait on _fork_lock until the rest is done
+            self._pid = os.getpid()  # last: other threads wait on fork_lock() until the rest is done
 
     def describe(self) -> str:
         return f"memory ({self.device})"
@@ -528,7 +515,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         """In a forked child, rebuild what fork() broke (first use only). Thread-safe."""
         if self._pid == os.getpid():
             return
-        with _fork_lock:
+        with fork_lock():
             if self._pid == os.getpid():
                 return
             # A lock a parent thread held at fork() would stay held here forever.
@@ -549,7 +536,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             self._queue = queue.Queue()
             if not self._closed:
                 self._workers = self._start_workers()
-            self._pid = os.getpid()  # last: other threads wait on _fork_lock until the rest is done
+            self._pid = os.getpid()  # last: other threads wait on fork_lock() until the rest is done
 
     def describe(self) -> str:
         return f"disk {self.root}"

@@ -44,6 +44,7 @@ from lmcache_core.storage_backend.abstract_backend import (
     LMCBackendInterface,
     check_chunk,
     check_key,
+    fork_lock,
 )
 from lmcache_core.storage_backend.circuit import OPEN, CircuitBreaker
 from lmcache_core.storage_backend.connector.base import RemoteConnector
@@ -64,20 +65,6 @@ HEADER_PROBE_BYTES = 4096
 # link and end together, so a group took as long as the whole batch); in groups of
 # 4 (16 MiB) 0.05-0.13 s a group, and the batch the same 0.25-0.3 s.
 FETCH_GROUP_BYTES = 16 * 1024 * 1024
-
-
-# fork safety: a lock taken by another thread at fork() time stays taken in the
-# child forever, so the child gets a fresh one.
-_fork_lock = threading.Lock()
-
-
-def _reset_fork_lock() -> None:
-    global _fork_lock
-    _fork_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_fork_lock)
 
 
 class RemoteBackendEndSignal:
@@ -277,7 +264,7 @@ class LMCRemoteBackend(LMCBackendInterface):
     def _check_fork(self) -> None:
         if self._pid == os.getpid():
             return
-        with _fork_lock:
+        with fork_lock():
             if self._pid == os.getpid():
                 return
             logger.info("%s: forked process %d reopens its remote connection", self.display_url, os.getpid())
