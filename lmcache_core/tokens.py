@@ -95,6 +95,8 @@ class ChunkedKVStore:
                 f"kv has {kv.shape[axis]} tokens on axis {axis} ({_layout(self.fmt)}) "
                 f"but {n_tokens} token ids were given"
             )
+        if n_tokens == 0:
+            return []  # torch.split of an empty axis gives one empty piece, for no key
         return list(torch.split(kv, self.chunk_size, dim=axis))
 
     def store(
@@ -154,8 +156,8 @@ class ChunkedKVStore:
         if hits == 0:
             return None, 0
         found: list[torch.Tensor] = []
-        for chunk in self.backend.batched_get(keys[:hits]):
-            if chunk is None:
+        for i, chunk in enumerate(self.backend.batched_get(keys[:hits])):
+            if chunk is None or not self._continues(found, chunk, last=i == len(keys) - 1):
                 break
             found.append(chunk)
         if not found:
@@ -163,6 +165,24 @@ class ChunkedKVStore:
         kv = found[0] if len(found) == 1 else torch.cat(found, dim=self.token_axis)
         covered = min(n, sum(int(c.shape[self.token_axis]) for c in found))
         return kv, covered
+
+    def _continues(self, found: list[torch.Tensor], chunk: torch.Tensor, *, last: bool) -> bool:
+        """Whether ``chunk`` can extend the prefix ``found``: the same dtype, device and
+        non-token dimensions, and a full ``chunk_size`` tokens unless it is the prompt's
+        last. Chunks of one prefix may come from different puts (another model config,
+        a hand-made put); joined, they would be wrong KV, silently upcast or mis-sized."""
+        axis = self.token_axis
+        if chunk.dim() != 5 or (not last and chunk.shape[axis] != self.chunk_size):
+            return False
+        if not found:
+            return True
+        first = found[0]
+        other_dims = [d for d in range(5) if d != axis]
+        return (
+            chunk.dtype == first.dtype
+            and chunk.device == first.device
+            and all(chunk.shape[d] == first.shape[d] for d in other_dims)
+        )
 
     def _tokens(self, chunks: int, n: int) -> int:
         return min(n, chunks * self.chunk_size)

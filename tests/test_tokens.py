@@ -100,3 +100,33 @@ def test_bad_kv_shapes(tmp_path):
             store.store([1], [[1.0]])
     with pytest.raises(ValueError, match="model_name"):
         ChunkedKVStore(backend, "a@b")
+
+
+def test_retrieve_never_joins_chunks_of_different_dtypes_or_shapes(tmp_path):
+    """Found by review: chunks of one prefix put by different puts (another dtype, another
+    head count) were joined by torch.cat, silently upcast (fp16 + fp32 -> fp32) or failing
+    with a raw RuntimeError. The prefix now ends at the first chunk that does not match."""
+    tokens = list(range(3 * CHUNK))
+    with open_backend(str(tmp_path)) as backend:
+        store = ChunkedKVStore(backend, "m", chunk_size=CHUNK)
+        first = kv_for(CHUNK).half()
+        store.store(tokens[:CHUNK], first)
+        store.store(tokens, kv_for(3 * CHUNK).float())  # chunk 0 is kept: "already cached"
+        got, n = store.retrieve(tokens)
+        assert n == CHUNK and got.dtype == torch.float16 and torch.equal(got, first)
+        other = ChunkedKVStore(backend, "h", chunk_size=CHUNK)
+        other.store(tokens[:CHUNK], kv_for(CHUNK))  # 3 heads
+        wider = torch.randn(2, 2, 3 * CHUNK, 5, 4).to(torch.bfloat16)  # 5 heads
+        other.store(tokens, wider)
+        got, n = other.retrieve(tokens)
+        assert n == CHUNK and got.shape == (2, 2, CHUNK, 3, 4)
+
+
+def test_an_empty_prompt_stores_nothing(tmp_path):
+    """Found by review: an empty token list failed inside zip() (torch.split of an empty
+    axis gives one empty piece for no key)."""
+    with open_backend(str(tmp_path)) as backend:
+        store = ChunkedKVStore(backend, "m", chunk_size=CHUNK)
+        result = store.store([], kv_for(0))
+        assert (result.chunks, result.stored, result.skipped) == (0, 0, 0)
+        assert backend.list() == [] and store.retrieve([]) == (None, 0)
