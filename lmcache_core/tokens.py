@@ -27,6 +27,8 @@ class StoreResult:
     stored: int
     skipped: int
     nbytes: int
+    #: chunks a tier did not take (a hybrid's remote that is down); not stored everywhere
+    failed: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,18 +119,25 @@ class ChunkedKVStore:
         """
         keys = self.keys_for(token_ids)
         pieces = self.split(kv, _length(token_ids))
-        stored = skipped = nbytes = 0
+        stored = skipped = nbytes = failed = 0
+        # A hybrid answers contains() from any tier; a chunk its remote did not take
+        # must not be skipped on the next run, and its failed write must be counted.
+        missing = getattr(self.backend, "missing_tiers", None)
         for i, (key, piece) in enumerate(zip(keys, pieces, strict=True)):
             size = piece.numel() * piece.element_size()
-            if skip_existing and self.backend.contains(key):
+            held = not missing(key) if callable(missing) else self.backend.contains(key)
+            if skip_existing and held:
                 skipped += 1
             else:
                 self.backend.put(key, piece.contiguous(), blocking=blocking)
-                stored += 1
-                nbytes += size
+                if blocking and callable(missing) and missing(key):
+                    failed += 1
+                else:
+                    stored += 1
+                    nbytes += size
             if progress is not None:
                 progress(i + 1, len(keys), nbytes)
-        return StoreResult(_length(token_ids), len(keys), stored, skipped, nbytes)
+        return StoreResult(_length(token_ids), len(keys), stored, skipped, nbytes, failed)
 
     def lookup(self, token_ids: Sequence[int] | Any) -> PrefixLookup:
         """Leading tokens cached, overall and per tier, without reading payloads."""

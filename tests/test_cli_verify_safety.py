@@ -253,3 +253,24 @@ def test_older_than_on_redis_warns_that_ages_are_unknown(redis_server: Any) -> N
     assert "no recorded age" in r.stderr and "--older-than" in r.stderr
     r = lmcache("--store", url, "evict", "--older-than", "1d", "--dry-run")
     assert "no recorded age" in r.stderr
+
+
+def test_put_tokens_into_a_tiered_store_whose_remote_is_down_fails(tmp_path: Path, redis_server_private: Any) -> None:
+    """Found by review: it said "stored 3 of 3 chunks ... in disk + redis" and exited 0
+    while every remote write had failed, and a rerun skipped them all."""
+    from safetensors.torch import save_file
+
+    cfg = tmp_path / "tiered.yaml"
+    cfg.write_text(
+        f"local_disk: {tmp_path / 'disk'}\nremote_url: '{redis_server_private.url}?prefix=pt:'\nremote_timeout: 0.5\n"
+    )
+    (tmp_path / "t.json").write_text(json.dumps(list(range(300))))
+    save_file({"kv": chunk_tensor(0, (2, 2, 300, 4, 8))}, str(tmp_path / "kv.safetensors"))
+    args = ["--config", str(cfg), "put", "--tokens", str(tmp_path / "t.json"),
+            "--kv", str(tmp_path / "kv.safetensors"), "--model", "m"]  # fmt: skip
+    redis_server_private.kill()
+    down = lmcache(*args, code=1)
+    assert "not stored in every tier" in down.stderr
+    redis_server_private.restart()
+    back = json.loads(lmcache(*args, "--format", "json").stdout)
+    assert (back["stored"], back["skipped"], back["failed"]) == (2, 0, 0)

@@ -130,3 +130,46 @@ def test_an_empty_prompt_stores_nothing(tmp_path):
         result = store.store([], kv_for(0))
         assert (result.chunks, result.stored, result.skipped) == (0, 0, 0)
         assert backend.list() == [] and store.retrieve([]) == (None, 0)
+
+
+def test_a_chunk_the_remote_tier_did_not_take_is_failed_and_put_again_next_time(tmp_path, redis_server_private):
+    """Found by review: with a hybrid's remote down, put --tokens (and warm) reported every
+    chunk stored, and a rerun skipped them all (contains() answers from the disk tier), so
+    the remote was never filled. Now such chunks are failed, and a rerun writes them."""
+    from lmcache_core.store_ops import Store, copy_chunk
+
+    cfg = LMCacheEngineConfig.from_defaults(
+        local_device=None, local_disk=str(tmp_path / "disk"),
+        remote_url=f"{redis_server_private.url}?prefix=tok-{tmp_path.name}:", remote_timeout=0.5,
+    )  # fmt: skip
+    tokens = list(range(2 * CHUNK))
+    redis_server_private.kill()
+    backend = CreateStorageBackend(cfg, LMCacheEngineMetadata("m"), "cpu")
+    try:
+        store = ChunkedKVStore(backend, "m", chunk_size=CHUNK)
+        first = store.store(tokens, kv_for(2 * CHUNK))
+        assert (first.stored, first.failed, first.skipped) == (0, 2, 0)
+    finally:
+        backend.close()
+    redis_server_private.restart()
+    backend = CreateStorageBackend(cfg, LMCacheEngineMetadata("m"), "cpu")
+    try:
+        again = ChunkedKVStore(backend, "m", chunk_size=CHUNK).store(tokens, kv_for(2 * CHUNK))
+        assert (again.stored, again.failed, again.skipped) == (2, 0, 0)  # not skipped: the remote lacked them
+        assert all(backend.remote.contains(k) for k in expected_keys(tokens, "m"))
+        assert ChunkedKVStore(backend, "m", chunk_size=CHUNK).store(tokens, kv_for(2 * CHUNK)).skipped == 2
+    finally:
+        backend.close()
+    # warm into the same tiered store: skipped only where every tier has the chunk
+    source = open_backend(str(tmp_path / "src"))
+    key = CacheEngineKey("vllm", "w", 1, 0, "ab" * 32)
+    source.put(key, kv_for(CHUNK))
+    source.close()
+    with Store(str(tmp_path / "src")) as src, Store(None, cfg) as dst:
+        redis_server_private.kill()
+        outcome, _, reason = copy_chunk(src, dst, key)
+        assert outcome == "failed" and "remote" in reason
+    redis_server_private.restart()
+    with Store(str(tmp_path / "src")) as src, Store(None, cfg) as dst:
+        assert copy_chunk(src, dst, key)[0] == "copied"
+        assert copy_chunk(src, dst, key)[0] == "skipped"

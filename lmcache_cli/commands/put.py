@@ -20,7 +20,7 @@ from lmcache_cli.options import (
 from lmcache_cli.output import Output
 from lmcache_cli.progress import progress_bar
 from lmcache_cli.state import CliState, FormatOption, get_state
-from lmcache_cli.units import human_size
+from lmcache_cli.units import human_size, plural
 
 
 def put(
@@ -109,9 +109,16 @@ def _put_tokens(
         "bytes": result.nbytes,
         "chunk_size": size,
     }
+    payload["failed"] = result.failed
     out.data(payload)
     if out.human:
         out.message(
             f"stored {result.stored} of {result.chunks} chunks ({result.tokens} tokens, "
             f"{human_size(result.nbytes)}; {result.skipped} already cached) in {where}"
         )
+    if result.failed:
+        out.error(
+            f"{plural(result.failed, 'chunk')} not stored in every tier of {where} "
+            "(a tier refused or is down); rerun once it is back"
+        )
+        raise typer.Exit(1)

@@ -127,6 +127,16 @@ class LMCHybridBackend(LMCBackendInterface):
             out.append(("remote", self.remote))
         return out
 
+    def missing_tiers(self, key: CacheEngineKey) -> list[str]:
+        """The persistent tiers (disk, remote) that do not hold ``key``; [] when all do.
+
+        ``contains`` is true when any tier holds the chunk; a tool that copies chunks in
+        (``lmcache warm``, ``put --tokens``) needs every tier, or a remote write that
+        failed once would be skipped on every rerun. Thread-safe.
+        """
+        check_key(key)
+        return [name for name, tier in self.tiers() if name != "memory" and not tier.contains(key)]
+
     def describe(self) -> str:
         return " + ".join(t.describe() for _, t in self.tiers())
 
