@@ -39,11 +39,6 @@ class ChunkInfo:
 _fork_lock = threading.Lock()
 
 
-def fork_lock() -> threading.Lock:
-    """The process's lock for rebuilding a backend after fork() (fresh in every child)."""
-    return _fork_lock
-
-
 def _reset_fork_lock() -> None:
     global _fork_lock
     _fork_lock = threading.Lock()
@@ -110,6 +105,25 @@ class LMCBackendInterface(metaclass=abc.ABCMeta):
     def __init__(self, dst_device: str = "cuda") -> None:
         self.dst_device = check_device(dst_device)
         self.stats = BackendStats()
+        self._pid = os.getpid()
+
+    def _check_fork(self) -> None:
+        """In a forked child, run ``_after_fork`` once, before the first use. Thread-safe.
+
+        The pid is recorded last: the child's other threads wait on the fork lock
+        until the rebuild is done, instead of using half-rebuilt state.
+        """
+        if self._pid == os.getpid():
+            return
+        with _fork_lock:
+            if self._pid == os.getpid():
+                return
+            self.stats = BackendStats()
+            self._after_fork()
+            self._pid = os.getpid()
+
+    def _after_fork(self) -> None:  # noqa: B027 - optional hook
+        """Rebuild what fork() broke (threads, and locks a parent thread may have held)."""
 
     @property
     def dst_device(self) -> str:

@@ -29,12 +29,10 @@ from lmcache_core.key import CacheEngineKey
 from lmcache_core.layout import scan_store
 from lmcache_core.storage_backend import disk_io
 from lmcache_core.storage_backend.abstract_backend import (
-    BackendStats,
     ChunkInfo,
     LMCBackendInterface,
     check_chunk,
     check_key,
-    fork_lock,
 )
 from lmcache_core.storage_backend.evictor import LRUIndex
 from lmcache_core.storage_backend.mem_pool import BufferPool, fixed_chunk_shape, read_pool_bytes
@@ -92,7 +90,6 @@ class LMCLocalBackend(LMCBackendInterface):
                 self._pool.reserve(config.memory_budget_bytes // slot, slot)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._closed = False
-        self._pid = os.getpid()
         self._worker = self._start_worker()
 
     def _start_worker(self) -> threading.Thread:
@@ -100,26 +97,18 @@ class LMCLocalBackend(LMCBackendInterface):
         worker.start()
         return worker
 
-    def _check_fork(self) -> None:
-        """In a forked child, rebuild what fork() broke (first use only). Thread-safe."""
-        if self._pid == os.getpid():
-            return
-        with fork_lock():
-            if self._pid == os.getpid():
-                return
-            # The parent's worker thread does not exist here, and a lock a parent thread
-            # held at fork() would stay held forever: fresh ones for this process.
-            self._lock = threading.Lock()
-            self._pool.after_fork()
-            self.stats = BackendStats()
-            self._queue = queue.Queue()
-            # Writes acknowledged before fork() are in this copy of _pending: queue them
-            # again, so this copy of the cache ends up as the parent's does.
-            for key, chunk in self._pending.items():
-                self._queue.put((key, chunk))
-            if not self._closed:
-                self._worker = self._start_worker()
-            self._pid = os.getpid()  # last: other threads wait on fork_lock() until the rest is done
+    def _after_fork(self) -> None:
+        # The parent's worker thread does not exist here, and a lock a parent thread
+        # held at fork() would stay held forever: fresh ones for this process.
+        self._lock = threading.Lock()
+        self._pool.after_fork()
+        self._queue = queue.Queue()
+        # Writes acknowledged before fork() are in this copy of _pending: queue them
+        # again, so this copy of the cache ends up as the parent's does.
+        for key, chunk in self._pending.items():
+            self._queue.put((key, chunk))
+        if not self._closed:
+            self._worker = self._start_worker()
 
     def describe(self) -> str:
         return f"memory ({self.device})"
@@ -496,7 +485,6 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         self._readers_lock = threading.Lock()
         self._closed = False
         self.stale_temps_removed = 0
-        self._pid = os.getpid()
         self._rebuild_index()
         self._put_workers = put_workers
         self._workers = self._start_workers()
@@ -511,32 +499,24 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             worker.start()
         return workers
 
-    def _check_fork(self) -> None:
-        """In a forked child, rebuild what fork() broke (first use only). Thread-safe."""
-        if self._pid == os.getpid():
-            return
-        with fork_lock():
-            if self._pid == os.getpid():
-                return
-            # A lock a parent thread held at fork() would stay held here forever.
-            self._lock = threading.Lock()
-            self._key_locks = [threading.Lock() for _ in range(_KEY_LOCKS)]
-            self._readers = None  # the parent's reader thread does not exist here
-            self._readers_lock = threading.Lock()
-            self._pool = BufferPool("cpu", max_bytes=self._pool.max_bytes, pin_memory=self._pool.pin_memory)
-            self.stats = BackendStats()
-            # The parent's queued and running writes are the parent's: their futures
-            # never complete here (a read would wait forever), and repeating them here
-            # could put back what the parent superseded since. Its bookkeeping of
-            # them (in-flight counts, floors, unlinks under way) is dropped with them.
-            self._futures = {}
-            self._inflight = {}
-            self._floor = {}
-            self._dropping = {}
-            self._queue = queue.Queue()
-            if not self._closed:
-                self._workers = self._start_workers()
-            self._pid = os.getpid()  # last: other threads wait on fork_lock() until the rest is done
+    def _after_fork(self) -> None:
+        # A lock a parent thread held at fork() would stay held here forever.
+        self._lock = threading.Lock()
+        self._key_locks = [threading.Lock() for _ in range(_KEY_LOCKS)]
+        self._readers = None  # the parent's reader thread does not exist here
+        self._readers_lock = threading.Lock()
+        self._pool = BufferPool("cpu", max_bytes=self._pool.max_bytes, pin_memory=self._pool.pin_memory)
+        # The parent's queued and running writes are the parent's: their futures
+        # never complete here (a read would wait forever), and repeating them here
+        # could put back what the parent superseded since. Its bookkeeping of
+        # them (in-flight counts, floors, unlinks under way) is dropped with them.
+        self._futures = {}
+        self._inflight = {}
+        self._floor = {}
+        self._dropping = {}
+        self._queue = queue.Queue()
+        if not self._closed:
+            self._workers = self._start_workers()
 
     def describe(self) -> str:
         return f"disk {self.root}"

@@ -39,12 +39,10 @@ from lmcache_core.config import LMCacheEngineConfig, LMCacheEngineMetadata, mask
 from lmcache_core.errors import CorruptChunkError, LMCacheError, StoreFullError, StoreUnavailableError
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend.abstract_backend import (
-    BackendStats,
     ChunkInfo,
     LMCBackendInterface,
     check_chunk,
     check_key,
-    fork_lock,
 )
 from lmcache_core.storage_backend.circuit import OPEN, CircuitBreaker
 from lmcache_core.storage_backend.connector.base import RemoteConnector
@@ -231,7 +229,6 @@ class LMCRemoteBackend(LMCBackendInterface):
 
     def _start_runtime(self) -> None:
         """Locks, thread pools and queues: everything a forked child must rebuild."""
-        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._known: set[CacheEngineKey] = set()
         self._pending: dict[CacheEngineKey, torch.Tensor] = {}
@@ -261,19 +258,13 @@ class LMCRemoteBackend(LMCBackendInterface):
     def _io_threads(self) -> int:
         return 16
 
-    def _check_fork(self) -> None:
-        if self._pid == os.getpid():
-            return
-        with fork_lock():
-            if self._pid == os.getpid():
-                return
-            logger.info("%s: forked process %d reopens its remote connection", self.display_url, os.getpid())
-            if not self._injected:
-                self.connector = self._open_connector()
-            # Locks held by other parent threads at fork() stay held in the child: rebuild them.
-            self.breaker.after_fork()
-            self.stats = BackendStats()
-            self._start_runtime()
+    def _after_fork(self) -> None:
+        logger.info("%s: forked process %d reopens its remote connection", self.display_url, os.getpid())
+        if not self._injected:
+            self.connector = self._open_connector()
+        # Locks held by other parent threads at fork() stay held in the child: rebuild them.
+        self.breaker.after_fork()
+        self._start_runtime()
 
     def _check_open(self) -> None:
         if self._closed:
