@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from lmcache_cli.errors import usage_error
-from lmcache_cli.output import Output, OutputFormat, safe_url
+from lmcache_cli.output import Output, OutputFormat
 from lmcache_core.config import CONFIG_FILE_ENV, LMCacheEngineConfig
 
 if TYPE_CHECKING:
@@ -96,10 +96,6 @@ class CliState:
             return Store(url, self.config())
         store_url, _ = self.store_url()
         return Store(store_url, self.config())
-
-    def describe_store(self) -> str:
-        url, _ = self.store_url()
-        return safe_url(url) if url else "from config"
 
 
 def get_state(ctx: typer.Context) -> CliState:

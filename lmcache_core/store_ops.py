@@ -360,16 +360,6 @@ class Store:
                 out.append(TempFile(path, st.st_size, st.st_mtime, is_stale_temp(name, st.st_mtime, now)))
         return out
 
-    def foreign_chunk_files(self) -> list[str]:
-        """Files named like chunks whose path is not a valid chunk path (disk only)."""
-        if self.root is None:
-            return []
-        return [
-            p
-            for p, _, key in layout.scan_store(self.root)
-            if key is None and layout.is_chunk_name(os.path.basename(p))
-        ]
-
 
 def _config_kind(cfg: LMCacheEngineConfig) -> tuple[str, str | None]:
     memory, disk, remote = cfg.local_memory_device is not None, cfg.disk_path, cfg.remote_url
