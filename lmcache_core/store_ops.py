@@ -854,8 +854,7 @@ def copy_chunk(src: Store, dst: Store, key: CacheEngineKey) -> tuple[str, int, s
     """
     # A tiered destination answers contains() from any tier: warm every tier that lacks it,
     # or a remote write that failed once would be skipped on every rerun.
-    missing = getattr(dst.backend, "missing_tiers", None)
-    if not (missing(key) if callable(missing) else not dst.contains(key)):
+    if not dst.backend.missing_tiers(key):
         return "skipped", 0, ""
     chunk = src.backend.get(key)  # the source backend verifies the checksum on read
     if chunk is None:
@@ -872,7 +871,7 @@ def copy_chunk(src: Store, dst: Store, key: CacheEngineKey) -> tuple[str, int, s
     ):
         dst.remove(key)  # never leave a bad copy behind
         return "failed", 0, "destination copy does not match the source checksum"
-    if callable(missing) and (left := missing(key)):
+    if left := dst.backend.missing_tiers(key):
         return "failed", 0, f"not stored in the {' and '.join(left)} tier (it refused the write or is down)"
     return "copied", chunk.numel() * chunk.element_size(), ""
 

@@ -120,17 +120,16 @@ class ChunkedKVStore:
         keys = self.keys_for(token_ids)
         pieces = self.split(kv, _length(token_ids))
         stored = skipped = nbytes = failed = 0
-        # A hybrid answers contains() from any tier; a chunk its remote did not take
-        # must not be skipped on the next run, and its failed write must be counted.
-        missing = getattr(self.backend, "missing_tiers", None)
+        # Held means held by every tier (a hybrid's contains() answers from any): a
+        # chunk its remote did not take is not skipped next time, and counts as failed.
+        missing = self.backend.missing_tiers
         for i, (key, piece) in enumerate(zip(keys, pieces, strict=True)):
             size = piece.numel() * piece.element_size()
-            held = not missing(key) if callable(missing) else self.backend.contains(key)
-            if skip_existing and held:
+            if skip_existing and not missing(key):
                 skipped += 1
             else:
                 self.backend.put(key, piece.contiguous(), blocking=blocking)
-                if blocking and callable(missing) and missing(key):
+                if blocking and missing(key):
                     failed += 1
                 else:
                     stored += 1

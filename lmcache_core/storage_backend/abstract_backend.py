@@ -152,6 +152,15 @@ class LMCBackendInterface(metaclass=abc.ABCMeta):
     def contains(self, key: CacheEngineKey) -> bool:
         """Whether ``key`` is stored (a hint for remotes: ``get`` may still miss)."""
 
+    def missing_tiers(self, key: CacheEngineKey) -> builtins.list[str]:
+        """The tiers of this store that lack ``key``; [] when every one holds it.
+
+        ``contains`` is true when any tier holds the chunk; a tool that copies chunks
+        in (``lmcache warm``, ``put --tokens``) needs every tier, or a write one tier
+        refused would be skipped on every rerun. Default: this store is its one tier.
+        """
+        return [] if self.contains(key) else [self.describe()]
+
     @abc.abstractmethod
     def close(self) -> None:
         """Drain pending writes, then release resources. Idempotent."""

@@ -128,12 +128,8 @@ class LMCHybridBackend(LMCBackendInterface):
         return out
 
     def missing_tiers(self, key: CacheEngineKey) -> list[str]:
-        """The persistent tiers (disk, remote) that do not hold ``key``; [] when all do.
-
-        ``contains`` is true when any tier holds the chunk; a tool that copies chunks in
-        (``lmcache warm``, ``put --tokens``) needs every tier, or a remote write that
-        failed once would be skipped on every rerun. Thread-safe.
-        """
+        """The persistent tiers (disk, remote) that lack ``key`` (the memory tier is this
+        process's own); [] when all hold it. Thread-safe."""
         check_key(key)
         return [name for name, tier in self.tiers() if name != "memory" and not tier.contains(key)]
 
