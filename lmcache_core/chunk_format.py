@@ -256,6 +256,18 @@ class UnsealedChunk:
         at = self.checksum_offset
         return self.header[:at] + self.digest() + self.header[at + _DIGEST_HEX_CHARS :]
 
+    def sealed_header_unless_abandoned(self) -> bytes | None:
+        """``sealed_header()``, or None when the caller gave up before the hash was done.
+
+        The mark is read after hashing, not before: a caller that gives up during
+        the hash may already be changing bytes the hash has not reached, and the
+        hash would then match a tensor it never put. Unmarked after the hash, every
+        hashed byte was read before any change; bytes changed later, while they are
+        sent, no longer match the checksum (a corrupt chunk, a miss when read).
+        """
+        header = self.sealed_header()
+        return None if self._abandoned else header
+
 
 def encode_bytes(tensor: torch.Tensor, key: str) -> bytes:
     """The whole chunk as one ``bytes`` (one copy of the payload)."""

@@ -44,6 +44,15 @@ class StoreUnavailableError(LMCacheError, ConnectionError):
         self.reason = reason
 
 
+class WriteAbandonedError(StoreUnavailableError):
+    """A write whose caller stopped waiting (it timed out) published nothing.
+
+    Raised on the I/O thread that was still sending, never retried: once its
+    caller is told, the tensor may change, so the bytes must not be hashed or
+    published any more.
+    """
+
+
 class StoreFullError(LMCacheError, OSError):
     """The store has no room for the chunk (budget, ENOSPC, Redis maxmemory).
 

@@ -228,3 +228,21 @@ def test_an_unsealed_chunk_digest_comes_only_from_a_whole_pass() -> None:
     assert u._digest is not None and u.sealed_header() == want
     with pytest.raises(ValueError):
         next(u.pieces(0))
+
+
+def test_a_chunk_abandoned_while_it_is_hashed_is_never_sealed(monkeypatch):
+    """The mark is read after the hash: a caller that gives up mid-hash may already be
+    changing bytes the hash has not reached yet, so that hash must never be published."""
+    t = torch.arange(4096, dtype=torch.float32)
+    u = cf.UnsealedChunk(t, _TRICKY_KEY)
+    assert u.sealed_header_unless_abandoned() == cf.encode_header(t, _TRICKY_KEY)
+    u = cf.UnsealedChunk(t, _TRICKY_KEY)
+    real = cf.xxhash.xxh3_128_hexdigest
+
+    def hash_then_abandon(data):  # the caller times out while the hash runs
+        digest = real(data)
+        u.abandon()
+        return digest
+
+    monkeypatch.setattr(cf.xxhash, "xxh3_128_hexdigest", hash_then_abandon)
+    assert u.sealed_header_unless_abandoned() is None

@@ -241,6 +241,41 @@ def test_read_header_on_s3_reads_a_range(s3_server: S3Server, request: pytest.Fi
 # -- faults ----------------------------------------------------------------------------
 
 
+def test_a_500_from_s3_on_put_is_retried_and_the_chunk_stored(
+    s3_server: S3Server, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S3 asks clients to retry a 500 (moto answers one when a PUT races a DELETE of the
+    same key); a put fails only when every attempt does."""
+    import moto.s3.models
+
+    real = moto.s3.models.S3Backend.put_object
+    prefix = _prefix(request)
+    failures = {"left": 0, "served": 0}
+
+    def flaky(self: Any, bucket_name: str, key_name: str, *args: Any, **kwargs: Any) -> Any:
+        if key_name.startswith(prefix + "/") and failures["left"] > 0:
+            failures["left"] -= 1
+            failures["served"] += 1
+            raise RuntimeError("injected: the server failed this PUT")  # werkzeug answers 500
+        return real(self, bucket_name, key_name, *args, **kwargs)
+
+    monkeypatch.setattr(moto.s3.models.S3Backend, "put_object", flaky)
+    with _backend(s3_server, prefix) as store:  # two attempts per call
+        failures["left"] = 1
+        store.put(make_key("once"), chunk(1))
+        assert failures["served"] == 1 and store.stats["retries"] == 1
+        assert same(store.get(make_key("once")), chunk(1))
+        failures["left"] = 1
+        store.put(make_key("queued"), chunk(2), blocking=False)
+        assert _eventually(lambda: store.stats["puts"] == 2)
+        assert same(store.get(make_key("queued")), chunk(2))
+        failures["left"] = 2
+        with pytest.raises(StoreUnavailableError):
+            store.put(make_key("twice"), chunk(3))
+        assert failures["served"] == 4 and store.get(make_key("twice")) is None
+        assert store.stats["background_put_failures"] == 0 and store.stats["put_failures"] == 1
+
+
 def test_stopped_server_then_restarted(s3_server_private: S3Server, request: pytest.FixtureRequest) -> None:
     server = s3_server_private
     key = make_key("alive")

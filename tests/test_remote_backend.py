@@ -466,20 +466,56 @@ def test_get_gives_up_after_the_attempts_and_is_a_miss() -> None:
         backend.close()
 
 
-def test_puts_are_not_retried_and_raise_when_blocking() -> None:
+def test_puts_are_retried_and_raise_only_when_every_attempt_fails() -> None:
     conn = FlakyConnector()
     backend = _fake_backend(conn, attempts=3)
     try:
-        conn.fail_next = 1
+        conn.fail_next = 2
+        backend.put(make_key("p"), chunk(1))
+        assert conn.calls == 3 and backend.stats["retries"] == 2
+        assert same(backend.get(make_key("p")), chunk(1))
+        conn.calls, conn.fail_next = 0, 3
         with pytest.raises(StoreUnavailableError):
-            backend.put(make_key("p"), chunk(1))
-        assert conn.calls == 1
+            backend.put(make_key("lost"), chunk(2))
+        assert conn.calls == 3
         assert backend.stats["put_failures"] == 1
-        conn.fail_next = 1
-        backend.put(make_key("nb"), chunk(1), blocking=False)
+        conn.fail_next = 3
+        backend.put(make_key("nb"), chunk(3), blocking=False)
         backend.close()
         assert backend.stats["background_put_failures"] == 1
+        assert make_key("lost") not in conn.data and make_key("nb") not in conn.data
     finally:
+        backend.close()
+
+
+def test_a_put_whose_caller_gave_up_is_not_retried_or_held_against_the_remote() -> None:
+    """An abandoned write (its caller timed out) publishes nothing, is tried once, and is
+    no strike for the circuit breaker: the remote did nothing wrong."""
+    from lmcache_core.errors import WriteAbandonedError
+
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowHash(FlakyConnector):
+        def put_chunk(self, key: CacheEngineKey, unsealed: chunk_format.UnsealedChunk) -> None:
+            self._enter()
+            entered.set()
+            release.wait(10)  # still hashing when the caller times out
+            super().put_chunk(key, unsealed)
+
+    conn = SlowHash()
+    backend = _fake_backend(conn, timeout=0.2, attempts=3, threshold=2)
+    key = make_key("gave-up")
+    try:
+        with pytest.raises(StoreUnavailableError, match="timeout"):
+            backend.put(key, chunk(1))
+        assert entered.is_set()
+        release.set()
+        time.sleep(0.3)  # time for a publish or a retry (each backs off 0.01 s)
+        assert key not in conn.data and conn.calls == 1  # no publish, no retry
+        assert backend.breaker.state == CLOSED
+        assert isinstance(WriteAbandonedError("s", "r"), StoreUnavailableError)
+    finally:
+        release.set()
         backend.close()
 
 

@@ -3,7 +3,7 @@
 ``LMCRemoteBackend`` adds to a connector, once for every transport: the chunk
 format (checksummed safetensors; corrupt or foreign objects are misses), a hard
 timeout on every remote call, retries with capped exponential backoff for
-idempotent reads, a circuit breaker, a worker for non-blocking puts, and a
+reads and whole-chunk writes (all idempotent), a circuit breaker, a worker for non-blocking puts, and a
 cached set of known keys. ``LMCPipelinedRemoteBackend`` also fetches a batch
 concurrently and decodes each part as it arrives, in LMCache's two stages: fetch
 threads (``network_worker``) feed decode threads (``deserialize_worker``).
@@ -36,7 +36,13 @@ import torch
 from lmcache_core import chunk_format
 from lmcache_core.chunk_format import ChunkHeader
 from lmcache_core.config import LMCacheEngineConfig, LMCacheEngineMetadata, mask_url
-from lmcache_core.errors import CorruptChunkError, LMCacheError, StoreFullError, StoreUnavailableError
+from lmcache_core.errors import (
+    CorruptChunkError,
+    LMCacheError,
+    StoreFullError,
+    StoreUnavailableError,
+    WriteAbandonedError,
+)
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend.abstract_backend import (
     ChunkInfo,
@@ -71,7 +77,12 @@ class RemoteBackendEndSignal:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Capped exponential backoff for idempotent remote reads.
+    """Capped exponential backoff for remote reads and whole-chunk writes.
+
+    Both are idempotent: a write replaces the whole object (or publishes it whole),
+    so sending it again after a failure whose reply was lost stores the same
+    chunk. S3 asks clients to retry its 500 and 503 replies; deletes are not
+    retried (one that landed would then report the key absent).
 
     Attempt ``n`` (0-based) that fails waits ``min(max_delay, base_delay *
     multiplier**n)``, times ``1 ± jitter``, before the next one. All attempts
@@ -342,6 +353,8 @@ class LMCRemoteBackend(LMCBackendInterface):
                 raise StoreUnavailableError(self.display_url, f"{what}: circuit open")
             try:
                 result = fn(*args)
+            except WriteAbandonedError:
+                raise  # its caller is gone, and nothing went wrong with the remote
             except _ANSWERS as exc:
                 # The remote is up and said no (full, access denied): not an
                 # outage, so neither a retry nor a strike against the circuit.
@@ -430,9 +443,9 @@ class LMCRemoteBackend(LMCBackendInterface):
         Returns:
             The wait: returns once the remote has stored the chunk; bounded by
             ``remote_timeout``, as ``put`` is. A send that a hung server holds past
-            it may still read ``kv_chunk``, as with ``put``, but is abandoned: a
-            staged Redis put is not published, and a plain write of bytes changed
-            mid-send fails its checksum on read.
+            it may still read ``kv_chunk``, as with ``put``, but is abandoned:
+            nothing hashed after that is published or retried, and bytes changed
+            while they are sent fail their checksum on read.
 
         Raises:
             ValueError: a bad key or chunk (before anything is sent).
@@ -503,7 +516,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         """Submit the write of ``kv_chunk`` to an I/O thread; the returned function awaits it."""
         chunk = chunk_format.UnsealedChunk(kv_chunk, key.to_string())
         try:
-            future, deadline = self._submit("put", self.connector.put_chunk, key, chunk, retry=False)
+            future, deadline = self._submit("put", self.connector.put_chunk, key, chunk, retry=True)
         except Exception:
             self._write_failed(key)
             raise

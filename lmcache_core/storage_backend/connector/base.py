@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator, Sequence
 
 from lmcache_core.chunk_format import UnsealedChunk
+from lmcache_core.errors import WriteAbandonedError
 from lmcache_core.key import CacheEngineKey
 
 #: The value size a connector assumes until a read shows the real one: full 32 MiB chunks.
@@ -109,8 +110,14 @@ class RemoteConnector(abc.ABC):
 
         Default: hash the payload, then ``put``. A connector that can publish an
         object after writing it (Redis) overrides this to hash as it sends.
+
+        Raises:
+            WriteAbandonedError: the caller gave up (timed out) before the hash was done.
         """
-        self.put(key, (chunk.sealed_header(), chunk.payload))
+        header = chunk.sealed_header_unless_abandoned()
+        if header is None:
+            raise WriteAbandonedError(self.display_url, "put abandoned by its caller (timed out)")
+        self.put(key, (header, chunk.payload))
 
     def put_many(self, items: Sequence[tuple[CacheEngineKey, Sequence[bytes | memoryview]]]) -> None:
         for key, parts in items:

@@ -54,7 +54,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from lmcache_core import chunk_format
 from lmcache_core.config import mask_url
-from lmcache_core.errors import StoreFullError, StoreUnavailableError
+from lmcache_core.errors import StoreFullError, StoreUnavailableError, WriteAbandonedError
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend.connector.base import CHUNK_OBJECT_BYTES, RemoteConnector, RemoteObject
 from lmcache_core.storage_backend.mem_pool import BufferPool, shared_pool
@@ -434,9 +434,7 @@ class RedisConnector(RemoteConnector):
         large = self.staged_puts and chunk.size >= STREAM_PUT_BYTES
         staging = _staging_name(name, self._prefix_bytes) if large else None
         if staging is None or not self._put_staged(name, staging, chunk):
-            if chunk.abandoned:
-                raise StoreUnavailableError(self.display_url, "put abandoned by its caller (timed out)")
-            self.put(key, (chunk.sealed_header(), chunk.payload))
+            super().put_chunk(key, chunk)  # a plain SET, unless the caller gave up
 
     def _put_staged(self, name: bytes, staging: bytes, chunk: chunk_format.UnsealedChunk) -> bool:
         """Stage, then publish; False when the caller should send a plain ``SET`` instead.
@@ -456,7 +454,7 @@ class RedisConnector(RemoteConnector):
         if chunk.abandoned:  # its caller timed out: the bytes sent may have changed meanwhile
             with contextlib.suppress(Exception):
                 self._call("DEL (staging)", lambda c: c.delete(staging))
-            raise StoreUnavailableError(self.display_url, "put abandoned by its caller (timed out) before publishing")
+            raise WriteAbandonedError(self.display_url, "put abandoned by its caller (timed out) before publishing")
         args = (chunk.checksum_offset, chunk.digest(), chunk.size)
         outcome = self._call(
             "EVAL (publish)", lambda c: self._outcome(c, "EVAL", _PUBLISH_SCRIPT, 2, name, staging, *args)
