@@ -216,6 +216,33 @@ def test_regression_empty_object_get_opened_the_circuit_breaker(
             store.close()
 
 
+@pytest.mark.parametrize("mib", [2, 9])
+def test_small_bodies_are_joined_and_large_ones_sent_from_the_tensor(
+    s3_server: S3Server, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, mib: int
+) -> None:
+    """Both ways of sending a chunk store it whole (2 MiB: one joined bytes; 9 MiB: the
+    header and the tensor's own memory through PartsReader, no join)."""
+    from lmcache_core.storage_backend.connector.fsspec_connector import PartsReader
+
+    key = make_key(f"body-{mib}")
+    value = torch.randn(mib * 2**20 // 2, generator=torch.Generator().manual_seed(mib)).to(torch.bfloat16)
+    store = _backend(s3_server, _prefix(request), timeout=10.0)
+    try:
+        bodies: list[type] = []
+        real = store.connector.fs.pipe_file
+
+        def spy(path: str, data: Any, **kwargs: Any) -> Any:
+            bodies.append(type(data))
+            return real(path, data, **kwargs)
+
+        monkeypatch.setattr(store.connector.fs, "pipe_file", spy)  # fsspec shares the instance
+        store.put(key, value)
+        assert bodies == [bytes if mib < 8 else PartsReader]
+        assert same(store.get(key), value)
+    finally:
+        store.close()
+
+
 def test_read_header_on_s3_reads_a_range(s3_server: S3Server, request: pytest.FixtureRequest) -> None:
     key = make_key("hdr")
     value = torch.zeros((4, 2, 256, 8, 32), dtype=torch.bfloat16)  # 1 MiB
