@@ -3,8 +3,8 @@
 ``LMCRemoteBackend`` adds to a connector, once for every transport: the chunk
 format (checksummed safetensors; corrupt or foreign objects are misses), a hard
 timeout on every remote call, retries with capped exponential backoff for
-reads and whole-chunk writes (all idempotent), a circuit breaker, a worker for non-blocking puts, and a
-cached set of known keys. ``LMCPipelinedRemoteBackend`` also fetches a batch
+reads and whole-chunk writes (all idempotent), a circuit breaker, a worker for
+non-blocking puts, and a cached set of known keys. ``LMCPipelinedRemoteBackend`` also fetches a batch
 concurrently and decodes each part as it arrives, in LMCache's two stages: fetch
 threads (``network_worker``) feed decode threads (``deserialize_worker``).
 
