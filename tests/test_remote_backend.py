@@ -493,14 +493,17 @@ def test_a_put_whose_caller_gave_up_is_not_retried_or_held_against_the_remote() 
     no strike for the circuit breaker: the remote did nothing wrong."""
     from lmcache_core.errors import WriteAbandonedError
 
-    entered, release = threading.Event(), threading.Event()
+    entered, release, finished = threading.Event(), threading.Event(), threading.Event()
 
     class SlowHash(FlakyConnector):
         def put_chunk(self, key: CacheEngineKey, unsealed: chunk_format.UnsealedChunk) -> None:
             self._enter()
             entered.set()
             release.wait(10)  # still hashing when the caller times out
-            super().put_chunk(key, unsealed)
+            try:
+                super().put_chunk(key, unsealed)
+            finally:
+                finished.set()
 
     conn = SlowHash()
     backend = _fake_backend(conn, timeout=0.2, attempts=3, threshold=2)
@@ -510,7 +513,8 @@ def test_a_put_whose_caller_gave_up_is_not_retried_or_held_against_the_remote() 
             backend.put(key, chunk(1))
         assert entered.is_set()
         release.set()
-        time.sleep(0.3)  # time for a publish or a retry (each backs off 0.01 s)
+        assert finished.wait(10)
+        time.sleep(0.3)  # time for a retry (each backs off 0.01 s)
         assert key not in conn.data and conn.calls == 1  # no publish, no retry
         assert backend.breaker.state == CLOSED
         assert isinstance(WriteAbandonedError("s", "r"), StoreUnavailableError)
