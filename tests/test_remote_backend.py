@@ -488,6 +488,39 @@ def test_puts_are_retried_and_raise_only_when_every_attempt_fails() -> None:
         backend.close()
 
 
+def test_no_retry_is_started_that_could_outlive_the_callers_wait() -> None:
+    """A try that failed slowly is retried only if a try as slow still ends before the
+    deadline: a retry that outlived its caller would store the old chunk over the
+    caller's next put of the same key."""
+
+    class SlowFailure(FlakyConnector):
+        puts = 0
+
+        def put(self, key: CacheEngineKey, parts: Sequence[bytes | memoryview]) -> None:
+            with self._lock:
+                self.puts += 1
+                call = self.puts
+            if call == 1:
+                time.sleep(0.3)  # a slow 500
+                raise ConnectionError("injected failure")
+            if call == 2:
+                time.sleep(0.3)  # a retry as slow would end after the 0.5 s deadline
+            self.data[key] = b"".join(parts)
+
+    conn = SlowFailure()
+    backend = _fake_backend(conn, timeout=0.5, attempts=3)
+    key = make_key("ordered")
+    try:
+        with pytest.raises(StoreUnavailableError, match="injected"):
+            backend.put(key, chunk(1))  # fails after its one try, within the timeout
+        backend.put(key, chunk(2))
+        time.sleep(0.5)  # a straggling retry of the first put would land by now
+        assert same(backend.get(key), chunk(2))
+        assert conn.puts == 2 and backend.stats["retries"] == 0
+    finally:
+        backend.close()
+
+
 def test_a_put_whose_caller_gave_up_is_not_retried_or_held_against_the_remote() -> None:
     """An abandoned write (its caller timed out) publishes nothing, is tried once, and is
     no strike for the circuit breaker: the remote did nothing wrong."""

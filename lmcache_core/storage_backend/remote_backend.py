@@ -86,7 +86,8 @@ class RetryPolicy:
 
     Attempt ``n`` (0-based) that fails waits ``min(max_delay, base_delay *
     multiplier**n)``, times ``1 ± jitter``, before the next one. All attempts
-    of one call share that call's timeout: a retry is made only while time is left.
+    of one call share that call's timeout: a retry is made only while there is
+    time left for a try as slow as the one that failed.
 
     Attributes:
         attempts: tries per call, >= 1 (1 means no retry).
@@ -175,7 +176,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         metadata: engine metadata (unused by the remote tier; kept for LMCache's signature).
         dst_device: where ``get`` puts tensors.
         connector: a ready connector instead of one built from the URL (tests).
-        retry: backoff for idempotent reads.
+        retry: backoff for reads and whole-chunk writes (``RetryPolicy``).
         breaker: circuit breaker; default opens after 5 consecutive failures for 5 s.
         put_workers: background writer threads for ``blocking=False`` puts.
         list_timeout: seconds a ``list()`` may take (default 10 x ``remote_timeout``).
@@ -351,6 +352,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         for attempt in range(attempts):
             if attempt > 0 and not self.breaker.allow():
                 raise StoreUnavailableError(self.display_url, f"{what}: circuit open")
+            started = time.monotonic()
             try:
                 result = fn(*args)
             except WriteAbandonedError:
@@ -365,7 +367,11 @@ class LMCRemoteBackend(LMCBackendInterface):
                 self.breaker.record_failure()
                 self.stats.incr("remote_errors")
                 pause = self.retry.delay(attempt)
-                last = attempt == attempts - 1 or time.monotonic() + pause >= deadline
+                # Retry only if a try as slow as this one still ends before the deadline.
+                # One that cannot is abandoned by its caller mid-send, and a write could
+                # then land after the caller's next put of the same key and undo it.
+                took = time.monotonic() - started
+                last = attempt == attempts - 1 or time.monotonic() + pause + took >= deadline
                 logger.debug("%s: %s failed (attempt %d): %r", self.display_url, what, attempt + 1, exc)
                 if last or self.breaker.state == OPEN:
                     raise
