@@ -245,9 +245,11 @@ def test_open_backend_and_create_storage_backend_local(tmp_path):
 
 class TwoThreadGets:
     """Wraps a disk store's ``_get`` (the get ``batched_get`` calls, with its read helper):
-    records which thread read which key and with which helper; the caller's first
-    get waits until the reader thread has begun one (so no test depends on how soon a
-    thread gets a core); one thread's first get can fail, the reader's gets can be slow."""
+    records which thread read which key and with which helper; each thread's first
+    get waits until the other thread has begun one (so no test depends on how soon a
+    thread gets a core: on a busy machine either thread could otherwise take every
+    key before the other runs); one thread's first get can fail, the reader's gets
+    can be slow."""
 
     def __init__(self, store, keys, *, fail: str | None = None, reader_delay: float = 0.0) -> None:
         self.plain_get = store._get
@@ -257,6 +259,7 @@ class TwoThreadGets:
         self.fail = fail
         self.reader_delay = reader_delay
         self.reader_started = threading.Event()
+        self.caller_started = threading.Event()
         self.readers: dict[int, int] = {}  # key index -> thread ident
         self.active = 0
         self.lock = threading.Lock()
@@ -270,10 +273,12 @@ class TwoThreadGets:
             self.readers[self.keys.index(key)] = me
             self.active += 1
         try:
-            if mine and first:
-                assert self.reader_started.wait(10), "the reader thread never started"
+            if first:
+                (self.caller_started if mine else self.reader_started).set()
+                other = "reader" if mine else "caller"
+                started = self.reader_started if mine else self.caller_started
+                assert started.wait(10), f"the {other} thread never started a get"
             if not mine:
-                self.reader_started.set()
                 time.sleep(self.reader_delay)
             if first and self.fail == ("caller" if mine else "reader"):
                 raise RuntimeError("injected failure")

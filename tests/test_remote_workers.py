@@ -55,12 +55,14 @@ def _open(
     return cls(cfg, None, "cpu", **options, **kwargs)
 
 
-def _ours(names: set[str], prefix: str) -> set[str]:
-    return {n for n in names if n.startswith(prefix)}
+def _ours(threads: set[threading.Thread], prefix: str) -> set[threading.Thread]:
+    return {t for t in threads if t.name.startswith(prefix)}
 
 
-def _alive(names: set[str]) -> set[str]:
-    return {t.name for t in threading.enumerate() if t.name in names}
+def _alive(threads: set[threading.Thread]) -> set[threading.Thread]:
+    # The thread objects, not their names: another backend (an earlier test's, still
+    # closing) has threads with the same names.
+    return {t for t in threads if t.is_alive()}
 
 
 # -- the seed's signatures ---------------------------------------------------------------
@@ -82,11 +84,11 @@ class _RecordingWriters(LMCRemoteBackend):
     """A real remote backend that notes which threads enter ``put_worker()``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.writer_threads: set[str] = set()
+        self.writer_threads: set[threading.Thread] = set()
         super().__init__(*args, **kwargs)
 
     def put_worker(self) -> None:
-        self.writer_threads.add(threading.current_thread().name)
+        self.writer_threads.add(threading.current_thread())
         super().put_worker()
 
 
@@ -163,16 +165,16 @@ class _RecordingStages(LMCPipelinedRemoteBackend):
     """A real pipelined backend that notes which threads enter its stage loops."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.fetchers: set[str] = set()
-        self.decoders: set[str] = set()
+        self.fetchers: set[threading.Thread] = set()
+        self.decoders: set[threading.Thread] = set()
         super().__init__(*args, **kwargs)
 
     def network_worker(self) -> None:
-        self.fetchers.add(threading.current_thread().name)
+        self.fetchers.add(threading.current_thread())
         super().network_worker()
 
     def deserialize_worker(self) -> None:
-        self.decoders.add(threading.current_thread().name)
+        self.decoders.add(threading.current_thread())
         super().deserialize_worker()
 
 
