@@ -360,6 +360,23 @@ def test_a_cold_batch_of_large_values_is_fetched_in_groups_of_bounded_bytes(
         backend.close()
 
 
+def test_a_streamed_batch_teaches_the_connector_the_value_size(tmp_path: Path) -> None:
+    """Chunks of a local-directory remote are read past ``get_many`` (``open_stream``):
+    the backend reports their size to the connector, which sizes the next groups."""
+    cfg = LMCacheEngineConfig(local_device=None, remote_url=f"file://{tmp_path / 'remote'}", remote_timeout=10.0)
+    backend = LMCPipelinedRemoteBackend(cfg, None, "cpu", fetch_parallelism=2)
+    try:
+        assert backend.connector.streams and backend.connector.learned_value_bytes() is None
+        keys = [make_key(f"f{i}") for i in range(4)]
+        for i, k in enumerate(keys):
+            backend.put(k, chunk(i))
+        got = backend.batched_get(keys)
+        assert all(same(g, chunk(i)) for i, g in enumerate(got))
+        assert backend.connector.learned_value_bytes() == chunk(0).nbytes
+    finally:
+        backend.close()
+
+
 def test_a_remote_that_goes_silent_mid_batch_ends_it_one_timeout_after_the_last_progress(
     blackholed_redis: tuple[Any, str],
 ) -> None:

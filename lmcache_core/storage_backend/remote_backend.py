@@ -4,9 +4,10 @@
 format (checksummed safetensors; corrupt or foreign objects are misses), a hard
 timeout on every remote call, retries with capped exponential backoff for
 reads and whole-chunk writes (all idempotent), a circuit breaker, a worker for
-non-blocking puts, and a cached set of known keys. ``LMCPipelinedRemoteBackend`` also fetches a batch
-concurrently and decodes each part as it arrives, in LMCache's two stages: fetch
-threads (``network_worker``) feed decode threads (``deserialize_worker``).
+non-blocking puts, and a cached set of known keys. ``LMCPipelinedRemoteBackend``
+also fetches a batch concurrently and decodes each part as it arrives, in
+LMCache's two stages: fetch threads (``network_worker``) feed decode threads
+(``deserialize_worker``).
 
 How a dead remote looks to the caller: ``get``/``contains`` are misses (counted
 in ``stats``), a blocking ``put`` raises ``StoreUnavailableError``, a
@@ -798,13 +799,6 @@ class LMCRemoteBackend(LMCBackendInterface):
         return self._call("get", self.connector.get, key, retry=True)
 
 
-def _value_nbytes(value: Any) -> int:
-    """Bytes of a fetched value: bytes-like, or a tensor (a streaming connector's)."""
-    if isinstance(value, (torch.Tensor, memoryview)):
-        return int(value.nbytes)
-    return len(value)
-
-
 class _BatchCall:
     """One ``batched_get`` in flight through the fetch and decode stages.
 
@@ -985,9 +979,6 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
         self.fetch_parallelism = fetch_parallelism
         self.fetch_workers = fetch_workers or 2 * fetch_parallelism
         self.decode_workers = decode_workers or max(1, min(fetch_parallelism, os.cpu_count() or 1))
-        # The largest value of the latest fetched group (0: none seen yet), which sizes
-        # groups when the connector does not. Threads race on it harmlessly.
-        self._fetch_value_bytes = 0
         super().__init__(config, metadata, dst_device, **kwargs)
 
     def _start_runtime(self) -> None:
@@ -1082,18 +1073,14 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
         hint = self.connector.fetch_group_keys()
         if hint is not None:
             return max(1, hint)
-        if self._fetch_value_bytes:
-            return max(1, min(call.even_size, FETCH_GROUP_BYTES // self._fetch_value_bytes))
+        value_bytes = self.connector.learned_value_bytes()
+        if value_bytes:
+            return max(1, min(call.even_size, FETCH_GROUP_BYTES // value_bytes))
         if len(call.groups) < call.window:
             # Value size unknown: a group of 32 MiB chunks split evenly could take many
             # timeouts to arrive; single chunks show the size (or that they are absent).
             return 1
         return call.even_size
-
-    def _learn_value_bytes(self, blobs: Sequence[Any]) -> None:
-        largest = max((_value_nbytes(b) for b in blobs if b is not None), default=0)
-        if largest:
-            self._fetch_value_bytes = largest
 
     def _fetch_group(self, call: _BatchCall, gid: int) -> None:
         keys = call.group_keys(gid)
@@ -1115,7 +1102,8 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
                 self.stats.incr("unavailable")
                 self.stats.incr("misses", len(keys))
             return
-        self._learn_value_bytes(blobs)
+        if self.connector.streams:  # read past the connector's get_many, which learns sizes itself
+            self.connector.learn_value_sizes(blobs)
         call.progress()  # the remote answered: decoding is not held to the fetch's clock
         self._decode_queue.put((call, gid, blobs))
 

@@ -46,7 +46,7 @@ class RemoteConnector(abc.ABC):
 
     #: the URL with secrets masked, safe to print
     display_url: str = ""
-    # The largest value of the latest read (``_learn_size``), which sizes batched
+    # The largest value of the latest read (``learn_value_sizes``), which sizes batched
     # reads; these class defaults hold until a read sets them on the instance.
     _value_hint: int = ASSUMED_VALUE_BYTES
     _value_learned: bool = False
@@ -83,14 +83,21 @@ class RemoteConnector(abc.ABC):
         """
         raise NotImplementedError
 
-    def _learn_size(self, values: Sequence[Any]) -> None:
-        """Note the largest of ``values`` (bytes-like or None) as the value size."""
-        largest = max((len(v) for v in values if v is not None), default=0)
+    def learn_value_sizes(self, values: Sequence[Any]) -> None:
+        """Note the largest of ``values`` (bytes-like, tensors or None) as the value size.
+
+        Every read calls it; a backend also does for chunks it read past ``get``
+        (``open_stream``). The latest read's, so the hint follows the workload both
+        ways. Threads race on it harmlessly: it only sizes batches.
+        """
+        largest = max((_nbytes(v) for v in values if v is not None), default=0)
         if largest:
-            # The latest read's, so the hint follows the workload both ways. Threads
-            # race on it harmlessly: it only sizes batches.
             self._value_hint = largest
             self._value_learned = True
+
+    def learned_value_bytes(self) -> int | None:
+        """The value size the latest read showed; None until a read has shown one."""
+        return self._value_hint if self._value_learned else None
 
     def fetch_group_keys(self) -> int | None:
         """Keys per ``get_many`` a pipelined batch should send, or None to split it evenly.
@@ -150,3 +157,9 @@ class RemoteConnector(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release clients and sockets. Idempotent."""
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes of a read value: bytes-like, or a tensor (memoryviews and tensors have ``nbytes``)."""
+    nbytes = getattr(value, "nbytes", None)
+    return int(nbytes) if nbytes is not None else len(value)

@@ -360,7 +360,7 @@ class FsspecConnector(RemoteConnector):
                 value: Any = sync(fs.loop, _get_pooled, fs, self.path(key))
             except FileNotFoundError:
                 return None
-            self._learn_size((value,))
+            self.learn_value_sizes((value,))
             return value
         try:
             data = fs.cat_file(self.path(key), **self._cat_kwargs)
@@ -371,7 +371,7 @@ class FsspecConnector(RemoteConnector):
                 return b""  # a 0-byte object (see _is_invalid_range): a bad chunk, not an outage
             raise
         data = bytes(data) if not isinstance(data, bytes) else data
-        self._learn_size((data,))
+        self.learn_value_sizes((data,))
         return data
 
     def get_many(self, keys: Sequence[CacheEngineKey]) -> list[bytes | None]:
@@ -410,7 +410,7 @@ class FsspecConnector(RemoteConnector):
                     error = OSError(f"S3 GET interrupted: {error!r}")
                 raise error
             out: list[Any] = [None if isinstance(v, FileNotFoundError) else v for v in values]
-            self._learn_size(out)
+            self.learn_value_sizes(out)
             return out
         kwargs = dict(self._cat_kwargs)
         if getattr(fs, "async_impl", False):  # sync filesystems read one path at a time anyway
@@ -429,7 +429,7 @@ class FsspecConnector(RemoteConnector):
                 raise value
             else:
                 out.append(value if isinstance(value, bytes) else bytes(value))
-        self._learn_size(out)
+        self.learn_value_sizes(out)
         return out
 
     def get_range(self, key: CacheEngineKey, start: int, end: int) -> bytes | None:

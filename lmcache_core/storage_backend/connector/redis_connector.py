@@ -357,7 +357,7 @@ class RedisConnector(RemoteConnector):
     def _get(self, key: CacheEngineKey) -> bytes | None:
         name = self._name(key)
         value: bytes | None = self._call("GET", lambda c: _none_on_wrongtype(self._redis, lambda: c.get(name)))
-        self._learn_size((value,))
+        self.learn_value_sizes((value,))
         return value
 
     def get_hashed(self, key: CacheEngineKey) -> tuple[bytes | None, str | None]:
@@ -402,7 +402,7 @@ class RedisConnector(RemoteConnector):
 
             got = self._call("MGET", fetch)
             values.extend(got)
-            self._learn_size(got)
+            self.learn_value_sizes(got)
         return values
 
     def fetch_group_keys(self) -> int | None:
