@@ -68,15 +68,7 @@ class LRUIndex(Generic[K]):
         need = self.used + size - self.budget
         if exclude is not None and exclude in self._sizes:
             need -= self._sizes[exclude]  # replacing a key frees its old bytes
-        victims: list[K] = []
-        for key, s in self._sizes.items():
-            if need <= 0:
-                break
-            if key == exclude:
-                continue
-            victims.append(key)
-            need -= s
-        return victims
+        return self._oldest(need, skip=exclude)
 
     def victims_over_budget(self, keep: K | None = None) -> list[K]:
         """Least recently used keys to drop so that ``used <= budget``, never ``keep``.
@@ -86,12 +78,15 @@ class LRUIndex(Generic[K]):
         leave the budget exceeded by one entry). ``check_fits`` made sure ``keep``
         alone fits, so dropping the others always suffices.
         """
-        need = self.used - self.budget
+        return self._oldest(self.used - self.budget, skip=keep)
+
+    def _oldest(self, need: int, skip: K | None) -> list[K]:
+        """Least recently used keys other than ``skip`` whose sizes add up to ``need``."""
         victims: list[K] = []
         for key, s in self._sizes.items():
             if need <= 0:
                 break
-            if key == keep:
+            if key == skip:
                 continue
             victims.append(key)
             need -= s
