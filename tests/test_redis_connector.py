@@ -660,7 +660,7 @@ class _Steps:
     def __init__(self, conn, monkeypatch, before_publish=None) -> None:
         self.published: list = []  # the script's replies
         self.plain_sets = 0
-        real_outcome, real_put = conn._outcome, conn.put
+        real_outcome, real_put, real_put_by = conn._outcome, conn.put, conn.put_chunk_by
 
         def outcome(client, *args):
             if args[0] == "EVAL" and before_publish is not None:
@@ -674,8 +674,13 @@ class _Steps:
             self.plain_sets += 1
             return real_put(key, parts)
 
+        def put_chunk_by(key, chunk, deadline):  # a blocking plain SET, on the caller's thread
+            self.plain_sets += 1
+            return real_put_by(key, chunk, deadline)
+
         monkeypatch.setattr(conn, "_outcome", outcome)
         monkeypatch.setattr(conn, "put", put)
+        monkeypatch.setattr(conn, "put_chunk_by", put_chunk_by)
 
 
 def test_a_large_chunk_is_staged_then_published_whole_and_leaves_nothing_behind(redis_server, monkeypatch):
@@ -1066,3 +1071,142 @@ def test_an_abandoned_chunk_is_not_sent_by_a_plain_set_either(conn):
     with pytest.raises(StoreUnavailableError, match="abandoned"):
         conn.put_chunk(key, chunk)
     assert conn.get(key) is None
+
+
+# -- blocking plain SETs on the caller's thread (put_chunk_by) -------------------------------
+
+
+def test_a_blocking_put_below_the_staging_size_is_sent_on_the_callers_thread(redis_server, monkeypatch):
+    import threading
+
+    import torch
+
+    from lmcache_core.storage_backend import open_backend
+    from lmcache_core.storage_backend.connector.redis_connector import STREAM_PUT_BYTES
+
+    store = open_backend(f"{redis_server.url}?prefix={_prefix()}", dst_device="cpu")
+    conn = store.connector
+    assert conn.puts_inline(2 << 20) and not conn.puts_inline(STREAM_PUT_BYTES)
+    threads: list = []
+    real = conn.put_chunk_by
+
+    def spy(key, chunk, deadline):
+        threads.append(threading.current_thread())
+        assert deadline > time.monotonic()
+        return real(key, chunk, deadline)
+
+    monkeypatch.setattr(conn, "put_chunk_by", spy)
+    small, big = torch.randn(64, 1024), _big_chunk(5)
+    store.put(make_key("inline"), small)
+    assert threads == [threading.current_thread()]
+    store.put(make_key("staged"), big)  # staged: two commands, on an I/O thread
+    assert len(threads) == 1
+    for key, value in ((make_key("inline"), small), (make_key("staged"), big)):
+        got = store.get(key)
+        assert got is not None and torch.equal(got, value)
+    assert store.stats["puts"] == 2
+    store.close()
+
+
+def test_cluster_puts_are_not_sent_inline(redis_cluster):
+    c = RedisConnector(redis_cluster.url, timeout=TIMEOUT, prefix=_prefix())
+    assert not c.puts_inline(1024)  # the cluster client follows MOVED/ASK itself
+    c.close()
+
+
+def _never_reads() -> tuple[object, int]:
+    """A server that accepts connections and never reads from them (a hung Redis).
+
+    Its receive buffer is small, so a large SET soon blocks in the client's send.
+    Returns (stop event, port).
+    """
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        held = []
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+        for s in held:
+            s.close()
+        listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return stop, listener.getsockname()[1]
+
+
+def test_put_chunk_by_never_waits_past_its_deadline_on_a_server_that_stops_reading():
+    """Each send and the reply wait get the time left, not the (much longer) socket timeout."""
+    import torch
+
+    stop, port = _never_reads()
+    # No handshake commands on connect (the server would never answer them).
+    import inspect
+
+    from redis.connection import AbstractConnection
+
+    takes = inspect.signature(AbstractConnection.__init__).parameters
+    quiet = {"driver_info": None} if "driver_info" in takes else {"lib_name": None, "lib_version": None}
+    c = RedisConnector(f"redis://127.0.0.1:{port}/0", timeout=10.0, prefix=_prefix(), client_name=None, **quiet)
+    try:
+        big = torch.randn(8 << 20)  # 32 MiB: far more than the socket buffers hold
+        key = make_key("stuck")
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match="TimeoutError"):
+            c.put_chunk_by(key, _unsealed(key, big), start + 1.0)
+        assert time.monotonic() - start < 2.5  # 1 s, never the 10 s socket timeout
+    finally:
+        stop.set()
+        c.close()
+
+
+def test_put_chunk_by_drops_a_connection_whose_reply_came_too_late(redis_server):
+    """A SET given up while its reply was on the way must not leave that reply for the next
+    command on the pooled connection."""
+    import torch
+
+    from lmcache_core import chunk_format
+
+    with TcpProxy(("127.0.0.1", redis_server.port)) as proxy:
+        c = RedisConnector(f"redis://127.0.0.1:{proxy.port}/0", timeout=TIMEOUT, prefix=_prefix())
+        key, other = make_key("late"), make_key("next")
+        first, second = torch.randn(1024), torch.randn(2048)
+        c.put_chunk_by(key, _unsealed(key, first), time.monotonic() + TIMEOUT)  # connected
+        proxy.set_mode("delay", delay=0.6)
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match="TimeoutError"):
+            c.put_chunk_by(other, _unsealed(other, second), start + 0.2)
+        assert time.monotonic() - start < 0.5
+        proxy.set_mode("forward")
+        time.sleep(0.8)  # the late +OK has reached the old connection by now
+        c.put_chunk_by(other, _unsealed(other, second), time.monotonic() + TIMEOUT)
+        assert c.exists(key)
+        for k, value in ((key, first), (other, second)):
+            got = chunk_format.decode(_b(c.get(k)), k.to_string())
+            assert torch.equal(got, value)
+        c.close()
+
+
+def test_put_chunk_by_over_tls_sends_part_by_part(tls_redis):
+    import torch
+
+    from lmcache_core import chunk_format
+
+    tls_port, cert = tls_redis
+    c = RedisConnector(f"rediss://127.0.0.1:{tls_port}/0", timeout=TIMEOUT, prefix=_prefix(), ssl_ca_certs=str(cert))
+    assert c.puts_inline(1 << 20)
+    key, value = make_key("tls-inline"), torch.randn(300_000)  # > one TLS record
+    c.put_chunk_by(key, _unsealed(key, value), time.monotonic() + TIMEOUT)
+    got = chunk_format.decode(_b(c.get(key)), key.to_string())
+    assert torch.equal(got, value)
+    c.close()

@@ -166,6 +166,34 @@ def test_blackholing_proxy_every_call_returns_within_bound(redis_server):
         store.close()
 
 
+def test_a_blocking_put_into_a_silent_server_times_out_on_the_callers_thread(redis_server):
+    """Plain SETs run on the caller's thread (``put_chunk_by``): one that gets no answer
+    ends within the timeout, is counted as a timeout, and leaves nothing half-sent."""
+    with TcpProxy(("127.0.0.1", redis_server.port)) as proxy:
+        store = backend_for(f"redis://127.0.0.1:{proxy.port}/0?prefix=sil{proxy.port}:")
+        key, value = make_key("silent"), chunk(1)
+        store.put(key, value)  # connected
+        proxy.set_mode("blackhole")
+        timeouts, failures = store.stats["timeouts"], store.stats["put_failures"]
+        _, exc, elapsed = timed(lambda: store.put(make_key("silent2"), chunk(2)))
+        assert isinstance(exc, StoreUnavailableError) and "no answer within the timeout" in str(exc)
+        assert T * 0.9 < elapsed < T + 0.5, elapsed  # waited out its deadline, not more
+        assert store.stats["timeouts"] == timeouts + 1 and store.stats["put_failures"] == failures + 1
+        proxy.set_mode("forward")
+        assert wait_until(lambda: _put_ok(store, make_key("silent2"), chunk(2)))
+        assert same(store.get(make_key("silent2")), chunk(2))
+        assert same(store.get(key), value)
+        store.close()
+
+
+def _put_ok(store, key, value) -> bool:
+    try:
+        store.put(key, value)
+    except StoreUnavailableError:
+        return False  # the circuit may still be open for a moment
+    return True
+
+
 def test_maxmemory_noeviction_reports_full_and_reads_keep_working(redis_server_factory):
     server = redis_server_factory("--maxmemory", "6mb", "--maxmemory-policy", "noeviction")
     store = backend_for(server.url + "?prefix=full:")

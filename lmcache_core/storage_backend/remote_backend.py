@@ -168,6 +168,16 @@ class _DaemonPool:
             self._queue.put(None)
 
 
+def _timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` or what caused it is a timeout (builtin, or a client's own ``TimeoutError``)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TimeoutError) or type(seen).__name__ == "TimeoutError":
+            return True
+        seen = seen.__cause__
+    return False
+
+
 class LMCRemoteBackend(LMCBackendInterface):
     """KV chunks in a remote store named by ``config.remote_url``.
 
@@ -517,11 +527,47 @@ class LMCRemoteBackend(LMCBackendInterface):
                 done.set()
 
     def _write(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
-        self._start_write(key, kv_chunk)()
+        chunk = chunk_format.UnsealedChunk(kv_chunk, key.to_string())
+        if self.connector.puts_inline(chunk.size):
+            self._put_inline(key, chunk)
+        else:
+            self._start_chunk_write(key, chunk)()
+
+    def _put_inline(self, key: CacheEngineKey, chunk: chunk_format.UnsealedChunk) -> None:
+        """Store ``chunk`` on this thread, the connector bounding each wait by the deadline.
+
+        Same retries, breaker and errors as a put on the I/O threads, without
+        handing the chunk to one and waiting for it (on a 2-core host those two
+        wake-ups cost about a fifth of a 2 MiB Redis ``SET``). Nothing of it is sent
+        after this returns, so no send can outlive its caller.
+        """
+        self._check_fork()
+        if not self.breaker.allow():
+            self.stats.incr("circuit_rejections")
+            self._write_failed(key)
+            raise StoreUnavailableError(
+                self.display_url, f"put: circuit open (retry in {self.breaker.retry_after():.1f}s)"
+            )
+        deadline = time.monotonic() + self.timeout
+        try:
+            self._attempts("put", self.connector.put_chunk_by, (key, chunk, deadline), deadline, True)
+        except Exception as exc:
+            self._write_failed(key)
+            if _timed_out(exc):
+                self.stats.incr("timeouts")
+                raise StoreUnavailableError(self.display_url, "put: no answer within the timeout") from exc
+            if isinstance(exc, LMCacheError):
+                raise
+            raise StoreUnavailableError(self.display_url, f"put: {exc!r:.200}") from exc
+        with self._lock:
+            self._known.add(key)
+        self.stats.incr("puts")
 
     def _start_write(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> Callable[[], None]:
         """Submit the write of ``kv_chunk`` to an I/O thread; the returned function awaits it."""
-        chunk = chunk_format.UnsealedChunk(kv_chunk, key.to_string())
+        return self._start_chunk_write(key, chunk_format.UnsealedChunk(kv_chunk, key.to_string()))
+
+    def _start_chunk_write(self, key: CacheEngineKey, chunk: chunk_format.UnsealedChunk) -> Callable[[], None]:
         try:
             future, deadline = self._submit("put", self.connector.put_chunk, key, chunk, retry=True)
         except Exception:

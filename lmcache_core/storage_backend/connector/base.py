@@ -126,6 +126,27 @@ class RemoteConnector(abc.ABC):
             raise WriteAbandonedError(self.display_url, "put abandoned by its caller (timed out)")
         self.put(key, (header, chunk.payload))
 
+    def puts_inline(self, size: int) -> bool:
+        """Whether ``put_chunk_by`` can store an object of ``size`` bytes on the calling thread.
+
+        Default False: the backend runs every put on its I/O threads and bounds it
+        by waiting there. True only where each socket operation of the put can be
+        bounded by the deadline itself (Redis plain ``SET``s), which spares the two
+        thread hand-offs of every blocking put.
+        """
+        return False
+
+    def put_chunk_by(self, key: CacheEngineKey, chunk: UnsealedChunk, deadline: float) -> None:
+        """``put_chunk`` on the calling thread, giving up at ``deadline`` (``time.monotonic()``).
+
+        Only where ``puts_inline(chunk.size)``. Nothing is sent after the deadline
+        and the caller is the sender, so nothing lands after it has returned.
+
+        Raises:
+            TimeoutError: the deadline passed (the connection is dropped).
+        """
+        raise NotImplementedError
+
     def put_many(self, items: Sequence[tuple[CacheEngineKey, Sequence[bytes | memoryview]]]) -> None:
         for key, parts in items:
             self.put(key, parts)
