@@ -14,6 +14,9 @@ Modes:
     ``forward``: pass bytes both ways (after ``delay`` seconds, if set).
     ``delay``: like forward, but every chunk of bytes waits ``delay`` seconds.
     ``blackhole``: accept, read and discard what the client sends, never answer.
+    ``stall``: read nothing either way (a server stuck in a long command): the
+    client's sends block once the socket buffers are full. Bytes already read are
+    still passed on when the mode changes back.
     ``reset``: close connections at once with a TCP RST (SO_LINGER 0).
     ``truncate``: like forward, but each connection passes at most ``cut_after``
     bytes from the server, then both sides are closed cleanly (a reply cut short).
@@ -33,8 +36,8 @@ import struct
 import threading
 from typing import Literal
 
-Mode = Literal["forward", "delay", "blackhole", "reset", "truncate", "flip"]
-_MODES = ("forward", "delay", "blackhole", "reset", "truncate", "flip")
+Mode = Literal["forward", "delay", "blackhole", "reset", "truncate", "flip", "stall"]
+_MODES = ("forward", "delay", "blackhole", "reset", "truncate", "flip", "stall")
 _FORWARDING = ("forward", "delay", "truncate", "flip")
 _POLL = 0.05  # how often idle threads notice a mode change or stop()
 
@@ -185,6 +188,9 @@ class TcpProxy:
                 for s in socks:
                     _abort(s)
                 return
+            if mode == "stall":
+                self._stop.wait(_POLL)
+                continue
             try:
                 readable, _, _ = select.select(socks, [], [], _POLL)
             except (OSError, ValueError):

@@ -1087,24 +1087,29 @@ def test_a_blocking_put_below_the_staging_size_is_sent_on_the_callers_thread(red
     store = open_backend(f"{redis_server.url}?prefix={_prefix()}", dst_device="cpu")
     conn = store.connector
     assert conn.puts_inline(2 << 20) and not conn.puts_inline(STREAM_PUT_BYTES)
-    threads: list = []
+    calls: list = []
     real = conn.put_chunk_by
 
     def spy(key, chunk, deadline):
-        threads.append(threading.current_thread())
         assert deadline > time.monotonic()
-        return real(key, chunk, deadline)
+        sent = real(key, chunk, deadline)
+        calls.append((threading.current_thread(), sent))
+        return sent
 
     monkeypatch.setattr(conn, "put_chunk_by", spy)
-    small, big = torch.randn(64, 1024), _big_chunk(5)
+    first, small, big = torch.randn(16), torch.randn(64, 1024), _big_chunk(5)
+    # No connection is open yet: nothing is sent inline (opening one waits on the pool's
+    # timeouts, not the put's deadline); the put goes by an I/O thread and opens one.
+    store.put(make_key("first"), first)
+    assert calls == [(threading.current_thread(), False)]
     store.put(make_key("inline"), small)
-    assert threads == [threading.current_thread()]
+    assert calls[1] == (threading.current_thread(), True)
     store.put(make_key("staged"), big)  # staged: two commands, on an I/O thread
-    assert len(threads) == 1
-    for key, value in ((make_key("inline"), small), (make_key("staged"), big)):
+    assert len(calls) == 2
+    for key, value in ((make_key("first"), first), (make_key("inline"), small), (make_key("staged"), big)):
         got = store.get(key)
         assert got is not None and torch.equal(got, value)
-    assert store.stats["puts"] == 2
+    assert store.stats["puts"] == 3
     store.close()
 
 
@@ -1114,86 +1119,32 @@ def test_cluster_puts_are_not_sent_inline(redis_cluster):
     c.close()
 
 
-def _never_reads() -> tuple[object, int]:
-    """A server that accepts connections and never reads from them (a hung Redis).
-
-    Its receive buffer is small, so a large SET soon blocks in the client's send.
-    Returns (stop event, port).
-    """
-    import socket
-    import threading
-
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-    listener.settimeout(0.05)
-    stop = threading.Event()
-
-    def serve() -> None:
-        held = []
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                continue
-        for s in held:
-            s.close()
-        listener.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    return stop, listener.getsockname()[1]
-
-
-def test_put_chunk_by_never_waits_past_its_deadline_on_a_server_that_stops_reading():
-    """Each send and the reply wait get the time left, not the (much longer) socket timeout."""
-    import torch
-
-    stop, port = _never_reads()
-    # No handshake commands on connect (the server would never answer them).
-    import inspect
-
-    from redis.connection import AbstractConnection
-
-    takes = inspect.signature(AbstractConnection.__init__).parameters
-    quiet = {"driver_info": None} if "driver_info" in takes else {"lib_name": None, "lib_version": None}
-    c = RedisConnector(f"redis://127.0.0.1:{port}/0", timeout=10.0, prefix=_prefix(), client_name=None, **quiet)
-    try:
-        big = torch.randn(8 << 20)  # 32 MiB: far more than the socket buffers hold
-        key = make_key("stuck")
-        start = time.monotonic()
-        with pytest.raises(StoreUnavailableError, match="TimeoutError"):
-            c.put_chunk_by(key, _unsealed(key, big), start + 1.0)
-        assert time.monotonic() - start < 2.5  # 1 s, never the 10 s socket timeout
-    finally:
-        stop.set()
-        c.close()
-
-
-def test_put_chunk_by_drops_a_connection_whose_reply_came_too_late(redis_server):
-    """A SET given up while its reply was on the way must not leave that reply for the next
-    command on the pooled connection."""
+def test_a_put_given_up_mid_send_waits_no_longer_than_its_deadline_and_drops_its_connection(redis_server):
+    """Each send and the reply wait get the time left, not the (much longer) socket timeout;
+    the half-sent command's connection is never handed out again."""
     import torch
 
     from lmcache_core import chunk_format
 
     with TcpProxy(("127.0.0.1", redis_server.port)) as proxy:
-        c = RedisConnector(f"redis://127.0.0.1:{proxy.port}/0", timeout=TIMEOUT, prefix=_prefix())
-        key, other = make_key("late"), make_key("next")
-        first, second = torch.randn(1024), torch.randn(2048)
-        c.put_chunk_by(key, _unsealed(key, first), time.monotonic() + TIMEOUT)  # connected
-        proxy.set_mode("delay", delay=0.6)
+        c = RedisConnector(f"redis://127.0.0.1:{proxy.port}/0", timeout=10.0, prefix=_prefix())
+        small_key, big_key, after_key = make_key("small"), make_key("big"), make_key("after")
+        small, after = torch.randn(1024), torch.randn(2048)
+        assert not c.exists(small_key)  # opens a connection
+        assert c.put_chunk_by(small_key, _unsealed(small_key, small), time.monotonic() + TIMEOUT)
+        proxy.set_mode("stall")  # the server reads nothing more, as if stuck in a long command
+        big = torch.randn(8 << 20)  # 32 MiB: far more than the socket buffers hold
         start = time.monotonic()
         with pytest.raises(StoreUnavailableError, match="TimeoutError"):
-            c.put_chunk_by(other, _unsealed(other, second), start + 0.2)
-        assert time.monotonic() - start < 0.5
+            c.put_chunk_by(big_key, _unsealed(big_key, big), start + 1.0)
+        assert time.monotonic() - start < 2.5  # 1 s, never the 10 s socket timeout
         proxy.set_mode("forward")
-        time.sleep(0.8)  # the late +OK has reached the old connection by now
-        c.put_chunk_by(other, _unsealed(other, second), time.monotonic() + TIMEOUT)
-        assert c.exists(key)
-        for k, value in ((key, first), (other, second)):
-            got = chunk_format.decode(_b(c.get(k)), k.to_string())
-            assert torch.equal(got, value)
+        # The only open connection was the half-sent one: dropped, so nothing is sent inline.
+        assert not c.put_chunk_by(after_key, _unsealed(after_key, after), time.monotonic() + TIMEOUT)
+        c.put_chunk(after_key, _unsealed(after_key, after))  # the usual way: opens a new one
+        assert c.get(big_key) is None  # the cut SET never ran
+        for k, value in ((small_key, small), (after_key, after)):
+            assert torch.equal(chunk_format.decode(_b(c.get(k)), k.to_string()), value)
         c.close()
 
 
@@ -1206,7 +1157,8 @@ def test_put_chunk_by_over_tls_sends_part_by_part(tls_redis):
     c = RedisConnector(f"rediss://127.0.0.1:{tls_port}/0", timeout=TIMEOUT, prefix=_prefix(), ssl_ca_certs=str(cert))
     assert c.puts_inline(1 << 20)
     key, value = make_key("tls-inline"), torch.randn(300_000)  # > one TLS record
-    c.put_chunk_by(key, _unsealed(key, value), time.monotonic() + TIMEOUT)
+    assert not c.exists(key)  # opens a connection
+    assert c.put_chunk_by(key, _unsealed(key, value), time.monotonic() + TIMEOUT)
     got = chunk_format.decode(_b(c.get(key)), key.to_string())
     assert torch.equal(got, value)
     c.close()

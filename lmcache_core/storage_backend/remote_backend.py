@@ -394,11 +394,21 @@ class LMCRemoteBackend(LMCBackendInterface):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _submit(
-        self, what: str, fn: Callable[..., T], *args: Any, retry: bool, timeout: float | None = None
+        self,
+        what: str,
+        fn: Callable[..., T],
+        *args: Any,
+        retry: bool,
+        timeout: float | None = None,
+        admitted: bool = False,
     ) -> tuple[Future[T], float]:
-        """Start a remote call on an I/O thread; fail fast while the circuit is open."""
+        """Start a remote call on an I/O thread; fail fast while the circuit is open.
+
+        ``admitted``: the caller already has the breaker's leave for this call (asking
+        again in half-open state would be refused: one probe at a time).
+        """
         self._check_fork()
-        if not self.breaker.allow():
+        if not admitted and not self.breaker.allow():
             self.stats.incr("circuit_rejections")
             raise StoreUnavailableError(
                 self.display_url, f"{what}: circuit open (retry in {self.breaker.retry_after():.1f}s)"
@@ -536,10 +546,11 @@ class LMCRemoteBackend(LMCBackendInterface):
     def _put_inline(self, key: CacheEngineKey, chunk: chunk_format.UnsealedChunk) -> None:
         """Store ``chunk`` on this thread, the connector bounding each wait by the deadline.
 
-        Same retries, breaker and errors as a put on the I/O threads, without
-        handing the chunk to one and waiting for it (on a 2-core host those two
-        wake-ups cost about a fifth of a 2 MiB Redis ``SET``). Nothing of it is sent
-        after this returns, so no send can outlive its caller.
+        Saves handing the chunk to an I/O thread and waiting for it (on a 2-core host
+        those two wake-ups cost about a fifth of a 2 MiB Redis ``SET``). One try here;
+        where the connector cannot start one (no open connection free) or it fails
+        with time to spare, the put goes on by an I/O thread, with its retries, in
+        the time left. Breaker, stats and errors as for any put.
         """
         self._check_fork()
         if not self.breaker.allow():
@@ -548,28 +559,53 @@ class LMCRemoteBackend(LMCBackendInterface):
             raise StoreUnavailableError(
                 self.display_url, f"put: circuit open (retry in {self.breaker.retry_after():.1f}s)"
             )
-        deadline = time.monotonic() + self.timeout
+        started = time.monotonic()
+        deadline = started + self.timeout
         try:
-            self._attempts("put", self.connector.put_chunk_by, (key, chunk, deadline), deadline, True)
-        except Exception as exc:
+            sent = self.connector.put_chunk_by(key, chunk, deadline)
+        except _ANSWERS:
+            self.breaker.record_success()  # the remote is up and said no (full)
             self._write_failed(key)
-            if _timed_out(exc):
-                self.stats.incr("timeouts")
-                raise StoreUnavailableError(self.display_url, "put: no answer within the timeout") from exc
-            if isinstance(exc, LMCacheError):
-                raise
-            raise StoreUnavailableError(self.display_url, f"put: {exc!r:.200}") from exc
-        with self._lock:
-            self._known.add(key)
-        self.stats.incr("puts")
+            raise
+        except Exception as exc:
+            self.breaker.record_failure()
+            self.stats.incr("remote_errors")
+            now = time.monotonic()
+            # As in _attempts: go on only if a try as slow as this one ends in time.
+            if _timed_out(exc) or now + (now - started) >= deadline or self.breaker.state == OPEN:
+                self._write_failed(key)
+                if _timed_out(exc):
+                    self.stats.incr("timeouts")
+                    raise StoreUnavailableError(self.display_url, "put: no answer within the timeout") from exc
+                if isinstance(exc, LMCacheError):
+                    raise
+                raise StoreUnavailableError(self.display_url, f"put: {exc!r:.200}") from exc
+            self.stats.incr("retries")
+        else:
+            if sent:
+                self.breaker.record_success()
+                with self._lock:
+                    self._known.add(key)
+                self.stats.incr("puts")
+                return
+        # Still the call the breaker let through above (in half-open state, its one probe).
+        self._start_chunk_write(key, chunk, timeout=deadline - time.monotonic(), admitted=True)()
 
     def _start_write(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> Callable[[], None]:
         """Submit the write of ``kv_chunk`` to an I/O thread; the returned function awaits it."""
         return self._start_chunk_write(key, chunk_format.UnsealedChunk(kv_chunk, key.to_string()))
 
-    def _start_chunk_write(self, key: CacheEngineKey, chunk: chunk_format.UnsealedChunk) -> Callable[[], None]:
+    def _start_chunk_write(
+        self,
+        key: CacheEngineKey,
+        chunk: chunk_format.UnsealedChunk,
+        timeout: float | None = None,
+        admitted: bool = False,
+    ) -> Callable[[], None]:
         try:
-            future, deadline = self._submit("put", self.connector.put_chunk, key, chunk, retry=True)
+            future, deadline = self._submit(
+                "put", self.connector.put_chunk, key, chunk, retry=True, timeout=timeout, admitted=admitted
+            )
         except Exception:
             self._write_failed(key)
             raise

@@ -136,14 +136,16 @@ class RemoteConnector(abc.ABC):
         """
         return False
 
-    def put_chunk_by(self, key: CacheEngineKey, chunk: UnsealedChunk, deadline: float) -> None:
+    def put_chunk_by(self, key: CacheEngineKey, chunk: UnsealedChunk, deadline: float) -> bool:
         """``put_chunk`` on the calling thread, giving up at ``deadline`` (``time.monotonic()``).
 
-        Only where ``puts_inline(chunk.size)``. Nothing is sent after the deadline
-        and the caller is the sender, so nothing lands after it has returned.
+        Only where ``puts_inline(chunk.size)``. Returns False, having sent nothing,
+        when it cannot start within the deadline's terms (Redis: no open connection
+        free); the backend then puts the chunk by an I/O thread. Nothing is sent
+        after it has returned or raised.
 
         Raises:
-            TimeoutError: the deadline passed (the connection is dropped).
+            StoreUnavailableError: the deadline passed, or the put failed.
         """
         raise NotImplementedError
 

@@ -248,7 +248,7 @@ class RedisConnector(RemoteConnector):
         self.staged_puts = self.zero_copy_put and _streaming_send_loop() and _as_flag("staged_puts", staged)
         # Blocking plain SETs run on the caller's thread (``put_chunk_by``): standalone
         # servers only (a cluster client follows redirections on its own).
-        self._inline_puts = not self.cluster and self.zero_copy_put and _read_response_takes_timeout()
+        self._inline_puts = not self.cluster and self.zero_copy_put and _redis_py_fits_inline_puts()
         self._staging_ttl_ms = int(max(STAGING_TTL_S, 10 * self.timeout) * 1000)
         self._staging_gone = 0  # staged keys gone before publishing, in a row
         #: about how many reply bytes one MGET of ``get_many`` may ask for
@@ -446,15 +446,20 @@ class RedisConnector(RemoteConnector):
         (two commands) stay on the backend's I/O threads."""
         return self._inline_puts and not (self.staged_puts and size >= STREAM_PUT_BYTES)
 
-    def put_chunk_by(self, key: CacheEngineKey, chunk: chunk_format.UnsealedChunk, deadline: float) -> None:
+    def put_chunk_by(self, key: CacheEngineKey, chunk: chunk_format.UnsealedChunk, deadline: float) -> bool:
         """A plain ``SET`` of the sealed chunk on this thread; no socket wait outlives ``deadline``.
 
-        The command, header, payload and end go out in one gathering ``sendmsg`` (redis-py
-        makes four ``sendall`` calls; 2 MiB on a 2-core loopback host: 0.92-0.94x raw
-        redis-py ``SET``, where the same put handed to an I/O thread and waited for ran
-        at 0.66-0.72x). Each send and the reply wait get the time left as their socket
-        timeout. A pooled connection a server restart left dead is replaced once, as
-        redis-py's own retry does.
+        Only on a pooled connection that is already open (``_take_open_connection``):
+        opening one waits on the pool's timeouts (connect, then each handshake reply),
+        not on the deadline, so with none free this sends nothing and returns False,
+        and the backend puts the chunk by an I/O thread. The command, header, payload
+        and end go out in one gathering ``sendmsg`` (redis-py makes four ``sendall``
+        calls; 2 MiB on a 2-core loopback host: 0.91-0.95x raw redis-py ``SET``,
+        where the same put handed to an I/O thread and waited for ran at 0.66-0.72x).
+        Each send and the reply wait get the time left as their socket timeout. A
+        connection given up midway is dropped, so a half-sent command never reaches
+        its next user. As with any remote write, a put that times out after its
+        bytes went out may still be applied by the server.
 
         Raises:
             StoreFullError: Redis is at ``maxmemory``.
@@ -466,31 +471,26 @@ class RedisConnector(RemoteConnector):
         head = b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s" % (len(name), name, chunk.size, header)
         parts = (head, chunk.payload, b"\r\n")
         try:
+            _time_left(deadline)
             pool = self._client().connection_pool
-            for attempt in range(2):
-                conn = pool.get_connection()
-                try:
-                    _send_by(conn, parts, deadline)
-                    conn.read_response(timeout=_time_left(deadline))
-                    return
-                except redis.exceptions.ResponseError:
-                    raise  # the server answered: the connection is fine
-                except (redis.exceptions.ConnectionError, ConnectionError):
-                    # Not a timeout (neither TimeoutError is a ConnectionError): a stale
-                    # pooled connection is worth one fresh try in the time left.
-                    conn.disconnect()
-                    if attempt or deadline - time.monotonic() <= 0:
-                        raise
-                except BaseException:
-                    conn.disconnect()  # a half-sent command must not reach the next user
-                    raise
-                finally:
-                    pool.release(conn)
+            conn = _take_open_connection(pool, redis)
+            if conn is None:
+                return False
+            try:
+                _send_by(conn, parts, deadline)
+                conn.read_response(timeout=_time_left(deadline))
+            except redis.exceptions.ResponseError:
+                raise  # the server answered: the connection is fine
+            except BaseException:
+                conn.disconnect()  # a half-sent command must not reach the next user
+                raise
+            finally:
+                pool.release(conn)
         except redis.exceptions.OutOfMemoryError as exc:
             raise StoreFullError(self.display_url, f"SET: Redis is at maxmemory ({exc})") from exc
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StoreUnavailableError(self.display_url, f"SET: {type(exc).__name__}: {exc}") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        return True
 
     def _put_staged(self, name: bytes, staging: bytes, chunk: chunk_format.UnsealedChunk) -> bool:
         """Stage, then publish; False when the caller should send a plain ``SET`` instead.
@@ -895,12 +895,18 @@ def _streaming_send_loop() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _read_response_takes_timeout() -> bool:
-    """Whether redis-py's ``read_response`` takes a per-call ``timeout`` (``put_chunk_by``)."""
+def _redis_py_fits_inline_puts() -> bool:
+    """Whether redis-py has what ``put_chunk_by`` relies on: a per-call ``read_response``
+    timeout, and the pool internals ``_take_open_connection`` uses."""
     try:
-        from redis.connection import AbstractConnection
+        from redis.connection import AbstractConnection, ConnectionPool
 
-        return "timeout" in inspect.signature(AbstractConnection.read_response).parameters
+        pool = ConnectionPool()
+        return (
+            "timeout" in inspect.signature(AbstractConnection.read_response).parameters
+            and "timeout" in inspect.signature(AbstractConnection.can_read).parameters
+            and all(hasattr(pool, a) for a in ("_lock", "_available_connections", "_in_use_connections", "_checkpid"))
+        )
     except (ImportError, AttributeError, TypeError, ValueError):
         return False
 
@@ -910,6 +916,36 @@ def _time_left(deadline: float) -> float:
     if left <= 0:
         raise TimeoutError("the put's deadline passed")
     return left
+
+
+def _take_open_connection(pool: Any, redis: Any) -> Any | None:
+    """An idle pooled connection that is open and has nothing to read, taken out of the
+    pool as ``get_connection()`` hands one out; None when there is none.
+
+    Unlike ``get_connection()`` it never connects. A connection the server has closed
+    (a restart) reads as EOF here and is dropped instead. Uses the pool's private
+    ``_lock``, ``_available_connections`` and ``_in_use_connections`` (``puts_inline``
+    is off where they are missing).
+    """
+    pool._checkpid()
+    with pool._lock:
+        idle = pool._available_connections
+        for i in range(len(idle) - 1, -1, -1):
+            if idle[i]._sock is not None:
+                conn = idle.pop(i)
+                pool._in_use_connections.add(conn)
+                break
+        else:
+            return None
+    try:
+        stale = conn.can_read(timeout=0)  # a reply nobody read, or the server's EOF
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+        stale = True
+    if stale:
+        conn.disconnect()
+        pool.release(conn)
+        return None
+    return conn
 
 
 def _send_by(conn: Any, parts: Sequence[bytes | memoryview], deadline: float) -> None:
@@ -925,7 +961,12 @@ def _send_by(conn: Any, parts: Sequence[bytes | memoryview], deadline: float) ->
     gather = type(sock) is socket.socket  # not an ssl.SSLSocket (no sendmsg)
     while views:
         sock.settimeout(_time_left(deadline))
-        sent = sock.sendmsg(views) if gather else sock.send(views[0])
+        try:
+            sent = sock.sendmsg(views) if gather else sock.send(views[0])
+        except TimeoutError as exc:
+            if exc.errno is not None:  # ETIMEDOUT: the kernel gave up on the peer (dead, not slow)
+                raise ConnectionError(exc.errno, f"the connection died: {exc.strerror}") from exc
+            raise
         while sent:
             if sent >= len(views[0]):
                 sent -= len(views.pop(0))
