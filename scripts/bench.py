@@ -288,7 +288,7 @@ def _tier(row: dict[str, Any]) -> str:
 
 
 def targets_table(rows_32: list[dict[str, Any]]) -> str:
-    """Done-when targets of issues 2 and 7, checked against the 32 MiB rows."""
+    """Done-when targets of issues 2 and 7, checked against one chunk size's rows (32 MiB: the reference)."""
     want = [
         ("memory", "put", 0.8, "memory put >= 0.8x warm copy_"),
         ("memory", "get", 0.8, "memory get zero-copy or >= 0.8x warm copy_"),
@@ -321,6 +321,22 @@ def targets_table(rows_32: list[dict[str, Any]]) -> str:
         bound_note = f"; the CPU allows at most {best:.2f} here (see below)" if best is not None and not ok else ""
         lines.append(f"| {text} | {row['ratio']:.2f}{span}{bound_note} | {'yes' if ok else 'no'} |")
     return "\n".join(lines)
+
+
+def small_chunk_limits(rows: list[dict[str, Any]]) -> list[str]:
+    """Why a small-chunk disk get misses its target, when it does (measured, not assumed)."""
+    row = next((r for r in rows if r.get("kind") == "disk" and r["op"] == "get"), None)
+    if row is None or row.get("ratio") is None or row["ratio"] >= 0.8:
+        return []
+    return [
+        "A disk get that small cannot reach 0.8x here with its checksum verified: one thread reading "
+        "a hot 2 MiB file and then hashing it (xxh3_128, the bytes still in cache) ran at 0.66-0.76x "
+        "one raw `readinto` in micro-benchmarks on this machine kind, before any open, header or "
+        "index work; and a second thread costs more than it saves at this size (two 1 MiB `preadv` "
+        "of one file on two threads: 109 us, one 2 MiB `preadv`: 56 us). From 4 MiB on a get is "
+        "split over two threads, which is how the 32 MiB row meets its target.",
+        "",
+    ]
 
 
 def reference_table(rows_32: list[dict[str, Any]]) -> str:
@@ -462,6 +478,11 @@ def write_docs(out: dict[str, Any], docs: Path) -> None:
             parts.append(f"* error: {err['store']}: {err['error']}")
     if rows_32:
         parts += ["## Targets (32 MiB reference workload)", "", targets_table(rows_32), ""]
+    for size, data in out["sizes"].items():
+        if size != ref_key and data["rows"]:
+            parts += [f"## Targets at {int(size) / 2**20:g} MiB", "", targets_table(data["rows"]), ""]
+            parts += small_chunk_limits(data["rows"])
+    if rows_32:
         parts += ["## Against LMCache 0.5.6 (issue 7's reference figures, same workload)", "",
                   reference_table(rows_32), ""]  # fmt: skip
     parts += cpu_section(out)

@@ -98,10 +98,32 @@ def test_benchmarks_md_has_every_section_and_judges_each_target(bench_script, tm
     assert "| s3 (moto) | 32 MiB | 1.70 | 1.85 | 2.60 | 0.5 + 0.4 in 1.2 s | 0.6 + 0.7 in 0.7 s |" in text
 
 
-def test_a_report_without_32_mib_rows_has_no_target_tables(bench_script, tmp_path: Path) -> None:
+def test_a_report_without_32_mib_rows_has_no_reference_tables(bench_script, tmp_path: Path) -> None:
     report = _report()
     report["sizes"] = {str(2 * 2**20): {**report["sizes"][MIB32], "kv_shape": [32, 2, 16, 8, 128]}}
     bench_script.write_docs(report, tmp_path)
     text = (tmp_path / "BENCHMARKS.md").read_text()
-    assert "## 2 MiB chunks" in text
-    assert "## Targets" not in text and "## Against LMCache" not in text
+    assert "## 2 MiB chunks" in text and "## Targets at 2 MiB" in text
+    assert "## Targets (32 MiB" not in text and "## Against LMCache" not in text
+
+
+@pytest.mark.parametrize("disk_get_ratio", [0.52, 0.85])
+def test_small_chunk_targets_are_judged_and_a_missed_disk_get_explained(
+    bench_script, tmp_path: Path, disk_get_ratio: float
+) -> None:
+    report = _report()
+    small_rows = [
+        {**r, "ratio": disk_get_ratio} if (r["kind"], r["op"]) == ("disk", "get") else r
+        for r in report["sizes"][MIB32]["rows"]
+    ]
+    report["sizes"][str(2 * 2**20)] = {"kv_shape": [32, 2, 16, 8, 128], "rows": small_rows, "errors": []}
+    bench_script.write_docs(report, tmp_path)
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    section = text.split("## Targets at 2 MiB", 1)[1].split("\n## ", 1)[0]
+    (line,) = [ln for ln in section.splitlines() if ln.startswith("| disk get >= 0.8x")]
+    assert line.rstrip(" |").endswith("no" if disk_get_ratio < 0.8 else "yes")
+    assert ("cannot reach 0.8x here with its checksum verified" in section) == (disk_get_ratio < 0.8)
+    # The 32 MiB table judges its own rows, not the 2 MiB ones.
+    reference = text.split("## Targets (32 MiB", 1)[1].split("\n## ", 1)[0]
+    (ref,) = [ln for ln in reference.splitlines() if ln.startswith("| disk get >= 0.8x")]
+    assert ref.rstrip(" |").endswith("yes")
