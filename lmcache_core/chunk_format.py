@@ -556,7 +556,7 @@ def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor, 
     inline = n < OVERLAP_MIN_BYTES or helper is ALONE
     pread = None if inline else _positional_reader(f)
     if inline:
-        piece = n if n <= WHOLE_READ_BYTES else READ_PIECE_BYTES
+        piece = n if 0 < n <= WHOLE_READ_BYTES else READ_PIECE_BYTES
         for start in range(0, n, piece):
             end = min(start + piece, n)
             _readinto_exact(f, view, start, end)

@@ -246,3 +246,17 @@ def test_a_chunk_abandoned_while_it_is_hashed_is_never_sealed(monkeypatch):
 
     monkeypatch.setattr(cf.xxhash, "xxh3_128_hexdigest", hash_then_abandon)
     assert u.sealed_header_unless_abandoned() is None
+
+
+def test_an_empty_payload_is_read_and_verified() -> None:
+    import io
+
+    import torch
+
+    from lmcache_core import chunk_format
+
+    data = chunk_format.encode_bytes(torch.empty(0, 4), "vllm@m@1@0@" + "0" * 64)
+    f = io.BytesIO(data)
+    header = chunk_format.read_header(f, total_size=len(data))
+    assert header.nbytes == 0
+    chunk_format.read_payload_verified(f, header, torch.empty(0, dtype=torch.uint8))  # no error

@@ -1162,3 +1162,29 @@ def test_put_chunk_by_over_tls_sends_part_by_part(tls_redis):
     got = chunk_format.decode(_b(c.get(key)), key.to_string())
     assert torch.equal(got, value)
     c.close()
+
+
+def test_a_pool_of_another_class_turns_inline_puts_off_without_a_failure(redis_server, monkeypatch):
+    """Only redis-py's own ConnectionPool is known inside; another pool class (a user's, or
+    client-side caching's) gets its puts sent by redis-py, on an I/O thread."""
+    import redis
+    import torch
+
+    from lmcache_core.storage_backend import open_backend
+
+    class UsersPool(redis.ConnectionPool):
+        pass
+
+    store = open_backend(f"{redis_server.url}?prefix={_prefix()}", dst_device="cpu")
+    conn = store.connector
+    pool = conn._client().connection_pool
+    monkeypatch.setattr(pool, "__class__", UsersPool)
+    assert conn.puts_inline(1024)
+    key, value = make_key("users-pool"), torch.randn(256)
+    store.put(key, value)
+    store.put(key, value)  # a connection is open now: still not inline
+    assert not conn.puts_inline(1024)
+    got = store.get(key)
+    assert got is not None and torch.equal(got, value)
+    assert store.stats["remote_errors"] == 0 and store.stats["puts"] == 2
+    store.close()

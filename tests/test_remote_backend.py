@@ -488,6 +488,65 @@ def test_puts_are_retried_and_raise_only_when_every_attempt_fails() -> None:
         backend.close()
 
 
+class InlineFlakyConnector(FlakyConnector):
+    """A FlakyConnector that can put on the caller's thread (as Redis does for plain SETs),
+    while ``open_connection`` is set; ``inline`` counts those puts."""
+
+    open_connection = True
+    inline = 0
+
+    def puts_inline(self, size: int) -> bool:
+        return True
+
+    def put_chunk_by(self, key: CacheEngineKey, chunk: chunk_format.UnsealedChunk, deadline: float) -> bool:
+        if not self.open_connection:
+            return False
+        self.inline += 1
+        self._enter()
+        self.data[key] = chunk.sealed_header() + bytes(chunk.payload)
+        return True
+
+
+def test_an_inline_put_counts_against_the_retry_policy_and_falls_back_to_an_io_thread() -> None:
+    conn = InlineFlakyConnector()
+    backend = _fake_backend(conn, attempts=3)
+    try:
+        backend.put(make_key("a"), chunk(1))
+        assert (conn.inline, conn.calls, backend.stats["retries"]) == (1, 1, 0)
+        # The inline try fails: the rest of the policy's attempts go by an I/O thread.
+        conn.inline = conn.calls = 0
+        conn.fail_next = 2
+        backend.put(make_key("b"), chunk(2))
+        assert (conn.inline, conn.calls, backend.stats["retries"]) == (1, 3, 2)
+        # Every attempt fails: three in all, the inline one included, never four.
+        conn.inline = conn.calls = 0
+        conn.fail_next = 10
+        with pytest.raises(StoreUnavailableError):
+            backend.put(make_key("lost"), chunk(3))
+        assert (conn.inline, conn.calls) == (1, 3)
+        conn.fail_next = 0
+        for k, v in ((make_key("a"), chunk(1)), (make_key("b"), chunk(2))):
+            assert same(backend.get(k), v)
+        assert make_key("lost") not in conn.data
+    finally:
+        backend.close()
+    # Half-open: a put that finds no open connection is the breaker's one probe, sent by an
+    # I/O thread (asking the breaker a second time would have refused it).
+    conn = InlineFlakyConnector()
+    backend = _fake_backend(conn, attempts=3, threshold=1, reset=0.2)
+    try:
+        conn.fail_next = 1
+        with pytest.raises(StoreUnavailableError):
+            backend.put(make_key("down"), chunk(5))
+        assert backend.breaker.state == OPEN
+        conn.open_connection = False
+        time.sleep(0.25)
+        backend.put(make_key("probe"), chunk(4))
+        assert backend.breaker.state == CLOSED and same(backend.get(make_key("probe")), chunk(4))
+    finally:
+        backend.close()
+
+
 def test_no_retry_is_started_that_could_outlive_the_callers_wait() -> None:
     """A try that failed slowly is retried only if a try as slow still ends before the
     deadline: a retry that outlived its caller would store the old chunk over the

@@ -353,14 +353,17 @@ class LMCRemoteBackend(LMCBackendInterface):
 
     # -- the one way every remote call is made -------------------------------------
 
-    def _attempts(self, what: str, fn: Callable[..., T], args: tuple[Any, ...], deadline: float, retry: bool) -> T:
+    def _attempts(
+        self, what: str, fn: Callable[..., T], args: tuple[Any, ...], deadline: float, retry: bool, tried: int = 0
+    ) -> T:
         """Run ``fn`` with retries (if ``retry``) until it succeeds or time runs out.
 
         Runs on an I/O thread; the caller waits with the same deadline. Every
-        outcome is reported to the circuit breaker.
+        outcome is reported to the circuit breaker. ``tried``: attempts the caller
+        already made elsewhere (an inline put), counted against the policy's.
         """
         attempts = self.retry.attempts if retry else 1
-        for attempt in range(attempts):
+        for attempt in range(min(tried, attempts - 1), attempts):
             if attempt > 0 and not self.breaker.allow():
                 raise StoreUnavailableError(self.display_url, f"{what}: circuit open")
             started = time.monotonic()
@@ -401,11 +404,13 @@ class LMCRemoteBackend(LMCBackendInterface):
         retry: bool,
         timeout: float | None = None,
         admitted: bool = False,
+        tried: int = 0,
     ) -> tuple[Future[T], float]:
         """Start a remote call on an I/O thread; fail fast while the circuit is open.
 
         ``admitted``: the caller already has the breaker's leave for this call (asking
-        again in half-open state would be refused: one probe at a time).
+        again in half-open state would be refused: one probe at a time). ``tried``:
+        attempts already made (``_attempts``).
         """
         self._check_fork()
         if not admitted and not self.breaker.allow():
@@ -414,7 +419,7 @@ class LMCRemoteBackend(LMCBackendInterface):
                 self.display_url, f"{what}: circuit open (retry in {self.breaker.retry_after():.1f}s)"
             )
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
-        return self._io.submit(self._attempts, what, fn, args, deadline, retry, deadline=deadline), deadline
+        return self._io.submit(self._attempts, what, fn, args, deadline, retry, tried, deadline=deadline), deadline
 
     def _await(self, what: str, future: Future[T], deadline: float) -> T:
         """The call's result, or ``StoreUnavailableError`` at the deadline (the call may hang on)."""
@@ -561,6 +566,7 @@ class LMCRemoteBackend(LMCBackendInterface):
             )
         started = time.monotonic()
         deadline = started + self.timeout
+        tried = 0
         try:
             sent = self.connector.put_chunk_by(key, chunk, deadline)
         except _ANSWERS:
@@ -570,9 +576,12 @@ class LMCRemoteBackend(LMCBackendInterface):
         except Exception as exc:
             self.breaker.record_failure()
             self.stats.incr("remote_errors")
+            tried = 1
+            pause = self.retry.delay(0)
             now = time.monotonic()
             # As in _attempts: go on only if a try as slow as this one ends in time.
-            if _timed_out(exc) or now + (now - started) >= deadline or self.breaker.state == OPEN:
+            last = self.retry.attempts <= 1 or now + pause + (now - started) >= deadline
+            if _timed_out(exc) or last or self.breaker.state == OPEN:
                 self._write_failed(key)
                 if _timed_out(exc):
                     self.stats.incr("timeouts")
@@ -581,6 +590,7 @@ class LMCRemoteBackend(LMCBackendInterface):
                     raise
                 raise StoreUnavailableError(self.display_url, f"put: {exc!r:.200}") from exc
             self.stats.incr("retries")
+            time.sleep(pause)
         else:
             if sent:
                 self.breaker.record_success()
@@ -589,7 +599,7 @@ class LMCRemoteBackend(LMCBackendInterface):
                 self.stats.incr("puts")
                 return
         # Still the call the breaker let through above (in half-open state, its one probe).
-        self._start_chunk_write(key, chunk, timeout=deadline - time.monotonic(), admitted=True)()
+        self._start_chunk_write(key, chunk, timeout=deadline - time.monotonic(), admitted=True, tried=tried)()
 
     def _start_write(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> Callable[[], None]:
         """Submit the write of ``kv_chunk`` to an I/O thread; the returned function awaits it."""
@@ -601,10 +611,11 @@ class LMCRemoteBackend(LMCBackendInterface):
         chunk: chunk_format.UnsealedChunk,
         timeout: float | None = None,
         admitted: bool = False,
+        tried: int = 0,
     ) -> Callable[[], None]:
         try:
             future, deadline = self._submit(
-                "put", self.connector.put_chunk, key, chunk, retry=True, timeout=timeout, admitted=admitted
+                "put", self.connector.put_chunk, key, chunk, retry=True, timeout=timeout, admitted=admitted, tried=tried
             )
         except Exception:
             self._write_failed(key)

@@ -473,6 +473,11 @@ class RedisConnector(RemoteConnector):
         try:
             _time_left(deadline)
             pool = self._client().connection_pool
+            if type(pool) is not redis.ConnectionPool or getattr(pool, "cache", None) is not None:
+                # Another pool class (a user's, or client-side caching's connection proxies)
+                # keeps its connections differently: leave them to redis-py.
+                self._inline_puts = False
+                return False
             conn = _take_open_connection(pool, redis)
             if conn is None:
                 return False
@@ -635,6 +640,10 @@ class RedisConnector(RemoteConnector):
         if client is not None and owned:
             try:
                 client.close()
+                # A client given its pool (ours) leaves it open on close(): shut it too.
+                pool = getattr(client, "connection_pool", None)
+                if pool is not None:
+                    pool.disconnect()
             except Exception:  # noqa: BLE001 - best effort; the sockets go with the object
                 pass
 
@@ -931,7 +940,7 @@ def _take_open_connection(pool: Any, redis: Any) -> Any | None:
     with pool._lock:
         idle = pool._available_connections
         for i in range(len(idle) - 1, -1, -1):
-            if idle[i]._sock is not None:
+            if getattr(idle[i], "_sock", None) is not None:
                 conn = idle.pop(i)
                 pool._in_use_connections.add(conn)
                 break
@@ -965,7 +974,8 @@ def _send_by(conn: Any, parts: Sequence[bytes | memoryview], deadline: float) ->
             sent = sock.sendmsg(views) if gather else sock.send(views[0])
         except TimeoutError as exc:
             if exc.errno is not None:  # ETIMEDOUT: the kernel gave up on the peer (dead, not slow)
-                raise ConnectionError(exc.errno, f"the connection died: {exc.strerror}") from exc
+                # Not chained: the backend reads a TimeoutError anywhere in the chain as "slow".
+                raise ConnectionError(exc.errno, f"the connection died: {exc.strerror}") from None
             raise
         while sent:
             if sent >= len(views[0]):
