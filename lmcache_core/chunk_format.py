@@ -525,7 +525,7 @@ def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor, 
     """Fill the uint8 tensor ``dest`` from ``f`` at the payload and verify it, in one pass.
 
     Each piece is hashed right after it lands in ``dest``, while it is still in
-    the CPU cache. From ``OVERLAP_MIN_BYTES`` on, a helper thread shares the work:
+    the CPU cache. From ``SPLIT_READ_MIN_BYTES`` on, a helper thread shares the work:
     on a plain file (``preadv`` at offsets) both threads read pieces and hash
     them in order, each mostly the pieces it read itself (``_SplitRead``); on
     other streams it hashes piece i while this thread reads piece i+1. The split
@@ -553,7 +553,7 @@ def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor, 
     n = header.nbytes
     view = _byte_view(dest) if n else memoryview(b"")
     state = xxhash.xxh3_128()
-    inline = n < OVERLAP_MIN_BYTES or helper is ALONE
+    inline = n < SPLIT_READ_MIN_BYTES or helper is ALONE
     pread = None if inline else _positional_reader(f)
     if inline:
         piece = n if 0 < n <= WHOLE_READ_BYTES else READ_PIECE_BYTES
@@ -774,16 +774,22 @@ def _write_all(f: Any, data: Any) -> None:
 
 # -- the checksum helper thread ---------------------------------------------------------
 
-#: Writes and reads below this are hashed inline: a thread handoff (~50 us) costs more than it hides.
+#: Writes below this are hashed inline: a thread handoff (~50 us) costs more than it hides.
 OVERLAP_MIN_BYTES = 4 << 20
+#: Reads below this are read and hashed on the calling thread alone. Hot reads into a warm
+#: buffer against one raw ``readinto`` (300-400 shuffled rounds): split over two threads 0.54-0.57x
+#: at 4 MiB, 0.68-0.79x at 8, 0.81x at 12, 1.11x at 16 MiB; on one thread 0.94-0.99x, 0.93-0.96x,
+#: 0.91-0.95x and 1.00-1.02x.
+SPLIT_READ_MIN_BYTES = 16 << 20
 #: Read-then-hash granularity: the piece is still in cache (L2/L3) when it is hashed, and
 #: few enough syscalls; 0.5-1 MiB measured best here (ratio to raw readinto 0.88 vs 0.87 at
 #: 256 KiB and 0.83 at 128 KiB, 60 shuffled rounds).
 READ_PIECE_BYTES = 1 << 20
 #: Payloads up to this are read in one call, then hashed: one syscall fewer, and the bytes are
 #: still in the CPU caches (2 MiB hot reads, 800 shuffled rounds x 3 runs: 0.66-0.68x one raw
-#: ``preadv``, against 0.62-0.63x in 1 MiB pieces and 0.57x in 256 KiB ones).
-WHOLE_READ_BYTES = 2 << 20
+#: ``preadv``, against 0.62-0.63x in 1 MiB pieces and 0.57x in 256 KiB ones; 4 MiB: 0.97-1.00x
+#: against 0.94-0.96x; from 8 MiB on 1 MiB pieces do as well or better).
+WHOLE_READ_BYTES = 4 << 20
 #: The split read's pieces (``_SplitRead``): each is mostly hashed by the core that read it, so it
 #: must fit that core's L2. 256-384 KiB measured best (1.12x raw), 128 KiB 1.02x, 1 MiB 1.01-1.08x.
 SPLIT_PIECE_BYTES = 256 << 10

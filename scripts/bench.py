@@ -333,7 +333,7 @@ def small_chunk_limits(rows: list[dict[str, Any]]) -> list[str]:
         "a hot 2 MiB file and then hashing it (xxh3_128, the bytes still in cache) ran at 0.66-0.76x "
         "one raw `readinto` in micro-benchmarks on this machine kind, before any open, header or "
         "index work; and a second thread costs more than it saves at this size (two 1 MiB `preadv` "
-        "of one file on two threads: 109 us, one 2 MiB `preadv`: 56 us). From 4 MiB on a get is "
+        "of one file on two threads: 109 us, one 2 MiB `preadv`: 56 us). From 16 MiB on a get is "
         "split over two threads, which is how the 32 MiB row meets its target.",
         "",
     ]

@@ -26,7 +26,11 @@ from lmcache_core.errors import CorruptChunkError
 KEY = "vllm@m@1@0@" + "cd" * 32
 
 
-def big(seed: int = 0, nbytes: int = cf.OVERLAP_MIN_BYTES + 3 * cf.READ_PIECE_BYTES + 1234) -> torch.Tensor:
+# Large enough to be written with the helper and read split over two threads.
+BIG = max(cf.OVERLAP_MIN_BYTES, cf.SPLIT_READ_MIN_BYTES) + 3 * cf.READ_PIECE_BYTES + 1234
+
+
+def big(seed: int = 0, nbytes: int = BIG) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(-(2**15), 2**15, (nbytes // 2,), generator=g, dtype=torch.int16).view(torch.float16)
 
@@ -95,8 +99,12 @@ def test_unseekable_stream_falls_back_to_header_first(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "size", [100, cf.OVERLAP_MIN_BYTES - 2, cf.OVERLAP_MIN_BYTES, cf.OVERLAP_MIN_BYTES + 7 * cf.READ_PIECE_BYTES]
-)
+    "size",
+    [
+        100, cf.WHOLE_READ_BYTES, cf.WHOLE_READ_BYTES + 2, cf.OVERLAP_MIN_BYTES - 2, cf.OVERLAP_MIN_BYTES,
+        cf.SPLIT_READ_MIN_BYTES - 2, cf.SPLIT_READ_MIN_BYTES, cf.SPLIT_READ_MIN_BYTES + 7 * cf.READ_PIECE_BYTES,
+    ],
+)  # fmt: skip
 def test_verified_read_round_trips_every_size(tmp_path, size):
     t, path = stored(tmp_path, 2, size)
     assert same(read_file(path), t)

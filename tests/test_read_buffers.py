@@ -67,13 +67,13 @@ def test_redis_large_replies_reuse_buffers(redis_server: Any) -> None:
 
 
 def test_local_directory_remote_reads_and_checks_a_large_chunk(tmp_path: Path) -> None:
-    """A chunk of OVERLAP_MIN_BYTES or more is read on two threads (the store's own
+    """A chunk of SPLIT_READ_MIN_BYTES or more is read on two threads (the store's own
     checksum threads); its bytes come back whole, and a flipped byte is a miss."""
     from lmcache_core import chunk_format
 
     store = open_backend(f"fsspec+file://{tmp_path}", dst_device="cpu")
     try:
-        n = chunk_format.OVERLAP_MIN_BYTES + 3 * chunk_format.READ_PIECE_BYTES + 6
+        n = chunk_format.SPLIT_READ_MIN_BYTES + 3 * chunk_format.READ_PIECE_BYTES + 6
         big = torch.randn(n // 2, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
         store.put(KEY, big)
         got = store.get(KEY)
@@ -93,7 +93,7 @@ def test_local_directory_remote_reads_and_checks_a_large_chunk(tmp_path: Path) -
 
 def test_disk_batched_get_reads_each_large_chunk_on_one_thread(tmp_path: Path) -> None:
     """A disk ``batched_get`` already reads two chunks side by side, so a chunk of
-    OVERLAP_MIN_BYTES or more is not split over a helper as well (four threads on two
+    SPLIT_READ_MIN_BYTES or more is not split over a helper as well (four threads on two
     cores ran 20 % slower). Each read sleeps 1 ms here, so a split chunk would
     certainly be read by two threads (the helper claims pieces while the caller sleeps)."""
     import threading
@@ -104,7 +104,7 @@ def test_disk_batched_get_reads_each_large_chunk_on_one_thread(tmp_path: Path) -
     from lmcache_core.storage_backend import disk_io
 
     store = open_backend(str(tmp_path / "store"), dst_device="cpu")
-    n = chunk_format.OVERLAP_MIN_BYTES + 6
+    n = chunk_format.SPLIT_READ_MIN_BYTES + 6
     chunks = {
         CacheEngineKey("vllm", "m", 1, 0, f"{i:064x}"): torch.randn(
             n // 2, generator=torch.Generator().manual_seed(i)

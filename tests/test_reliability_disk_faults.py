@@ -248,11 +248,11 @@ def test_regression_store_full_error_carried_no_errno():
 
 @pytest.mark.parametrize("after", [2, 5], ids=["first-payload-piece", "a-later-piece"])
 def test_eio_on_a_large_chunks_split_read_is_a_miss_and_the_chunk_survives(tmp_path, after):
-    """From OVERLAP_MIN_BYTES on a get reads on two threads (chunk_format._SplitRead);
+    """From SPLIT_READ_MIN_BYTES on a get reads on two threads (chunk_format._SplitRead);
     an EIO on any piece is still a read error, not corruption."""
     root = tmp_path / "store"
     store = open_disk(root)
-    n = chunk_format.OVERLAP_MIN_BYTES + 3 * chunk_format.READ_PIECE_BYTES
+    n = chunk_format.SPLIT_READ_MIN_BYTES + 3 * chunk_format.READ_PIECE_BYTES
     big = torch.randn(n // 2, generator=torch.Generator().manual_seed(9)).half()
     store.put(make_key(1), big)
     fault = disk_io.Fault("read", errno.EIO, after=after, times=1)

@@ -821,10 +821,10 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         The calling thread and one reader take keys from a shared counter, so the
         caller works instead of waiting (16 hot 2 MiB chunks: 5.2-5.7 ms on two pool
         threads, 3.4-3.7 ms this way, 4.1-4.5 ms one after another). Each thread reads
-        and hashes its chunk alone (``chunk_format.ALONE``), where a single ``get`` of
-        4 MiB or more splits it with a helper (as the caller does here when the
-        reader pool is shut down). If both threads fail, the caller's error is
-        raised. Thread-safe.
+        and hashes its chunk alone (``chunk_format.ALONE``), where a single ``get``
+        of ``chunk_format.SPLIT_READ_MIN_BYTES`` or more splits it with a helper (as
+        the caller does here when the reader pool is shut down). If both threads
+        fail, the caller's error is raised. Thread-safe.
         """
         keys = list(keys)
         self._check_fork()  # before _read_pool(): the parent's reader does not exist in a child
