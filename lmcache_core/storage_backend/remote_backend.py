@@ -378,23 +378,47 @@ class LMCRemoteBackend(LMCBackendInterface):
                 logger.debug("%s: %s refused: %r", self.display_url, what, exc)
                 raise
             except Exception as exc:
-                self.breaker.record_failure()
-                self.stats.incr("remote_errors")
-                pause = self.retry.delay(attempt)
-                # Retry only if a try as slow as this one still ends before the deadline.
-                # One that cannot is abandoned by its caller mid-send, and a write could
-                # then land after the caller's next put of the same key and undo it.
-                took = time.monotonic() - started
-                last = attempt == attempts - 1 or time.monotonic() + pause + took >= deadline
-                logger.debug("%s: %s failed (attempt %d): %r", self.display_url, what, attempt + 1, exc)
-                if last or self.breaker.state == OPEN:
+                pause = self._failed(what, exc, attempt, attempts, started, deadline)
+                if pause is None:
                     raise
-                self.stats.incr("retries")
                 time.sleep(pause)
                 continue
             self.breaker.record_success()
             return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _failed(
+        self, what: str, exc: Exception, attempt: int, attempts: int, started: float, deadline: float
+    ) -> float | None:
+        """Count a failed attempt against the remote; the pause before the next, or None if none may follow.
+
+        A retry follows only if a try as slow as this one still ends before the
+        deadline. One that cannot is abandoned by its caller mid-send, and a write
+        could then land after the caller's next put of the same key and undo it.
+        """
+        self.breaker.record_failure()
+        self.stats.incr("remote_errors")
+        pause = self.retry.delay(attempt)
+        took = time.monotonic() - started
+        last = attempt >= attempts - 1 or time.monotonic() + pause + took >= deadline
+        logger.debug("%s: %s failed (attempt %d): %r", self.display_url, what, attempt + 1, exc)
+        if last or self.breaker.state == OPEN:
+            return None
+        self.stats.incr("retries")
+        return pause
+
+    def _admit(self, what: str) -> None:
+        """Fail fast while the circuit is open (counted in ``circuit_rejections``)."""
+        if not self.breaker.allow():
+            self.stats.incr("circuit_rejections")
+            raise StoreUnavailableError(
+                self.display_url, f"{what}: circuit open (retry in {self.breaker.retry_after():.1f}s)"
+            )
+
+    def _no_answer(self, what: str) -> StoreUnavailableError:
+        """The error for a call whose deadline passed (counted in ``timeouts``)."""
+        self.stats.incr("timeouts")
+        return StoreUnavailableError(self.display_url, f"{what}: no answer within the timeout")
 
     def _submit(
         self,
@@ -413,11 +437,8 @@ class LMCRemoteBackend(LMCBackendInterface):
         attempts already made (``_attempts``).
         """
         self._check_fork()
-        if not admitted and not self.breaker.allow():
-            self.stats.incr("circuit_rejections")
-            raise StoreUnavailableError(
-                self.display_url, f"{what}: circuit open (retry in {self.breaker.retry_after():.1f}s)"
-            )
+        if not admitted:
+            self._admit(what)
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
         return self._io.submit(self._attempts, what, fn, args, deadline, retry, tried, deadline=deadline), deadline
 
@@ -428,8 +449,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         except FutureTimeout:
             future.cancel()
             self.breaker.record_failure()
-            self.stats.incr("timeouts")
-            raise StoreUnavailableError(self.display_url, f"{what}: no answer within the timeout") from None
+            raise self._no_answer(what) from None
         except LMCacheError:
             raise
         except Exception as exc:
@@ -558,12 +578,11 @@ class LMCRemoteBackend(LMCBackendInterface):
         the time left. Breaker, stats and errors as for any put.
         """
         self._check_fork()
-        if not self.breaker.allow():
-            self.stats.incr("circuit_rejections")
+        try:
+            self._admit("put")
+        except StoreUnavailableError:
             self._write_failed(key)
-            raise StoreUnavailableError(
-                self.display_url, f"put: circuit open (retry in {self.breaker.retry_after():.1f}s)"
-            )
+            raise
         started = time.monotonic()
         deadline = started + self.timeout
         tried = 0
@@ -574,29 +593,20 @@ class LMCRemoteBackend(LMCBackendInterface):
             self._write_failed(key)
             raise
         except Exception as exc:
-            self.breaker.record_failure()
-            self.stats.incr("remote_errors")
-            tried = 1
-            pause = self.retry.delay(0)
-            now = time.monotonic()
-            # As in _attempts: go on only if a try as slow as this one ends in time.
-            last = self.retry.attempts <= 1 or now + pause + (now - started) >= deadline
-            if _timed_out(exc) or last or self.breaker.state == OPEN:
+            pause = self._failed("put", exc, 0, self.retry.attempts, started, deadline)
+            if pause is None:
                 self._write_failed(key)
                 if _timed_out(exc):
-                    self.stats.incr("timeouts")
-                    raise StoreUnavailableError(self.display_url, "put: no answer within the timeout") from exc
+                    raise self._no_answer("put") from exc
                 if isinstance(exc, LMCacheError):
                     raise
                 raise StoreUnavailableError(self.display_url, f"put: {exc!r:.200}") from exc
-            self.stats.incr("retries")
+            tried = 1
             time.sleep(pause)
         else:
             if sent:
                 self.breaker.record_success()
-                with self._lock:
-                    self._known.add(key)
-                self.stats.incr("puts")
+                self._stored(key)
                 return
         # Still the call the breaker let through above (in half-open state, its one probe).
         self._start_chunk_write(key, chunk, timeout=deadline - time.monotonic(), admitted=True, tried=tried)()
@@ -628,11 +638,15 @@ class LMCRemoteBackend(LMCBackendInterface):
                 chunk.abandon()  # a send still running must not publish what the caller changes next
                 self._write_failed(key)
                 raise
-            with self._lock:
-                self._known.add(key)
-            self.stats.incr("puts")
+            self._stored(key)
 
         return finish
+
+    def _stored(self, key: CacheEngineKey) -> None:
+        """Bookkeeping of a put the remote has acknowledged."""
+        with self._lock:
+            self._known.add(key)
+        self.stats.incr("puts")
 
     def _write_failed(self, key: CacheEngineKey) -> None:
         self.stats.incr("put_failures")

@@ -452,10 +452,11 @@ class RedisConnector(RemoteConnector):
         Only on a pooled connection that is already open (``_take_open_connection``):
         opening one waits on the pool's timeouts (connect, then each handshake reply),
         not on the deadline, so with none free this sends nothing and returns False,
-        and the backend puts the chunk by an I/O thread. The command, header, payload
-        and end go out in one gathering ``sendmsg`` (redis-py makes four ``sendall``
-        calls; 2 MiB on a 2-core loopback host: 0.91-0.95x raw redis-py ``SET``,
-        where the same put handed to an I/O thread and waited for ran at 0.66-0.72x).
+        and the backend puts the chunk by an I/O thread. The pieces of the zero-copy
+        packer (command, header, payload, end) go out in one gathering ``sendmsg``
+        (redis-py's send loop makes one ``sendall`` per piece; 2 MiB on a 2-core
+        loopback host: 0.91-0.95x raw redis-py ``SET``, where the same put handed
+        to an I/O thread and waited for ran at 0.66-0.72x).
         Each send and the reply wait get the time left as their socket timeout. A
         connection given up midway is dropped, so a half-sent command never reaches
         its next user. As with any remote write, a put that times out after its
@@ -467,9 +468,8 @@ class RedisConnector(RemoteConnector):
         """
         redis = self._redis
         header = chunk.sealed_header()  # never abandoned: its caller is this thread
-        name = self._name(key)
-        head = b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s" % (len(name), name, chunk.size, header)
-        parts = (head, chunk.payload, b"\r\n")
+        # The zero-copy packer's pieces (command, header, payload, end): views, no join.
+        parts = self._hooks["command_packer"].pack("SET", self._name(key), ChunkValue((header, chunk.payload)))
         try:
             _time_left(deadline)
             pool = self._client().connection_pool
@@ -957,7 +957,7 @@ def _take_open_connection(pool: Any, redis: Any) -> Any | None:
     return conn
 
 
-def _send_by(conn: Any, parts: Sequence[bytes | memoryview], deadline: float) -> None:
+def _send_by(conn: Any, parts: Iterable[bytes | memoryview], deadline: float) -> None:
     """Send ``parts`` back to back on ``conn``'s socket, each wait bounded by the time left.
 
     One ``sendmsg`` gathers them all where the socket can (TLS sockets cannot: there,
