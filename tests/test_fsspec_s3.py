@@ -287,7 +287,9 @@ def test_a_500_from_s3_on_put_is_retried_and_the_chunk_stored(
         return real(self, bucket_name, key_name, *args, **kwargs)
 
     monkeypatch.setattr(moto.s3.models.S3Backend, "put_object", flaky)
-    with _backend(s3_server, prefix) as store:  # two attempts per call
+    # A retry starts only if a try as slow as the failed one still fits before the deadline:
+    # with the usual 0.5 s, a 500 that took moto 0.25 s on a loaded machine was not retried.
+    with _backend(s3_server, prefix, timeout=5.0) as store:  # two attempts per call
         failures["left"] = 1
         store.put(make_key("once"), chunk(1))
         assert failures["served"] == 1 and store.stats["retries"] == 1
