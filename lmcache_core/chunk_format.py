@@ -173,6 +173,16 @@ def _header_bytes(tensor: torch.Tensor, key: str, nbytes: int, digest: str) -> b
     return struct.pack("<Q", len(raw)) + raw
 
 
+def stored_size(tensor: torch.Tensor, key: str) -> int:
+    """Bytes ``tensor`` takes as a chunk under ``key``: header + payload.
+
+    Exact, from dtype and shape alone: the payload is not read (nor copied off a
+    GPU), and the checksum's hex digest has a fixed width.
+    """
+    nbytes = tensor.numel() * tensor.element_size()
+    return len(_header_bytes(tensor, key, nbytes, _spelled("0" * _DIGEST_HEX_CHARS))) + nbytes
+
+
 def encode(tensor: torch.Tensor, key: str) -> tuple[bytes, memoryview]:
     """Header bytes and a zero-copy payload view; write them one after the other."""
     payload = payload_view(tensor)
@@ -201,8 +211,10 @@ class UnsealedChunk:
 
     __slots__ = ("header", "payload", "checksum_offset", "_digest", "_abandoned")
 
-    def __init__(self, tensor: torch.Tensor, key: str) -> None:
-        self.payload = payload_view(tensor)
+    def __init__(self, tensor: torch.Tensor, key: str, payload: memoryview | None = None) -> None:
+        """``payload``: ``payload_view(tensor)`` when the caller already has it (a GPU or
+        strided tensor is copied by each ``payload_view``)."""
+        self.payload = payload_view(tensor) if payload is None else payload
         self.header = _header_bytes(tensor, key, self.payload.nbytes, _spelled("0" * _DIGEST_HEX_CHARS))
         self.checksum_offset = self.header.index(_CHECKSUM_FIELD) + len(_CHECKSUM_FIELD)
         self._digest: bytes | None = None
@@ -744,7 +756,7 @@ def write_chunk(f: BinaryIO | io.RawIOBase, tensor: torch.Tensor, key: str) -> i
         _write_all(f, header)
         _write_all(f, payload)
         return len(header) + payload.nbytes
-    chunk = UnsealedChunk(tensor, key)
+    chunk = UnsealedChunk(tensor, key, payload)
     digest = _helper().submit(chunk.digest)
     try:
         f.seek(len(chunk.header))

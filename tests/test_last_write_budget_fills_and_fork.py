@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from lmcache_core import LMCacheEngineConfig, LMCacheEngineMetadata
-from lmcache_core.storage_backend import CreateStorageBackend
+from lmcache_core.storage_backend import CreateStorageBackend, abstract_backend
 from lmcache_core.storage_backend.evictor import LRUIndex
 from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend
 from lmcache_core.storage_backend.local_backend import (
@@ -237,7 +237,10 @@ def test_caller_modifying_a_remote_hit_does_not_change_the_disk_fill(
 # -- a reassigned dst_device reaches every tier ------------------------------------------
 
 
-def test_hybrid_dst_device_reassignment_reaches_every_tier(tmp_path, redis_server) -> None:
+def test_hybrid_dst_device_reassignment_reaches_every_tier(tmp_path, redis_server, monkeypatch) -> None:
+    # "meta" stands in for a second device on a CPU-only host; a real store refuses it.
+    real = abstract_backend.resolve_device
+    monkeypatch.setattr(abstract_backend, "resolve_device", lambda d, *a: torch.device(d) if d == "meta" else real(d, *a))
     url = redis_url(redis_server, f"dst-{tmp_path.name}")
     cfg = LMCacheEngineConfig.from_defaults(local_device="cpu", local_disk=str(tmp_path / "disk"), remote_url=url)
     backend = CreateStorageBackend(cfg, META, "cpu")
@@ -246,7 +249,6 @@ def test_hybrid_dst_device_reassignment_reaches_every_tier(tmp_path, redis_serve
         in_memory, on_disk = make_key("memory"), make_key("disk")
         backend.put(in_memory, chunk(1))
         dict(backend.local_tiers)["disk"].put(on_disk, chunk(2))
-        # "meta" stands in for a second device on a CPU-only host.
         backend.dst_device = "meta"
         assert [t.dst_device for _, t in backend.tiers()] == ["meta"] * 3
         assert backend.get(in_memory).device.type == "meta"

@@ -18,6 +18,7 @@ import torch
 
 from lmcache_core.chunk_format import dtype_name
 from lmcache_core.key import CacheEngineKey
+from lmcache_core.storage_backend.devices import resolve_device
 
 if TYPE_CHECKING:
     from lmcache_core.chunk_format import ChunkHeader
@@ -85,13 +86,7 @@ def check_chunk(kv_chunk: Any) -> torch.Tensor:
 
 def check_device(dst_device: str) -> str:
     """Validate ``dst_device``; a CUDA device on a machine without one is a clear error."""
-    dev = torch.device(dst_device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"dst_device={dst_device!r} but no CUDA device is available; pass dst_device='cpu'"
-        )
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"dst_device must be cpu or cuda[:N], got {dst_device!r}")
+    resolve_device(dst_device)
     return dst_device
 
 
@@ -132,10 +127,12 @@ class LMCBackendInterface(metaclass=abc.ABCMeta):
 
     @dst_device.setter
     def dst_device(self, value: str) -> None:
+        # Resolved once, not per get: a torch.device per get took ~20 us after a
+        # 32 MiB read had pushed torch's code out of the CPU caches. A bare "cuda"
+        # becomes the assigning thread's GPU (devices.resolve_device), so gets on
+        # the library's own threads land there too, not on GPU 0.
+        self._dst = resolve_device(value)
         self._dst_device = value
-        # Made once, not per get: a torch.device per get took ~20 us after a 32 MiB
-        # read had pushed torch's code out of the CPU caches.
-        self._dst = torch.device(value)
 
     @abc.abstractmethod
     def put(self, key: CacheEngineKey, kv_chunk: torch.Tensor, blocking: bool = True) -> None:
@@ -219,4 +216,4 @@ class LMCBackendInterface(metaclass=abc.ABCMeta):
     def _to_dst(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device == self._dst:
             return tensor
-        return tensor.to(self.dst_device, non_blocking=False)
+        return tensor.to(self._dst, non_blocking=False)

@@ -34,6 +34,7 @@ from lmcache_core.storage_backend.abstract_backend import (
     check_chunk,
     check_key,
 )
+from lmcache_core.storage_backend.devices import resolve_device
 from lmcache_core.storage_backend.evictor import LRUIndex
 from lmcache_core.storage_backend.mem_pool import BufferPool, fixed_chunk_shape, read_pool_bytes
 
@@ -56,7 +57,12 @@ class LMCLocalBackend(LMCBackendInterface):
     allocated and touched at construction, so a put is one copy into warm memory.
     ``get`` is zero-copy when ``dst_device`` is the storage device: the returned
     tensor shares memory with the cache and must not be modified. A slot is
-    reused only after every tensor returned from it is released.
+    reused only after every tensor returned from it is released. On a GPU that
+    release is a Python one: work queued on another CUDA stream that still reads
+    the tensor must be synchronised before the last reference is dropped, as a
+    later put copies into the slot on the put worker's stream. Puts copy the
+    caller's chunk on the current stream (the worker's for ``blocking=False``),
+    so a chunk written on a side stream must be synchronised before ``put``.
 
     The last submitted put of a key wins: a blocking put supersedes a
     non-blocking put of the key still queued.
@@ -75,14 +81,15 @@ class LMCLocalBackend(LMCBackendInterface):
         super().__init__(dst_device)
         self.config = config
         self.device = config.local_memory_device or "cpu"
-        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"local_device={self.device!r} but no CUDA device is available")
+        # A bare "cuda" is pinned to this thread's GPU, as dst_device is: the put
+        # worker thread would otherwise allocate on GPU 0.
+        storage = resolve_device(self.device, "local_device")
         self._index: LRUIndex[CacheEngineKey] = LRUIndex(config.memory_budget_bytes)
         self._chunks: dict[CacheEngineKey, torch.Tensor] = {}
         self._pending: dict[CacheEngineKey, torch.Tensor] = {}
         self._lock = threading.Lock()
-        pin = torch.device(self.device).type == "cpu" and torch.device(dst_device).type == "cuda"
-        self._pool = BufferPool(self.device, max_bytes=config.memory_budget_bytes, pin_memory=pin)
+        pin = storage.type == "cpu" and self._dst.type == "cuda"
+        self._pool = BufferPool(storage, max_bytes=config.memory_budget_bytes, pin_memory=pin)
         fixed = fixed_chunk_shape(metadata)
         if fixed is not None:
             slot = math.prod(fixed[0]) * fixed[1].itemsize
@@ -183,7 +190,7 @@ class LMCLocalBackend(LMCBackendInterface):
             self._evict(self._index.victims_for(nbytes, exclude=key))
         buf = self._pool.acquire(nbytes)
         stored = buf.view(kv_chunk.dtype).view(kv_chunk.shape) if nbytes else torch.empty(
-            kv_chunk.shape, dtype=kv_chunk.dtype, device=self.device
+            kv_chunk.shape, dtype=kv_chunk.dtype, device=self._pool.device
         )
         stored.copy_(kv_chunk)
         with self._lock:
@@ -396,9 +403,9 @@ def _is_stale_temp(name: str, mtime: float, now: float) -> bool:
 def chunk_file_size(kv_chunk: torch.Tensor, key: str) -> int:
     """Bytes ``kv_chunk`` takes as a chunk file under ``key``: header + payload.
 
-    Exact, without hashing the payload (the checksum's hex digest has a fixed width).
+    Exact, without reading the payload (``chunk_format.stored_size``).
     """
-    return chunk_format.UnsealedChunk(kv_chunk, key).size
+    return chunk_format.stored_size(kv_chunk, key)
 
 
 # Backends whose queued writes are drained at interpreter exit, as a thread pool's are.
@@ -478,7 +485,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         # Keys being unlinked right now (with a count): a reader that opened the file
         # just before must not put them back in the index (a ghost entry).
         self._dropping: dict[CacheEngineKey, int] = {}
-        pin = torch.device(dst_device).type == "cuda"
+        pin = self._dst.type == "cuda"
         self._pool = BufferPool("cpu", max_bytes=read_pool_bytes(metadata), pin_memory=pin)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._readers: ThreadPoolExecutor | None = None
@@ -505,7 +512,10 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         self._key_locks = [threading.Lock() for _ in range(_KEY_LOCKS)]
         self._readers = None  # the parent's reader thread does not exist here
         self._readers_lock = threading.Lock()
-        self._pool = BufferPool("cpu", max_bytes=self._pool.max_bytes, pin_memory=self._pool.pin_memory)
+        # Pinning needs CUDA, which a child forked after the parent used it cannot
+        # initialise: plain buffers there, not a RuntimeError on every get.
+        pin = self._pool.pin_memory and not torch.cuda._is_in_bad_fork()
+        self._pool = BufferPool("cpu", max_bytes=self._pool.max_bytes, pin_memory=pin)
         # The parent's queued and running writes are the parent's: their futures
         # never complete here (a read would wait forever), and repeating them here
         # could put back what the parent superseded since. Its bookkeeping of

@@ -16,9 +16,11 @@ import mmap
 import os
 import threading
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 import torch
+
+from lmcache_core.storage_backend.devices import resolve_device
 
 _ALIGN = 64  # bytes; keeps every buffer aligned for any dtype and SIMD loads
 # Buffers examined per acquire beyond the hinted ones: a full scan would make each
@@ -34,6 +36,17 @@ _MAX_HINTS = 4096
 # slower than into huge pages. LMCache does the same with its pinned pools on CUDA.
 _HUGE_PAGE_BYTES = 2 << 20
 _MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
+# Pinned buffers are slots carved out of power-of-two slabs of at most this size.
+# torch's pinned allocator rounds every allocation up to a power of two, so an
+# 80 MiB chunk alone would lock 128 MiB; pinned memory cannot be swapped, so the
+# budget must hold in the bytes actually locked. A 1 GiB slab of 80 MiB slots
+# wastes 64 MiB (6 %), of 48 MiB ones 16 MiB.
+_PINNED_SLAB_MAX = 1 << 30
+
+
+def _pinned_empty(nbytes: int) -> torch.Tensor:
+    """Page-locked host memory (tests without CUDA swap in plain memory)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
 def huge_page_buffer(nbytes: int) -> torch.Tensor | None:
@@ -69,18 +82,28 @@ class BufferPool:
     Args:
         device: where buffers live (``cpu``, ``cuda``, ``cuda:N``).
         max_bytes: most bytes retained for reuse; beyond it buffers are plain allocations.
-        pin_memory: page-lock CPU buffers (faster, asynchronous copies to a GPU).
+        pin_memory: page-lock CPU buffers (faster, asynchronous copies to a GPU). They
+            are carved from power-of-two slabs, whose whole size counts against
+            ``max_bytes``; once no slab fits, retained buffers are plain memory, and
+            buffers beyond ``max_bytes`` are never pinned (torch would keep them
+            locked in its cache for good).
     """
 
-    def __init__(self, device: str = "cpu", max_bytes: int = 1 << 30, pin_memory: bool = False) -> None:
-        self.device = torch.device(device)
+    def __init__(
+        self, device: str | torch.device = "cpu", max_bytes: int = 1 << 30, pin_memory: bool = False
+    ) -> None:
+        # Resolved: a bare "cuda" is the constructing thread's GPU, and buffers'
+        # devices (cuda:N) compare equal to it.
+        self.device = resolve_device(device, "device")
         self.max_bytes = max_bytes
         self.pin_memory = bool(pin_memory and self.device.type == "cpu" and torch.cuda.is_available())
-        self.retained_bytes = 0
+        self.retained_bytes = 0  # bytes held for reuse: pinned slabs in full
         self._free: dict[int, deque[tuple[torch.Tensor, int]]] = {}
         # data_ptr -> (buffer, baseline use count), for buffers ``release`` hinted at
         self._by_ptr: dict[int, tuple[torch.Tensor, int]] = {}
         self._hints: deque[int] = deque(maxlen=_MAX_HINTS)
+        # capacity -> pinned slots carved from a slab and not handed out yet (paid for)
+        self._spare: dict[int, list[torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -88,13 +111,52 @@ class BufferPool:
         return max(_ALIGN, -(-nbytes // _ALIGN) * _ALIGN)
 
     def _allocate(self, capacity: int, touch: bool) -> torch.Tensor:
+        """A new unpinned buffer."""
         buf = None
-        if self.device.type == "cpu" and not self.pin_memory and capacity >= _HUGE_PAGE_BYTES:
+        if self.device.type == "cpu" and capacity >= _HUGE_PAGE_BYTES:
             buf = huge_page_buffer(capacity)
         if buf is None:
-            buf = torch.empty(capacity, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)
+            buf = torch.empty(capacity, dtype=torch.uint8, device=self.device)
         if touch:
             buf.zero_()  # fault the pages in now, not on the hot path
+        return buf
+
+    def _pinned_slot(self, capacity: int) -> torch.Tensor | None:
+        """A pinned buffer of ``capacity`` bytes, or None when no slab fits the budget.
+
+        Call under the lock. Each slot is its own storage over the slab's memory (so
+        the use count says when that slot is free), and keeps the slab alive.
+        """
+        spare = self._spare.get(capacity)
+        if spare:
+            return spare.pop()
+        room = self.max_bytes - self.retained_bytes
+        size = 1 << (capacity - 1).bit_length()  # the smallest power of two that holds one
+        if size > room:
+            return None
+        while size * 2 <= min(room, _PINNED_SLAB_MAX):
+            size *= 2
+        slab = memoryview(cast(Any, _pinned_empty(size).numpy()))  # page-locked: already resident
+        self.retained_bytes += size
+        slots = [
+            torch.frombuffer(slab[i * capacity : (i + 1) * capacity], dtype=torch.uint8)
+            for i in range(size // capacity - 1, -1, -1)
+        ]
+        first = slots.pop()  # the slab's start
+        self._spare[capacity] = slots
+        return first
+
+    def _new_buffer(self, capacity: int, touch: bool) -> torch.Tensor | None:
+        """A new retained buffer, or None when it would go over ``max_bytes``. Call under the lock."""
+        buf = self._pinned_slot(capacity) if self.pin_memory else None
+        if buf is None:
+            if self.retained_bytes + capacity > self.max_bytes:
+                return None
+            buf = self._allocate(capacity, touch)
+            self.retained_bytes += capacity
+        baseline = _use_count(buf) if _HAVE_USE_COUNT else 0
+        self._free.setdefault(buf.numel(), deque()).append((buf, baseline))
+        self._by_ptr[buf.data_ptr()] = (buf, baseline)
         return buf
 
     def reserve(self, count: int, nbytes: int) -> int:
@@ -105,16 +167,9 @@ class BufferPool:
         capacity = self.capacity_for(nbytes)
         made = 0
         with self._lock:
-            while made < count and self.retained_bytes + capacity <= self.max_bytes:
-                self._retain(self._allocate(capacity, touch=True))
+            while made < count and self._new_buffer(capacity, touch=True) is not None:
                 made += 1
         return made
-
-    def _retain(self, buf: torch.Tensor) -> None:
-        baseline = _use_count(buf) if _HAVE_USE_COUNT else 0
-        self._free.setdefault(buf.numel(), deque()).append((buf, baseline))
-        self._by_ptr[buf.data_ptr()] = (buf, baseline)
-        self.retained_bytes += buf.numel()
 
     def release(self, tensor: torch.Tensor) -> None:
         """Hint that the caller dropped ``tensor`` (a view of a pool buffer).
@@ -146,11 +201,11 @@ class BufferPool:
                     ring.rotate(-1)
                     if _use_count(buf) <= baseline:
                         return buf[:nbytes]
-            if _HAVE_USE_COUNT and self.retained_bytes + capacity <= self.max_bytes:
-                buf = self._allocate(capacity, touch=False)
-                self._retain(buf)
-                return buf[:nbytes]
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)
+            if _HAVE_USE_COUNT:
+                new = self._new_buffer(capacity, touch=False)
+                if new is not None:
+                    return new[:nbytes]
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     def after_fork(self) -> None:
         """In a forked child: a fresh lock (one a parent thread held at fork() stays held).
@@ -164,6 +219,7 @@ class BufferPool:
             self._free.clear()
             self._by_ptr.clear()
             self._hints.clear()
+            self._spare.clear()
             self.retained_bytes = 0
 
     def stats(self) -> dict[str, Any]:
