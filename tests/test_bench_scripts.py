@@ -69,3 +69,50 @@ def test_bench_script_matrix_without_docs(tmp_path: Path) -> None:
             assert cpu["best_ratio"] == pytest.approx(cpu["raw_wall_s"] / floor, rel=0.03)
     local = [r for r in size["rows"] if r["store"].split(" ")[0] in ("memory", "disk")]
     assert local and not any("cpu" in r for r in local)  # no server to account for
+
+
+def test_gpu_check_runs_its_checks_on_cpu(tmp_path: Path) -> None:
+    """``--device cpu``: every check of scripts/gpu_check.py runs without a GPU, so the
+    script that is run once on a GPU machine is not run for the first time there."""
+    out = tmp_path / "gpu.json"
+    proc = _run("gpu_check.py", "--device", "cpu", "--count", "3", "--reps", "1",
+                "--shape", "2,2,16,2,8", "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["failures"] == []
+    assert set(report["tiers"]) == {
+        "memory cpu -> cuda (pinned pool)", "memory on cuda (get: zero-copy)",
+        "disk -> cuda (pinned read buffers)", "hybrid memory+disk -> cuda",
+    }  # fmt: skip
+    for ops in report["tiers"].values():
+        assert all(r["samples"] == 3 and r["gbps"] > 0 for r in ops.values())
+    assert "correctness: ok" in proc.stdout
+
+
+def test_gpu_check_finds_a_wrong_tensor(tmp_path: Path) -> None:
+    """The correctness check can fail: a store that hands back altered bytes is reported."""
+    code = (
+        "import sys, torch\n"
+        "sys.argv = ['gpu_check.py', '--device', 'cpu', '--count', '2', '--reps', '1',"
+        f" '--shape', '2,2,16,2,8', '--json', {str(tmp_path / 'g.json')!r}]\n"
+        "sys.path.insert(0, 'scripts')\n"
+        "import gpu_check\n"
+        "from lmcache_core.storage_backend.local_backend import LMCLocalDiskBackend\n"
+        "real = LMCLocalDiskBackend.get\n"
+        "def bad(self, key):\n"
+        "    t = real(self, key)\n"
+        "    return None if t is None else t.clone().add_(1)\n"
+        "LMCLocalDiskBackend.get = bad\n"
+        "sys.exit(gpu_check.main())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "FAIL disk -> cuda (pinned read buffers) get 0: bytes differ" in proc.stderr
+    assert "correctness: FAILED" in proc.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_check_without_cuda_says_so_and_exits_2(tmp_path: Path) -> None:
+    proc = _run("gpu_check.py", "--json", str(tmp_path / "g.json"))
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr
