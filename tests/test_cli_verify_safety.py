@@ -138,6 +138,24 @@ def test_corrupt_remote_chunk_is_reported_as_corrupt(redis_server: Any, tmp_path
     assert client.exists(name) == 0 and lmcache_json("--store", url, "verify")["ok"] == 1
 
 
+def test_an_empty_remote_value_at_a_chunk_name_is_listed_bad_and_removed_by_fix(redis_server: Any) -> None:
+    """An empty string where a chunk should be (a write cut short) is not invisible:
+    ls lists it, verify reports it, --fix removes it, and warm writes the chunk again."""
+    url = _redis_url(redis_server)
+    (good,) = put_chunks(url, 1)
+    empty = make_key("emptied")
+    client = redis_server.client()
+    name = url.split("prefix=")[1] + empty.to_string()
+    client.set(name, b"")
+    listed = {c["key"]: c for c in lmcache_json("--store", url, "ls")["chunks"]}
+    assert set(listed) == {good.to_string(), empty.to_string()} and listed[empty.to_string()]["size"] == 0
+    report = lmcache_json("--store", url, "verify", code=1)
+    assert [b["chunk"] for b in report["bad"]] == [empty.to_string()] and report["ok"] == 1
+    fixed = lmcache_json("--store", url, "verify", "--fix")
+    assert fixed["removed"] == [empty.to_string()] and client.exists(name) == 0
+    assert lmcache_json("--store", url, "verify")["ok"] == 1
+
+
 def test_show_on_a_stopped_remote_is_unavailable_not_missing(redis_server_private: Any) -> None:
     url = _redis_url(redis_server_private)
     (k,) = put_chunks(url, 1)

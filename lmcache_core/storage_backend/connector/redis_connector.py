@@ -684,10 +684,23 @@ class RedisConnector(RemoteConnector):
             return pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
 
         sizes = self._call("STRLEN", run)
-        for (_name, key), size in zip(batch, sizes, strict=True):
-            # An error (WRONGTYPE) marks a non-string under our prefix; 0 a key deleted
-            # between SCAN and STRLEN. Neither is a chunk.
-            if isinstance(size, int) and size > 0:
+        # 0 is a key deleted between SCAN and STRLEN, or an empty value: a chunk cut
+        # short, which verify must see (and --fix remove). EXISTS tells them apart.
+        empty = [name for (name, _key), size in zip(batch, sizes, strict=True) if size == 0]
+        present: set[bytes] = set()
+        if empty:
+
+            def exists(_c: Any) -> List[Any]:
+                pipe = node.pipeline(transaction=False)
+                for name in empty:
+                    pipe.exists(name)
+                return pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+
+            found = self._call("EXISTS", exists)
+            present = {name for name, n in zip(empty, found, strict=True) if n == 1}
+        for (name, key), size in zip(batch, sizes, strict=True):
+            # An error (WRONGTYPE) marks a non-string under our prefix: not a chunk.
+            if isinstance(size, int) and not isinstance(size, bool) and (size > 0 or name in present):
                 yield RemoteObject(key, size=size)
 
 
