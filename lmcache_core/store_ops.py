@@ -18,7 +18,6 @@ import dataclasses
 import errno
 import fnmatch
 import os
-import re
 import socket
 import stat
 import threading
@@ -30,7 +29,7 @@ from urllib.parse import urlsplit
 
 from lmcache_core import chunk_format, layout
 from lmcache_core.chunk_format import ChunkHeader
-from lmcache_core.config import LMCacheEngineConfig, mask_url, store_kind
+from lmcache_core.config import LMCacheEngineConfig, mask_secrets_in, mask_url, store_kind
 from lmcache_core.errors import CorruptChunkError, StoreUnavailableError
 from lmcache_core.key import CacheEngineKey, chunk_hashes
 
@@ -93,6 +92,7 @@ OK = "ok"
 CORRUPT = "corrupt"  # read in full and confirmed bad: the only status ``verify --fix`` removes
 MISSING = "missing"  # not there (removed meanwhile, or never stored)
 UNVERIFIED = "unverified"  # could not be read (timeout, remote down, permission): never removed
+MISMATCHED = "mismatched"  # a sound chunk that cannot extend a prompt's prefix (``read_prefix``)
 
 
 @dataclass(frozen=True)
@@ -289,7 +289,7 @@ class Store:
                 return None, ChunkCheck(key, where, False, "not found", status=MISSING)
             if isinstance(fetched, _Decoded):
                 return fetched.chunk, ChunkCheck(key, where, True, header=_header_of(fetched.chunk, key))
-            buf = bytearray(fetched)  # writable: the decoded tensor aliases it
+            buf = _writable(fetched)  # the decoded tensor aliases it
         else:
             try:
                 with open_chunk_file(path) as f:
@@ -302,6 +302,71 @@ class Store:
         if result.header is None:
             return None, result
         return chunk_format.decode(buf, verify=False), result
+
+    def read_verified(self, key: CacheEngineKey, *, helper: Any = None) -> tuple[torch.Tensor | None, ChunkCheck]:
+        """The chunk's tensor when it passed its check (else None), and the check.
+
+        The read for tools that *use* chunks (``get --tokens``, ``warm``'s source):
+        like ``read``, it leaves the store as it was. A chunk that fails is reported
+        in the check, never deleted (``verify --fix`` is the one command that
+        removes chunks); a disk chunk's atime is kept, so ``evict --older-than``
+        and ``--to-size`` still see its real last use; no index, no read-through
+        fill of a faster tier. A disk chunk is read and hashed in one pass, as the
+        disk tier's ``get`` does, rather than read whole and then hashed.
+
+        On a tiered store each tier's copy is checked in turn, fastest first: a bad
+        copy (left in place) falls through to the next tier, as the backend's ``get``
+        does, and the check reports a bad copy only when no tier holds a good one.
+
+        Args:
+            helper: passed to ``read_file_verified`` (``chunk_format.ALONE`` for
+                callers that read several chunks side by side).
+
+        Raises:
+            StoreUnavailableError: a remote store did not answer (not a miss, not corruption).
+        """
+        path = self.path_of(key)
+        if path is not None:
+            return read_file_verified(path, key, helper=helper)
+        tiers = self._hybrid_tiers()
+        if tiers is None:
+            chunk, check = self.read(key)
+            return (chunk if check.ok else None), check
+        where = key.to_string()
+        bad: ChunkCheck | None = None  # the first bad copy, reported when no tier has a good one
+        for name, tier in tiers:
+            if name == "disk":
+                chunk, check = read_file_verified(layout.disk_path(tier.root, key), key, helper=helper)
+                if check.status == MISSING:
+                    continue
+            else:
+                try:
+                    found = _fetch_tier(name, tier, key)
+                except StoreUnavailableError as exc:
+                    if bad is None:
+                        raise
+                    # The copy found is bad and the rest could not be asked: report the bad one.
+                    return None, dataclasses.replace(bad, reason=f"{bad.reason} (and the {name} tier did not answer: {exc})")
+                if found is None:
+                    continue
+                if isinstance(found, _Decoded):  # a tier that holds tensors, not bytes (memory)
+                    return found.chunk, ChunkCheck(key, where, True, header=_header_of(found.chunk, key))
+                buf = _writable(found)
+                check = check_bytes(buf, key, where)
+                chunk = chunk_format.decode(buf, verify=False) if check.ok else None
+            if check.ok:
+                return chunk, check
+            bad = bad or check
+        return None, bad or ChunkCheck(key, where, False, "not found", status=MISSING)
+
+    def _hybrid_tiers(self) -> list[tuple[str, Any]] | None:
+        """A tiered store's tiers, fastest first (``LMCHybridBackend.tiers``); None for other stores."""
+        backend = self.backend
+        from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend  # torch: loaded by backend
+
+        if isinstance(backend, LMCHybridBackend):
+            return cast("list[tuple[str, Any]]", backend.tiers())
+        return None
 
     def _fetch(self, key: CacheEngineKey) -> Any:
         """A non-disk chunk's raw bytes (None when absent), or ``_Decoded`` for a tier
@@ -322,14 +387,7 @@ class Store:
             # Tier by tier, without the read-through fill that ``get`` does: a
             # read-only command must not write the chunk into local tiers.
             for name, tier in backend.tiers():
-                found: Any
-                if isinstance(tier, LMCRemoteBackend):
-                    found = tier.fetch_bytes(key)
-                elif name == "disk":
-                    found = _read_tier_file(tier, key)
-                else:
-                    chunk = tier.get(key)
-                    found = None if chunk is None else _Decoded(chunk)
+                found = _fetch_tier(name, tier, key)
                 if found is not None:
                     return found
             return None
@@ -398,7 +456,7 @@ class NotRegularFileError(OSError):
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
 
 
-def open_chunk_file(path: str) -> Any:
+def open_chunk_file(path: str, *, buffering: int = -1) -> Any:
     """Open a chunk file for reading; only regular files (``disk_io.open_read``'s rule).
 
     ``O_NONBLOCK``: a FIFO planted at a chunk path would otherwise block ``open``
@@ -406,6 +464,9 @@ def open_chunk_file(path: str) -> Any:
     is not using it; a read that bumped its atime would make ``evict --older-than``
     and LRU ``--to-size`` spare chunks nobody uses. The kernel allows it only to the
     file's owner (EPERM otherwise), so a plain open follows then.
+
+    Args:
+        buffering: as ``open``'s (0: a raw file, which reads at offsets with ``preadv``).
 
     Raises:
         NotRegularFileError: a FIFO, device or socket (``EINVAL``).
@@ -421,7 +482,7 @@ def open_chunk_file(path: str) -> Any:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotRegularFileError(errno.EINVAL, "not a regular file", path)
-        return open(fd, "rb")
+        return open(fd, "rb", buffering=buffering)
     except BaseException:
         os.close(fd)
         raise
@@ -439,6 +500,34 @@ class _Decoded:
     """A chunk from a tier that holds tensors rather than bytes (memory)."""
 
     chunk: Any
+
+
+def _fetch_tier(name: str, tier: Any, key: CacheEngineKey) -> Any:
+    """One tier's copy of a chunk for ``Store._fetch``: raw bytes (a remote's object,
+    a disk tier's file), ``_Decoded`` for a tier that holds tensors, None when absent.
+    No read-through fill, no index, atime kept.
+
+    Raises:
+        StoreUnavailableError: a remote tier did not answer.
+        OSError: a disk tier's file could not be read.
+    """
+    from lmcache_core.storage_backend.remote_backend import LMCRemoteBackend  # torch: loaded by backend
+
+    if isinstance(tier, LMCRemoteBackend):
+        return tier.fetch_bytes(key)
+    if name == "disk":
+        return _read_tier_file(tier, key)
+    chunk = tier.get(key)
+    return None if chunk is None else _Decoded(chunk)
+
+
+def _writable(buf: Any) -> Any:
+    """``buf`` itself when it is writable memory (a ``bytearray``, or a writable
+    ``memoryview`` over a connector's pool buffer), else a writable copy: a tensor
+    decoded over read-only ``bytes`` makes ``torch.frombuffer`` warn."""
+    if isinstance(buf, (bytearray, memoryview)) and not memoryview(buf).readonly:
+        return buf
+    return bytearray(buf)
 
 
 def _read_tier_file(tier: Any, key: CacheEngineKey) -> bytes | None:
@@ -476,6 +565,54 @@ def check_file(path: str, key: CacheEngineKey | None) -> ChunkCheck:
     except OSError as exc:
         return _unreadable(key, where, exc)
     return check_bytes(buf, key, where)
+
+
+def _read_buffers() -> Any:
+    """Warm buffers for ``read_file_verified`` (``warm`` reads chunk after chunk; a fresh
+    32 MiB allocation page-faults at a fraction of the speed of reusing one). A buffer
+    is reused only once no tensor over it is left."""
+    from lmcache_core.storage_backend.mem_pool import READ_POOL_BYTES, shared_pool
+
+    return shared_pool("lmcache-tool-reads", READ_POOL_BYTES)
+
+
+def read_file_verified(
+    path: str, key: CacheEngineKey, *, helper: Any = None
+) -> tuple[torch.Tensor | None, ChunkCheck]:
+    """A chunk file's tensor when header, key and checksum pass (else None), and the check.
+
+    Read-only: a bad file stays where it is (for ``verify`` to report and ``--fix``
+    to remove), and its atime is kept (``open_chunk_file``). Header and key are
+    checked before the payload is allocated; the payload is hashed as it lands
+    (``chunk_format.read_payload_verified``).
+
+    Args:
+        helper: passed to ``chunk_format.read_payload_verified``: None shares a large
+            read with the process's checksum helper; ``chunk_format.ALONE`` reads and
+            hashes on this thread only (for callers reading several chunks at once,
+            where each splitting with the helper measured slower than each alone).
+    """
+    import torch
+
+    where = key.to_string()
+    header: ChunkHeader | None = None
+    try:
+        with open_chunk_file(path, buffering=0) as f:
+            header = chunk_format.read_header(f, total_size=os.fstat(f.fileno()).st_size)
+            chunk_format.check_identity(header, where)
+            if not header.nbytes:
+                return torch.empty(header.shape, dtype=header.torch_dtype), ChunkCheck(key, where, True, header=header)
+            buf = _read_buffers().acquire(header.nbytes)
+            chunk_format.read_payload_verified(f, header, buf, helper=helper)
+    except FileNotFoundError:
+        return None, ChunkCheck(key, where, False, "not found", status=MISSING)
+    except CorruptChunkError as exc:
+        reason = exc.reason if header is not None else f"bad header: {exc.reason}"
+        return None, ChunkCheck(key, where, False, reason, header)
+    except OSError as exc:
+        return None, _unreadable(key, where, exc)
+    chunk = buf.view(header.torch_dtype).view(header.shape)
+    return chunk, ChunkCheck(key, where, True, header=header)
 
 
 # -- selection -----------------------------------------------------------------------
@@ -822,10 +959,12 @@ def _verify_tiers(
 
 @dataclass
 class WarmResult:
-    """What ``warm`` did."""
+    """What ``warm`` did. ``repaired`` chunks (bad copies the destination held,
+    rewritten) are counted in ``copied`` too."""
 
     copied: int = 0
     skipped: int = 0
+    repaired: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
     bytes_copied: int = 0
     seconds: float = 0.0
@@ -838,6 +977,7 @@ class WarmResult:
         return {
             "copied": self.copied,
             "skipped": self.skipped,
+            "repaired": self.repaired,
             "failed": len(self.failed),
             "failures": [{"key": k, "reason": r} for k, r in self.failed],
             "bytes": self.bytes_copied,
@@ -846,20 +986,106 @@ class WarmResult:
         }
 
 
-def copy_chunk(src: Store, dst: Store, key: CacheEngineKey) -> tuple[str, int, str]:
+def held_copy_problem(store: Store, key: CacheEngineKey, *, full: bool = False) -> str | None:
+    """Why ``store``'s copy of ``key`` cannot be trusted, or None when every
+    persistent tier holds one that passes the check.
+
+    The default check is cheap: the header parses, names ``key``, and the object's
+    size is header + payload (disk; a remote's header is read with a ranged read,
+    its size is not checked). It catches truncated, empty and overwritten-header
+    copies; a flipped payload byte needs ``full``, which reads and hashes the whole
+    copy. Read-only: nothing is removed, a disk copy's atime is kept.
+    """
+    from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend  # torch: loaded by backend
+
+    if store.root is not None:
+        return _file_problem(layout.disk_path(store.root, key), key, full)
+    backend = store.backend
+    if left := backend.missing_tiers(key):
+        return f"not in the {' and '.join(left)} tier"
+    tiers = backend.tiers() if isinstance(backend, LMCHybridBackend) else [("", backend)]
+    for name, tier in tiers:
+        if name == "memory":
+            continue  # this process's own (and just filled by the put): nothing to distrust
+        problem = _tier_problem(tier, key, full)
+        if problem is not None:
+            return f"{name} tier: {problem}" if name else problem
+    return None
+
+
+def _tier_problem(tier: Any, key: CacheEngineKey, full: bool) -> str | None:
+    """``held_copy_problem`` for one tier that says it holds ``key``."""
+    from lmcache_core.storage_backend.local_backend import LMCLocalDiskBackend
+    from lmcache_core.storage_backend.remote_backend import LMCRemoteBackend
+
+    if isinstance(tier, LMCLocalDiskBackend):
+        return _file_problem(layout.disk_path(tier.root, key), key, full)
+    if not isinstance(tier, LMCRemoteBackend):
+        return None  # memory: tensors, not bytes that could rot
+    if full:
+        try:
+            buf = tier.fetch_bytes(key)
+        except StoreUnavailableError as exc:
+            return f"not verified: {exc}"
+        if buf is None:
+            return "not found"
+        check = check_bytes(buf, key, key.to_string())
+        return None if check.ok else check.reason
+    # None for a bad header, another key, or no answer: rewriting it is right for the
+    # first two, and a remote that does not answer fails the rewrite, which is reported.
+    return None if tier.read_header(key) is not None else "no valid header"
+
+
+def _file_problem(path: str, key: CacheEngineKey, full: bool) -> str | None:
+    """``held_copy_problem`` for a chunk file."""
+    if full:
+        check = check_file(path, key)
+        return None if check.ok else check.reason
+    try:
+        with open_chunk_file(path, buffering=0) as f:
+            header = chunk_format.read_header(f, total_size=os.fstat(f.fileno()).st_size)
+        chunk_format.check_identity(header, key.to_string())
+    except FileNotFoundError:
+        return "not found"
+    except CorruptChunkError as exc:
+        return exc.reason
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    return None
+
+
+def copy_chunk(
+    src: Store, dst: Store, key: CacheEngineKey, *, verify_existing: bool = False, helper: Any = None
+) -> tuple[str, int, str]:
     """Copy one chunk and read it back from ``dst`` to verify it.
 
+    A copy ``dst`` already holds is skipped only when it passes ``held_copy_problem``
+    (its header and size; with ``verify_existing`` its checksum too); one that fails
+    is rewritten (``repaired``). The source is read like ``get KEY`` reads: a bad
+    source chunk fails the copy with its reason and stays where it is, and no
+    source chunk's age changes. ``helper`` goes to ``Store.read_verified``.
+
     Returns:
-        (outcome, bytes, reason): outcome ``copied``, ``skipped`` (``dst`` has it) or ``failed``.
+        (outcome, bytes, reason): outcome ``copied``, ``repaired`` (``dst`` held a bad
+        copy, now replaced), ``skipped`` (``dst`` has a good one) or ``failed``.
     """
     # A tiered destination answers contains() from any tier: warm every tier that lacks it,
     # or a remote write that failed once would be skipped on every rerun.
-    if not dst.backend.missing_tiers(key):
+    missing = dst.backend.missing_tiers(key)
+    problem = None if missing else held_copy_problem(dst, key, full=verify_existing)
+    if not missing and problem is None:
         return "skipped", 0, ""
-    chunk = src.backend.get(key)  # the source backend verifies the checksum on read
+    chunk, check = src.read_verified(key, helper=helper)
     if chunk is None:
-        return "failed", 0, "missing in the source or failed its checksum there"
-    expected = chunk_format.checksum(chunk_format.payload_view(chunk))
+        if check.status == MISSING:
+            return "failed", 0, "missing in the source"
+        if check.status == CORRUPT:
+            return "failed", 0, f"source chunk is bad: {check.reason} (left in place; `lmcache verify` reports it)"
+        return "failed", 0, f"source chunk {check.reason}"
+    # The checksum the source chunk was just verified against (no second hash of it).
+    expected = check.header.checksum if check.header is not None else None
+    if expected is None:
+        expected = chunk_format.checksum(chunk_format.payload_view(chunk))
     dst.backend.put(key, chunk, blocking=True)
     back = dst.backend.get(key)
     if back is None:
@@ -873,7 +1099,7 @@ def copy_chunk(src: Store, dst: Store, key: CacheEngineKey) -> tuple[str, int, s
         return "failed", 0, "destination copy does not match the source checksum"
     if left := dst.backend.missing_tiers(key):
         return "failed", 0, f"not stored in the {' and '.join(left)} tier (it refused the write or is down)"
-    return "copied", chunk.numel() * chunk.element_size(), ""
+    return ("repaired" if problem is not None else "copied"), chunk.numel() * chunk.element_size(), ""
 
 
 def warm(
@@ -882,29 +1108,40 @@ def warm(
     keys: Sequence[CacheEngineKey],
     *,
     jobs: int = 4,
+    verify_existing: bool = False,
     progress: Callable[[str, int], None] | None = None,
 ) -> WarmResult:
     """Copy ``keys`` from ``src`` to ``dst`` with ``jobs`` workers, skipping chunks
-    ``dst`` has and verifying each copy.
+    ``dst`` holds good copies of and verifying each copy (see ``copy_chunk``).
 
     Args:
+        verify_existing: read the copies ``dst`` holds in full (checksum) before
+            skipping them, not only their headers and sizes; doubles the reads of a rerun.
         progress: called as each chunk finishes with (outcome, bytes copied).
     """
     result = WarmResult()
-    # Open both backends up front (lazy opening from several workers would race),
-    # and before the clock starts: the first open imports torch.
-    _ = src.backend, dst.backend
+    # Open the backends up front (lazy opening from several workers would race),
+    # and before the clock starts: the first open imports torch. A disk source is
+    # read from its files and never opened as a backend: opening one rebuilds its
+    # index and cleans its temp files, and warm only reads the source.
+    _ = dst.backend if src.is_disk else (src.backend, dst.backend)
+    # Several workers each splitting a large read with the shared checksum helper
+    # measured slower than each reading alone.
+    helper = chunk_format.ALONE if min(jobs, len(keys)) > 1 else None
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(copy_chunk, src, dst, k): k for k in keys}
+        futures = {
+            pool.submit(copy_chunk, src, dst, k, verify_existing=verify_existing, helper=helper): k for k in keys
+        }
         for fut in as_completed(futures):
             key = futures[fut]
             try:
                 outcome, nbytes, reason = fut.result()
             except Exception as exc:  # one failing chunk must not stop the rest
                 outcome, nbytes, reason = "failed", 0, mask_urls_in(f"{type(exc).__name__}: {exc}")
-            if outcome == "copied":
+            if outcome in ("copied", "repaired"):
                 result.copied += 1
+                result.repaired += outcome == "repaired"
                 result.bytes_copied += nbytes
             elif outcome == "skipped":
                 result.skipped += 1
@@ -963,6 +1200,97 @@ def prefix_lookup(
     }
 
 
+@dataclass
+class PrefixRead:
+    """What ``read_prefix`` found: the usable leading chunks, and why the prefix ended
+    before the chunks the store lists ran out (None when it did not)."""
+
+    chunks: list[Any]  # torch tensors, in prompt order
+    tokens: int  # leading tokens they cover
+    total_tokens: int
+    total_chunks: int
+    token_axis: int
+    stopped: ChunkCheck | None = None
+
+    def joined(self) -> torch.Tensor | None:
+        """The prefix's KV as one tensor (the chunks joined on the token axis); None if empty."""
+        if not self.chunks:
+            return None
+        if len(self.chunks) == 1:
+            return cast("torch.Tensor", self.chunks[0])
+        import torch
+
+        return torch.cat(self.chunks, dim=self.token_axis)
+
+
+def read_prefix(
+    store: Store,
+    token_ids: Any,
+    *,
+    model: str,
+    fmt: str = "vllm",
+    chunk_size: int = 256,
+    world_size: int = 1,
+    worker_id: int = 0,
+    jobs: int = 4,
+) -> PrefixRead:
+    """The leading chunks of a prompt that the store holds and that pass their check.
+
+    Read like ``get KEY`` reads (``Store.read_verified``): a chunk that fails ends
+    the prefix and is reported in ``stopped`` (never deleted, its age unchanged),
+    as is a chunk that cannot extend it (another dtype or shape, or a short chunk
+    before the prompt's last). Up to ``jobs`` chunks are read at once, in order.
+
+    Raises:
+        ValueError: an invalid model name, fmt or rank.
+    """
+    from lmcache_core.tokens import TOKEN_AXIS, continues_prefix  # imports torch
+
+    if fmt not in TOKEN_AXIS:
+        raise ValueError(f"fmt: {fmt!r} is not one of {', '.join(TOKEN_AXIS)}")
+    axis = TOKEN_AXIS[fmt]
+    n = int(token_ids.shape[0]) if hasattr(token_ids, "shape") else len(token_ids)
+    keys = [CacheEngineKey(fmt, model, world_size, worker_id, h) for h in chunk_hashes(token_ids, chunk_size)]
+    held = 0
+    for k in keys:  # existence first: a prefix ends at the first chunk the store lacks
+        if not store.contains(k):
+            break
+        held += 1
+
+    workers = max(1, min(jobs, held))
+    # Reads side by side each read alone: several each splitting with the shared
+    # checksum helper measured slower.
+    helper = chunk_format.ALONE if workers > 1 else None
+
+    def one(key: CacheEngineKey) -> tuple[Any, ChunkCheck]:
+        try:
+            return store.read_verified(key, helper=helper)
+        except StoreUnavailableError as exc:
+            return None, ChunkCheck(key, key.to_string(), False, f"not verified: {exc}", status=UNVERIFIED)
+
+    found: list[Any] = []
+    stopped: ChunkCheck | None = None
+    if held:
+        pool = ThreadPoolExecutor(max_workers=workers)
+        try:
+            reads = [pool.submit(one, k) for k in keys[:held]]
+            for i, fut in enumerate(reads):
+                chunk, check = fut.result()
+                if chunk is None:
+                    stopped = check
+                elif not continues_prefix(found, chunk, axis, chunk_size, last=i == len(keys) - 1):
+                    reason = f"does not continue the prefix ({str(chunk.dtype).removeprefix('torch.')} {tuple(chunk.shape)})"
+                    stopped = ChunkCheck(keys[i], keys[i].to_string(), False, reason, check.header, MISMATCHED)
+                else:
+                    found.append(chunk)
+                    continue
+                break
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # past the end of the prefix: not read
+    covered = min(n, sum(int(c.shape[axis]) for c in found))
+    return PrefixRead(found, covered, n, len(keys), axis, stopped)
+
+
 # -- values ------------------------------------------------------------------------------------
 
 
@@ -997,12 +1325,12 @@ def value_stats(tensor: torch.Tensor, per_layer: bool = False) -> dict[str, Any]
     return out
 
 
-_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+")
 
 
 def mask_urls_in(text: str) -> str:
-    """``text`` with the password of every URL in it masked (see ``mask_url``)."""
-    return _URL_RE.sub(lambda m: mask_url(m.group(0)) if ("@" in m.group(0) or "?" in m.group(0)) else m.group(0), text)
+    """``text`` with every secret in it masked: ``config.mask_secrets_in``, which also
+    catches ``user:pw@`` without a scheme (botocore quotes a bucket so)."""
+    return mask_secrets_in(text)
 
 
 def read_keys(lines: Iterable[str]) -> list[CacheEngineKey]:

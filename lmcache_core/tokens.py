@@ -42,6 +42,23 @@ class PrefixLookup:
     per_tier: dict[str, int] = field(default_factory=dict)  # tier name -> cached leading tokens
 
 
+def continues_prefix(found: list[torch.Tensor], chunk: torch.Tensor, axis: int, chunk_size: int, *, last: bool) -> bool:
+    """Whether ``chunk`` can extend the prefix ``found``: the same dtype, device and
+    non-token dimensions, and a full ``chunk_size`` tokens on ``axis`` unless it is the
+    prompt's last. Chunks of one prefix may come from different puts (another model
+    config, a hand-made put); joined, they would be wrong KV, silently upcast or mis-sized."""
+    if chunk.dim() != 5 or (not last and chunk.shape[axis] != chunk_size):
+        return False
+    if not found:
+        return True
+    first = found[0]
+    return (
+        chunk.dtype == first.dtype
+        and chunk.device == first.device
+        and all(chunk.shape[d] == first.shape[d] for d in range(5) if d != axis)
+    )
+
+
 class ChunkedKVStore:
     """A backend addressed by token ids instead of keys.
 
@@ -175,22 +192,7 @@ class ChunkedKVStore:
         return kv, covered
 
     def _continues(self, found: list[torch.Tensor], chunk: torch.Tensor, *, last: bool) -> bool:
-        """Whether ``chunk`` can extend the prefix ``found``: the same dtype, device and
-        non-token dimensions, and a full ``chunk_size`` tokens unless it is the prompt's
-        last. Chunks of one prefix may come from different puts (another model config,
-        a hand-made put); joined, they would be wrong KV, silently upcast or mis-sized."""
-        axis = self.token_axis
-        if chunk.dim() != 5 or (not last and chunk.shape[axis] != self.chunk_size):
-            return False
-        if not found:
-            return True
-        first = found[0]
-        other_dims = [d for d in range(5) if d != axis]
-        return (
-            chunk.dtype == first.dtype
-            and chunk.device == first.device
-            and all(chunk.shape[d] == first.shape[d] for d in other_dims)
-        )
+        return continues_prefix(found, chunk, self.token_axis, self.chunk_size, last=last)
 
     def _tokens(self, chunks: int, n: int) -> int:
         return min(n, chunks * self.chunk_size)

@@ -18,6 +18,7 @@ from lmcache_cli.options import (
 )
 from lmcache_cli.output import Output
 from lmcache_cli.state import CliState, FormatOption, get_state
+from lmcache_cli.store_tiers import answered
 from lmcache_cli.units import human_size, plural
 
 
@@ -60,7 +61,7 @@ def get(
     from lmcache_cli.tensor_files import write_atomic
     from lmcache_core import chunk_format, store_ops
 
-    with state.open_store() as store:
+    with state.open_store(must_exist=True) as store:
         chunk, check = store.read(chunk_key)
         if chunk is None or not check.ok:
             if check.status == store_ops.CORRUPT:
@@ -85,25 +86,38 @@ def _get_prefix(
     world_size: int, worker_id: int, output: str,
 ) -> None:
     from lmcache_cli.tensor_files import load_tokens, write_safetensors
-    from lmcache_core.tokens import ChunkedKVStore
+    from lmcache_core import store_ops
 
     token_ids = load_tokens(tokens_path)
     size = chunk_size or state.config().chunk_size
-    with state.open_store() as store:
-        kvstore = ChunkedKVStore(
-            store.backend, model, fmt=fmt, chunk_size=size, world_size=world_size, worker_id=worker_id
-        )
-        kv, covered = kvstore.retrieve(token_ids)
+    with state.open_store(must_exist=True) as store:
+        # The inspection read `get KEY` uses: a bad chunk ends the prefix and is
+        # reported, never deleted, and no chunk's age changes. A tier that could not
+        # be asked is an error, not "no cached prefix" (store_tiers.answered).
+        with answered(store, "whether chunks are cached"):
+            found = store_ops.read_prefix(
+                store, token_ids, model=model, fmt=fmt, chunk_size=size, world_size=world_size, worker_id=worker_id
+            )
         where = store.describe()
     total = len(token_ids)
-    if kv is None or covered == 0:
-        raise CliError(f"no cached prefix of these {total} tokens for model {model!r} in {where}; nothing written")
+    covered = found.tokens
+    stopped = found.stopped
+    problem = None
+    if stopped is not None:
+        index = len(found.chunks)
+        problem = f"chunk {index} ({stopped.where}): {stopped.reason}"
+        if stopped.status == store_ops.CORRUPT:
+            problem += "; left in place (`lmcache verify` reports it, `verify --fix` removes it)"
+    kv = found.joined()
+    if kv is None:
+        detail = f": {problem}" if problem else ""
+        raise CliError(f"no cached prefix of these {total} tokens for model {model!r} in {where}{detail}; nothing written")
     nbytes = write_safetensors(
         output,
         {"kv": kv},
         {"lmcache.model": model, "lmcache.fmt": fmt, "lmcache.tokens": str(covered), "lmcache.total_tokens": str(total)},
     )
-    chunks = -(-covered // size)
+    chunks = len(found.chunks)
     result = {
         "model": model,
         "output": output,
@@ -112,7 +126,11 @@ def _get_prefix(
         "chunks": chunks,
         "bytes": nbytes,
         "shape": list(kv.shape),
+        "failed": 0 if stopped is None else 1,
+        "failures": [] if stopped is None else [{"key": stopped.where, "status": stopped.status, "reason": stopped.reason}],
     }
     out.data(result)
     if out.human:
         out.message(f"wrote {output}: {covered} of {total} tokens cached ({plural(chunks, 'chunk')}, {human_size(nbytes)})")
+    if problem is not None:
+        out.warn(f"the cached prefix stops at {problem}")

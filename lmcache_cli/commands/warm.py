@@ -25,6 +25,7 @@ def warm(
     model: ModelOption = None,
     keys_file: Annotated[str | None, typer.Option("--keys", metavar="FILE", help="Copy the keys listed in FILE (one a line; - for stdin) instead of listing the source.")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", metavar="N", min=1, max=256, help="Chunks copied in parallel.")] = 8,
+    verify_existing: Annotated[bool, typer.Option("--verify-existing", help="Read chunks the destination already has in full and recopy any that fail their checksum (without it, only their header, and on disk their size, are checked: cheap, but a flipped payload byte goes unnoticed).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be copied and skipped.")] = False,
     format_: FormatOption = None,
 ) -> None:
@@ -32,8 +33,13 @@ def warm(
 
     Typical: S3 -> local disk before a node starts serving, or local -> S3 in CI.
 
-    Chunks the destination already has are skipped; each copy is read back and
-    checked against the source checksum. Exit code 1 if any chunk failed.
+    Chunks the destination already has are skipped when their header (and, on
+    disk, their size) checks out; a truncated, empty or mangled copy is rewritten (counted as copied
+    and repaired). --verify-existing also checks their checksums (reading them in
+    full). Each copy is read back and checked against the source checksum. The
+    source is only read: a bad source chunk fails its copy and stays in place
+    (see `lmcache verify`), and no source chunk's age changes. Exit code 1 if
+    any chunk failed.
 
     \b
     Examples:
@@ -70,14 +76,21 @@ def warm(
         total_bytes = sum(s or 0 for s in sizes.values()) or None
         header = {"from": src_store.describe(), "to": dst_store.describe()}
         if dry_run:
-            plan = [(k, dst_store.contains(k)) for k in keys]
-            copy = [k for k, have in plan if not have]
+            # What warm would do: copy what is absent, and replace copies that fail the check.
+            absent = {k for k in keys if not dst_store.contains(k)}
+            repair = [
+                k for k in keys
+                if k not in absent and store_ops.held_copy_problem(dst_store, k, full=verify_existing) is not None
+            ]  # fmt: skip
+            to_repair = set(repair)
+            copy = [k for k in keys if k in absent or k in to_repair]
             copy_bytes = sum(sizes.get(k.to_string()) or 0 for k in copy)
             report = {
                 **header,
                 "dry_run": True,
                 "to_copy": len(copy),
-                "to_skip": len(plan) - len(copy),
+                "to_repair": len(repair),
+                "to_skip": len(keys) - len(copy),
                 "bytes": copy_bytes,
                 "keys": [k.to_string() for k in copy],
             }
@@ -86,23 +99,26 @@ def warm(
                 return
             if copy:
                 out.table([Column("WOULD COPY")], [[k.to_string()] for k in copy])
+            repairs = f", {len(repair)} of them to replace bad copies" if repair else ""
             out.line(
-                f"dry run: would copy {plural(len(copy), 'chunk')} ({human_size(copy_bytes)}), "
+                f"dry run: would copy {plural(len(copy), 'chunk')} ({human_size(copy_bytes)}){repairs}, "
                 f"skip {report['to_skip']} already in {header['to']}"
             )
             return
         with progress_bar(out, "warm", total_bytes, len(keys)) as bar:
             result = store_ops.warm(
-                src_store, dst_store, keys, jobs=jobs, progress=lambda outcome, n: bar.advance(1, n)
-            )
+                src_store, dst_store, keys, jobs=jobs, verify_existing=verify_existing,
+                progress=lambda outcome, n: bar.advance(1, n),
+            )  # fmt: skip
     report = {**header, "dry_run": False, **result.to_dict()}
     if out.json:
         out.data(report)
     else:
         if result.failed:
             out.table([Column("FAILED"), Column("REASON")], [[k, r] for k, r in result.failed])
+        repaired = f" ({result.repaired} repaired)" if result.repaired else ""
         out.line(
-            f"copied {result.copied}, skipped {result.skipped}, failed {len(result.failed)}: "
+            f"copied {result.copied}{repaired}, skipped {result.skipped}, failed {len(result.failed)}: "
             f"{human_size(result.bytes_copied)} in {result.seconds:.2f}s ({human_rate(result.gbps * 1e9)}) "
             f"{header['from']} -> {header['to']}"
         )
