@@ -57,7 +57,7 @@ def _filename(exc: OSError) -> str:
 # Checked in order: the first matching type wins, so subclasses come first.
 ERROR_TABLE: list[tuple[type[BaseException], Callable[[Any], str]]] = [
     (CliError, lambda e: e.message),
-    (ConfigError, lambda e: f"configuration: {e}; fix the config file or LMCACHE_* variable (see `lmcache config`)"),
+    (ConfigError, lambda e: f"configuration: {e}; fix the store URL, config file or LMCACHE_* variable (see `lmcache config`)"),
     (CorruptChunkError, lambda e: f"corrupt chunk: {e}; run `lmcache verify --fix` to remove bad chunks"),
     (StoreUnavailableError, lambda e: f"store unavailable: {e}; check the URL and that the server is up"),
     (StoreFullError, lambda e: f"store full: {e}; free space with `lmcache evict --to-size SIZE`"),

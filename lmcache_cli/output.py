@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from lmcache_core.config import mask_url
+from lmcache_core.config import mask_secrets_in, mask_url
 
 RICH_MAX_ROWS = 200
 
@@ -83,18 +83,18 @@ class Output:
         self.stdout.write(text + "\n")
 
     def message(self, text: str) -> None:
-        """A status line on stderr (hidden with --quiet)."""
+        """A status line on stderr (hidden with --quiet), secrets masked."""
         if not self.quiet:
-            self.stderr.write(text + "\n")
+            self.stderr.write(mask_secrets(text) + "\n")
             self.stderr.flush()
 
     def warn(self, text: str) -> None:
-        """A warning on stderr (shown even with --quiet)."""
-        self.stderr.write(f"warning: {mask_secrets(text)}\n")
+        """One warning line on stderr (shown even with --quiet), secrets masked."""
+        self.stderr.write(f"warning: {_one_line(mask_secrets(text))}\n")
 
     def error(self, text: str) -> None:
         """One error line on stderr, always shown, secrets masked."""
-        self.stderr.write(f"error: {mask_secrets(text)}\n")
+        self.stderr.write(f"error: {_one_line(mask_secrets(text))}\n")
         self.stderr.flush()
 
     def table(self, columns: Sequence[Column], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
@@ -156,10 +156,19 @@ class Output:
 
 
 def mask_secrets(text: str) -> str:
-    """Mask passwords in any URL inside ``text``."""
-    import re
+    """``text`` with the credentials of every URL in it masked, ``user:pw@host`` too.
 
-    return re.sub(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+", lambda m: safe_url(m.group(0)), text)
+    The core's ``mask_secrets_in``: one implementation, so the CLI masks what the
+    library does (an S3 bucket quoted by botocore as ``AKIA:secret@bucket``, a query's
+    ``secret=``, a URL given as a query value) and keeps the text around it.
+    """
+    return mask_secrets_in(text)
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its line breaks (and the indentation after them) folded into spaces:
+    an exception's multi-line text (botocore's) must not break the one ``error:`` line."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def safe_url(url: str) -> str:

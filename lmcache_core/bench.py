@@ -48,7 +48,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import torch
 
-from lmcache_core.config import LMCacheEngineMetadata, mask_url
+from lmcache_core.config import LMCacheEngineMetadata, check_remote_url, mask_secrets_in, mask_url
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend import open_backend, store_kind
 from lmcache_core.storage_backend.abstract_backend import LMCBackendInterface
@@ -432,12 +432,19 @@ class _RawRedis(_RawMedium):
         scheme = parts.scheme
         # Our own query options (prefix, timeouts) mean nothing to redis-py.
         clean = urlunsplit((scheme.replace("+cluster", ""), parts.netloc, parts.path, "", ""))
-        if "cluster" in scheme:
-            from redis.cluster import RedisCluster
+        try:
+            if "cluster" in scheme:
+                from redis.cluster import RedisCluster
 
-            self.client: Any = RedisCluster.from_url(clean)
-        else:
-            self.client = redis.Redis.from_url(clean)
+                self.client: Any = RedisCluster.from_url(clean)
+            else:
+                self.client = redis.Redis.from_url(clean)
+        except ValueError:
+            # redis-py quotes parts of the URL, and in a mistyped one (a '/' in the
+            # password) those parts are the password: "... integer value as 'pa'".
+            raise ValueError(
+                f"not a valid Redis URL: {mask_url(url)}: expected redis://[user:pw@]host:port/db"
+            ) from None
         self.prefix = f"lmcache-bench-raw:{token}:"
         self._written: set[int] = set()
 
@@ -527,6 +534,9 @@ def _raw_for(
         return _RawFile(os.path.join(root, f".lmcache-bench-raw-{token}"), chunk_bytes)
     if kind == "redis":
         return _RawRedis(url, token)
+    # The raw client is built before the store, from the same URL: it must refuse what
+    # the store refuses (``s3://key:secret@bucket``) instead of sending it as a bucket.
+    check_remote_url(url)
     return _RawFsspec(url, token, options)
 
 
@@ -638,14 +648,19 @@ def run_bench(
         try:
             report.rows.extend(_bench_store(tgt, chunks, shape, tdtype, nbytes, count, batch, say, drop_caches))
         except Exception as exc:  # one broken store must not lose the others' figures
-            report.errors.append(
-                {
-                    # mask_url would turn ``cpu://`` into ``cpu:``; only URLs can hold secrets.
-                    "store": mask_url(tgt.name) if tgt.kind in ("redis", "fsspec", "hybrid") else tgt.name,
-                    "error": f"{type(exc).__name__}: {exc}",
-                }
-            )
+            report.errors.append({"store": mask_secrets_in(tgt.name), "error": _error_text(exc)})
     return report
+
+
+def _error_text(exc: BaseException) -> str:
+    """``Type: message`` on one line, credentials masked: what a report may hold.
+
+    Exception texts quote what they were given, and a client library quotes it in
+    its own form: botocore names the bucket ``AKIA:secret@bucket``, without the
+    ``s3://`` a URL-only mask looks for (``mask_secrets_in`` masks both forms).
+    """
+    text = " ".join(part.strip() for part in f"{type(exc).__name__}: {exc}".splitlines() if part.strip())
+    return mask_secrets_in(text)
 
 
 def url_target(
@@ -698,8 +713,7 @@ def _bench_store(
     meta = LMCacheEngineMetadata(model_name=model, kv_dtype=dtype, kv_shape=shape)
     n = len(chunks) - 1
     kind = tgt.kind
-    # mask_url would turn ``cpu://`` into ``cpu:``; only URLs can hold secrets.
-    name = mask_url(tgt.name) if kind in ("redis", "fsspec", "hybrid") else tgt.name
+    name = mask_secrets_in(tgt.name)  # mask_url would turn ``cpu://`` into ``cpu:``
 
     def key(i: int, phase: int) -> CacheEngineKey:
         # ``phase`` (one hex digit) keeps each phase's keys apart.

@@ -15,9 +15,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from lmcache_core.errors import ConfigError
+from lmcache_core.key import FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +265,7 @@ def _coerce(name: str, value: Any) -> Any:
             raise _error(
                 name, f"must be a URL such as redis://host:6379 or s3://bucket/prefix, got {_shown(value)}"
             )
+        check_remote_url(value)
         return value
     if name == "remote_serde":
         if value == "cachegen":
@@ -315,6 +317,20 @@ def _as_bool(name: str, value: Any) -> bool:
 # Names (query parameters, option keys) whose values are secrets.
 # Query parameters whose values are secrets; ``sig`` is an Azure SAS signature, ``pw`` a password.
 _SECRET_NAME_RE = re.compile(r"secret|password|passwd|token|key|credential|^sig$|^pw$|^pwd$", re.I)
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+# A URL given as a query value (``?endpoint_url=http://u:pw@host``): its '@' is not ours.
+_NESTED_URL_RE = re.compile(r"=[A-Za-z][A-Za-z0-9+.\-]*://")
+# Safety nets run over a whole masked URL, whatever its parse: the userinfo of any
+# ``scheme://user:pw@`` in it, and ``name=value`` pairs with a secret-looking name,
+# wherever a mistyped URL put them (a query whose '?' sat inside the password).
+_EMBEDDED_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/?#@\s:\[]*):[^/?#@\s]*@")
+_PAIR_RE = re.compile(r"(?P<lead>[?&#;])(?P<name>[^=&?#;\s]*)=(?P<value>[^&#\s]*)")
+# ``redis://[user:pw@]host``: a usage template, not a URL. Its password is kept when it
+# is a placeholder (the text names what goes there), masked otherwise.
+_TEMPLATE_RE = re.compile(r"\[(?P<userinfo>[^\[\]@/?#\s]*)@\]")
+_PLACEHOLDER_RE = re.compile(r"(?i)pw|pwd|pass(word)?|passwd|secret|token|key|\*+|\.\.\.|<[^<>]*>")
+#: S3 URL schemes; their netloc is a bucket name, which can hold neither ':' nor '@'.
+S3_SCHEMES = ("s3", "s3a", "fsspec+s3", "fsspec+s3a")
 
 
 def _mask_userinfo(authority: str) -> str:
@@ -324,6 +340,19 @@ def _mask_userinfo(authority: str) -> str:
     userinfo, _, hostport = authority.rpartition("@")
     user, sep, _pw = userinfo.partition(":")
     return f"{user}:***@{hostport}" if sep else f"***@{hostport}"
+
+
+def _first_delimiter(text: str, start: int = 0) -> int:
+    """Index of the first ``/``, ``?`` or ``#`` in ``text[start:]``, or -1."""
+    found = [i for i in (text.find(c, start) for c in "/?#") if i >= 0]
+    return min(found) if found else -1
+
+
+def _mask_authority(text: str) -> str:
+    """A URL without its ``scheme://``: the userinfo of its authority masked."""
+    end = _first_delimiter(text)
+    end = len(text) if end < 0 else end
+    return _mask_userinfo(text[:end]) + text[end:]
 
 
 def store_kind(url: str) -> str:
@@ -338,37 +367,95 @@ def store_kind(url: str) -> str:
     return "remote"
 
 
+def check_remote_url(url: str) -> None:
+    """Refuse a remote URL that would send a credential where it does not belong.
+
+    An S3 URL's netloc is the bucket: ``s3://AKIA:secret@bucket`` would reach S3 (and
+    its error messages) as the bucket name ``AKIA:secret@bucket``. S3 credentials come
+    from the usual AWS places instead (README, "Store URLs").
+
+    Raises:
+        ConfigError: (field ``remote_url``) an ``s3://`` URL with ``user:pw@`` in it;
+            the message shows the URL masked and says where credentials go.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in S3_SCHEMES:
+        return
+    end = _first_delimiter(rest)
+    bucket = rest if end < 0 else rest[:end]
+    # ':' too: a secret with a '/' in it (AWS secrets often have one) ends the
+    # bucket early, "s3://AKIA:abc/def@bucket" has no '@' before the first '/'.
+    if "@" in bucket or ":" in bucket:
+        raise _error(
+            "remote_url",
+            f"{mask_url(url)}: an S3 URL takes no user:password (it would be sent as the bucket name); "
+            "give S3 credentials the usual AWS way: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE or ~/.aws/credentials",
+        )
+
+
 def mask_url(url: str) -> str:
     """Replace the password (and secret query values) of a URL with ``***``.
 
     ``redis://user:pw@host:6379/0`` -> ``redis://user:***@host:6379/0``. A value
     with no ``scheme://`` is masked the same way, its authority being the text
     before the first ``/``, ``?`` or ``#``: ``admin:pw@h:6379`` -> ``admin:***@h:6379``.
+    Query values named like secrets (``secret``, ``password``, ``token``, ``key``, ...)
+    become ``***``, and a URL given as a query value (``?endpoint_url=http://u:pw@h``)
+    is masked in turn. A usage template such as ``redis://[user:pw@]host`` is kept.
     """
+    masked = _mask_url_parts(url)
+    masked = _EMBEDDED_USERINFO_RE.sub(lambda m: f"{m['scheme']}{m['user']}:***@", masked)
+    return _PAIR_RE.sub(_mask_pair, masked)
+
+
+def _mask_pair(m: re.Match[str]) -> str:
+    if _SECRET_NAME_RE.search(unquote(m["name"])):
+        return f"{m['lead']}{m['name']}=***"
+    return m.group(0)
+
+
+def _mask_url_parts(url: str) -> str:
     if "://" not in url:
-        end = min((i for i in (url.find(c) for c in "/?#") if i >= 0), default=len(url))
-        return _mask_userinfo(url[:end]) + url[end:]
+        return _mask_authority(url)
     scheme, _, rest = url.partition("://")
-    at = rest.rfind("@")
-    if at > 0 and ":" in rest[:at] and any(c in rest[:at] for c in "/?#"):
+    template = _TEMPLATE_RE.match(rest)
+    if template:
+        user, sep, pw = template["userinfo"].partition(":")
+        kept = template.group(0) if _PLACEHOLDER_RE.fullmatch(pw if sep else user) else (
+            f"[{user}:***@]" if sep else "[***@]"
+        )
+        tail = _mask_url_parts(f"{scheme}://{rest[template.end() :]}")
+        return f"{scheme}://{kept}{tail[len(scheme) + 3 :]}"
+    # The '@' that may end a userinfo lies before any URL given as a query value.
+    delimiter = _first_delimiter(rest)
+    nested = _NESTED_URL_RE.search(rest, delimiter) if delimiter >= 0 else None
+    at = rest.rfind("@", 0, nested.start() if nested else len(rest))
+    head = rest[:at] if at > 0 else ""
+    if ":" in head and any(c in head for c in "/?#"):
         # A password with an unencoded '/', '?' or '#' (a mistyped URL, just the kind
         # that gets printed): urlsplit would take part of it for the path, query or
-        # fragment and print it. Mask everything up to the last '@' instead.
-        user = rest[:at].split(":", 1)[0]
-        tail = mask_url(f"{scheme}://{rest[at + 1 :]}")  # no '@' left: its query secrets too
+        # fragment and print it. Mask everything up to that '@' instead; what follows
+        # may have lost its '?' to the password, which the pair pass in mask_url covers.
+        user = head.split(":", 1)[0]
+        tail = _mask_url_parts(f"{scheme}://{rest[at + 1 :]}")
         return f"{scheme}://{user}:***@{tail[len(scheme) + 3 :]}"
     try:
         parts = urlsplit(url)
     except ValueError:
-        return "<unparseable url>"
+        # Unbalanced '[' or ']' (in a password, say): mask the authority as text and
+        # keep the rest readable, rather than losing the whole message around it.
+        return f"{scheme}://{_mask_authority(rest)}"
     netloc = _mask_userinfo(parts.netloc)
     query = parts.query
     if query:
         pairs = []
         for item in query.split("&"):
             k, eq, v = item.partition("=")
-            if eq and _SECRET_NAME_RE.search(k):
+            if eq and _SECRET_NAME_RE.search(unquote(k)):
                 v = "***"
+            elif eq:
+                v = _mask_query_value(v)
             pairs.append(f"{k}{eq}{v}")
         query = "&".join(pairs)
     out = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
@@ -377,25 +464,73 @@ def mask_url(url: str) -> str:
     return out
 
 
+def _mask_query_value(value: str) -> str:
+    """A query value that is itself a URL (``endpoint_url=http://u:pw@h``), masked;
+    percent-encoded ones too (``http%3A%2F%2Fu%3Apw%40h``), shown decoded once masked."""
+    masked = mask_secrets_in(value)
+    decoded = unquote(value)
+    if decoded != value and ("@" in decoded or "?" in decoded):
+        masked_decoded = mask_secrets_in(decoded)
+        if masked_decoded != decoded:
+            return quote(masked_decoded, safe=":/@*")
+    return masked
+
+
 # A run of text that may be a URL or a schemeless ``user:pw@host``: no spaces or quotes.
 _WORD_RE = re.compile(r"[^\s'\"`]+")
-_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+# A chunk key, ``fmt@model@world_size@worker_id@hash`` (maybe after a Redis prefix):
+# its '@'s separate fields, and a model name may hold a ':'.
+_KEY_RE = re.compile(rf"(?:{'|'.join(FORMATS)})@[^@]*@\d+@\d+@[0-9a-f]{{1,128}}$")
+_KEY_STARTS = tuple(f"{fmt}@" for fmt in FORMATS)
+_OPENERS = {")": "(", "]": "[", "}": "{", ">": "<"}
+
+
+def _split_trailing(word: str) -> tuple[str, str]:
+    """``word`` less the punctuation that ends a sentence or a clause after it
+    (``...&secret=x: list:``, ``(redis://h?token=x)``): that is the message's, not the URL's.
+
+    A secret ending in one of these characters shows that one character; that is
+    the price of keeping ``URL: reason`` readable.
+    """
+    end = len(word)
+    while end > 0:
+        c = word[end - 1]
+        if c in ".,;:!" or (c in _OPENERS and word.count(_OPENERS[c], 0, end) < word.count(c, 0, end)):
+            end -= 1
+        else:
+            break
+    return word[:end], word[end:]
 
 
 def _mask_word(word: str) -> str:
     if "@" not in word and "?" not in word:
         return word  # nothing to mask: file:///x, cpu:// and prose stay exactly as written
     m = _SCHEME_RE.search(word)  # a URL may follow punctuation: "[redis://...", "(s3://..."
-    start = m.start() if m else 0
-    return word[:start] + mask_url(word[start:])
+    if m is not None:
+        url, trailing = _split_trailing(word[m.start() :])
+        return word[: m.start()] + mask_url(url) + trailing
+    # No scheme: only ``user:pw@host`` (botocore quotes an S3 bucket so) is a credential;
+    # a chunk key (``vllm@model:tag@1@0@hash``, or a mistyped one) and ``name@host`` are not.
+    core, trailing = _split_trailing(word)
+    bare = core.strip("()[]{}<>'\"")  # a key quoted or in brackets: "(vllm@qwen2:7b@1@0@ab)"
+    key = _KEY_RE.search(bare)
+    if (key is not None and "@" not in bare[: key.start()]) or bare.startswith(_KEY_STARTS):
+        return word
+    authority_end = _first_delimiter(core)
+    authority = core if authority_end < 0 else core[:authority_end]
+    if ":" not in authority.rpartition("@")[0]:
+        return word
+    return mask_url(core) + trailing
 
 
 def mask_secrets_in(text: str) -> str:
     """``text`` with every URL-like word that holds a credential masked (``mask_url``).
 
-    Words are runs without spaces or quotes; one with userinfo (``@``) or a query
-    (``?``) is masked, with or without a scheme (``admin:pw@h:6379`` too).
-    Everything else is left exactly as it was.
+    Words are runs without spaces or quotes. One with a ``scheme://`` and userinfo
+    (``@``) or a query (``?``) is masked from its scheme on; one without a scheme
+    only when it has ``user:pw@`` (``admin:pw@h:6379``, ``AKIA:secret@bucket``).
+    Punctuation after a word (``URL: reason``) and everything else is left exactly
+    as it was.
     """
     return _WORD_RE.sub(lambda m: _mask_word(m.group(0)), text)
 

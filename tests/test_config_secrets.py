@@ -248,3 +248,101 @@ def test_bad_numbers_are_config_errors_naming_the_field(field: str, value: str, 
     with pytest.raises(ConfigError, match=match) as info:
         LMCacheEngineConfig.from_env({f"LMCACHE_{field}": value})
     assert field.lower() in str(info.value)
+
+
+# -- from a masking audit: nested URLs, every secret pair, templates, S3 userinfo -----------------
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        # A URL given as a query value is not a mistyped password: its userinfo and the
+        # query's secrets are masked, the rest kept (was "http:***@...&secret=topsecret").
+        (
+            "s3://bucket/p?endpoint_url=http://u:hunter2@127.0.0.1:1&key=AKIA&secret=hunter2",
+            "s3://bucket/p?endpoint_url=http://u:***@127.0.0.1:1&key=***&secret=***",
+        ),
+        (
+            "redis://u:hunter2@h:1/0?x=http://a:hunter2@c&password=hunter2",
+            "redis://u:***@h:1/0?x=http://a:***@c&password=***",
+        ),
+        ("redis://u:pa/hunter2@h/0?x=http://a:hunter2@c", "redis://u:***@h/0?x=http://a:***@c"),
+        ("s3://b/p?endpoint_url=http%3A%2F%2Fu%3Ahunter2%40h", "s3://b/p?endpoint_url=http://u:***@h"),
+        ("s3://b/p?secr%65t=hunter2", "s3://b/p?secr%65t=***"),  # a percent-encoded name
+        # Unbalanced '[' (urlsplit refuses it): was "<unparseable url>", now the rest stays.
+        ("redis://u:hun[ter2@host:1/0?db=1", "redis://u:***@host:1/0?db=1"),
+        # Usage templates: a placeholder password stays, a real one does not.
+        ("redis://[user:pw@]host:port/db", "redis://[user:pw@]host:port/db"),
+        ("redis://[user:pass@]host:6379/0?prefix=lmcache:", "redis://[user:pass@]host:6379/0?prefix=lmcache:"),
+        ("redis://[admin:hunter2@]h:1/0", "redis://[admin:***@]h:1/0"),
+        ("redis://[hunter2@]h:1/0", "redis://[***@]h:1/0"),
+    ],
+)
+def test_mask_url_masks_nested_urls_and_every_secret_and_keeps_the_rest(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+    assert SECRET not in mask_url(url)
+
+
+def test_mask_url_masks_secret_pairs_that_lost_their_query_to_a_mistyped_password() -> None:
+    # The last '@' sits in the query, so everything before it is masked as userinfo,
+    # the '?' with it; the pairs after it, no longer behind a '?', are masked all the same.
+    masked = mask_url("redis://u:hunter2@h/0?token=a@b&secret=hunter2")
+    assert SECRET not in masked and masked.startswith("redis://u:***@") and masked.endswith("&secret=***")
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("s3://b/p?secret=hunter2: list: X", "s3://b/p?secret=***: list: X"),  # the ':' was eaten
+        ("(redis://h:1/0?token=hunter2).", "(redis://h:1/0?token=***)."),
+        ('name "AKIA:hunter2@bucket": bad', 'name "AKIA:***@bucket": bad'),  # botocore's bucket
+        ("expected redis://[user:pw@]host:port/db", "expected redis://[user:pw@]host:port/db"),
+        ("key vllm@org/m:v1@1@0@ab0f, got it", "key vllm@org/m:v1@1@0@ab0f, got it"),
+        ("(fmt@model@world_size@worker_id@hash) a@b.com", "(fmt@model@world_size@worker_id@hash) a@b.com"),
+    ],
+)
+def test_mask_secrets_in_keeps_the_text_around_a_url(text: str, masked: str) -> None:
+    assert mask_secrets_in(text) == masked
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://AKIA:hunter2@bucket/p",
+        "s3://AKIA:abc/hunter2@bucket/p",  # an AWS secret with a '/': the bucket ends early
+        "s3://hunter2@bucket",
+        "S3A://AKIA:hunter2@bucket/p?endpoint_url=http://127.0.0.1:1",
+        "fsspec+s3://AKIA:hunter2@bucket/p",
+    ],
+)
+def test_an_s3_remote_url_with_credentials_is_refused_saying_where_they_go(url: str, tmp_path: Path) -> None:
+    import yaml
+
+    conf = tmp_path / "lmcache.yaml"
+    conf.write_text(yaml.safe_dump({"remote_url": url}))
+    for attempt in (
+        lambda: LMCacheEngineConfig.from_defaults(remote_url=url),
+        lambda: LMCacheEngineConfig.from_env({"LMCACHE_REMOTE_URL": url}),
+        lambda: LMCacheEngineConfig.from_file(conf),
+        lambda: LMCacheEngineConfig().replace(remote_url=url),  # what open_backend does with --store
+    ):
+        with pytest.raises(ConfigError, match="takes no user:password") as info:
+            attempt()
+        message = str(info.value)
+        assert info.value.field == "remote_url"
+        assert SECRET not in message and "abc/" not in message
+        assert "***@bucket" in message and "AWS_ACCESS_KEY_ID" in message and "~/.aws/credentials" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://bucket/prefix?endpoint_url=http://127.0.0.1:1",
+        "s3://bucket/dir@x/y",  # '@' in an object path is fine
+        "abfs://container@account.dfs.core.windows.net/p",  # Azure's '@' is part of the URL
+        "gs://bucket/p",
+        "redis://:hunter2@h:6379/0",
+    ],
+)
+def test_remote_urls_without_s3_userinfo_are_accepted(url: str) -> None:
+    assert LMCacheEngineConfig(remote_url=url).remote_url == url
