@@ -30,7 +30,9 @@ pytestmark = pytest.mark.usefixtures("private_cli_env")
 
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
-    return tmp_path / "store"
+    path = tmp_path / "store"
+    path.mkdir()  # read-only commands refuse a --store directory that does not exist
+    return path
 
 
 class Cli:

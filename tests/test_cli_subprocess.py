@@ -91,6 +91,7 @@ def test_default_store_roundtrip_and_exit_codes(tmp_path: Path) -> None:
     assert "--yes" in refused.stderr
     assert run(["ls", "-q"], env).stdout.split() == [KEY]
     # LMCACHE_STORE and --store name other stores
+    (tmp_path / "other").mkdir()  # an explicit store must exist for read-only commands
     env2 = clean_env(tmp_path, LMCACHE_STORE=str(tmp_path / "other"))
     assert json.loads(run(["stats", "--format", "json"], env2).stdout)["chunks"] == 0
     assert json.loads(run(["--store", str(default_store), "stats", "--format", "json"], env2).stdout)["chunks"] == 1

@@ -56,9 +56,9 @@ def bench(
         batch = batch or int(QUICK["batch"])
     urls = list(stores or [])
     if not urls:
-        url, _ = state.store_url()
-        if url is None:
-            raise usage_error("bench measures stores named by URL; give --store URL (a --config store has none)")
+        url, source = state.store_url()
+        if url is None:  # tiers from --config, LMCACHE_CONFIG_FILE or LMCACHE_<FIELD> variables
+            raise usage_error(f"bench measures stores named by URL; give --store URL (the store from {source} has none)")
         urls = [url]
     try:
         from lmcache_core.bench import run_bench

@@ -25,8 +25,12 @@ def config(ctx: typer.Context, format_: FormatOption = None) -> None:
         {"name": "store", "value": safe_url(url) if url else store_desc, "source": url_source},
         {"name": "config_file", "value": path, "source": path_source},
     ]
+    ignored, why = state.ignored_env_tiers()  # tier variables that --store/LMCACHE_STORE overrides
     for name, value in values.items():
-        rows.append({"name": name, "value": value, "source": cfg.sources.get(name, "default")})
+        source = cfg.sources.get(name, "default")
+        if source.removeprefix("env ") in ignored:
+            source += f" (ignored: {why})"
+        rows.append({"name": name, "value": value, "source": source})
     if out.json:
         out.data({"store": rows[0]["value"], "settings": rows})
         return

@@ -65,7 +65,7 @@ def evict(
     if pattern is None and model is None and max_age is None and target is None:
         raise usage_error("say what to evict: PATTERN, --model, --older-than or --to-size ('*' for everything)")
     now = time.time()
-    with state.open_store() as store:
+    with state.open_store(must_exist=True) as store:
         listed = store.entries()
         if max_age is not None:
             warn_unknown_ages(out, listed, store.describe())

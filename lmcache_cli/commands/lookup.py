@@ -9,6 +9,7 @@ import typer
 from lmcache_cli.options import ChunkSizeOption, KvFmt, KvFmtOption, WorkerIdOption, WorldSizeOption
 from lmcache_cli.output import Column
 from lmcache_cli.state import FormatOption, get_state
+from lmcache_cli.store_tiers import answered
 
 
 def lookup(
@@ -34,10 +35,14 @@ def lookup(
     out = state.output(format_)
     token_ids = load_tokens(tokens)
     size = chunk_size or state.config().chunk_size
-    with state.open_store() as store:
-        result = store_ops.prefix_lookup(
-            store, token_ids, model=model, fmt=fmt.value, chunk_size=size, world_size=world_size, worker_id=worker_id
-        )
+    with state.open_store(must_exist=True) as store:
+        # "0 cached" must mean the store said so, not that a tier was down: an
+        # unanswered contains() is an error here (see store_tiers.answered).
+        with answered(store, "whether chunks are cached"):
+            result = store_ops.prefix_lookup(
+                store, token_ids, model=model, fmt=fmt.value, chunk_size=size, world_size=world_size,
+                worker_id=worker_id,
+            )
         result["store"] = store.describe()
     if out.json:
         out.data(result)

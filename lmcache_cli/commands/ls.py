@@ -50,7 +50,7 @@ def ls(
     min_size = size_option(larger_than, "--larger-than")
     min_age = age_option(older_than, "--older-than")
     now = time.time()
-    with state.open_store() as store:
+    with state.open_store(must_exist=True) as store:
         listed = store.entries()
         if min_age is not None:
             warn_unknown_ages(out, listed, store.describe())

@@ -20,6 +20,7 @@ from lmcache_cli.options import (
 from lmcache_cli.output import Output
 from lmcache_cli.progress import progress_bar
 from lmcache_cli.state import CliState, FormatOption, get_state
+from lmcache_cli.store_tiers import holding_tiers
 from lmcache_cli.units import human_size, plural
 
 
@@ -62,6 +63,9 @@ def put(
     with state.open_store() as store:
         store.backend.put(chunk_key, chunk.contiguous(), blocking=True)
         where = store.describe()
+        # A tiered store's put logs a remote tier's refusal and returns: ask each tier,
+        # as `put --tokens` and `warm` do, rather than report a write that did not happen.
+        held, missing = holding_tiers(store, chunk_key)
     nbytes = chunk.numel() * chunk.element_size()
     result = {
         "key": chunk_key.to_string(),
@@ -69,10 +73,20 @@ def put(
         "dtype": str(chunk.dtype).removeprefix("torch."),
         "shape": list(chunk.shape),
         "bytes": nbytes,
+        "stored_in": held,
+        "not_stored_in": missing,
     }
     out.data(result)
-    if out.human:
-        out.message(f"stored {chunk_key} ({result['dtype']} {tuple(chunk.shape)}, {human_size(nbytes)}) in {where}")
+    if out.human and held:
+        out.message(
+            f"stored {chunk_key} ({result['dtype']} {tuple(chunk.shape)}, {human_size(nbytes)}) in {' + '.join(held)}"
+        )
+    if missing:
+        out.error(
+            f"{chunk_key} not stored in {' and '.join(missing)} (the tier refused the write or is down); "
+            "rerun once it is back"
+        )
+        raise typer.Exit(1)
 
 
 def _put_tokens(

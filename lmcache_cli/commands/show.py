@@ -36,7 +36,7 @@ def show(
     state = get_state(ctx)
     out = state.output(format_)
     chunk_key = parse_key(key)
-    with state.open_store() as store:
+    with state.open_store(must_exist=True) as store:
         chunk, check = store.read(chunk_key)
         path = store.path_of(chunk_key)
         if check.header is None:

@@ -15,7 +15,7 @@ def stats(ctx: typer.Context, format_: FormatOption = None) -> None:
 
     state = get_state(ctx)
     out = state.output(format_)
-    with state.open_store() as store:
+    with state.open_store(must_exist=True) as store:
         report = store_ops.store_stats(store.entries())
         report["store"] = store.describe()
         if store.is_disk:

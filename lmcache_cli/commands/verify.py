@@ -37,7 +37,7 @@ def verify(
 
     state = get_state(ctx)
     out = state.output(format_)
-    with state.open_store() as store:
+    with state.open_store(must_exist=True) as store:
         # A config-described store is verified tier by tier (store_ops opens each);
         # listing it here would open every tier at once just for a progress total.
         entries = store.entries() if store.kind != "tiered" else []
