@@ -254,6 +254,12 @@ def test_get_tokens_and_warm_read_a_good_remote_copy_past_a_corrupt_disk_copy(tm
     # filled, and the bad copy stays for verify to report.
     assert times(files) == before and bad.read_bytes() == bad_bytes
     before = age(files)  # (that read was this test's own)
+    one = tmp_path / "one.safetensors"  # get KEY, too, writes the good copy
+    tiered(*conf, "get", keys[1], "-o", str(one), store=False)
+    (chunk1,) = load_file(str(one)).values()
+    assert chunk1.equal(load_file(str(kv))["kv"][:, :, CHUNK : 2 * CHUNK])
+    assert times(files) == before and bad.read_bytes() == bad_bytes
+    before = age(files)
 
     dst = tmp_path / "dst"
     res = tiered.json(*conf, "warm", "--to", str(dst), store=False)

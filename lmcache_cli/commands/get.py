@@ -62,7 +62,8 @@ def get(
     from lmcache_core import chunk_format, store_ops
 
     with state.open_store(must_exist=True) as store:
-        chunk, check = store.read(chunk_key)
+        # Verified as it is read; on a tiered store a bad copy falls through to a good one.
+        chunk, check = store.read_verified(chunk_key)
         if chunk is None or not check.ok:
             if check.status == store_ops.CORRUPT:
                 raise CliError(f"{chunk_key}: {check.reason}; not written (run `lmcache verify --fix`)")
