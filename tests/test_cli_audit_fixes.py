@@ -273,3 +273,18 @@ def test_a_contains_that_a_retry_made_good_is_an_answer() -> None:
         assert store.backend.stats["retries"] == 1  # the blip happened, and was retried
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (("--dtype", "foo"), "--dtype 'foo': one of bfloat16"),
+        (("--dtype", "int4"), "--dtype 'int4': one of bfloat16"),
+        (("--chunk-mb", "0.01"), "chunk_bytes must be a positive multiple of 2"),
+    ],
+)
+def test_bench_parameter_mistakes_are_usage_errors_before_any_work(tmp_path: Path, args: tuple[str, ...], says: str) -> None:
+    store = tmp_path / "s"
+    r = lmcache("bench", "-s", str(store), *args, code=2)
+    assert r.stderr.startswith("error: ") and says in r.stderr and r.stderr.count("\n") == 1
+    assert not store.exists()  # nothing generated, nothing written

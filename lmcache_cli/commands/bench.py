@@ -23,6 +23,10 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+#: The dtypes a KV chunk is benchmarked in (``--dtype``).
+BENCH_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn")
+
+
 def bench(
     ctx: typer.Context,
     stores: Annotated[list[str] | None, typer.Option("--store", "-s", metavar="URL", help="Store to measure (repeatable) [default: the global store].")] = None,
@@ -50,6 +54,8 @@ def bench(
     if chunk_mb is not None and kv_shape is not None:
         raise usage_error("give --chunk-mb or --kv-shape, not both")
     shape = _parse_shape(kv_shape) if kv_shape is not None else None
+    if dtype not in BENCH_DTYPES:
+        raise usage_error(f"--dtype {dtype!r}: one of {', '.join(BENCH_DTYPES)}")
     if quick:
         chunk_mb = chunk_mb if chunk_mb is not None or shape is not None else QUICK["chunk_mb"]
         count = count or int(QUICK["count"])
@@ -71,14 +77,17 @@ def bench(
         kwargs["count"] = count
     if batch is not None:
         kwargs["batch"] = batch
-    report = run_bench(
-        urls,
-        chunk_bytes=int(chunk_mb * (1 << 20)) if chunk_mb is not None else None,
-        kv_shape=shape,
-        progress=out.message,
-        drop_caches=drop_caches,
-        **kwargs,  # type: ignore[arg-type]
-    )
+    try:
+        report = run_bench(
+            urls,
+            chunk_bytes=int(chunk_mb * (1 << 20)) if chunk_mb is not None else None,
+            kv_shape=shape,
+            progress=out.message,
+            drop_caches=drop_caches,
+            **kwargs,  # type: ignore[arg-type]
+        )
+    except ValueError as exc:  # run_bench checks its parameters before it measures anything
+        raise usage_error(str(exc)) from None
     errors = list(getattr(report, "errors", []) or [])
     if out.json:
         out.data(report.to_dict())
