@@ -288,3 +288,19 @@ def test_bench_parameter_mistakes_are_usage_errors_before_any_work(tmp_path: Pat
     r = lmcache("bench", "-s", str(store), *args, code=2)
     assert r.stderr.startswith("error: ") and says in r.stderr and r.stderr.count("\n") == 1
     assert not store.exists()  # nothing generated, nothing written
+
+
+def test_warm_to_a_dead_remote_names_the_cause_in_every_failure(tmp_path: Path) -> None:
+    """Once the circuit opens, later chunks fail fast: their reason still names what
+    failed ("Connection refused"), not only "circuit open"."""
+    src = tmp_path / "src"
+    for i in range(8):
+        key = f"vllm@{MODEL}@1@0@{i:064x}"
+        lmcache("--store", str(src), "put", key, str(tensor_file(tmp_path)))
+    r = lmcache("warm", "--from", str(src), "--to", DEAD_REDIS, "--format", "json", code=1)
+    report = json.loads(r.stdout)
+    reasons = [f["reason"] for f in report["failures"]]
+    assert len(reasons) == 8 and report["copied"] == 0
+    assert any("circuit open" in why for why in reasons)  # the later ones failed fast
+    assert all("Connection refused" in why for why in reasons), reasons
+    assert "hunter2" not in r.stdout + r.stderr

@@ -683,6 +683,17 @@ def test_circuit_breaker_states() -> None:
         CircuitBreaker(failure_threshold=0)
 
 
+def test_an_open_circuit_says_what_failed_last() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=2, reset_timeout=5.0, clock=lambda: now[0])
+    breaker.record_failure("get: ConnectionError: refused")
+    breaker.record_failure()  # no cause given: the last one known stays
+    now[0] = 1.0
+    assert breaker.why_open() == "circuit open (retry in 4.0s; last failure: get: ConnectionError: refused)"
+    breaker.reset()
+    assert breaker.why_open() == "circuit open (retry in 0.0s)"
+
+
 def test_breaker_opens_fails_fast_and_recovers() -> None:
     conn = FlakyConnector()
     backend = _fake_backend(conn, attempts=1, threshold=3, reset=0.3)

@@ -58,6 +58,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._probe_started = 0.0
+        self._last_failure = ""
         self.times_opened = 0
 
     @property
@@ -104,8 +105,19 @@ class CircuitBreaker:
             self._state = CLOSED
             self._failures = 0
 
-    def record_failure(self) -> None:
+    def why_open(self) -> str:
+        """``circuit open (retry in N s; last failure: ...)``: for errors of calls refused
+        while open, so an operator sees the cause ("Connection refused"), not only the state."""
+        retry = self.retry_after()
         with self._lock:
+            last = self._last_failure
+        return f"circuit open (retry in {retry:.1f}s" + (f"; last failure: {last})" if last else ")")
+
+    def record_failure(self, cause: str = "") -> None:
+        """Count a failure; ``cause``: what failed, in words safe to print (no secrets)."""
+        with self._lock:
+            if cause:
+                self._last_failure = cause
             self._failures += 1
             if self._state == HALF_OPEN or (
                 self._state == CLOSED and self._failures >= self.failure_threshold
@@ -134,3 +146,4 @@ class CircuitBreaker:
         with self._lock:
             self._state = CLOSED
             self._failures = 0
+            self._last_failure = ""

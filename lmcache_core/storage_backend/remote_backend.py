@@ -36,7 +36,7 @@ import torch
 
 from lmcache_core import chunk_format
 from lmcache_core.chunk_format import ChunkHeader
-from lmcache_core.config import LMCacheEngineConfig, LMCacheEngineMetadata, mask_url
+from lmcache_core.config import LMCacheEngineConfig, LMCacheEngineMetadata, mask_secrets_in, mask_url
 from lmcache_core.errors import (
     CorruptChunkError,
     LMCacheError,
@@ -365,7 +365,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         attempts = self.retry.attempts if retry else 1
         for attempt in range(min(tried, attempts - 1), attempts):
             if attempt > 0 and not self.breaker.allow():
-                raise StoreUnavailableError(self.display_url, f"{what}: circuit open")
+                raise StoreUnavailableError(self.display_url, f"{what}: {self.breaker.why_open()}")
             started = time.monotonic()
             try:
                 result = fn(*args)
@@ -396,7 +396,10 @@ class LMCRemoteBackend(LMCBackendInterface):
         deadline. One that cannot is abandoned by its caller mid-send, and a write
         could then land after the caller's next put of the same key and undo it.
         """
-        self.breaker.record_failure()
+        # The cause, for the errors of calls the open circuit refuses: our own errors
+        # already name the remote; others get their type ("ConnectionError: ...").
+        cause = str(exc) if isinstance(exc, LMCacheError) else f"{type(exc).__name__}: {exc}"
+        self.breaker.record_failure(mask_secrets_in(f"{what}: {cause:.200}"))
         self.stats.incr("remote_errors")
         pause = self.retry.delay(attempt)
         took = time.monotonic() - started
@@ -411,9 +414,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         """Fail fast while the circuit is open (counted in ``circuit_rejections``)."""
         if not self.breaker.allow():
             self.stats.incr("circuit_rejections")
-            raise StoreUnavailableError(
-                self.display_url, f"{what}: circuit open (retry in {self.breaker.retry_after():.1f}s)"
-            )
+            raise StoreUnavailableError(self.display_url, f"{what}: {self.breaker.why_open()}")
 
     def _no_answer(self, what: str) -> StoreUnavailableError:
         """The error for a call whose deadline passed (counted in ``timeouts``)."""
@@ -448,7 +449,7 @@ class LMCRemoteBackend(LMCBackendInterface):
             return future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
             future.cancel()
-            self.breaker.record_failure()
+            self.breaker.record_failure(f"{what}: no answer in time")
             raise self._no_answer(what) from None
         except LMCacheError:
             raise
@@ -1281,7 +1282,7 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
             for gid in unfinished:
                 self.stats.incr("timeouts")
                 self.stats.incr("misses", len(call.groups[gid]))
-            self.breaker.record_failure()
+            self.breaker.record_failure("batched get: no answer in time")
         if not_sent:
             self.stats.incr("misses", not_sent)
         for i in to_fetch:
