@@ -298,7 +298,7 @@ class Store:
                 return None, ChunkCheck(key, where, False, "not found", status=MISSING)
             except OSError as exc:
                 return None, _unreadable(key, where, exc)
-        result = check_bytes(buf, key, where)
+        result = check_bytes(buf, key, where, unkeyed_ok=path is not None)
         if result.header is None:
             return None, result
         return chunk_format.decode(buf, verify=False), result
@@ -539,15 +539,21 @@ def _read_tier_file(tier: Any, key: CacheEngineKey) -> bytes | None:
         return None
 
 
-def check_bytes(buf: Any, key: CacheEngineKey | None, where: str) -> ChunkCheck:
-    """Check a whole chunk held in memory: header, identity, checksum."""
+def check_bytes(buf: Any, key: CacheEngineKey | None, where: str, *, unkeyed_ok: bool = False) -> ChunkCheck:
+    """Check a whole chunk held in memory: header, identity, checksum.
+
+    ``unkeyed_ok``: a chunk with an empty key passes as ``key``'s, as the disk tier
+    reads one at a key's path (the seed's ``save_disk(path, kv_chunk)`` wrote such
+    files): what the backend serves, ``verify --fix`` must not remove.
+    """
     mv = memoryview(buf).cast("B")
     try:
         header = chunk_format.parse_header(mv[: 8 + chunk_format.MAX_HEADER_BYTES], total_size=len(mv))
     except CorruptChunkError as exc:
         return ChunkCheck(key, where, False, f"bad header: {exc.reason}")
     try:
-        chunk_format.check_identity(header, key.to_string() if key is not None else None)
+        expected = None if key is None or (unkeyed_ok and header.key == "") else key.to_string()
+        chunk_format.check_identity(header, expected)
         chunk_format.verify_payload(header, mv[header.data_offset :])
     except CorruptChunkError as exc:
         return ChunkCheck(key, where, False, exc.reason, header)
@@ -564,7 +570,7 @@ def check_file(path: str, key: CacheEngineKey | None) -> ChunkCheck:
         return ChunkCheck(key, where, False, "not found", status=MISSING)
     except OSError as exc:
         return _unreadable(key, where, exc)
-    return check_bytes(buf, key, where)
+    return check_bytes(buf, key, where, unkeyed_ok=True)
 
 
 def _read_buffers() -> Any:
@@ -599,7 +605,7 @@ def read_file_verified(
     try:
         with open_chunk_file(path, buffering=0) as f:
             header = chunk_format.read_header(f, total_size=os.fstat(f.fileno()).st_size)
-            chunk_format.check_identity(header, where)
+            chunk_format.check_identity(header, None if header.key == "" else where)  # as the disk tier reads
             if not header.nbytes:
                 return torch.empty(header.shape, dtype=header.torch_dtype), ChunkCheck(key, where, True, header=header)
             buf = _read_buffers().acquire(header.nbytes)

@@ -294,3 +294,27 @@ def test_put_tokens_into_a_tiered_store_whose_remote_is_down_fails(tmp_path: Pat
     redis_server_private.restart()
     back = json.loads(lmcache(*args, "--format", "json").stdout)
     assert (back["stored"], back["skipped"], back["failed"]) == (2, 0, 0)
+
+
+def test_an_unkeyed_chunk_the_disk_tier_serves_is_sound_to_the_tools(tmp_path: Path) -> None:
+    """A chunk file with an empty key at a key's path (the seed's save_disk(path, kv_chunk)
+    wrote such files) is served by the disk tier's get: verify must call it ok, --fix
+    must keep it, and get/show must read it."""
+    from lmcache_core import chunk_format
+    from lmcache_core.storage_backend import open_backend
+
+    store = tmp_path / "store"
+    key = make_key("unkeyed")
+    path = Path(layout.disk_path(str(store), key))
+    path.parent.mkdir(parents=True)
+    tensor = chunk_tensor(3)
+    header, payload = chunk_format.encode(tensor, "")
+    path.write_bytes(header + bytes(payload))
+    with open_backend(str(store), dst_device="cpu") as backend:
+        got = backend.get(key)
+        assert got is not None and torch.equal(got, tensor)  # what the backend serves
+    report = lmcache_json("--store", str(store), "verify", "--fix")
+    assert report["ok"] == 1 and report["bad"] == [] and report["removed"] == [] and path.exists()
+    out = tmp_path / "out.safetensors"
+    lmcache("--store", str(store), "get", key.to_string(), "-o", str(out))
+    assert lmcache_json("--store", str(store), "show", key.to_string())["checksum_ok"] is True
