@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Annotated
 
 import typer
@@ -73,6 +75,29 @@ for _module, _name in (
     app.command(_name)(getattr(_module, _name))
 
 
+#: The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    On Ctrl-C the command's own thread has unwound (its ``finally`` blocks ran:
+    bench removed what it wrote); worker threads may still wait on a remote that
+    does not answer, and the interpreter would join them, each up to its timeout
+    (warm to a blackholed Redis exited 10 s after Ctrl-C). What they abandon is
+    safe (disk writes are temp files renamed into place, Redis writes staged),
+    so the process ends now.
+    """
+    try:
+        app()
+    except SystemExit as exc:
+        if exc.code != EXIT_INTERRUPTED:
+            raise
+        sys.stderr.write("error: interrupted\n")
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(EXIT_INTERRUPTED)

@@ -23,8 +23,9 @@ import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, cast
 from urllib.parse import urlsplit
 
 from lmcache_core import chunk_format, layout
@@ -621,6 +622,24 @@ def read_file_verified(
     return chunk, ChunkCheck(key, where, True, header=header)
 
 
+@contextmanager
+def worker_pool(jobs: int) -> Iterator[ThreadPoolExecutor]:
+    """Threads for per-chunk work that stop early when the caller does.
+
+    A plain ``with ThreadPoolExecutor()`` runs every queued task before it lets an
+    exception through: after Ctrl-C, ``warm`` to a dead remote went on for 10 s.
+    Here an exception (``KeyboardInterrupt`` too) drops the tasks not started, and
+    waits only for those in flight (each bounded by its store's timeout).
+    """
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
 # -- selection -----------------------------------------------------------------------
 
 
@@ -885,7 +904,7 @@ def verify_store(
         return check_file(path, key) if path is not None else store.check(key)
 
     done_bytes = 0
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with worker_pool(jobs) as pool:
         futures = {pool.submit(one, t): t for t in targets}
         for fut in as_completed(futures):
             result = fut.result()
@@ -1135,7 +1154,7 @@ def warm(
     # measured slower than each reading alone.
     helper = chunk_format.ALONE if min(jobs, len(keys)) > 1 else None
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with worker_pool(jobs) as pool:
         futures = {
             pool.submit(copy_chunk, src, dst, k, verify_existing=verify_existing, helper=helper): k for k in keys
         }

@@ -186,3 +186,34 @@ def test_closed_pipe_is_quiet(tmp_path: Path) -> None:
     err = proc.stderr.read()
     assert proc.wait(timeout=60) in (0, 1)
     assert err == "", err
+
+
+def test_ctrl_c_stops_warm_to_a_silent_server_at_once(tmp_path: Path) -> None:
+    """Worker threads waiting on a server that never answers do not hold the exit:
+    SIGINT ends the process with 130 and one `error: interrupted` line, at once."""
+    import signal
+    import time
+
+    from lmcache_core.key import CacheEngineKey
+    from lmcache_core.storage_backend import open_backend
+    from tests.tcp_proxy import TcpProxy
+
+    src = tmp_path / "src"
+    env = clean_env(tmp_path)
+    with open_backend(str(src), dst_device="cpu") as backend:
+        for i in range(6):
+            backend.put(CacheEngineKey("vllm", "sub/model", 1, 0, f"{i:064x}"), torch.zeros(2, 2, 16, 2, 8))
+    with TcpProxy(None, mode="blackhole") as proxy:  # accepts, never answers
+        url = f"redis://:pw@127.0.0.1:{proxy.port}/0"
+        proc = subprocess.Popen(
+            [lmcache_exe(), "warm", "--from", str(src), "--to", url], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(2.0)  # well into the first calls' 5 s timeout
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        waited = time.monotonic() - sent
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted"
+    assert waited < 3.0, f"exit took {waited:.1f}s after SIGINT"

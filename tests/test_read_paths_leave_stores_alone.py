@@ -337,3 +337,30 @@ def test_a_fetched_chunk_is_copied_only_when_its_buffer_is_read_only() -> None:
     for frozen in (b"chunk bytes", memoryview(b"chunk bytes")):
         copy = _writable(frozen)
         assert isinstance(copy, bytearray) and copy == b"chunk bytes"
+
+
+def test_an_interrupted_warm_drops_the_chunks_not_started(tmp_path: Path) -> None:
+    """Ctrl-C (here: a progress callback that raises KeyboardInterrupt after the first
+    chunk) stops warm at once: the queued copies are dropped, not all run first."""
+    import torch
+
+    from lmcache_core import store_ops
+    from lmcache_core.storage_backend import open_backend
+
+    keys = [CacheEngineKey("vllm", MODEL, 1, 0, f"{i:064x}") for i in range(40)]
+    with open_backend(str(tmp_path / "src"), dst_device="cpu") as backend:
+        for k in keys:
+            backend.put(k, torch.zeros(2, 2, 16, 2, 8), blocking=True)
+
+    def interrupt(outcome: str, nbytes: int) -> None:
+        raise KeyboardInterrupt
+
+    src, dst = store_ops.Store(str(tmp_path / "src")), store_ops.Store(str(tmp_path / "dst"))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store_ops.warm(src, dst, keys, jobs=2, progress=interrupt)
+    finally:
+        src.close()
+        dst.close()
+    copied = [p for p in (tmp_path / "dst").rglob("*.safetensors")]
+    assert 1 <= len(copied) <= 4  # the first, and those in flight; not all 40
