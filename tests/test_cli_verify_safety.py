@@ -290,7 +290,8 @@ def test_put_tokens_into_a_tiered_store_whose_remote_is_down_fails(tmp_path: Pat
             "--kv", str(tmp_path / "kv.safetensors"), "--model", "m"]  # fmt: skip
     redis_server_private.kill()
     down = lmcache(*args, code=1)
-    assert "not stored in every tier" in down.stderr
+    assert "2 chunks not stored in remote redis://" in down.stderr  # the tier that lacks them, by name
+    assert json.loads(lmcache(*args, "--format", "json", code=1).stdout)["not_stored_in"][0].startswith("remote redis://")
     redis_server_private.restart()
     back = json.loads(lmcache(*args, "--format", "json").stdout)
     assert (back["stored"], back["skipped"], back["failed"]) == (2, 0, 0)

@@ -113,6 +113,10 @@ def _put_tokens(
 
             result = kvstore.store(token_ids, kv, progress=advance)
         where = store.describe()
+        lacking: list[str] = []  # the tiers that lack a chunk: named in the error
+        if result.failed:
+            for key in kvstore.keys_for(token_ids):
+                lacking += [t for t in holding_tiers(store, key)[1] if t not in lacking]
     payload = {
         "model": model,
         "store": where,
@@ -124,6 +128,7 @@ def _put_tokens(
         "chunk_size": size,
     }
     payload["failed"] = result.failed
+    payload["not_stored_in"] = lacking
     out.data(payload)
     if out.human:
         out.message(
@@ -131,8 +136,9 @@ def _put_tokens(
             f"{human_size(result.nbytes)}; {result.skipped} already cached) in {where}"
         )
     if result.failed:
+        tiers = " and ".join(lacking) if lacking else f"every tier of {where}"
         out.error(
-            f"{plural(result.failed, 'chunk')} not stored in every tier of {where} "
-            "(a tier refused or is down); rerun once it is back"
+            f"{plural(result.failed, 'chunk')} not stored in {tiers} "
+            "(the tier refused the write or is down); rerun once it is back"
         )
         raise typer.Exit(1)
