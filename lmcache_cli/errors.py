@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 
 
 class CliError(Exception):
@@ -148,6 +149,10 @@ class ErrorReportingGroup(TyperGroup):
             result = super().invoke(ctx)
             sys.stdout.flush()  # a closed pipe must surface here, not at interpreter exit
             return result
+        except KeyboardInterrupt:
+            # Exit 130 whatever Typer does with it (0.12 prints "Aborted!" and exits 1);
+            # main() then ends the process without joining worker threads.
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         except BrokenPipeError:
             # `lmcache ls | head`: the reader is gone; stop quietly, as other tools do.
             _discard_stdout()

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from lmcache_cli.commands import bench, config, evict, get, lookup, ls, put, show, stats, verify, warm
-from lmcache_cli.errors import ErrorReportingGroup
+from lmcache_cli.errors import EXIT_INTERRUPTED, ErrorReportingGroup
 from lmcache_cli.output import OutputFormat
 from lmcache_cli.state import STORE_ENV, CliState, check_exclusive
 from lmcache_core import __version__
@@ -73,10 +73,6 @@ for _module, _name in (
     (evict, "evict"), (verify, "verify"), (stats, "stats"), (bench, "bench"), (config, "config"),
 ):
     app.command(_name)(getattr(_module, _name))
-
-
-#: The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
-EXIT_INTERRUPTED = 130
 
 
 def main() -> None:

@@ -628,14 +628,19 @@ def worker_pool(jobs: int) -> Iterator[ThreadPoolExecutor]:
 
     A plain ``with ThreadPoolExecutor()`` runs every queued task before it lets an
     exception through: after Ctrl-C, ``warm`` to a dead remote went on for 10 s.
-    Here an exception (``KeyboardInterrupt`` too) drops the tasks not started, and
-    waits only for those in flight (each bounded by its store's timeout).
+    Here an exception drops the tasks not started and waits for those in flight
+    (each bounded by its store's timeout), so none writes into a store the caller
+    then closes; on ``KeyboardInterrupt`` it does not wait (the user asked to stop;
+    the CLI then exits without joining them, and what they abandon is safe).
     """
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
     try:
         yield pool
-    except BaseException:
+    except KeyboardInterrupt:
         pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
 
@@ -1069,7 +1074,7 @@ def _file_problem(path: str, key: CacheEngineKey, full: bool) -> str | None:
     try:
         with open_chunk_file(path, buffering=0) as f:
             header = chunk_format.read_header(f, total_size=os.fstat(f.fileno()).st_size)
-        chunk_format.check_identity(header, key.to_string())
+        chunk_format.check_identity(header, None if header.key == "" else key.to_string())  # as the disk tier reads
     except FileNotFoundError:
         return "not found"
     except CorruptChunkError as exc:
@@ -1296,8 +1301,7 @@ def read_prefix(
     found: list[Any] = []
     stopped: ChunkCheck | None = None
     if held:
-        pool = ThreadPoolExecutor(max_workers=workers)
-        try:
+        with worker_pool(workers) as pool:
             reads = [pool.submit(one, k) for k in keys[:held]]
             for i, fut in enumerate(reads):
                 chunk, check = fut.result()
@@ -1309,9 +1313,9 @@ def read_prefix(
                 else:
                     found.append(chunk)
                     continue
+                for later in reads[i + 1 :]:  # past the end of the prefix: not read
+                    later.cancel()
                 break
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # past the end of the prefix: not read
     covered = min(n, sum(int(c.shape[axis]) for c in found))
     return PrefixRead(found, covered, n, len(keys), axis, stopped)
 
