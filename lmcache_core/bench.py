@@ -616,13 +616,7 @@ def run_bench(
     Raises:
         ValueError: bad shape, dtype, count or batch.
     """
-    tdtype = getattr(torch, dtype, None)
-    if not isinstance(tdtype, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    if count < 2 or batch < 1:
-        raise ValueError(f"count must be >= 2 and batch >= 1, got count={count} batch={batch}")
-    shape = chunk_shape_for(chunk_bytes, kv_shape, tdtype)
-    nbytes = math.prod(shape) * tdtype.itemsize
+    shape, tdtype, nbytes = check_params(chunk_bytes, kv_shape, dtype, count, batch)
     n = max(count, batch)
     say = progress or (lambda _msg: None)
     report = BenchReport(
@@ -640,16 +634,41 @@ def run_bench(
     # Random payloads: nothing in the path may profit from compressible or equal data.
     chunks = [torch.randn(shape, generator=gen, dtype=torch.float32).to(tdtype) for _ in range(n + 1)]
     for target in stores:
-        tgt = (
-            target
-            if isinstance(target, BenchTarget)
-            else url_target(target, options=(options or {}).get(target, {}))
-        )
-        try:
+        name = target.name if isinstance(target, BenchTarget) else target
+        try:  # one broken store (a bad URL too) must not lose the others' figures
+            tgt = (
+                target
+                if isinstance(target, BenchTarget)
+                else url_target(target, options=(options or {}).get(target, {}))
+            )
+            name = tgt.name
             report.rows.extend(_bench_store(tgt, chunks, shape, tdtype, nbytes, count, batch, say, drop_caches))
-        except Exception as exc:  # one broken store must not lose the others' figures
-            report.errors.append({"store": mask_secrets_in(tgt.name), "error": _error_text(exc)})
+        except Exception as exc:
+            report.errors.append({"store": mask_secrets_in(name), "error": _error_text(exc)})
     return report
+
+
+def check_params(
+    chunk_bytes: int | None, kv_shape: Sequence[int] | None, dtype: str, count: int, batch: int
+) -> tuple[tuple[int, ...], torch.dtype, int]:
+    """``run_bench``'s parameters checked before any work: (shape, torch dtype, chunk bytes).
+
+    Raises:
+        ValueError: a dtype chunks cannot be stored in, a bad shape or size, count < 2, batch < 1.
+    """
+    from lmcache_core.chunk_format import dtype_name, storable_dtypes
+
+    tdtype = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    try:
+        if not isinstance(tdtype, torch.dtype):
+            raise ValueError
+        dtype_name(tdtype)
+    except ValueError:
+        raise ValueError(f"dtype {dtype!r}: one of {', '.join(storable_dtypes())}") from None
+    if count < 2 or batch < 1:
+        raise ValueError(f"count must be >= 2 and batch >= 1, got count={count} batch={batch}")
+    shape = chunk_shape_for(chunk_bytes, kv_shape, tdtype)
+    return shape, tdtype, math.prod(shape) * tdtype.itemsize
 
 
 def _error_text(exc: BaseException) -> str:

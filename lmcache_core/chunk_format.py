@@ -105,6 +105,11 @@ def _byte_view(t: torch.Tensor) -> memoryview:
     arr: Any = t.numpy()  # numpy arrays are buffers; its stubs do not say so
     return memoryview(arr).cast("B")
 
+def storable_dtypes() -> list[str]:
+    """The torch dtype names a chunk can hold, sorted."""
+    return sorted(_TORCH_TO_ST)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """safetensors name of a torch dtype; ``ValueError`` if it has none."""
     name = str(dtype).removeprefix("torch.")

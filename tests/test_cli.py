@@ -682,7 +682,7 @@ def test_bench_human_table_and_stores_option(cli: Cli, tmp_path: Path) -> None:
     assert "GB/s" in r.stdout and "RATIO" in r.stdout and "cpu://" in r.stdout
     quick = cli.json("bench", "--quick", "--chunk-mb", "0.25", "--dtype", "float16")
     assert quick["params"]["dtype"] == "float16" and quick["params"]["count"] == 8
-    assert "--dtype 'float17': one of" in cli("bench", "--quick", "--chunk-mb", "0.25", "--dtype", "float17", code=2).stderr
+    assert "dtype 'float17': one of" in cli("bench", "--quick", "--chunk-mb", "0.25", "--dtype", "float17", code=2).stderr
     cli("bench", "--kv-shape", "2,3,4", code=2)
     cli("bench", "--kv-shape", "2,2,16,4,8", "--chunk-mb", "1", code=2)
 

@@ -278,8 +278,8 @@ def test_a_contains_that_a_retry_made_good_is_an_answer() -> None:
 @pytest.mark.parametrize(
     "args, says",
     [
-        (("--dtype", "foo"), "--dtype 'foo': one of bfloat16"),
-        (("--dtype", "int4"), "--dtype 'int4': one of bfloat16"),
+        (("--dtype", "foo"), "dtype 'foo': one of bfloat16"),
+        (("--dtype", "int4"), "dtype 'int4': one of bfloat16"),
         (("--chunk-mb", "0.01"), "chunk_bytes must be a positive multiple of 2"),
     ],
 )
@@ -304,3 +304,24 @@ def test_warm_to_a_dead_remote_names_the_cause_in_every_failure(tmp_path: Path) 
     assert any("circuit open" in why for why in reasons)  # the later ones failed fast
     assert all("Connection refused" in why for why in reasons), reasons
     assert "hunter2" not in r.stdout + r.stderr
+
+
+def test_ctrl_c_in_a_command_is_exit_130_whatever_typer_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Typer 0.12 turns KeyboardInterrupt into "Aborted!" and exit 1; the CLI's own
+    handler makes it 130 (the code main() ends the process with at once)."""
+    from lmcache_core import store_ops
+
+    def interrupted(self: Any) -> Any:
+        raise KeyboardInterrupt
+
+    (tmp_path / "s").mkdir()
+    monkeypatch.setattr(store_ops.Store, "entries", interrupted)
+    lmcache("--store", str(tmp_path / "s"), "ls", code=130)
+
+
+def test_bench_of_a_bad_store_url_keeps_the_other_stores_figures(tmp_path: Path) -> None:
+    r = lmcache("bench", "--quick", "--chunk-mb", "0.0625", "--count", "2", "--batch", "2",
+                "-s", "cpu://", "-s", "redis://[::1", "--format", "json", code=1)  # fmt: skip
+    report = json.loads(r.stdout)
+    assert {row["store"] for row in report["rows"]} == {"cpu://"} and len(report["errors"]) == 1
+    assert report["errors"][0]["store"] == "redis://[::1" and "IPv6" in report["errors"][0]["error"]

@@ -399,7 +399,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         # The cause, for the errors of calls the open circuit refuses: our own errors
         # already name the remote; others get their type ("ConnectionError: ...").
         cause = str(exc) if isinstance(exc, LMCacheError) else f"{type(exc).__name__}: {exc}"
-        self.breaker.record_failure(mask_secrets_in(f"{what}: {cause:.200}"))
+        self.breaker.record_failure(mask_secrets_in(f"{what}: {cause}")[:300])  # masked whole, then cut
         self.stats.incr("remote_errors")
         pause = self.retry.delay(attempt)
         took = time.monotonic() - started
