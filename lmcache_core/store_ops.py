@@ -273,6 +273,8 @@ class Store:
             return ChunkCheck(key, where, False, "not found", status=MISSING)
         if isinstance(buf, _Decoded):  # a tier that holds tensors, not bytes (memory)
             return ChunkCheck(key, where, True, header=_header_of(buf.chunk, key))
+        if isinstance(buf, _FromDisk):
+            return check_bytes(buf.data, key, where, unkeyed_ok=True)
         return check_bytes(buf, key, where)
 
     def read(self, key: CacheEngineKey) -> tuple[torch.Tensor | None, ChunkCheck]:
@@ -290,8 +292,10 @@ class Store:
                 return None, ChunkCheck(key, where, False, "not found", status=MISSING)
             if isinstance(fetched, _Decoded):
                 return fetched.chunk, ChunkCheck(key, where, True, header=_header_of(fetched.chunk, key))
-            buf = _writable(fetched)  # the decoded tensor aliases it
+            from_disk = isinstance(fetched, _FromDisk)
+            buf = _writable(fetched.data if from_disk else fetched)  # the decoded tensor aliases it
         else:
+            from_disk = False
             try:
                 with open_chunk_file(path) as f:
                     buf = bytearray(f.read())
@@ -299,7 +303,7 @@ class Store:
                 return None, ChunkCheck(key, where, False, "not found", status=MISSING)
             except OSError as exc:
                 return None, _unreadable(key, where, exc)
-        result = check_bytes(buf, key, where, unkeyed_ok=path is not None)
+        result = check_bytes(buf, key, where, unkeyed_ok=path is not None or from_disk)
         if result.header is None:
             return None, result
         return chunk_format.decode(buf, verify=False), result
@@ -503,6 +507,14 @@ class _Decoded:
     chunk: Any
 
 
+@dataclass(frozen=True)
+class _FromDisk:
+    """A disk tier's chunk file bytes: checked as the disk tier reads them (an empty
+    key at the key's path is that key's), where a remote's objects are not."""
+
+    data: Any
+
+
 def _fetch_tier(name: str, tier: Any, key: CacheEngineKey) -> Any:
     """One tier's copy of a chunk for ``Store._fetch``: raw bytes (a remote's object,
     a disk tier's file), ``_Decoded`` for a tier that holds tensors, None when absent.
@@ -517,7 +529,8 @@ def _fetch_tier(name: str, tier: Any, key: CacheEngineKey) -> Any:
     if isinstance(tier, LMCRemoteBackend):
         return tier.fetch_bytes(key)
     if name == "disk":
-        return _read_tier_file(tier, key)
+        data = _read_tier_file(tier, key)
+        return None if data is None else _FromDisk(data)
     chunk = tier.get(key)
     return None if chunk is None else _Decoded(chunk)
 

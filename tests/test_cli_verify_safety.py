@@ -319,3 +319,21 @@ def test_an_unkeyed_chunk_the_disk_tier_serves_is_sound_to_the_tools(tmp_path: P
     out = tmp_path / "out.safetensors"
     lmcache("--store", str(store), "get", key.to_string(), "-o", str(out))
     assert lmcache_json("--store", str(store), "show", key.to_string())["checksum_ok"] is True
+
+
+def test_show_on_a_tiered_store_takes_an_unkeyed_disk_tier_chunk_too(tmp_path: Path) -> None:
+    """The same file seen through a --config store's disk tier: show agrees with verify."""
+    from lmcache_core import chunk_format
+
+    disk = tmp_path / "disk"
+    key = make_key("unkeyed-tier")
+    path = Path(layout.disk_path(str(disk), key))
+    path.parent.mkdir(parents=True)
+    tensor = chunk_tensor(4)
+    header, payload = chunk_format.encode(tensor, "")
+    path.write_bytes(header + bytes(payload))
+    cfg = tmp_path / "tiered.yaml"
+    cfg.write_text(f"local_device: cpu\nlocal_disk: {disk}\n")
+    shown = lmcache_json("--config", str(cfg), "show", key.to_string())
+    assert shown["checksum_ok"] is True
+    assert lmcache_json("--config", str(cfg), "verify")["ok"] == 1
