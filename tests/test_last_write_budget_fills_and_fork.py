@@ -250,11 +250,18 @@ def test_hybrid_dst_device_reassignment_reaches_every_tier(tmp_path, redis_serve
         backend.put(in_memory, chunk(1))
         dict(backend.local_tiers)["disk"].put(on_disk, chunk(2))
         backend.dst_device = "meta"
-        assert [t.dst_device for _, t in backend.tiers()] == ["meta"] * 3
+        # The memory tier hands out what get returns; the disk and remote tiers read
+        # onto the host, so their hits fill the CPU memory tier without a round trip
+        # through the device, which get moves them to last.
+        assert [(n, t.dst_device) for n, t in backend.tiers()] == [("memory", "meta"), ("disk", "cpu"), ("remote", "cpu")]
         assert backend.get(in_memory).device.type == "meta"
         assert backend.get(on_disk).device.type == "meta"
+        memory = dict(backend.local_tiers)["memory"]
+        filled = memory.peek(on_disk)  # filled from the host copy (a meta tensor holds no bytes)
+        assert filled is not None and torch.equal(filled, chunk(2))
         assert all(t.device.type == "meta" for t in backend.batched_get([in_memory, on_disk]))
         backend.dst_device = "cpu"
+        assert [t.dst_device for _, t in backend.tiers()] == ["cpu"] * 3
         assert torch.equal(backend.get(in_memory), chunk(1))
     finally:
         backend.close()

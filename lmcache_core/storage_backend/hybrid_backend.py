@@ -42,7 +42,11 @@ class LMCHybridBackend(LMCBackendInterface):
       remote chunks into the local tiers, bounded by local capacity; it never
       blocks construction and skips foreign keys;
     * a remote that is down never raises into the caller: local tiers keep serving;
-    * ``dst_device`` set after construction is set on every tier too.
+    * ``dst_device`` set after construction is set on every tier too. The disk
+      and remote tiers read onto the host (``dst_device="cpu"``) unless the memory
+      tier lives on a GPU: their hits fill host tiers, and go to ``dst_device``
+      once, after the fills (to a GPU and back to a CPU memory tier cost two
+      transfers over PCIe per hit, and prefetch paid them for every chunk).
 
     Fills never keep the tensor handed to the caller: a memory fill copies it
     at once, a disk fill writes a private copy, so modifying a tensor returned by
@@ -86,6 +90,7 @@ class LMCHybridBackend(LMCBackendInterface):
             for _, tier in self._tiers:
                 tier.close()
             raise
+        self.dst_device = dst_device  # now the tiers exist: where each one reads to
         self._closing = threading.Event()
         self.prefetch_done = threading.Event()
         self.prefetched = 0
@@ -108,13 +113,24 @@ class LMCHybridBackend(LMCBackendInterface):
     @dst_device.setter
     def dst_device(self, value: str) -> None:
         _BASE_DST_DEVICE.__set__(self, value)
-        # The tiers return the tensors get hands out, so they must follow. The base
-        # __init__ sets this before any tier exists, hence the defaults.
-        for _, tier in self.__dict__.get("_tiers", []):
-            tier.dst_device = value
+        # The memory tier returns what get hands out (zero-copy when it lives on
+        # dst_device). The others read to _lower_dst; get moves their hits to
+        # dst_device after the fills. The base __init__ sets this before any tier
+        # exists, hence the defaults.
+        lower = self._lower_dst(value)
+        for name, tier in self.__dict__.get("_tiers", []):
+            tier.dst_device = value if name == "memory" else lower
         remote = self.__dict__.get("remote")
         if remote is not None:
-            remote.dst_device = value
+            remote.dst_device = lower
+
+    def _lower_dst(self, value: str) -> str:
+        """Where the disk and remote tiers put what they read: the host, unless the
+        memory tier their hits fill lives on a GPU (then ``value``, for one copy)."""
+        memory = self.__dict__.get("_memory")
+        if memory is not None and memory._pool.device.type != "cpu":
+            return value
+        return "cpu"
 
     @property
     def local_tiers(self) -> list[tuple[str, LMCBackendInterface]]:
@@ -225,14 +241,14 @@ class LMCHybridBackend(LMCBackendInterface):
                 self.stats.incr(f"hits_{name}")
                 self._fill(key, chunk, self._tiers[:i])
                 self._touch_below(key, i)
-                return chunk
+                return self._to_dst(chunk)
         chunk = self._remote_get(key)
         if chunk is None:
             self.stats.incr("misses")
             return None
         self.stats.incr("hits_remote")
         self._fill(key, chunk, self._tiers)
-        return chunk
+        return self._to_dst(chunk)
 
     def batched_get(self, keys: Iterable[CacheEngineKey]) -> list[torch.Tensor | None]:
         keys = [check_key(k) for k in keys]
@@ -265,7 +281,7 @@ class LMCHybridBackend(LMCBackendInterface):
                     self.stats.incr("hits_remote")
                     self._fill(keys[j], chunk, self._tiers)
         self.stats.incr("misses", sum(r is None for r in results))
-        return results
+        return [None if r is None else self._to_dst(r) for r in results]
 
     def _remote_get(self, key: CacheEngineKey) -> torch.Tensor | None:
         if self.remote is None:
