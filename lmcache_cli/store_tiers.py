@@ -29,11 +29,7 @@ _HYBRID_NO_ANSWER_COUNTERS = ("unavailable", "remote_errors")
 
 def tiers_of(store: Store) -> list[tuple[str, LMCBackendInterface]]:
     """The store's tiers as (name, backend), fastest first; a single-tier store is its own tier."""
-    backend = store.backend
-    tiers = getattr(backend, "tiers", None)
-    if callable(tiers):
-        return list(tiers())
-    return [(store.describe(), backend)]
+    return store.tiers() or [(store.describe(), store.backend)]
 
 
 def holding_tiers(store: Store, key: CacheEngineKey) -> tuple[list[str], list[str]]:
@@ -42,15 +38,14 @@ def holding_tiers(store: Store, key: CacheEngineKey) -> tuple[list[str], list[st
     A tiered store's ``contains`` answers from any tier; a write its remote refused
     leaves the chunk in the local tiers only, which is not "stored" for a shared cache.
     """
-    backend = store.backend
-    missing = set(backend.missing_tiers(key))
-    tiers = getattr(backend, "tiers", None)
-    if not callable(tiers):
+    missing = set(store.backend.missing_tiers(key))
+    tiers = store.tiers()
+    if tiers is None:
         where = store.describe()
         return ([], [where]) if missing else ([where], [])
     held: list[str] = []
     lacking: list[str] = []
-    for name, tier in tiers():
+    for name, tier in tiers:
         (lacking if name in missing else held).append(tier.describe())
     return held, lacking
 

@@ -333,7 +333,7 @@ class Store:
         path = self.path_of(key)
         if path is not None:
             return read_file_verified(path, key, helper=helper)
-        tiers = self._hybrid_tiers()
+        tiers = self.tiers()
         if tiers is None:
             chunk, check = self.read(key)
             return (chunk if check.ok else None), check
@@ -364,14 +364,13 @@ class Store:
             bad = bad or check
         return None, bad or ChunkCheck(key, where, False, "not found", status=MISSING)
 
-    def _hybrid_tiers(self) -> list[tuple[str, Any]] | None:
-        """A tiered store's tiers, fastest first (``LMCHybridBackend.tiers``); None for other stores."""
+    def tiers(self) -> list[tuple[str, Any]] | None:
+        """A tiered store's tiers as (name, backend), fastest first
+        (``LMCHybridBackend.tiers``); None for a single-tier store."""
         backend = self.backend
         from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend  # torch: loaded by backend
 
-        if isinstance(backend, LMCHybridBackend):
-            return cast("list[tuple[str, Any]]", backend.tiers())
-        return None
+        return list(backend.tiers()) if isinstance(backend, LMCHybridBackend) else None
 
     def _fetch(self, key: CacheEngineKey) -> Any:
         """A non-disk chunk's raw bytes (None when absent), or ``_Decoded`` for a tier
@@ -386,12 +385,11 @@ class Store:
         backend = self.backend
         if isinstance(backend, LMCRemoteBackend):
             return backend.fetch_bytes(key)
-        from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend
-
-        if isinstance(backend, LMCHybridBackend):
+        tiers = self.tiers()
+        if tiers is not None:
             # Tier by tier, without the read-through fill that ``get`` does: a
             # read-only command must not write the chunk into local tiers.
-            for name, tier in backend.tiers():
+            for name, tier in tiers:
                 found = _fetch_tier(name, tier, key)
                 if found is not None:
                     return found
@@ -1039,15 +1037,12 @@ def held_copy_problem(store: Store, key: CacheEngineKey, *, full: bool = False) 
     copies; a flipped payload byte needs ``full``, which reads and hashes the whole
     copy. Read-only: nothing is removed, a disk copy's atime is kept.
     """
-    from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend  # torch: loaded by backend
-
     if store.root is not None:
         return _file_problem(layout.disk_path(store.root, key), key, full)
     backend = store.backend
     if left := backend.missing_tiers(key):
         return f"not in the {' and '.join(left)} tier"
-    tiers = backend.tiers() if isinstance(backend, LMCHybridBackend) else [("", backend)]
-    for name, tier in tiers:
+    for name, tier in store.tiers() or [("", backend)]:
         if name == "memory":
             continue  # this process's own (and just filled by the put): nothing to distrust
         problem = _tier_problem(tier, key, full)

@@ -297,20 +297,28 @@ def test_put_tokens_into_a_tiered_store_whose_remote_is_down_fails(tmp_path: Pat
     assert (back["stored"], back["skipped"], back["failed"]) == (2, 0, 0)
 
 
+def plant_unkeyed_chunk(root: Path, name: str, seed: int) -> tuple[CacheEngineKey, Path, torch.Tensor]:
+    """A chunk file with an empty key at ``make_key(name)``'s path under ``root``, as the
+    seed's ``save_disk(path, kv_chunk)`` wrote them; (key, path, tensor)."""
+    from lmcache_core import chunk_format
+
+    key = make_key(name)
+    path = Path(layout.disk_path(str(root), key))
+    path.parent.mkdir(parents=True)
+    tensor = chunk_tensor(seed)
+    header, payload = chunk_format.encode(tensor, "")
+    path.write_bytes(header + bytes(payload))
+    return key, path, tensor
+
+
 def test_an_unkeyed_chunk_the_disk_tier_serves_is_sound_to_the_tools(tmp_path: Path) -> None:
     """A chunk file with an empty key at a key's path (the seed's save_disk(path, kv_chunk)
     wrote such files) is served by the disk tier's get: verify must call it ok, --fix
     must keep it, and get/show must read it."""
-    from lmcache_core import chunk_format
     from lmcache_core.storage_backend import open_backend
 
     store = tmp_path / "store"
-    key = make_key("unkeyed")
-    path = Path(layout.disk_path(str(store), key))
-    path.parent.mkdir(parents=True)
-    tensor = chunk_tensor(3)
-    header, payload = chunk_format.encode(tensor, "")
-    path.write_bytes(header + bytes(payload))
+    key, path, tensor = plant_unkeyed_chunk(store, "unkeyed", seed=3)
     with open_backend(str(store), dst_device="cpu") as backend:
         got = backend.get(key)
         assert got is not None and torch.equal(got, tensor)  # what the backend serves
@@ -323,15 +331,8 @@ def test_an_unkeyed_chunk_the_disk_tier_serves_is_sound_to_the_tools(tmp_path: P
 
 def test_show_on_a_tiered_store_takes_an_unkeyed_disk_tier_chunk_too(tmp_path: Path) -> None:
     """The same file seen through a --config store's disk tier: show agrees with verify."""
-    from lmcache_core import chunk_format
-
     disk = tmp_path / "disk"
-    key = make_key("unkeyed-tier")
-    path = Path(layout.disk_path(str(disk), key))
-    path.parent.mkdir(parents=True)
-    tensor = chunk_tensor(4)
-    header, payload = chunk_format.encode(tensor, "")
-    path.write_bytes(header + bytes(payload))
+    key, _, _ = plant_unkeyed_chunk(disk, "unkeyed-tier", seed=4)
     cfg = tmp_path / "tiered.yaml"
     cfg.write_text(f"local_device: cpu\nlocal_disk: {disk}\n")
     shown = lmcache_json("--config", str(cfg), "show", key.to_string())
