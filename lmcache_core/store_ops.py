@@ -1041,8 +1041,8 @@ def held_copy_problem(store: Store, key: CacheEngineKey, *, full: bool = False) 
     persistent tier holds one that passes the check.
 
     The default check is cheap: the header parses, names ``key``, and the object's
-    size is header + payload (disk; a remote's header is read with a ranged read,
-    its size is not checked). It catches truncated, empty and overwritten-header
+    size is header + payload (a remote's header and size come from one ranged
+    read). It catches truncated, empty and overwritten-header
     copies; a flipped payload byte needs ``full``, which reads and hashes the whole
     copy. Read-only: nothing is removed, a disk copy's atime is kept.
     """
@@ -1078,9 +1078,9 @@ def _tier_problem(tier: Any, key: CacheEngineKey, full: bool) -> str | None:
             return "not found"
         check = check_bytes(buf, key, key.to_string())
         return None if check.ok else check.reason
-    # None for a bad header, another key, or no answer: rewriting it is right for the
-    # first two, and a remote that does not answer fails the rewrite, which is reported.
-    return None if tier.read_header(key) is not None else "no valid header"
+    # None for a bad header or size, another key, or no answer: rewriting it is right for
+    # the first three, and a remote that does not answer fails the rewrite, which is reported.
+    return None if tier.read_header(key) is not None else "no valid header or wrong size"
 
 
 def _file_problem(path: str, key: CacheEngineKey, full: bool) -> str | None:

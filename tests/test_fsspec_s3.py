@@ -250,17 +250,33 @@ def test_read_header_on_s3_reads_a_range(s3_server: S3Server, request: pytest.Fi
     try:
         store.put(key, value)
         fetched: list[int] = []
-        real = store.connector.get_range
+        real = store.connector.get_head
 
-        def spy(k: Any, start: int, end: int) -> bytes | None:
-            data = real(k, start, end)
-            fetched.append(len(data or b""))
-            return data
+        def spy(k: Any, nbytes: int) -> tuple[bytes, int] | None:
+            got = real(k, nbytes)
+            fetched.append(len(got[0]) if got else 0)
+            return got
 
-        store.connector.get_range = spy  # type: ignore[method-assign,assignment]
+        store.connector.get_head = spy  # type: ignore[method-assign]
         header = store.read_header(key)
         assert header is not None and header.shape == tuple(value.shape) and header.dtype == "BF16"
         assert sum(fetched) <= 4096
+        assert real(key, 16)[1] == header.total_size  # the size, from the same ranged GET
+    finally:
+        store.close()
+
+
+def test_get_head_on_s3_sizes_short_empty_and_absent_objects(s3_server: S3Server, request: pytest.FixtureRequest) -> None:
+    store = _backend(s3_server, _prefix(request), timeout=5.0)
+    try:
+        conn = store.connector
+        conn.put(make_key("short"), [b"0123456789"])
+        conn.put(make_key("empty"), [b""])
+        assert conn.get_head(make_key("short"), 4) == (b"0123", 10)
+        assert conn.get_head(make_key("short"), 4096) == (b"0123456789", 10)  # range past the end
+        assert conn.get_head(make_key("empty"), 4096) == (b"", 0)  # S3: InvalidRange, not an outage
+        assert conn.get_head(make_key("absent"), 4096) is None
+        assert store.stats["unavailable"] == 0
     finally:
         store.close()
 

@@ -201,17 +201,19 @@ def test_warm_rewrites_a_truncated_object_in_a_remote_destination(cli: Cli, tmp_
     from lmcache_core.storage_backend import open_backend
     from lmcache_core.storage_backend.remote_backend import LMCRemoteBackend
 
-    keys = put_many(cli, tmp_path, 2)
+    keys = put_many(cli, tmp_path, 3)
     dst = f"memory://warm-{uuid.uuid4().hex}"
-    assert cli.json("warm", "--from", str(cli.store), "--to", dst)["copied"] == 2
-    good = chunk_path(cli.store, keys[0]).read_bytes()
+    assert cli.json("warm", "--from", str(cli.store), "--to", dst)["copied"] == 3
     with open_backend(dst, dst_device="cpu") as remote:
         assert isinstance(remote, LMCRemoteBackend)
-        remote.connector.put(CacheEngineKey.from_string(keys[0]), [good[:40]])  # truncated
+        for k, cut in ((keys[0], 40), (keys[1], -1)):  # inside the header; one payload byte short
+            good = chunk_path(cli.store, k).read_bytes()
+            remote.connector.put(CacheEngineKey.from_string(k), [good[:cut]])
     res = cli.json("warm", "--from", str(cli.store), "--to", dst)
-    assert (res["copied"], res["skipped"]) == (1, 1) and res["repaired"] == 1
+    assert (res["copied"], res["skipped"]) == (2, 1) and res["repaired"] == 2
     with open_backend(dst, dst_device="cpu") as remote:
-        assert remote.get(CacheEngineKey.from_string(keys[0])) is not None
+        for k in keys:
+            assert remote.get(CacheEngineKey.from_string(k)) is not None
 
 
 

@@ -199,18 +199,21 @@ def test_get_many_sizes_its_mgets_by_the_values_it_reads(redis_server_private):
     c.close()
 
 
-def test_delete_and_get_range(conn):
+def test_delete_and_get_head(conn):
     header, payload = _value(LARGE_REPLY_BYTES + 10)
     conn.put(make_key(1), [header, payload])
-    assert conn.get_range(make_key(1), 0, 8) == header
-    assert conn.get_range(make_key(1), 8, 12) == bytes(payload[:4])
-    assert conn.get_range(make_key(1), 5, 5) == b""
-    assert conn.get_range(make_key(2), 0, 8) is None
+    size = len(header) + len(payload)
+    assert conn.get_head(make_key(1), 8) == (header[:8], size)
+    assert conn.get_head(make_key(1), len(header) + 4) == (header + bytes(payload[:4]), size)
+    assert conn.get_head(make_key(1), size + 100) == (header + bytes(payload), size)  # shorter object
+    assert conn.get_head(make_key(2), 8) is None
+    conn.put(make_key(3), [b""])
+    assert conn.get_head(make_key(3), 8) == (b"", 0)  # an empty value is there, not absent
     assert conn.delete(make_key(1)) is True
     assert conn.delete(make_key(1)) is False
     assert conn.get(make_key(1)) is None
     assert not conn.exists(make_key(1))
-    assert conn.get_range(make_key(1), 0, 8) is None
+    assert conn.get_head(make_key(1), 8) is None
 
 
 # -- listing ----------------------------------------------------------------------------
@@ -239,7 +242,7 @@ def test_list_uses_escaped_prefix_and_skips_foreign_entries(redis_server):
     assert listed.pop(make_key("empty")).size == 0
     assert all(o.size == len(b"chunk-bytes") and o.mtime is None for o in listed.values())
     assert globby.get(make_key("hash")) is None  # WRONGTYPE is a miss, not an error
-    assert globby.get_range(make_key("hash"), 0, 8) is None
+    assert globby.get_head(make_key("hash"), 8) is None
     assert {o.key for o in lookalike.list()} == {make_key("other")}
 
 
@@ -267,7 +270,7 @@ def test_cluster_spreads_keys_over_slots_and_lists_all(redis_cluster):
     assert {o.key for o in c.list()} == set(keys)
     got = c.get_many([keys[0], make_key("absent"), keys[39]])
     assert _b(got[0]) == b"hpayload-0" and got[1] is None and _b(got[2]) == b"hpayload-39"
-    assert c.get_range(keys[5], 0, 4) == b"hpay"
+    assert c.get_head(keys[5], 4) == (b"hpay", len(b"hpayload-5"))
     assert c.delete(keys[0]) and not c.exists(keys[0])
     # Large values take the zero-copy put and recv_into get on cluster nodes too.
     assert c.zero_copy_put

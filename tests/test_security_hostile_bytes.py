@@ -105,6 +105,23 @@ def test_every_truncation_offset_is_a_miss(hostile):
 
 
 @HOSTILE_CASES
+def test_a_cut_or_padded_payload_has_no_header(hostile):
+    """``read_header`` (the header-only check ``warm`` trusts a held copy by) sees
+    the object's size, not just a header that parses: a remote's used to pass a
+    copy cut anywhere after its header."""
+    store, plant, _ = hostile
+    key = make_key("cut-payload")
+    raw = cf.encode_bytes(small_chunk(), key.to_string())
+    header_end = cf.header_length(raw[:8])
+    for blob in (raw[:header_end], raw[: header_end + 1], raw[:-1], raw + b"\0"):
+        plant(key, blob)
+        assert store.read_header(key) is None, f"{len(blob)} bytes of {len(raw)}"
+    plant(key, raw)
+    header = store.read_header(key)
+    assert header is not None and header.total_size == len(raw) and header.key == key.to_string()
+
+
+@HOSTILE_CASES
 def test_random_bit_flips_never_give_a_wrong_tensor(hostile):
     store, plant, slow = hostile
     key = make_key("flip")

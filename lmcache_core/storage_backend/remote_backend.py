@@ -865,7 +865,11 @@ class LMCRemoteBackend(LMCBackendInterface):
         return infos
 
     def read_header(self, key: CacheEngineKey) -> ChunkHeader | None:
-        """The chunk's header from a ranged read of its first bytes (payload not fetched)."""
+        """The chunk's header from a ranged read of its first bytes (payload not fetched).
+
+        None when absent, unreadable, another key's, or when the object's size is not
+        header + payload (truncated or padded).
+        """
         check_key(key)
         self._check_fork()
         self._check_open()
@@ -874,15 +878,17 @@ class LMCRemoteBackend(LMCBackendInterface):
         if pending is not None:
             return chunk_format.parse_header(chunk_format.encode_header(pending.detach().cpu(), key.to_string()))
         try:
-            head = self._call("get_range", self.connector.get_range, key, 0, HEADER_PROBE_BYTES, retry=True)
-            if head is None:
+            got = self._call("get_head", self.connector.get_head, key, HEADER_PROBE_BYTES, retry=True)
+            if got is None:
                 return None
+            head, size = got
             need = chunk_format.header_length(head)
-            if len(head) < need:
-                head = self._call("get_range", self.connector.get_range, key, 0, need, retry=True)
-                if head is None:
+            if len(head) < need <= size:
+                got = self._call("get_head", self.connector.get_head, key, need, retry=True)
+                if got is None:
                     return None
-            header = chunk_format.parse_header(head)
+                head, size = got
+            header = chunk_format.parse_header(head, total_size=size)
             chunk_format.check_identity(header, key.to_string())
             return header
         except (StoreUnavailableError, CorruptChunkError) as exc:

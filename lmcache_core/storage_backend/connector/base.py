@@ -173,10 +173,14 @@ class RemoteConnector(abc.ABC):
             if (k.fmt, k.model_name, k.world_size, k.worker_id) == scope:
                 yield obj
 
-    def get_range(self, key: CacheEngineKey, start: int, end: int) -> bytes | None:
-        """Bytes ``[start, end)`` of the object (for header-only reads); default reads all."""
+    def get_head(self, key: CacheEngineKey, nbytes: int) -> tuple[bytes, int] | None:
+        """The object's first ``nbytes`` (fewer if it is shorter) and its full size.
+
+        For header-only reads that still catch a truncated object (its size is not
+        header + payload). None when absent. Default: reads the whole object.
+        """
         data = self.get(key)
-        return None if data is None else data[start:end]
+        return None if data is None else (bytes(data[:nbytes]), len(data))
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release clients and sockets. Idempotent."""

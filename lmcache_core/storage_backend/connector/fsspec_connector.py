@@ -131,6 +131,33 @@ def _pooled_gets(cls: Any) -> bool:
     return bool(getattr(cls, "async_impl", False)) and callable(getattr(cls, "_call_s3", None))
 
 
+async def _get_head(fs: Any, path: str, nbytes: int) -> tuple[bytes, int]:
+    """The first ``nbytes`` of an S3 object and its size, from one ranged GET."""
+    bucket, key, version = fs.split_path(path)
+    extra = dict(getattr(fs, "req_kw", None) or {})  # as _get_pooled
+    if version:
+        extra["VersionId"] = version
+    try:
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes=0-{max(nbytes, 1) - 1}", **extra)
+    except OSError as exc:
+        # A 0-byte object answers every range with InvalidRange: a short object, not
+        # an outage, and it must not count against the breaker.
+        if _is_invalid_range(exc):
+            return b"", 0
+        raise
+    body = resp["Body"]
+    try:
+        data = bytes(await body.read())
+    finally:
+        body.close()
+    # "bytes 0-4095/1048700"; a server that ignores the range sends the whole object.
+    total = str(resp.get("ContentRange") or "").rpartition("/")[2]
+    size = int(total) if total.isdigit() else len(data)
+    if size < len(data):
+        raise OSError(f"S3 GET of {path}: Content-Range {resp.get('ContentRange')!r} is shorter than its body")
+    return data[:nbytes], size
+
+
 async def _get_pooled(fs: Any, path: str) -> bytes | memoryview:
     """One S3 GET whose body, when large, lands in a warm pooled buffer.
 
@@ -432,17 +459,20 @@ class FsspecConnector(RemoteConnector):
         self.learn_value_sizes(out)
         return out
 
-    def get_range(self, key: CacheEngineKey, start: int, end: int) -> bytes | None:
+    def get_head(self, key: CacheEngineKey, nbytes: int) -> tuple[bytes, int] | None:
+        """First ``nbytes`` and the object's size: on S3 one ranged GET (the size is in its
+        ``Content-Range``), elsewhere the size, then a ranged read."""
+        path = self.path(key)
+        fs = self.fs
         try:
-            return bytes(self.fs.cat_file(self.path(key), start=start, end=end))
+            if self._pooled:
+                from fsspec.asyn import sync
+
+                return sync(fs.loop, _get_head, fs, path, nbytes)  # type: ignore[no-any-return]
+            size = int(fs.size(path))
+            return (bytes(fs.cat_file(path, start=0, end=min(nbytes, size))) if size else b"", size)
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            # A range starting past the end (every range of a 0-byte object) is a
-            # short object, not an outage, and must not count against the breaker.
-            if _is_invalid_range(exc):
-                return b""
-            raise
 
     def exists(self, key: CacheEngineKey) -> bool:
         path = self.path(key)

@@ -585,20 +585,26 @@ class RedisConnector(RemoteConnector):
         name = self._name(key)
         return bool(self._call("DEL", lambda c: c.delete(name)))
 
-    def get_range(self, key: CacheEngineKey, start: int, end: int) -> bytes | None:
-        """Bytes ``[start, end)`` via ``GETRANGE`` (header-only reads); None when absent."""
+    def get_head(self, key: CacheEngineKey, nbytes: int) -> tuple[bytes, int] | None:
+        """First ``nbytes`` and length in one round trip (``GETRANGE``, ``STRLEN``, ``EXISTS``
+        pipelined); None when absent or not a string."""
         name = self._name(key)
-        if end <= start:
-            return b"" if self.exists(key) else None
-        data = self._call(
-            "GETRANGE",
-            lambda c: _none_on_wrongtype(self._redis, lambda: c.getrange(name, start, end - 1)),
-        )
-        if data is None:
-            return None
-        if not data and not self.exists(key):  # GETRANGE answers "" for a missing key too
-            return None
-        return bytes(data)
+        redis = self._redis
+
+        def run(c: Any) -> tuple[bytes, int] | None:
+            pipe = c.pipeline(transaction=False)
+            pipe.getrange(name, 0, max(nbytes, 1) - 1)
+            pipe.strlen(name)
+            pipe.exists(name)  # GETRANGE and STRLEN answer "" and 0 for a missing key too
+            head, size, found = pipe.execute(raise_on_error=False)
+            for reply in (head, size, found):
+                if isinstance(reply, redis.exceptions.ResponseError) and str(reply).startswith("WRONGTYPE"):
+                    return None  # a hash/list/... under our prefix is foreign: a miss
+                if isinstance(reply, Exception):
+                    raise reply
+            return (bytes(head[:nbytes]), int(size)) if found else None
+
+        return self._call("GETRANGE", run)
 
     def list(self) -> Iterator[RemoteObject]:
         """Every chunk under the prefix with its size (``STRLEN``); no mtime in Redis.
