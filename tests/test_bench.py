@@ -40,6 +40,10 @@ def test_memory_and_disk_report_structure_and_cleanup(tmp_path):
     # (a whole-machine drop would throw out a co-located engine's hot chunks too).
     (cold,) = [r for r in report.rows if r["op"] == "get_cold"]
     assert "posix_fadvise" in cold["note"] and "drop_caches" not in cold["note"]
+    # The disk get carries its measured ceiling: readinto + the checksum, against readinto.
+    (dget,) = [r for r in report.rows if r["store"] == str(store_dir) and r["op"] == "get"]
+    assert dget["checksum_ceiling_op"] == "readinto + xxh3_128" and dget["checksum_ceiling"] > 0
+    assert all("checksum_ceiling" not in r for r in report.rows if r is not dget)
     for row in report.rows:
         assert set(ROW_KEYS) <= set(row)
         assert row["gbps"] and row["gbps"] > 0 and row["raw_gbps"] and row["raw_gbps"] > 0
