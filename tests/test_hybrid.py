@@ -129,7 +129,10 @@ def test_cachegen_refused_and_legacy_serde_mapped():
 
 def hybrid(tmp_path, url: str, **fields) -> LMCHybridBackend:
     cfg = LMCacheEngineConfig.from_defaults(
-        local_device="cpu", remote_url=url, max_local_cache_size=fields.pop("max_local_cache_size", 0.05), **fields
+        local_device=fields.pop("local_device", "cpu"),
+        remote_url=url,
+        max_local_cache_size=fields.pop("max_local_cache_size", 0.05),
+        **fields,
     )
     backend = CreateStorageBackend(cfg, META, "cpu")
     assert isinstance(backend, LMCHybridBackend)
@@ -170,6 +173,39 @@ def test_write_through_reaches_remote(tmp_path, redis_server):
     with remote_only(url) as fresh:
         assert torch.equal(fresh.get(make_key(5)), chunk(5))
         assert torch.equal(fresh.get(make_key(6)), chunk(6))
+
+
+@pytest.mark.parametrize(
+    "tiers",
+    [
+        {"max_local_cache_size": 0.05},
+        {"local_device": None},  # disk + remote: no memory copy to hand the writer
+        {"max_local_cache_size": 1e-6},  # the chunk is over the memory budget
+    ],
+    ids=["memory+disk", "disk", "memory-too-small+disk"],
+)
+def test_a_non_blocking_put_lets_the_caller_reuse_its_tensor_at_once(tmp_path, redis_server, tiers):
+    """The remote's writer used to read the caller's own tensor whenever the memory tier
+    held no copy of it, and stored the buffer's later bytes under the key."""
+    url = redis_url(redis_server, f"reuse-{tmp_path.name}")
+    backend = hybrid(tmp_path, url, local_disk=str(tmp_path / "disk"), **tiers)
+    go = threading.Event()
+    connector = backend.remote.connector
+    for name in ("put_chunk", "put_chunk_by"):
+        real = getattr(connector, name)
+
+        def gated(*args, _real=real, **kwargs):
+            assert go.wait(10)  # the send starts only after the caller reused its buffer
+            return _real(*args, **kwargs)
+
+        setattr(connector, name, gated)
+    source = chunk(5)
+    backend.put(make_key(5), source, blocking=False)
+    source.zero_()
+    go.set()
+    backend.close()
+    with remote_only(url) as fresh:
+        assert torch.equal(fresh.get(make_key(5)), chunk(5))
 
 
 class SendSpy:

@@ -33,7 +33,8 @@ class LMCHybridBackend(LMCBackendInterface):
     """Memory and/or disk tiers in front of an optional remote store.
 
     * write-through: ``put`` stores in every local tier now, and in the remote
-      (non-blocking unless ``blocking=True``);
+      (non-blocking unless ``blocking=True``); either way the caller may reuse
+      its tensor once ``put`` returns (the remote's queued write has its own copy);
     * read-through: a miss in a fast tier that hits a slower one fills the
       faster tiers (memory at once, disk in the background);
     * ``batched_get`` serves local hits and fetches all local misses from the
@@ -170,7 +171,6 @@ class LMCHybridBackend(LMCBackendInterface):
         check_chunk(kv_chunk)
         stored = 0
         too_large: ValueError | None = None
-        source = kv_chunk
         sent: Callable[[], None] | None = None  # waits for a remote put under way
         send_error: Exception | None = None
         if blocking and self.remote is not None:
@@ -187,11 +187,6 @@ class LMCHybridBackend(LMCBackendInterface):
                 try:
                     tier.put(key, kv_chunk, blocking=True)
                     stored += 1
-                    if name == "memory":
-                        # The memory tier's copy is immutable to us: hand it to the
-                        # remote writer so the caller may reuse its buffer at once.
-                        copy = tier.get(key) if not blocking else None
-                        source = kv_chunk if copy is None else copy
                 except ValueError as exc:  # larger than this tier's budget
                     too_large = exc
                 except OSError as exc:
@@ -217,7 +212,12 @@ class LMCHybridBackend(LMCBackendInterface):
                 if sent is not None:
                     sent()
                 else:
-                    self.remote.put(key, source, blocking=blocking)
+                    # Non-blocking: the remote's writer reads the chunk later, and the caller
+                    # may reuse its buffer once this returns. The memory tier's copy is
+                    # immutable to us; without one (no memory tier, a chunk over its
+                    # budget) the writer gets a clone, or it would store the buffer's
+                    # later bytes under this key, with a valid checksum.
+                    self.remote.put(key, self._private_copy(key, kv_chunk), blocking=False)
                 stored += 1
             except ValueError:
                 raise

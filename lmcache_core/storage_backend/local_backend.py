@@ -123,19 +123,23 @@ class LMCLocalBackend(LMCBackendInterface):
     # -- writes --------------------------------------------------------------------
 
     def put(self, key: CacheEngineKey, kv_chunk: torch.Tensor, blocking: bool = True) -> None:
-        check_key(key)
-        check_chunk(kv_chunk)
-        self._index.check_fits(kv_chunk.numel() * kv_chunk.element_size())
-        if self._closed:
-            raise RuntimeError("backend is closed")
         if blocking:
             self.put_blocking(key, kv_chunk)
         else:
             self.put_nonblocking(key, kv_chunk)
 
+    def _check_put(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
+        """What every put checks first (each of the seed's put methods is public)."""
+        check_key(key)
+        check_chunk(kv_chunk)
+        self._index.check_fits(kv_chunk.numel() * kv_chunk.element_size())
+        if self._closed:
+            raise RuntimeError("backend is closed")
+        self._check_fork()
+
     def put_blocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
         """Store now; a non-blocking put of ``key`` still queued is discarded. Thread-safe."""
-        self._check_fork()
+        self._check_put(key, kv_chunk)
         with self._lock:
             # What is queued now was submitted before this put: it must never land after it.
             superseded = self._pending.get(key)
@@ -143,7 +147,7 @@ class LMCLocalBackend(LMCBackendInterface):
 
     def put_nonblocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
         """Queue the write; the caller must not modify ``kv_chunk`` until it is stored. Thread-safe."""
-        self._check_fork()
+        self._check_put(key, kv_chunk)
         with self._lock:
             # Checked under the lock close() sets it under: a put that raced close()
             # either lands before the end signal (and is drained) or raises.
@@ -576,19 +580,23 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         return size
 
     def put(self, key: CacheEngineKey, kv_chunk: torch.Tensor, blocking: bool = True) -> None:
-        check_key(key)
-        check_chunk(kv_chunk)
-        self._file_size_checked(key, kv_chunk)
-        if self._closed:
-            raise RuntimeError("backend is closed")
         if blocking:
             self.put_blocking(key, kv_chunk)
         else:
             self.put_nonblocking(key, kv_chunk)
 
+    def _check_put(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
+        """What every put checks first (each of the seed's put methods is public)."""
+        check_key(key)
+        check_chunk(kv_chunk)
+        self._file_size_checked(key, kv_chunk)
+        if self._closed:
+            raise RuntimeError("backend is closed")
+        self._check_fork()
+
     def put_blocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
         """Write now; ``OSError``/``StoreFullError`` when the disk refuses. Thread-safe."""
-        self._check_fork()
+        self._check_put(key, kv_chunk)
         with self._lock:
             seq = self._begin_locked(key)
             older = self._futures.get(key)
@@ -608,6 +616,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
 
         Thread-safe.
         """
+        self._check_put(key, kv_chunk)
         self.buffer_sweeper()
         future: Future[None] = Future()
         with self._lock:

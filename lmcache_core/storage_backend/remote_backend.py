@@ -312,9 +312,10 @@ class LMCRemoteBackend(LMCBackendInterface):
         Writes still queued when it gives up are dropped, logged and counted
         (``dropped_on_close``).
         """
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:  # put_nonblocking queues under it: none lands after the end signals
+            if self._closed:
+                return
+            self._closed = True
         if self._pid != os.getpid():
             return  # a child never started these workers; nothing of its own to drain
         started = time.monotonic()
@@ -473,16 +474,21 @@ class LMCRemoteBackend(LMCBackendInterface):
         Raises:
             StoreUnavailableError: (blocking) the remote did not take the chunk.
         """
-        check_key(key)
-        check_chunk(kv_chunk)
-        self._check_open()
-        self._check_fork()
         if blocking:
             self.put_blocking(key, kv_chunk)
         else:
             self.put_nonblocking(key, kv_chunk)
 
+    def _check_put(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
+        """What every put checks first (each of the seed's put methods is public)."""
+        check_key(key)
+        check_chunk(kv_chunk)
+        self._check_open()
+        self._check_fork()
+
     def put_blocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
+        """Store now, bounded by ``remote_timeout``. Thread-safe."""
+        self._check_put(key, kv_chunk)
         self._supersede(key)
         self._write(key, kv_chunk)
 
@@ -506,18 +512,19 @@ class LMCRemoteBackend(LMCBackendInterface):
             StoreUnavailableError: the circuit is open (here), or the remote failed
                 or timed out (from the wait).
         """
-        check_key(key)
-        check_chunk(kv_chunk)
-        self._check_open()
-        self._check_fork()
+        self._check_put(key, kv_chunk)
         self._supersede(key)
         return self._start_write(key, kv_chunk)
 
     def put_nonblocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
-        """Queue the write; the caller must not modify ``kv_chunk`` until it is stored."""
+        """Queue the write; the caller must not modify ``kv_chunk`` until it is stored. Thread-safe."""
+        self._check_put(key, kv_chunk)
         with self._lock:
+            # Checked under the lock close() sets it under: a put that raced close()
+            # is queued before the end signals (and drained) or raises.
+            self._check_open()
             self._pending[key] = kv_chunk
-        self._put_queues[zlib.crc32(key.chunk_hash.encode()) % len(self._put_queues)].put((key, kv_chunk))
+            self._put_queues[zlib.crc32(key.chunk_hash.encode()) % len(self._put_queues)].put((key, kv_chunk))
 
     def put_worker(self) -> None:
         """The loop each background writer thread runs (LMCache's ``put_worker``).
