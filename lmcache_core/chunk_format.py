@@ -762,12 +762,16 @@ def write_chunk(f: BinaryIO | io.RawIOBase, tensor: torch.Tensor, key: str) -> i
         _write_all(f, payload)
         return len(header) + payload.nbytes
     chunk = UnsealedChunk(tensor, key, payload)
-    digest = _helper().submit(chunk.digest)
+    # None when the helpers refuse work: at interpreter exit the disk tier's atexit
+    # drain writes queued chunks after concurrent.futures has shut its pools, and
+    # sealed_header() then hashes here (a failed submit had lost each such chunk).
+    digest = _submit(_helper(), chunk.digest)
     try:
         f.seek(len(chunk.header))
         _write_all(f, chunk.payload)
     finally:
-        digest.result()  # also when the write failed: the helper reads the payload
+        if digest is not None:
+            digest.result()  # also when the write failed: the helper reads the payload
     f.seek(0)
     _write_all(f, chunk.sealed_header())
     return chunk.size

@@ -8,13 +8,16 @@ The model name is percent-encoded (everything but ``A-Za-z0-9._-``, and a leadin
 component are split into components of at most ``_SEGMENT`` characters, each
 but the last ending in ``+`` (a character the encoding never emits), so paths
 stay within filesystem limits and remain reversible without reading the file.
+Also the names of the temp files atomic writes go through, and which are stale.
 Pure functions (and ``scan_store``, a read-only walk of a disk store); thread-safe.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
+import socket
 from typing import Iterator
 
 from lmcache_core.chunk_format import SUFFIX
@@ -157,6 +160,59 @@ def path_to_key(rel_path: str) -> CacheEngineKey:
     if key_to_path(key) != "/".join(parts):
         raise ValueError(f"not a canonical chunk path: {rel_path!r:.120}")
     return key
+
+
+# -- temp files of atomic writes ---------------------------------------------------------
+
+TEMP_SUFFIX = ".tmp"
+# A temp file whose writer cannot be checked (another host or PID namespace) is only
+# removed once it is this old: no single chunk write takes an hour.
+STALE_TEMP_SECONDS = 3600.0
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace id (Linux), else ''."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+# Who may test a temp file's pid for life: the same host *and* PID namespace. Two
+# containers of one pod share a hostname but not their pids: one's store opening
+# took the other's live temp files for a dead writer's (its pid absent here) and
+# deleted them, failing those puts; and two pid-1 writers could pick the same name.
+WRITER_ID = socket.gethostname().replace(".", "_") + "-" + _pid_namespace()
+_temp_counter = itertools.count()  # next() is atomic: no lock a fork() could catch held
+
+
+def temp_path(final: str) -> str:
+    """A process- and thread-unique temp name in the same directory as ``final``.
+
+    It starts with '.' and ends in ``TEMP_SUFFIX``, so it never looks like a chunk,
+    and it names host, PID namespace and pid, so a later scan can tell a dead
+    writer's leftovers (``is_stale_temp``).
+    """
+    d, name = os.path.split(final)
+    return os.path.join(d, f".{name}.{WRITER_ID}.{os.getpid()}.{next(_temp_counter)}{TEMP_SUFFIX}")
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
+def is_stale_temp(name: str, mtime: float, now: float) -> bool:
+    """A temp file whose writer is dead (same host and PID namespace, pid not running),
+    or older than ``STALE_TEMP_SECONDS``."""
+    parts = name[: -len(TEMP_SUFFIX)].rsplit(".", 3)
+    if len(parts) == 4 and parts[1] == WRITER_ID and parts[2].isdigit():
+        try:
+            os.kill(int(parts[2]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, OverflowError):
+            pass  # alive, owned by someone else; or no such pid could exist
+    return now - mtime > STALE_TEMP_SECONDS
 
 
 def is_chunk_name(name: str) -> bool:

@@ -156,7 +156,7 @@ def audit(root: str, states: list[_ChildState], summary: Summary, budget_gb: flo
     """Reopen the store and check every promise; failures go to ``summary.failures``."""
     from lmcache_core import chunk_format
     from lmcache_core.errors import CorruptChunkError
-    from lmcache_core.storage_backend.local_backend import TEMP_SUFFIX, scan_store
+    from lmcache_core.layout import TEMP_SUFFIX, scan_store
 
     store = open_store(root, budget_gb, fsync=False)
     summary.stale_temps_removed += store.stale_temps_removed

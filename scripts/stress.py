@@ -155,7 +155,7 @@ def check_store(root: str, budget: int) -> dict[str, Any]:
     """Reopen and audit: every chunk decodes with its checksum, no temp file, budget holds."""
     from lmcache_core import chunk_format
     from lmcache_core.errors import CorruptChunkError
-    from lmcache_core.storage_backend.local_backend import TEMP_SUFFIX, scan_store
+    from lmcache_core.layout import TEMP_SUFFIX, scan_store
 
     store = open_store(root, budget)
     problems: list[str] = []

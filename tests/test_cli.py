@@ -562,9 +562,10 @@ def test_fifo_at_a_chunk_path_never_hangs(cli: Cli, tmp_path: Path, store: Path)
 
 
 def _host() -> str:
-    import socket
+    """Who wrote a temp file, as its name spells it (host and PID namespace)."""
+    from lmcache_core.layout import WRITER_ID
 
-    return socket.gethostname().replace(".", "_")
+    return WRITER_ID
 
 
 # -- stats / config ----------------------------------------------------------------------

@@ -299,3 +299,68 @@ def test_save_disk_without_key_outside_a_store_still_writes(tmp_path):
     header = chunk_format.parse_header(path.read_bytes())
     assert header.key == ""
     assert torch.equal(chunk_format.decode(path.read_bytes()), filled(3, 32))
+
+
+def test_regression_large_queued_puts_are_written_at_interpreter_exit(tmp_path):
+    """The exit drain writes queued chunks after concurrent.futures has shut its pools:
+    a chunk of OVERLAP_MIN_BYTES or more (its checksum hashed on a helper thread while
+    it is written) failed its submit there, and each such acknowledged put was lost."""
+    import subprocess
+    import sys
+    import textwrap
+
+    root = tmp_path / "disk"
+    shape = (chunk_format.OVERLAP_MIN_BYTES // (2 * 64 * 8 * 4), 2, 64, 8, 4)  # float32: 4 MiB
+    child = textwrap.dedent(
+        f"""
+        import torch
+        from lmcache_core import LMCacheEngineConfig
+        from lmcache_core.storage_backend.local_backend import LMCLocalDiskBackend
+        from tests.conftest import make_key
+        cfg = LMCacheEngineConfig(local_device=None, local_disk={str(root)!r}, max_local_disk_size=1.0)
+        b = LMCLocalDiskBackend(cfg, None, "cpu", put_workers=1)
+        for i in range(6):
+            b.put(make_key(i), torch.full({shape!r}, float(i)), blocking=False)
+        # no close(): the interpreter exits with the puts queued
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1]
+    )
+    assert done.returncode == 0, done.stderr
+    assert "failed" not in done.stderr, done.stderr
+    backend = LMCLocalDiskBackend(
+        LMCacheEngineConfig(local_device=None, local_disk=str(root), max_local_disk_size=1.0), None, "cpu"
+    )
+    for i in range(6):
+        got = backend.get(make_key(i))
+        assert got is not None and got.shape == shape and bool((got == float(i)).all()), i
+    backend.close()
+
+
+def test_regression_a_read_during_a_quarantine_left_a_ghost_index_entry(tmp_path):
+    """A corrupt chunk is taken out of the index, then unlinked: a contains() in between
+    indexed the file again, so after the unlink the key was 'cached' with no file."""
+    from lmcache_core.storage_backend import disk_io
+
+    backend = LMCLocalDiskBackend(
+        LMCacheEngineConfig(local_device=None, local_disk=str(tmp_path), max_local_disk_size=0.01), None, "cpu"
+    )
+    key = make_key(1)
+    backend.put(key, torch.ones(1, 2, 4, 2, 8))
+    path = backend._path(key)
+    with open(path, "r+b") as f:  # the payload rots
+        f.seek(-1, 2)
+        f.write(b"\xff")
+    seen: list[bool] = []
+
+    def between_index_and_unlink(op: str, p: str) -> None:
+        if op == "unlink" and p == path:
+            seen.append(backend.contains(key))  # another thread, at the worst moment
+
+    with disk_io.fault_hook(between_index_and_unlink):
+        assert backend.get(key) is None
+    assert seen == [True]  # the file was still there when contains() ran
+    assert not Path(path).exists()
+    assert not backend.contains(key) and backend.used_bytes == 0 and backend.list() == []
+    backend.close()

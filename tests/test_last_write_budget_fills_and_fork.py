@@ -136,6 +136,22 @@ def test_memory_nonblocking_put_after_a_blocking_put_still_wins(gate) -> None:
 # -- budgets hold counting the chunk just added ------------------------------------------
 
 
+def test_a_queued_memory_put_removed_before_it_ran_evicts_nothing(gate) -> None:
+    """The queued write made room (evicting an LRU chunk) before it found it had been
+    removed: a full cache lost a chunk for a write that never landed."""
+    one = nbytes(chunk(0))
+    m = memory(budget_bytes=3 * one)
+    m.put(make_key(1), chunk(1))
+    m.put(make_key(2), chunk(2))
+    m.put(make_key(3), chunk(3), blocking=False)  # queued: the worker waits on the gate
+    m.remove(make_key(3))
+    m.put(make_key(4), chunk(4))  # the cache is full
+    gate.set()
+    m.close()
+    assert m.stats["evictions"] == 0
+    assert set(m.list()) == {make_key(1), make_key(2), make_key(4)}
+
+
 def test_eviction_after_add_counts_the_entry_just_added() -> None:
     index: LRUIndex[str] = LRUIndex(100)
     index.add("a", 40)

@@ -83,3 +83,25 @@ def test_disk_path_is_the_key_path_under_the_root(root: str) -> None:
     path = disk_path(root, key)
     assert path == os.path.join(root, *key_to_path(key).split("/"))
     assert "//" not in path
+
+
+def test_temp_files_are_judged_by_host_pid_namespace_and_pid() -> None:
+    """Two containers of one pod share a hostname, not their pids: a temp file named
+    with the host alone and a pid absent here was taken for a dead writer's."""
+    import os
+    import time
+
+    from lmcache_core import layout
+
+    now = time.time()
+    ours = os.path.basename(layout.temp_path("/store/x.safetensors"))
+    assert layout.is_temp_name(ours) and not layout.is_chunk_name(ours)
+    assert f".{layout.WRITER_ID}.{os.getpid()}." in ours
+    assert not layout.is_stale_temp(ours, now, now)  # this process is alive
+    dead = f".x.safetensors.{layout.WRITER_ID}.999999999.0{layout.TEMP_SUFFIX}"  # pid_max is below that
+    assert layout.is_stale_temp(dead, now, now)
+    host = layout.WRITER_ID.rsplit("-", 1)[0]
+    other_namespace = f".x.safetensors.{host}-1.999999999.0{layout.TEMP_SUFFIX}"
+    assert not layout.is_stale_temp(other_namespace, now, now)  # its pid cannot be checked here...
+    assert layout.is_stale_temp(other_namespace, now - layout.STALE_TEMP_SECONDS - 1, now)  # ...its age can
+    assert os.path.basename(layout.temp_path("/store/x.safetensors")) != ours  # unique per call

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lmcache_core import LMCacheEngineConfig, LMCacheMemPoolMetadata, chunk_format
-from lmcache_core.layout import key_to_path
+from lmcache_core.layout import WRITER_ID, key_to_path
 from lmcache_core.storage_backend import CreateStorageBackend, open_backend
 from lmcache_core.storage_backend.local_backend import LMCLocalBackend, LMCLocalDiskBackend, save_disk
 from lmcache_core.storage_backend.mem_pool import BufferPool
@@ -141,7 +141,7 @@ def test_stale_temp_files_removed_at_start(tmp_path):
     b.close()
     final = tmp_path / key_to_path(make_key(1))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = __import__("socket").gethostname().replace(".", "_")
+    host = WRITER_ID  # as a temp name spells its writer: host and PID namespace
     stale = final.parent / f".{final.name}.{host}.{dead.stdout.strip()}.0.tmp"
     stale.write_bytes(b"partial")
     live = final.parent / f".{final.name}.{host}.{os.getpid()}.1.tmp"

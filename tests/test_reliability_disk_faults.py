@@ -21,9 +21,9 @@ import torch
 
 from lmcache_core import LMCacheEngineConfig, chunk_format
 from lmcache_core.errors import StoreFullError
-from lmcache_core.layout import key_to_path
+from lmcache_core.layout import TEMP_SUFFIX, key_to_path
 from lmcache_core.storage_backend import disk_io
-from lmcache_core.storage_backend.local_backend import TEMP_SUFFIX, LMCLocalDiskBackend
+from lmcache_core.storage_backend.local_backend import LMCLocalDiskBackend
 from tests.conftest import make_key
 
 KiB = 1024

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import queue
-import socket
 import threading
 import time
 import weakref
@@ -40,10 +39,6 @@ from lmcache_core.storage_backend.mem_pool import BufferPool, fixed_chunk_shape,
 
 logger = logging.getLogger(__name__)
 
-TEMP_SUFFIX = ".tmp"
-# A temp file of a live process on another host (shared directory) is only
-# removed once it is this old: no single chunk write takes an hour.
-STALE_TEMP_SECONDS = 3600.0
 
 
 class LocalBackendEndSignal:
@@ -191,6 +186,8 @@ class LMCLocalBackend(LMCBackendInterface):
         """
         nbytes = kv_chunk.numel() * kv_chunk.element_size()
         with self._lock:
+            if only_if_pending and self._pending.get(key) is not kv_chunk:
+                return  # removed (or replaced) while queued: make no room for it either
             self._evict(self._index.victims_for(nbytes, exclude=key))
         buf = self._pool.acquire(nbytes)
         stored = buf.view(kv_chunk.dtype).view(kv_chunk.shape) if nbytes else torch.empty(
@@ -312,22 +309,6 @@ class LMCLocalBackend(LMCBackendInterface):
 
 # -- disk ------------------------------------------------------------------------------
 
-_HOST = socket.gethostname().replace(".", "_")
-_temp_counter = iter(range(1 << 62))
-_temp_lock = threading.Lock()
-
-
-def _temp_path(final: str) -> str:
-    """Process- and thread-unique temp name in the same directory as ``final``.
-
-    It starts with '.' and ends in '.tmp', so it never looks like a chunk, and it
-    carries host and pid so a restart can tell a dead writer's leftovers.
-    """
-    with _temp_lock:
-        n = next(_temp_counter)
-    d, name = os.path.split(final)
-    return os.path.join(d, f".{name}.{_HOST}.{os.getpid()}.{n}{TEMP_SUFFIX}")
-
 
 def _write_temp(path: str, kv_chunk: torch.Tensor, key: str, fsync: bool) -> tuple[str, int]:
     """Write ``kv_chunk`` to a fresh temp file next to ``path``: (temp path, bytes written).
@@ -335,7 +316,7 @@ def _write_temp(path: str, kv_chunk: torch.Tensor, key: str, fsync: bool) -> tup
     Raises:
         OSError: the write failed; the temp file is removed.
     """
-    tmp = _temp_path(path)
+    tmp = layout.temp_path(path)
     try:
         with disk_io.open_write(tmp) as f:
             n = chunk_format.write_chunk(f, kv_chunk, key)
@@ -389,19 +370,6 @@ def save_disk(path: str, kv_chunk: torch.Tensor, key: str | None = None, fsync: 
         _discard_temp(tmp)
         raise
     return n
-
-
-def _is_stale_temp(name: str, mtime: float, now: float) -> bool:
-    parts = name[: -len(TEMP_SUFFIX)].rsplit(".", 3)
-    if len(parts) == 4 and parts[1] == _HOST and parts[2].isdigit():
-        pid = int(parts[2])
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass  # alive, owned by someone else
-    return now - mtime > STALE_TEMP_SECONDS
 
 
 def chunk_file_size(kv_chunk: torch.Tensor, key: str) -> int:
@@ -546,8 +514,8 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         found: list[tuple[float, CacheEngineKey, int]] = []
         for path, st, key in scan_store(self.root):
             name = os.path.basename(path)
-            if name.startswith(".") and name.endswith(TEMP_SUFFIX):
-                if _is_stale_temp(name, st.st_mtime, now):
+            if layout.is_temp_name(name):
+                if layout.is_stale_temp(name, st.st_mtime, now):
                     try:
                         disk_io.unlink(path)
                         self.stale_temps_removed += 1
@@ -907,11 +875,17 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                 return  # replaced since it was read
             logger.warning("corrupt chunk %s removed: %s", path, exc)
             with self._lock:
-                self._index.pop(key)
+                # Marked as dropping, as eviction does: a contains() or get() until the
+                # unlink must not index the file again (a ghost entry, counted in
+                # used_bytes, after the file is gone).
+                self._evict_locked([key])
             try:
                 disk_io.unlink(path)
             except OSError:
                 pass
+            finally:
+                with self._lock:
+                    self._undrop_locked(key)
 
     def contains(self, key: CacheEngineKey) -> bool:
         check_key(key)
