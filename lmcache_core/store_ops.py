@@ -18,7 +18,6 @@ import dataclasses
 import errno
 import fnmatch
 import os
-import socket
 import stat
 import threading
 import time
@@ -39,13 +38,9 @@ if TYPE_CHECKING:
 
     from lmcache_core.storage_backend.abstract_backend import LMCBackendInterface
 
-# The disk tier's temp-file naming (``local_backend._temp_path``): ".<name>.<host>.<pid>.<n>.tmp".
-TEMP_SUFFIX = ".tmp"
-STALE_TEMP_SECONDS = 3600.0
 # A store opened by a tool must never evict on open: the budget is the deployment's
 # business (a config file sets one explicitly when wanted).
 UNLIMITED_GB = 1e9
-_HOST = socket.gethostname().replace(".", "_")
 
 
 @dataclass(frozen=True)
@@ -88,6 +83,15 @@ class TempFile:
     stale: bool  # its writer is gone (or it is older than any write takes)
 
 
+# A file as ``verify --fix`` recognises it: (st_dev, st_ino, st_size, st_mtime_ns).
+FileIdentity = tuple[int, int, int, int]
+
+
+def file_identity(st: os.stat_result) -> FileIdentity:
+    """The identity of a file from its stat: another file, or this one rewritten, differs."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 # What a check of one chunk found (``ChunkCheck.status``).
 OK = "ok"
 CORRUPT = "corrupt"  # read in full and confirmed bad: the only status ``verify --fix`` removes
@@ -110,6 +114,9 @@ class ChunkCheck:
     reason: str = ""
     header: ChunkHeader | None = None
     status: str = ""
+    # The checked file's (st_dev, st_ino, st_size, st_mtime_ns), taken from the very
+    # file read: ``verify --fix`` removes it only while the path still holds it.
+    identity: FileIdentity | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.status:
@@ -306,7 +313,10 @@ class Store:
         result = check_bytes(buf, key, where, unkeyed_ok=path is not None or from_disk)
         if result.header is None:
             return None, result
-        return chunk_format.decode(buf, verify=False), result
+        # Over the header already parsed and validated (shape x dtype = payload, sizes
+        # add up), not ``decode``: that re-checks identity and raised on a foreign file
+        # (a plain safetensors one), which must be a failed check like a bad checksum.
+        return _tensor_over(buf, result.header), result
 
     def read_verified(self, key: CacheEngineKey, *, helper: Any = None) -> tuple[torch.Tensor | None, ChunkCheck]:
         """The chunk's tensor when it passed its check (else None), and the check.
@@ -417,8 +427,8 @@ class Store:
         out = []
         for path, st, _ in layout.scan_store(self.root):
             name = os.path.basename(path)
-            if name.startswith(".") and name.endswith(TEMP_SUFFIX):
-                out.append(TempFile(path, st.st_size, st.st_mtime, is_stale_temp(name, st.st_mtime, now)))
+            if layout.is_temp_name(name):
+                out.append(TempFile(path, st.st_size, st.st_mtime, layout.is_stale_temp(name, st.st_mtime, now)))
         return out
 
 
@@ -438,21 +448,13 @@ def _header_of(chunk: torch.Tensor, key: CacheEngineKey) -> ChunkHeader:
     return chunk_format.parse_header(chunk_format.encode_header(cpu, key.to_string()))
 
 
-def is_stale_temp(name: str, mtime: float, now: float) -> bool:
-    """A temp file whose writer (same host, pid in the name) is dead, or older than an hour."""
-    parts = name[: -len(TEMP_SUFFIX)].rsplit(".", 3)
-    if len(parts) == 4 and parts[1] == _HOST and parts[2].isdigit():
-        try:
-            os.kill(int(parts[2]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, OverflowError):
-            pass
-    return now - mtime > STALE_TEMP_SECONDS
-
-
 class NotRegularFileError(OSError):
-    """A FIFO, device, socket (or a link to one) where a chunk file should be."""
+    """A FIFO, device, socket (or a link to one) where a chunk file should be.
+
+    ``identity``: that file's (``file_identity``), from the descriptor that found it.
+    """
+
+    identity: FileIdentity | None = None
 
 
 # Linux only; elsewhere 0 (a plain open).
@@ -483,8 +485,11 @@ def open_chunk_file(path: str, *, buffering: int = -1) -> Any:
             raise
         fd = os.open(path, flags)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegularFileError(errno.EINVAL, "not a regular file", path)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            err = NotRegularFileError(errno.EINVAL, "not a regular file", path)
+            err.identity = file_identity(st)
+            raise err
         return open(fd, "rb", buffering=buffering)
     except BaseException:
         os.close(fd)
@@ -531,6 +536,17 @@ def _fetch_tier(name: str, tier: Any, key: CacheEngineKey) -> Any:
         return None if data is None else _FromDisk(data)
     chunk = tier.get(key)
     return None if chunk is None else _Decoded(chunk)
+
+
+def _tensor_over(buf: Any, header: ChunkHeader) -> torch.Tensor:
+    """The payload of ``buf`` as the tensor ``header`` (parsed from ``buf``) describes,
+    zero-copy, whatever the header's identity; for inspecting chunks that failed."""
+    import torch
+
+    if header.nbytes == 0:
+        return torch.empty(header.shape, dtype=header.torch_dtype)
+    flat = torch.frombuffer(buf, dtype=torch.uint8, count=header.nbytes, offset=header.data_offset)
+    return flat.view(header.torch_dtype).view(header.shape)
 
 
 def _writable(buf: Any) -> Any:
@@ -586,12 +602,16 @@ def check_file(path: str, key: CacheEngineKey | None) -> ChunkCheck:
     where = key.to_string() if key is not None else path
     try:
         with open_chunk_file(path) as f:
+            identity = file_identity(os.fstat(f.fileno()))  # of the bytes judged, not of the path later
             buf = f.read()
     except FileNotFoundError:
         return ChunkCheck(key, where, False, "not found", status=MISSING)
     except OSError as exc:
-        return _unreadable(key, where, exc)
-    return check_bytes(buf, key, where, unkeyed_ok=True)
+        check = _unreadable(key, where, exc)
+        if isinstance(exc, NotRegularFileError):
+            check = dataclasses.replace(check, identity=exc.identity)
+        return check
+    return dataclasses.replace(check_bytes(buf, key, where, unkeyed_ok=True), identity=identity)
 
 
 def _read_buffers() -> Any:
@@ -821,6 +841,9 @@ class VerifyReport:
     ``unverified`` ones could not be read (remote timeout, permission): a problem
     left, never removed; ``foreign`` files are named like chunks but lie outside
     the store's layout (model weights, say): reported, never a problem, never removed.
+    ``left_alone`` are bad chunks whose file was replaced between the check and the
+    fix (a writer's new copy, unchecked): kept, and no longer a problem, since the
+    file found bad is gone.
     """
 
     checked: int = 0
@@ -830,11 +853,12 @@ class VerifyReport:
     foreign: list[ForeignFile] = field(default_factory=list)
     temps: list[TempFile] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)  # what --fix removed
+    left_alone: list[str] = field(default_factory=list)  # bad when checked, replaced before --fix
     fix_failures: list[str] = field(default_factory=list)
 
     @property
     def remaining_problems(self) -> int:
-        fixed = set(self.removed)
+        fixed = set(self.removed) | set(self.left_alone)
         bad_left = [b for b in self.bad if _problem_id(b) not in fixed]
         temps_left = [t for t in self.temps if t.stale and t.path not in fixed]
         return len(bad_left) + len(self.unverified) + len(temps_left)
@@ -850,6 +874,7 @@ class VerifyReport:
                 {"path": t.path, "size": t.size, "stale": t.stale} for t in self.temps
             ],
             "removed": self.removed,
+            "left_alone": self.left_alone,
             "fix_failures": self.fix_failures,
             "problems_left": self.remaining_problems,
         }
@@ -864,6 +889,7 @@ class VerifyReport:
         self.temps += other.temps
         temp_paths = {t.path for t in other.temps}
         self.removed += [r if r in temp_paths else f"{tier}: {r}" for r in other.removed]
+        self.left_alone += [f"{tier}: {r}" for r in other.left_alone]
         self.fix_failures += [f"{tier}: {f}" for f in other.fix_failures]
 
 
@@ -919,7 +945,8 @@ def verify_store(
             if at is None:
                 report.foreign.append(ForeignFile(path, "not a regular file, not at a chunk path"))
             else:  # squats a chunk's path: no chunk can be stored there
-                special.append(ChunkCheck(at, path, False, "not a regular file (FIFO, device, socket or link)"))
+                reason = "not a regular file (FIFO, device, socket or link)"
+                special.append(ChunkCheck(at, path, False, reason, identity=file_identity(st)))
         report.temps = store.temp_files()
     else:
         targets = [(e.key, None, e.size or 0) for e in store.entries()]
@@ -956,12 +983,24 @@ def verify_store(
 
 
 def _fix(store: Store, report: VerifyReport) -> None:
-    """Remove what failed its check (by key: only ever a chunk path) and stale temp files."""
+    """Remove what failed its check (by key: only ever a chunk path) and stale temp files.
+
+    On a disk store a bad chunk's file is removed only while it is still the file the
+    check read: a serving process may have replaced it with a good copy meanwhile.
+    A remote object has no such identity (and no conditional delete that every
+    connector shares): it is still removed by key.
+    """
     for b in report.bad:
         if b.key is None or b.status != CORRUPT:
             continue  # never remove what is not a confirmed bad chunk
+        path = store.path_of(b.key)
         try:
-            store.remove(b.key)
+            if path is not None and b.identity is not None:
+                if not _unlink_if_unchanged(path, b.identity):
+                    report.left_alone.append(b.where)
+                    continue
+            else:
+                store.remove(b.key)
             report.removed.append(b.where)
         except Exception as exc:
             report.fix_failures.append(f"{b.where}: {exc}")
@@ -975,6 +1014,25 @@ def _fix(store: Store, report: VerifyReport) -> None:
             report.removed.append(t.path)
         except OSError as exc:
             report.fix_failures.append(f"{t.path}: {exc.strerror or exc}")
+
+
+def _unlink_if_unchanged(path: str, identity: FileIdentity) -> bool:
+    """Unlink ``path`` when it is still the file ``identity`` was taken from (or already
+    gone: True); False when another file is there now (a writer's ``os.replace``),
+    which stays.
+
+    ``lstat``: a link put at the path is not the file checked. The stat is taken
+    right before the unlink; a replace landing between the two is the one window
+    left (POSIX has no unlink-if-inode), microseconds against the seconds a
+    verify of a large store leaves between a chunk's check and the fix.
+    """
+    try:
+        if file_identity(os.lstat(path)) != identity:
+            return False
+        os.unlink(path)
+    except FileNotFoundError:
+        pass  # gone already: removed by someone else, nothing bad left
+    return True
 
 
 def _verify_tiers(

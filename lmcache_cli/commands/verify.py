@@ -56,7 +56,8 @@ def verify(
         out.data({"store": where, **report.to_dict()})
     else:
         removed = set(report.removed)
-        rows = [[b.where, b.reason, "removed" if b.where in removed else "bad"] for b in report.bad]
+        states = dict.fromkeys(report.left_alone, "changed, left alone") | dict.fromkeys(removed, "removed")
+        rows = [[b.where, b.reason, states.get(b.where, "bad")] for b in report.bad]
         rows += [[u.where, u.reason, "unverified"] for u in report.unverified]
         rows += [[f.path, f.reason, "ignored"] for f in report.foreign]
         rows += [
@@ -77,6 +78,11 @@ def verify(
         out.warn(
             f"{plural(len(report.foreign), 'file')} named like chunks but not at a chunk path "
             f"(e.g. {report.foreign[0].path}): not part of the store, left alone"
+        )
+    if report.left_alone:
+        out.warn(
+            f"{plural(len(report.left_alone), 'bad chunk')} replaced by a writer after the check "
+            f"(e.g. {report.left_alone[0]}): left alone; rerun verify to check the new copy"
         )
     for failure in report.fix_failures:
         out.warn(f"could not remove {failure}")
