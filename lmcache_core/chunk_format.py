@@ -4,8 +4,12 @@ Layout (standard safetensors, readable by the ``safetensors`` library)::
 
     u64 little-endian N | N bytes of JSON header, space padded to 8 + N = 64k | payload
 
-The header's ``__metadata__`` holds ``lmcache.format`` ("1"), ``lmcache.key`` and
-``lmcache.checksum`` (``xxh3_128:<hex>`` over the payload). Everything here
+The header's ``__metadata__`` holds ``lmcache.format`` ("1"), ``lmcache.key``,
+``lmcache.checksum`` (``xxh3_128:<hex>`` over the payload) and
+``lmcache.meta_checksum`` (``xxh3_64:<hex>`` over dtype, shape and key: the
+payload checksum alone passed a header whose dtype read ``I16`` for ``F16``, or
+whose shape was permuted, and the payload came back as another tensor; chunks
+written before it was added have none and are read as before). Everything here
 validates before it allocates, and nothing is ever unpickled. Functions are
 pure and thread-safe.
 """
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
 FORMAT_VERSION = "1"
 TENSOR_NAME = "kv_chunk"
 CHECKSUM_ALGO = "xxh3_128"
+META_CHECKSUM_ALGO = "xxh3_64"
 SUFFIX = ".safetensors"
 # Our headers are ~300 bytes; the bound keeps a lying length from allocating gigabytes.
 MAX_HEADER_BYTES = 64 * 1024
@@ -77,6 +82,7 @@ class ChunkHeader:
     data_offset: int  # 8 + header length: where the payload starts
     checksum: str | None
     version: str | None
+    meta_checksum: str | None = None
 
     @property
     def total_size(self) -> int:
@@ -160,16 +166,24 @@ def encode_header(tensor: torch.Tensor, key: str, payload: memoryview | None = N
     return _header_bytes(tensor, key, payload.nbytes, checksum(payload))
 
 
+def meta_checksum(dtype: str, shape: list[int] | tuple[int, ...], key: str) -> str:
+    """``xxh3_64:<hex>`` over what the header says the payload is, and whose it is."""
+    canonical = json.dumps([dtype, list(shape), key], separators=(",", ":"), ensure_ascii=True)
+    return f"{META_CHECKSUM_ALGO}:{xxhash.xxh3_64_hexdigest(canonical.encode('ascii'))}"
+
+
 def _header_bytes(tensor: torch.Tensor, key: str, nbytes: int, digest: str) -> bytes:
+    dtype, shape = dtype_name(tensor.dtype), list(tensor.shape)
     header = {
         "__metadata__": {
             "lmcache.format": FORMAT_VERSION,
             "lmcache.key": key,
             "lmcache.checksum": digest,
+            "lmcache.meta_checksum": meta_checksum(dtype, shape, key),
         },
         TENSOR_NAME: {
-            "dtype": dtype_name(tensor.dtype),
-            "shape": list(tensor.shape),
+            "dtype": dtype,
+            "shape": shape,
             "data_offsets": [0, nbytes],
         },
     }
@@ -361,14 +375,19 @@ def _parse_header_bytes(raw: bytes) -> ChunkHeader:
         or offsets[1] != nbytes
     ):
         raise CorruptChunkError(f"data_offsets {offsets!r:.60} do not match shape x dtype = {nbytes}")
+    key = meta.get("lmcache.key")
+    bound = meta.get("lmcache.meta_checksum")
+    if bound is not None and bound != meta_checksum(dtype, shape, key or ""):
+        raise CorruptChunkError("header checksum mismatch: dtype, shape or key changed since written")
     return ChunkHeader(
-        key=meta.get("lmcache.key"),
+        key=key,
         dtype=dtype,
         shape=tuple(shape),
         nbytes=nbytes,
         data_offset=end,
         checksum=meta.get("lmcache.checksum"),
         version=meta.get("lmcache.format"),
+        meta_checksum=bound,
     )
 
 
