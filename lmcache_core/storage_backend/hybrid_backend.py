@@ -28,6 +28,39 @@ logger = logging.getLogger(__name__)
 # The base class's dst_device property: the hybrid's setter runs it, then sets the tiers'.
 _BASE_DST_DEVICE: property = vars(LMCBackendInterface)["dst_device"]
 
+# Fills of a key and the start of its writes are serialised by one of these locks (by the
+# key's hash). A fill holds its lock while it copies into the memory tier: enough of them
+# that different keys rarely wait for each other.
+_KEY_STRIPES = 64
+
+
+class _Read:
+    """A read of a key from a slower tier, whose hit would fill the faster tiers.
+
+    ``stale``: a put or remove of the key overlapped the read, so what it read may be
+    older than what the faster tiers hold (or the key is gone): no fill.
+    """
+
+    __slots__ = ("stale",)
+
+    def __init__(self, stale: bool) -> None:
+        self.stale = stale
+
+
+class _KeyStripe:
+    """Under ``lock``: the writes in flight of its keys, and their reads that may fill.
+
+    Entries live only while their operation runs, so it never grows with the number of
+    keys ever written.
+    """
+
+    __slots__ = ("lock", "writes", "reads")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.writes: dict[CacheEngineKey, int] = {}
+        self.reads: dict[CacheEngineKey, list[_Read]] = {}
+
 
 class LMCHybridBackend(LMCBackendInterface):
     """Memory and/or disk tiers in front of an optional remote store.
@@ -40,8 +73,8 @@ class LMCHybridBackend(LMCBackendInterface):
     * ``batched_get`` serves local hits and fetches all local misses from the
       remote in one batched call (pipelined when configured);
     * ``config.prefetch``: a background thread copies this model's / rank's
-      remote chunks into the local tiers, bounded by local capacity; it never
-      blocks construction and skips foreign keys;
+      remote chunks into the local tiers that lack them, bounded by local capacity;
+      it never blocks construction and skips foreign keys;
     * a remote that is down never raises into the caller: local tiers keep serving;
     * ``dst_device`` set after construction is set on every tier too. The disk
       and remote tiers read onto the host (``dst_device="cpu"``) unless the memory
@@ -52,7 +85,16 @@ class LMCHybridBackend(LMCBackendInterface):
     Fills never keep the tensor handed to the caller: a memory fill copies it
     at once, a disk fill writes a private copy, so modifying a tensor returned by
     a disk or remote hit changes no tier (a memory hit is zero-copy; see
-    ``LMCLocalBackend``). Thread-safe; fork-safe as its tiers are.
+    ``LMCLocalBackend``).
+
+    A fill (or prefetch) never wins over a write: a ``put`` or ``remove`` of the key
+    that overlaps the read it copies from cancels it, and one that starts after the
+    fill was made is submitted after it to every tier (the disk tier keeps the last
+    submitted write of a key, queued fills included), so what the faster tiers hold
+    is never older than what the slower ones do, and a removed key stays removed.
+
+    Thread-safe. Fork-safe: a forked child gets, on first use, its own counters and
+    locks (its tiers rebuild theirs), and no prefetch (``prefetch_done`` is set).
     """
 
     def __init__(
@@ -92,8 +134,9 @@ class LMCHybridBackend(LMCBackendInterface):
                 tier.close()
             raise
         self.dst_device = dst_device  # now the tiers exist: where each one reads to
+        self._stripes = [_KeyStripe() for _ in range(_KEY_STRIPES)]
         self._closing = threading.Event()
-        self.prefetch_done = threading.Event()
+        self._prefetch_done = threading.Event()
         self.prefetched = 0
         self._prefetch_thread: threading.Thread | None = None
         if config.prefetch and self.remote is not None:
@@ -102,7 +145,26 @@ class LMCHybridBackend(LMCBackendInterface):
             )
             self._prefetch_thread.start()
         else:
-            self.prefetch_done.set()
+            self._prefetch_done.set()
+
+    def _after_fork(self) -> None:
+        # The parent's threads (prefetch, callers mid-read or mid-write) do not exist
+        # here, and a lock one of them held at fork() would stay held: fresh state.
+        self._stripes = [_KeyStripe() for _ in range(_KEY_STRIPES)]
+        closing = self._closing.is_set()
+        self._closing = threading.Event()
+        if closing:
+            self._closing.set()
+        # The parent's prefetch thread fills the parent's tiers, not this process's.
+        self._prefetch_thread = None
+        self._prefetch_done = threading.Event()
+        self._prefetch_done.set()
+
+    @property
+    def prefetch_done(self) -> threading.Event:
+        """Set once prefetch has finished (or was not configured; always in a forked child)."""
+        self._check_fork()
+        return self._prefetch_done
 
     # -- introspection -------------------------------------------------------------
 
@@ -148,6 +210,7 @@ class LMCHybridBackend(LMCBackendInterface):
         """The persistent tiers (disk, remote) that lack ``key`` (the memory tier is this
         process's own); [] when all hold it. Thread-safe."""
         check_key(key)
+        self._check_fork()
         return [name for name, tier in self.tiers() if name != "memory" and not tier.contains(key)]
 
     def describe(self) -> str:
@@ -169,6 +232,14 @@ class LMCHybridBackend(LMCBackendInterface):
         kv_chunk = value
         check_key(key)
         check_chunk(kv_chunk)
+        self._check_fork()
+        stripe = self._begin_write(key)
+        try:
+            self._put(key, kv_chunk, blocking)
+        finally:
+            self._end_write(key, stripe)
+
+    def _put(self, key: CacheEngineKey, kv_chunk: torch.Tensor, blocking: bool) -> None:
         stored = 0
         too_large: ValueError | None = None
         sent: Callable[[], None] | None = None  # waits for a remote put under way
@@ -189,9 +260,11 @@ class LMCHybridBackend(LMCBackendInterface):
                     stored += 1
                 except ValueError as exc:  # larger than this tier's budget
                     too_large = exc
+                    self._forget_older(name, tier, key)
                 except OSError as exc:
                     logger.warning("%s tier put of %s failed: %s", name, key, exc)
                     self.stats.incr(f"{name}_put_failures")
+                    self._forget_older(name, tier, key)
         except BaseException:
             if send_error is not None:
                 logger.warning("remote put of %s failed: %s", key, send_error)
@@ -231,55 +304,84 @@ class LMCHybridBackend(LMCBackendInterface):
                 raise too_large
             raise OSError(f"no tier could store {key}")
 
+    def _forget_older(self, name: str, tier: LMCBackendInterface, key: CacheEngineKey) -> None:
+        """A tier that refused a put of ``key`` must not go on serving an older chunk under
+        it: a get answered from it (after the faster tier's copy was evicted) was stale."""
+        try:
+            tier.remove(key)
+        except Exception as exc:
+            logger.warning("dropping the older copy of %s from the %s tier failed: %s", key, name, exc)
+
     # -- reads ---------------------------------------------------------------------
 
     def get(self, key: CacheEngineKey) -> torch.Tensor | None:
         check_key(key)
-        for i, (name, tier) in enumerate(self._tiers):
-            chunk = tier.get(key)
-            if chunk is not None:
-                self.stats.incr(f"hits_{name}")
-                self._fill(key, chunk, self._tiers[:i])
-                self._touch_below(key, i)
-                return self._to_dst(chunk)
-        chunk = self._remote_get(key)
-        if chunk is None:
-            self.stats.incr("misses")
-            return None
-        self.stats.incr("hits_remote")
-        self._fill(key, chunk, self._tiers)
-        return self._to_dst(chunk)
+        self._check_fork()
+        read: _Read | None = None
+        try:
+            for i, (name, tier) in enumerate(self._tiers):
+                chunk = tier.get(key)
+                if chunk is not None:
+                    self.stats.incr(f"hits_{name}")
+                    if read is not None:
+                        self._fill(key, chunk, self._tiers[:i], read)
+                    self._touch_below(key, i)
+                    return self._to_dst(chunk)
+                if read is None:
+                    # After the first miss, before the slower reads: a write that ends
+                    # before this is what they read (a memory hit needs no token).
+                    read = self._begin_read(key)
+            assert read is not None  # there is a local tier
+            chunk = self._remote_get(key)
+            if chunk is None:
+                self.stats.incr("misses")
+                return None
+            self.stats.incr("hits_remote")
+            self._fill(key, chunk, self._tiers, read)
+            return self._to_dst(chunk)
+        finally:
+            if read is not None:
+                self._end_read(key, read)
 
     def batched_get(self, keys: Iterable[CacheEngineKey]) -> list[torch.Tensor | None]:
         keys = [check_key(k) for k in keys]
+        self._check_fork()
         results: list[torch.Tensor | None] = [None] * len(keys)
         missing = list(range(len(keys)))
-        for i, (name, tier) in enumerate(self._tiers):
-            if not missing:
-                break
-            got = tier.batched_get([keys[j] for j in missing])
-            still: list[int] = []
-            for j, chunk in zip(missing, got, strict=True):
-                if chunk is None:
-                    still.append(j)
-                else:
-                    results[j] = chunk
-                    self.stats.incr(f"hits_{name}")
-                    self._fill(keys[j], chunk, self._tiers[:i])
-                    self._touch_below(keys[j], i)
-            missing = still
-        if missing and self.remote is not None:
-            try:
-                got = list(self.remote.batched_get([keys[j] for j in missing]))
-            except Exception as exc:
-                logger.warning("remote batched_get failed: %s", exc)
-                self.stats.incr("remote_errors")
-                got = [None] * len(missing)
-            for j, chunk in zip(missing, got, strict=True):
-                if chunk is not None:
-                    results[j] = chunk
-                    self.stats.incr("hits_remote")
-                    self._fill(keys[j], chunk, self._tiers)
+        reads: dict[int, _Read] = {}  # for each key that missed the first tier (see get)
+        try:
+            for i, (name, tier) in enumerate(self._tiers):
+                if not missing:
+                    break
+                got = tier.batched_get([keys[j] for j in missing])
+                still: list[int] = []
+                for j, chunk in zip(missing, got, strict=True):
+                    if chunk is None:
+                        still.append(j)
+                        if j not in reads:
+                            reads[j] = self._begin_read(keys[j])
+                    else:
+                        results[j] = chunk
+                        self.stats.incr(f"hits_{name}")
+                        if j in reads:
+                            self._fill(keys[j], chunk, self._tiers[:i], reads[j])
+                        self._touch_below(keys[j], i)
+                missing = still
+            if missing and self.remote is not None:
+                try:
+                    got = list(self.remote.batched_get([keys[j] for j in missing]))
+                except Exception as exc:
+                    logger.warning("remote batched_get failed: %s", exc)
+                    self.stats.incr("remote_errors")
+                    got = [None] * len(missing)
+                for j, chunk in zip(missing, got, strict=True):
+                    if chunk is not None:
+                        results[j] = chunk
+                        self.stats.incr("hits_remote")
+                        self._fill(keys[j], chunk, self._tiers, reads[j])
+        finally:
+            for j, read in reads.items():
+                self._end_read(keys[j], read)
         self.stats.incr("misses", sum(r is None for r in results))
         return [None if r is None else self._to_dst(r) for r in results]
 
@@ -293,31 +395,90 @@ class LMCHybridBackend(LMCBackendInterface):
             self.stats.incr("remote_errors")
             return None
 
+    # -- fills against writes of the same key ----------------------------------------
+    #
+    # A fill copies what a slower tier returned; a put or remove of the key that ran
+    # meanwhile makes that copy older than the faster tiers' (or brings a removed key
+    # back). A write marks the reads of its key under way as stale when it begins, and
+    # a read that begins while a write runs starts stale. A fill checks its read and
+    # writes the tiers under the key's stripe lock, which a write takes to begin: a write
+    # either cancels the fill, or begins after the fill's writes were submitted to every
+    # tier and so is submitted after them (the disk tier keeps the last submitted write).
+
+    def _stripe(self, key: CacheEngineKey) -> _KeyStripe:
+        return self._stripes[hash(key) % _KEY_STRIPES]
+
+    def _begin_write(self, key: CacheEngineKey) -> _KeyStripe:
+        """Before a put or remove of ``key`` touches a tier; pair with ``_end_write``."""
+        stripe = self._stripe(key)
+        with stripe.lock:
+            stripe.writes[key] = stripe.writes.get(key, 0) + 1
+            for read in stripe.reads.get(key, ()):
+                read.stale = True
+        return stripe
+
+    def _end_write(self, key: CacheEngineKey, stripe: _KeyStripe) -> None:
+        with stripe.lock:
+            n = stripe.writes.get(key, 0) - 1
+            if n > 0:
+                stripe.writes[key] = n
+            else:
+                stripe.writes.pop(key, None)
+
+    def _begin_read(self, key: CacheEngineKey) -> _Read:
+        """Before reading ``key`` from a tier whose hit fills faster ones; pair with ``_end_read``."""
+        stripe = self._stripe(key)
+        with stripe.lock:
+            read = _Read(stale=key in stripe.writes)
+            stripe.reads.setdefault(key, []).append(read)
+        return read
+
+    def _end_read(self, key: CacheEngineKey, read: _Read) -> None:
+        stripe = self._stripe(key)
+        with stripe.lock:
+            reads = stripe.reads.get(key)
+            if reads is not None and read in reads:  # absent: begun before fork()
+                reads.remove(read)
+                if not reads:
+                    del stripe.reads[key]
+
     def _fill(
         self,
         key: CacheEngineKey,
         chunk: torch.Tensor,
         tiers: list[tuple[str, LMCBackendInterface]],
+        read: _Read,
         *,
         handed_out: bool = True,
-    ) -> None:
+    ) -> bool:
         """Copy a chunk read from a slower tier into faster ones (best effort).
 
-        ``handed_out``: ``chunk`` is also returned to the caller, who may modify it,
-        so a background fill gets a private copy (a blocking fill copies it at once).
+        Args:
+            read: the token taken before ``chunk`` was read; a write of ``key`` since
+                then cancels the fill.
+            handed_out: ``chunk`` is also returned to the caller, who may modify it,
+                so a background fill gets a private copy (a blocking fill copies it at once).
+
+        Returns:
+            False when a write of ``key`` superseded the fill (nothing written).
         """
         private: torch.Tensor | None = None if handed_out else chunk
-        for name, tier in tiers:
-            blocking = name == "memory"  # memory fills are one fast copy; disk fills go to workers
-            try:
-                if blocking:
-                    tier.put(key, chunk, blocking=True)
-                    continue
-                if private is None:
-                    private = self._private_copy(key, chunk)
-                tier.put(key, private, blocking=False)
-            except (ValueError, OSError, RuntimeError) as exc:
-                logger.debug("filling %s tier with %s skipped: %s", name, key, exc)
+        with self._stripe(key).lock:
+            if read.stale:
+                self.stats.incr("fills_superseded")
+                return False
+            for name, tier in tiers:
+                blocking = name == "memory"  # memory fills are one fast copy; disk fills go to workers
+                try:
+                    if blocking:
+                        tier.put(key, chunk, blocking=True)
+                        continue
+                    if private is None:
+                        private = self._private_copy(key, chunk)
+                    tier.put(key, private, blocking=False)
+                except (ValueError, OSError, RuntimeError) as exc:
+                    logger.debug("filling %s tier with %s skipped: %s", name, key, exc)
+        return True
 
     def _private_copy(self, key: CacheEngineKey, chunk: torch.Tensor) -> torch.Tensor:
         """A copy of ``chunk`` nobody else writes to: the memory tier's own, else a clone."""
@@ -335,6 +496,7 @@ class LMCHybridBackend(LMCBackendInterface):
 
     def contains(self, key: CacheEngineKey) -> bool:
         check_key(key)
+        self._check_fork()
         if any(tier.contains(key) for _, tier in self._tiers):
             return True
         if self.remote is None:
@@ -347,12 +509,17 @@ class LMCHybridBackend(LMCBackendInterface):
 
     def remove(self, key: CacheEngineKey) -> bool:
         check_key(key)
+        self._check_fork()
         found = False
-        for _, tier in self.tiers():
-            try:
-                found = tier.remove(key) or found
-            except Exception as exc:
-                logger.warning("remove of %s from %s failed: %s", key, tier.describe(), exc)
+        stripe = self._begin_write(key)  # a fill of what was read before cannot bring it back
+        try:
+            for _, tier in self.tiers():
+                try:
+                    found = tier.remove(key) or found
+                except Exception as exc:
+                    logger.warning("remove of %s from %s failed: %s", key, tier.describe(), exc)
+        finally:
+            self._end_write(key, stripe)
         return found
 
     def list_info(self, skip_failed: bool = True) -> list[ChunkInfo]:
@@ -363,6 +530,7 @@ class LMCHybridBackend(LMCBackendInterface):
         ``StoreUnavailableError`` naming the tier (the CLI: an incomplete
         listing is a failure, exit 1).
         """
+        self._check_fork()
         seen: dict[CacheEngineKey, ChunkInfo] = {}
         for name, tier in self.tiers():
             try:
@@ -380,6 +548,7 @@ class LMCHybridBackend(LMCBackendInterface):
         return [info.key for info in self.list_info()]
 
     def read_header(self, key: CacheEngineKey) -> ChunkHeader | None:
+        self._check_fork()
         for _, tier in self.tiers():
             try:
                 header = tier.read_header(key)
@@ -411,27 +580,36 @@ class LMCHybridBackend(LMCBackendInterface):
                 # info.size includes the header; the budget counts payload bytes.
                 if info.size is not None and used + info.size - 8 - MAX_HEADER_BYTES > budget:
                     continue
-                if all(tier.contains(k) for _, tier in self._tiers):
-                    continue
-                chunk = self._remote_get(k)
-                if chunk is None:
-                    continue
-                size = chunk.numel() * chunk.element_size()
-                if used + size > budget:
-                    continue
-                self._fill(k, chunk, self._tiers, handed_out=False)  # nobody else holds it
+                # A local put or remove of k from here on cancels the copy (see _fill).
+                read = self._begin_read(k)
+                try:
+                    # A tier that holds k keeps its copy: it may be newer than the remote's.
+                    lacking = [(name, tier) for name, tier in self._tiers if not tier.contains(k)]
+                    if not lacking:
+                        continue
+                    chunk = self._remote_get(k)
+                    if chunk is None:
+                        continue
+                    size = chunk.numel() * chunk.element_size()
+                    if used + size > budget:
+                        continue
+                    if not self._fill(k, chunk, lacking, read, handed_out=False):  # nobody else holds it
+                        continue
+                finally:
+                    self._end_read(k, read)
                 used += size
                 self.prefetched += 1
         except Exception as exc:
             logger.warning("prefetch stopped: %s", exc)
         finally:
-            self.prefetch_done.set()
+            self._prefetch_done.set()
 
     # -- lifecycle -----------------------------------------------------------------
 
     def close(self) -> None:
         if self._closing.is_set():
             return
+        self._check_fork()  # in a child: its own _closing (the parent's lock may be held)
         self._closing.set()
         if self._prefetch_thread is not None:
             self._prefetch_thread.join(timeout=max(5.0, 3 * self.config.remote_timeout))
