@@ -491,7 +491,12 @@ def decode(
     verify: bool = True,
     digest: str | None = None,
 ) -> torch.Tensor:
-    """Decode a whole chunk, zero-copy over ``buf`` (the tensor aliases it).
+    """Decode a whole chunk, zero-copy over writable ``buf`` (the tensor aliases it).
+
+    Read-only ``buf`` (``bytes``) has its payload copied: a tensor over immutable
+    memory is undefined behaviour once written, and torch warns about it in the
+    log of every process that makes one. (Connectors hand large values over in
+    writable pooled buffers; ``bytes`` come from small replies.)
 
     Args:
         buf: the chunk's bytes; the caller must not reuse them afterwards.
@@ -515,7 +520,10 @@ def decode(
         verify_payload(header, payload)
     if header.nbytes == 0:
         return torch.empty(header.shape, dtype=header.torch_dtype)
-    flat = torch.frombuffer(buf, dtype=torch.uint8, count=header.nbytes, offset=header.data_offset)
+    if mv.readonly:
+        flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    else:
+        flat = torch.frombuffer(buf, dtype=torch.uint8, count=header.nbytes, offset=header.data_offset)
     return flat.view(header.torch_dtype).view(header.shape)
 
 

@@ -260,3 +260,21 @@ def test_an_empty_payload_is_read_and_verified() -> None:
     header = chunk_format.read_header(f, total_size=len(data))
     assert header.nbytes == 0
     chunk_format.read_payload_verified(f, header, torch.empty(0, dtype=torch.uint8))  # no error
+
+
+def test_decode_of_bytes_copies_the_payload_without_a_warning_and_of_a_bytearray_aliases_it():
+    """A tensor over ``bytes`` made torch warn "not writable" into a serving process's log,
+    and writing to it changed an immutable object."""
+    import warnings
+
+    t = torch.arange(16, dtype=torch.float32).reshape(1, 2, 2, 2, 2)
+    raw = cf.encode_bytes(t, "k")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = cf.decode(raw, "k")
+    got.fill_(-1)
+    assert raw == cf.encode_bytes(t, "k")  # the bytes did not change
+    writable = bytearray(raw)
+    aliased = cf.decode(writable, "k")
+    aliased.fill_(-1)
+    assert writable != bytearray(raw)  # zero-copy over writable memory

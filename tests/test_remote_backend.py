@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import pytest
 import torch
@@ -814,3 +814,81 @@ def test_forked_child_reopens_and_works(tmp_path: Path) -> None:
         assert backend.batched_get([make_key("parent")])[0] is not None
     finally:
         backend.close()
+
+
+def test_the_keys_remembered_as_stored_are_bounded(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A serving process remembered every key it ever put or listed (for contains
+    without a round trip): memory grew with the store, not with what it uses."""
+    from lmcache_core.storage_backend import remote_backend
+
+    monkeypatch.setattr(remote_backend, "KNOWN_KEYS_MAX", 4)
+    backend = LMCRemoteBackend(_config(store_url), None, "cpu")
+    keys = [make_key(f"known{i}") for i in range(10)]
+    for k in keys:
+        backend.put(k, torch.ones(1, 2, 4, 2, 8))
+    assert len(backend._known) == 4
+    assert all(backend.contains(k) for k in keys)  # forgotten ones are asked of the remote
+    assert len(backend._known) == 4
+    assert len(backend.list()) == 10 and len(backend._known) == 4
+    backend.close()
+
+
+def test_non_blocking_puts_wait_for_room_in_a_bounded_queue(tmp_path: Path) -> None:
+    """The write queue had no bound: in front of a remote slower than the puts, queued
+    chunks grew until the process ran out of memory. A put now waits for room
+    (acknowledged only once queued), and close() wakes a put still waiting."""
+    one = torch.ones(1, 2, 4, 2, 8)
+    nbytes = one.numel() * one.element_size()
+    backend = LMCRemoteBackend(_config(_memory_url(tmp_path), timeout=30.0), None, "cpu", max_queued_bytes=2 * nbytes)
+    gate = threading.Event()
+    real = backend.connector.put_chunk
+
+    def slow_remote(*args: Any, **kwargs: Any) -> Any:
+        assert gate.wait(30)
+        return real(*args, **kwargs)
+
+    backend.connector.put_chunk = slow_remote  # type: ignore[method-assign]
+    keys = [make_key(f"bp{i}") for i in range(4)]
+    backend.put(keys[0], one, blocking=False)
+    backend.put(keys[1], one, blocking=False)  # the queue is full now
+    returned = threading.Event()
+    third = threading.Thread(target=lambda: (backend.put(keys[2], one, blocking=False), returned.set()))
+    third.start()
+    assert not returned.wait(0.5)  # waiting for room, not queued
+    assert backend.stats["put_backpressure_waits"] == 1
+    gate.set()  # the remote catches up
+    assert returned.wait(30)
+    third.join()
+    backend.close()
+    with LMCRemoteBackend(_config(_memory_url(tmp_path)), None, "cpu") as fresh:
+        assert all(fresh.contains(k) for k in keys[:3])
+
+    # close() while a put waits for room: the put raises (not acknowledged), nothing hangs.
+    stuck = threading.Event()
+    backend = LMCRemoteBackend(
+        _config(_memory_url(tmp_path), timeout=30.0), None, "cpu", max_queued_bytes=nbytes, close_timeout=0.5
+    )
+    real = backend.connector.put_chunk
+    backend.connector.put_chunk = lambda *a, **k: (stuck.wait(30), real(*a, **k))[1]  # type: ignore[method-assign]
+    backend.put(keys[3], one, blocking=False)
+    errors: list[BaseException] = []
+
+    def waiting_put() -> None:
+        try:
+            backend.put(make_key("bp-late"), one, blocking=False)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            errors.append(exc)
+
+    waiter = threading.Thread(target=waiting_put)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while backend.stats["put_backpressure_waits"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert backend.stats["put_backpressure_waits"] == 1 and waiter.is_alive()
+    closer = threading.Thread(target=backend.close)
+    closer.start()
+    waiter.join(10)
+    assert not waiter.is_alive() and len(errors) == 1 and isinstance(errors[0], RuntimeError)
+    stuck.set()
+    closer.join(30)
+    assert not closer.is_alive()

@@ -178,6 +178,52 @@ def _timed_out(exc: BaseException) -> bool:
     return False
 
 
+#: Bytes of chunks ``put(blocking=False)`` may have queued for the writers; beyond it a
+#: put waits for queued writes to finish (an unbounded queue in front of a remote
+#: slower than the writes grew until the process ran out of memory).
+MAX_QUEUED_BYTES = 1 << 30
+
+#: Keys a backend remembers as stored, so ``contains`` answers them without a round
+#: trip: the most recently seen ones (an unbounded set grew by every key a serving
+#: process ever put or listed, ~200 bytes each).
+KNOWN_KEYS_MAX = 1 << 18
+
+
+class _KnownKeys:
+    """The most recently seen ``max_keys`` keys (insertion order; a re-add moves a key
+    last). A hint: a key it forgot is asked of the remote. Not thread-safe (the
+    backend's lock guards it)."""
+
+    __slots__ = ("_keys", "_max")
+
+    def __init__(self, max_keys: int) -> None:
+        self._keys: dict[CacheEngineKey, None] = {}
+        self._max = max_keys
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, key: CacheEngineKey) -> None:
+        self._keys.pop(key, None)
+        self._keys[key] = None
+        if len(self._keys) > self._max:
+            del self._keys[next(iter(self._keys))]
+
+    def update(self, keys: Iterable[CacheEngineKey]) -> None:
+        for key in keys:
+            self.add(key)
+
+    def discard(self, key: CacheEngineKey) -> None:
+        self._keys.pop(key, None)
+
+    def replace(self, keys: Iterable[CacheEngineKey]) -> None:
+        self._keys = {}
+        self.update(keys)
+
+
 class LMCRemoteBackend(LMCBackendInterface):
     """KV chunks in a remote store named by ``config.remote_url``.
 
@@ -216,6 +262,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         put_workers: int = 2,
         list_timeout: float | None = None,
         close_timeout: float | None = None,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
         **connector_options: Any,
     ) -> None:
         super().__init__(dst_device)
@@ -223,6 +270,9 @@ class LMCRemoteBackend(LMCBackendInterface):
             raise ValueError("remote_url: not set; a remote backend needs e.g. s3://bucket/prefix or redis://host")
         if put_workers < 1:
             raise ValueError(f"put_workers must be >= 1, got {put_workers}")
+        if max_queued_bytes < 1:
+            raise ValueError(f"max_queued_bytes must be >= 1, got {max_queued_bytes}")
+        self.max_queued_bytes = max_queued_bytes
         self.config = config
         self.metadata = metadata
         self.timeout = float(config.remote_timeout)
@@ -253,7 +303,9 @@ class LMCRemoteBackend(LMCBackendInterface):
     def _start_runtime(self) -> None:
         """Locks, thread pools and queues: everything a forked child must rebuild."""
         self._lock = threading.Lock()
-        self._known: set[CacheEngineKey] = set()
+        self._known = _KnownKeys(KNOWN_KEYS_MAX)
+        self._queued_bytes = 0  # of chunks put_nonblocking queued that no writer has finished
+        self._room = threading.Condition(self._lock)  # notified as writers finish queued chunks
         self._pending: dict[CacheEngineKey, torch.Tensor] = {}
         self._writing: dict[CacheEngineKey, threading.Event] = {}
         self._last_stored = 0.0  # monotonic time a background write last succeeded
@@ -316,6 +368,7 @@ class LMCRemoteBackend(LMCBackendInterface):
             if self._closed:
                 return
             self._closed = True
+            self._room.notify_all()  # a put waiting for room raises now
         if self._pid != os.getpid():
             return  # a child never started these workers; nothing of its own to drain
         started = time.monotonic()
@@ -519,12 +572,40 @@ class LMCRemoteBackend(LMCBackendInterface):
     def put_nonblocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
         """Queue the write; the caller must not modify ``kv_chunk`` until it is stored. Thread-safe."""
         self._check_put(key, kv_chunk)
+        nbytes = kv_chunk.numel() * kv_chunk.element_size()
         with self._lock:
             # Checked under the lock close() sets it under: a put that raced close()
             # is queued before the end signals (and drained) or raises.
             self._check_open()
+            self._wait_for_room_locked(nbytes)
+            self._queued_bytes += nbytes
             self._pending[key] = kv_chunk
-            self._put_queues[zlib.crc32(key.chunk_hash.encode()) % len(self._put_queues)].put((key, kv_chunk))
+            self._put_queues[zlib.crc32(key.chunk_hash.encode()) % len(self._put_queues)].put((key, kv_chunk, nbytes))
+
+    def _wait_for_room_locked(self, nbytes: int) -> None:
+        """Under ``_lock``: wait until ``nbytes`` more fit in the queue (one chunk always does).
+
+        Backpressure, not loss: the put is acknowledged only once queued. Writes that
+        fail (a dead server, an open circuit) finish too, so the wait ends as the
+        queue drains either way; it gives up only when no queued write at all has
+        finished for three ``remote_timeout``s.
+
+        Raises:
+            StoreUnavailableError: no room, and no queued write finishing.
+            RuntimeError: the backend was closed meanwhile.
+        """
+        waited = False
+        while self._queued_bytes and self._queued_bytes + nbytes > self.max_queued_bytes:
+            if not waited:
+                waited = True
+                self.stats.incr("put_backpressure_waits")
+            if not self._room.wait(timeout=3 * self.timeout):
+                raise StoreUnavailableError(
+                    self.display_url,
+                    f"put: {self._queued_bytes} bytes of writes queued and none finished in "
+                    f"{3 * self.timeout:g}s; not queued",
+                )
+            self._check_open()
 
     def put_worker(self) -> None:
         """The loop each background writer thread runs (LMCache's ``put_worker``).
@@ -550,24 +631,32 @@ class LMCRemoteBackend(LMCBackendInterface):
             item = work.get()
             if isinstance(item, RemoteBackendEndSignal):
                 return
-            key: CacheEngineKey = item[0]
-            chunk: torch.Tensor = item[1]
-            with self._lock:
-                if self._pending.get(key) is not chunk:
-                    continue  # removed or superseded while queued
-                done = self._writing[key] = threading.Event()
+            key, chunk, nbytes = item
             try:
-                self._write(key, chunk)
-                self._last_stored = time.monotonic()  # close() drains while writes land
-            except Exception as exc:
-                self.stats.incr("background_put_failures")
-                logger.error("%s: background put of %s failed: %s", self.display_url, key, exc)
+                self._write_queued(key, chunk)
             finally:
                 with self._lock:
-                    if self._pending.get(key) is chunk:
-                        del self._pending[key]
-                    self._writing.pop(key, None)
-                done.set()
+                    self._queued_bytes -= nbytes
+                    self._room.notify_all()
+
+    def _write_queued(self, key: CacheEngineKey, chunk: torch.Tensor) -> None:
+        """One queued write, unless removed or superseded since; failures logged and counted."""
+        with self._lock:
+            if self._pending.get(key) is not chunk:
+                return  # removed or superseded while queued
+            done = self._writing[key] = threading.Event()
+        try:
+            self._write(key, chunk)
+            self._last_stored = time.monotonic()  # close() drains while writes land
+        except Exception as exc:
+            self.stats.incr("background_put_failures")
+            logger.error("%s: background put of %s failed: %s", self.display_url, key, exc)
+        finally:
+            with self._lock:
+                if self._pending.get(key) is chunk:
+                    del self._pending[key]
+                self._writing.pop(key, None)
+            done.set()
 
     def _write(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
         chunk = chunk_format.UnsealedChunk(kv_chunk, key.to_string())
@@ -844,7 +933,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         seen = {i.key for i in infos}
         with self._lock:
             pending = [k for k in self._pending if k not in seen]
-            self._known = set(seen)
+            self._known.replace(seen)
         return infos + [ChunkInfo(k) for k in pending]
 
     def list(self) -> builtins.list[CacheEngineKey]:
