@@ -340,10 +340,13 @@ def small_chunk_limits(rows: list[dict[str, Any]]) -> list[str]:
     )
     return [
         f"A disk get that small cannot reach 0.8x here with its checksum verified: {measured}. "
-        "A second thread costs more than it saves at this size (micro-benchmarks on this VM: handing "
-        "work to a waiting thread took ~45 us, two 1 MiB `preadv` of one file on two threads 109 us, "
-        "one 2 MiB `preadv` 56 us). From 16 MiB on a get is split over two threads, which is how the "
-        "32 MiB row meets its target.",
+        "The rest of the gap is the get's own work around its read and hash: opening the file, its "
+        "header, a pool buffer and the tensor views, the index (about 50 us per 2 MiB get in a phase "
+        "timing interleaved with raw reads, as here, which push that code out of the CPU caches), "
+        "little against a 32 MiB read. A second thread costs more than it saves at this size "
+        "(micro-benchmarks on this VM: handing work to a waiting thread took ~45 us, two 1 MiB `preadv` "
+        "of one file on two threads 109 us, one 2 MiB `preadv` 56 us). From 16 MiB on a get is split "
+        "over two threads, which is how the 32 MiB row meets its target.",
         "",
     ]
 
