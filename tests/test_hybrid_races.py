@@ -402,3 +402,30 @@ def test_a_failed_disk_write_does_not_leave_the_older_file_served(tmp_path) -> N
     memory.remove(key)  # as an eviction would
     assert version(backend.get(key)) is None  # a miss, never the older chunk
     backend.close()
+
+
+def test_a_disk_fill_is_skipped_not_waited_for_when_the_disk_is_behind(tmp_path, redis_server, monkeypatch) -> None:
+    """A get that found its chunk in the remote must not wait for room in a full disk
+    write queue to fill the disk tier: the fill is best effort."""
+    held = threading.Event()
+    real_worker = LMCLocalDiskBackend.put_worker
+
+    def held_worker(self: LMCLocalDiskBackend) -> None:
+        assert held.wait(WAIT_S)
+        real_worker(self)
+
+    monkeypatch.setattr(LMCLocalDiskBackend, "put_worker", held_worker)
+    url = redis_url(redis_server, f"backlog-{tmp_path.name}")
+    with remote_only(url) as writer:
+        writer.put(make_key(1), chunk(OLD))
+        writer.put(make_key(2), chunk(NEW))
+    backend = tiered_hybrid(tmp_path, url)
+    memory, disk = tiers(backend)
+    disk.max_queued_bytes = chunk(OLD).nbytes  # room for one queued chunk
+    assert version(backend.get(make_key(1))) == OLD  # its disk fill is queued (the writers are held)
+    assert version(backend.get(make_key(2))) == NEW  # returns: no room, no wait
+    assert backend.stats["fills_skipped_backlog"] == 1
+    held.set()
+    backend.close()
+    with reopened_disk(tmp_path) as d:
+        assert version(d.get(make_key(1))) == OLD and d.get(make_key(2)) is None

@@ -344,3 +344,58 @@ def test_memory_tier_in_a_forked_child_stores_queued_and_new_writes(gate) -> Non
     gate.set()
     backend.close()
     assert {info.key for info in backend.list_info()} == {parent_key}
+
+
+# -- a bounded disk write queue ------------------------------------------------------------
+
+
+def test_disk_non_blocking_puts_wait_for_room_in_a_bounded_queue(tmp_path, gate) -> None:
+    """The disk writers' queue had no bound: in front of a disk slower than the puts,
+    queued chunks grew until the process ran out of memory."""
+    one = nbytes(chunk(0))
+    cfg = LMCacheEngineConfig.from_defaults(local_device=None, local_disk=str(tmp_path), max_local_disk_size=0.01)
+    d = LMCLocalDiskBackend(cfg, None, "cpu", max_queued_bytes=2 * one)
+    assert d.put_nonblocking(make_key(0), chunk(0)) and d.put_nonblocking(make_key(1), chunk(1))
+    assert d.put_nonblocking(make_key(2), chunk(2), wait=False) is False  # full: a fill would skip
+    returned = threading.Event()
+    waiter = threading.Thread(target=lambda: (d.put(make_key(2), chunk(2), blocking=False), returned.set()))
+    waiter.start()
+    assert not returned.wait(0.5)  # waiting for room, not queued
+    gate.set()  # the disk catches up
+    assert returned.wait(30)
+    waiter.join()
+    d.close()
+    again = disk(tmp_path)
+    assert all(torch.equal(again.get(make_key(i)), chunk(i)) for i in range(3))
+    again.close()
+
+
+def test_close_wakes_a_disk_put_waiting_for_room(tmp_path, gate) -> None:
+    one = nbytes(chunk(0))
+    cfg = LMCacheEngineConfig.from_defaults(local_device=None, local_disk=str(tmp_path), max_local_disk_size=0.01)
+    d = LMCLocalDiskBackend(cfg, None, "cpu", max_queued_bytes=one)
+    d.put(make_key(0), chunk(0), blocking=False)
+    errors: list[BaseException] = []
+
+    def waiting_put() -> None:
+        try:
+            d.put(make_key(1), chunk(1), blocking=False)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            errors.append(exc)
+
+    waiter = threading.Thread(target=waiting_put)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while d.stats["put_backpressure_waits"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert d.stats["put_backpressure_waits"] == 1
+    closer = threading.Thread(target=d.close)
+    closer.start()
+    waiter.join(10)
+    assert not waiter.is_alive() and len(errors) == 1 and isinstance(errors[0], RuntimeError)
+    gate.set()
+    closer.join(30)
+    assert not closer.is_alive()
+    again = disk(tmp_path)
+    assert torch.equal(again.get(make_key(0)), chunk(0)) and again.get(make_key(1)) is None  # the acknowledged one landed
+    again.close()

@@ -18,6 +18,7 @@ from lmcache_core.storage_backend.abstract_backend import (
     check_chunk,
     check_key,
 )
+from lmcache_core.storage_backend.local_backend import LMCLocalDiskBackend
 
 if TYPE_CHECKING:
     from lmcache_core.storage_backend.local_backend import LMCLocalBackend
@@ -105,7 +106,7 @@ class LMCHybridBackend(LMCBackendInterface):
         dst_device: str = "cuda",
     ) -> None:
         super().__init__(dst_device)
-        from lmcache_core.storage_backend.local_backend import LMCLocalBackend, LMCLocalDiskBackend
+        from lmcache_core.storage_backend.local_backend import LMCLocalBackend
 
         self.config = config
         self.metadata = metadata
@@ -475,6 +476,12 @@ class LMCHybridBackend(LMCBackendInterface):
                         continue
                     if private is None:
                         private = self._private_copy(key, chunk)
+                    if isinstance(tier, LMCLocalDiskBackend):
+                        # Best effort: a disk behind on its writes skips the fill rather
+                        # than hold up the get that found the chunk.
+                        if not tier.put_nonblocking(key, private, wait=False):
+                            self.stats.incr("fills_skipped_backlog")
+                        continue
                     tier.put(key, private, blocking=False)
                 except (ValueError, OSError, RuntimeError) as exc:
                     logger.debug("filling %s tier with %s skipped: %s", name, key, exc)

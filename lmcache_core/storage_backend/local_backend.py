@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import errno
 import itertools
 import logging
 import math
@@ -394,6 +395,12 @@ def _drain_at_exit() -> None:
 
 
 _KEY_LOCKS = 64
+#: Bytes of chunks ``put(blocking=False)`` may have queued for the disk writers; beyond
+#: it a put waits for queued writes to finish (an unbounded queue in front of a disk
+#: slower than the puts grew until the process ran out of memory).
+MAX_QUEUED_BYTES = 1 << 30
+#: A put waiting for room gives up when no queued write finished for this long.
+QUEUE_STALL_S = 60.0
 
 
 class LMCLocalDiskBackend(LMCBackendInterface):
@@ -430,10 +437,14 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         *,
         fsync: bool = False,
         put_workers: int = 2,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
     ) -> None:
         super().__init__(dst_device)
         if put_workers < 1:
             raise ValueError(f"put_workers must be >= 1, got {put_workers}")
+        if max_queued_bytes < 1:
+            raise ValueError(f"max_queued_bytes must be >= 1, got {max_queued_bytes}")
+        self.max_queued_bytes = max_queued_bytes
         root = config.disk_path
         if not root:
             raise ValueError("local_disk: no directory configured (set local_disk or local_device=file://<dir>)")
@@ -443,6 +454,8 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         self.fsync = fsync
         self._index: LRUIndex[CacheEngineKey] = LRUIndex(config.disk_budget_bytes)
         self._lock = threading.Lock()
+        self._queued_bytes = 0  # of chunks put_nonblocking queued that no writer has finished
+        self._room = threading.Condition(self._lock)  # notified as writers finish queued chunks
         # The newest non-blocking put of each key (what a read of the key waits for).
         self._futures: dict[CacheEngineKey, Future[None]] = {}
         # Last submitted wins: sequence numbers given at submit time; per key, the
@@ -481,6 +494,8 @@ class LMCLocalDiskBackend(LMCBackendInterface):
     def _after_fork(self) -> None:
         # A lock a parent thread held at fork() would stay held here forever.
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._queued_bytes = 0  # the parent's queue is the parent's (dropped below)
         self._key_locks = [threading.Lock() for _ in range(_KEY_LOCKS)]
         self._readers = None  # the parent's reader thread does not exist here
         self._readers_lock = threading.Lock()
@@ -579,20 +594,52 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                 if self._futures.get(key) is older:
                     del self._futures[key]
 
-    def put_nonblocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
+    def put_nonblocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor, *, wait: bool = True) -> bool:
         """Queue the write for the workers; the caller must not modify ``kv_chunk`` meanwhile.
 
+        Once ``max_queued_bytes`` are queued, waits for queued writes to finish
+        (backpressure: acknowledged only once queued); ``wait=False`` returns False
+        instead, queueing nothing (a best-effort fill). Returns True when queued.
         Thread-safe.
+
+        Raises:
+            OSError: (``ETIMEDOUT``) no room, and no queued write finished for ``QUEUE_STALL_S``.
+            RuntimeError: the backend is closed (also while waiting).
         """
         self._check_put(key, kv_chunk)
         self.buffer_sweeper()
+        nbytes = kv_chunk.numel() * kv_chunk.element_size()
         future: Future[None] = Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("backend is closed")
+            if not self._room_for_locked(nbytes, wait):
+                return False
+            self._queued_bytes += nbytes
             seq = self._begin_locked(key)
             self._futures[key] = future
-            self._queue.put((key, kv_chunk, seq, future))
+            self._queue.put((key, kv_chunk, seq, future, nbytes))
+        return True
+
+    def _room_for_locked(self, nbytes: int, wait: bool) -> bool:
+        """Under ``_lock``: whether ``nbytes`` more fit in the queue (one chunk always does),
+        waiting for room unless not ``wait``."""
+        waited = False
+        while self._queued_bytes and self._queued_bytes + nbytes > self.max_queued_bytes:
+            if not wait:
+                return False
+            if not waited:
+                waited = True
+                self.stats.incr("put_backpressure_waits")
+            if not self._room.wait(timeout=QUEUE_STALL_S):
+                raise OSError(
+                    errno.ETIMEDOUT,
+                    f"{self._queued_bytes} bytes of writes queued and none finished in {QUEUE_STALL_S:g}s; not queued",
+                    self.root,
+                )
+            if self._closed:
+                raise RuntimeError("backend is closed")
+        return True
 
     def put_worker(self) -> None:
         """Body of each background writer thread: write queued chunks until the end signal."""
@@ -601,10 +648,13 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             try:
                 if isinstance(item, LocalBackendEndSignal):
                     return
-                key, chunk, seq, future = item
+                key, chunk, seq, future, nbytes = item
                 try:
                     self._background_put(key, chunk, seq)
                 finally:
+                    with self._lock:
+                        self._queued_bytes -= nbytes
+                        self._room.notify_all()
                     future.set_result(None)
             finally:
                 self._queue.task_done()
@@ -954,6 +1004,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             if self._closed:
                 return
             self._closed = True
+            self._room.notify_all()  # a put waiting for room raises now
             for _ in self._workers:
                 self._queue.put(LocalBackendEndSignal())
         me = threading.current_thread()
