@@ -178,19 +178,27 @@ def test_disk_hit_fill_does_not_resurrect_a_key_removed_during_the_read(tmp_path
 # -- a fill from the remote tier (the disk fill is a queued write) --------------------------
 
 
+def hybrid_over_a_gated_remote(
+    tmp_path: Any, redis_server: Any, tag: str, key: Any, how: str, gate: Gate
+) -> tuple[str, LMCHybridBackend]:
+    """(url, hybrid) whose remote holds ``key`` as OLD, its ``how`` read held at ``gate``."""
+    url = redis_url(redis_server, f"{tag}-{tmp_path.name}")
+    with remote_only(url) as writer:
+        writer.put(key, chunk(OLD))
+    backend = tiered_hybrid(tmp_path, url)
+    remote = backend.remote
+    assert remote is not None
+    setattr(remote, how, gate.after(getattr(remote, how)))
+    return url, backend
+
+
 @pytest.mark.parametrize("how", ["get", "batched_get"])
 def test_remote_hit_fill_loses_to_a_put_made_during_the_read(tmp_path, redis_server, gate, how) -> None:
     """Found by audit: the queued disk fill got a later sequence number than the put, so the
     older chunk overwrote the newer one on disk, where it persisted."""
-    url = redis_url(redis_server, f"race-put-{tmp_path.name}")
     key = make_key("remote-put")
-    with remote_only(url) as writer:
-        writer.put(key, chunk(OLD))
-    backend = tiered_hybrid(tmp_path, url)
-    memory, disk = tiers(backend)
-    remote = backend.remote
-    assert remote is not None
-    setattr(remote, how, gate.after(getattr(remote, how)))
+    url, backend = hybrid_over_a_gated_remote(tmp_path, redis_server, "race-put", key, how, gate)
+    memory, _ = tiers(backend)
     race(backend, how, key, gate, lambda: backend.put(key, chunk(NEW)))
     assert version(memory.peek(key)) == NEW
     assert version(backend.get(key)) == NEW
@@ -205,15 +213,9 @@ def test_remote_hit_fill_loses_to_a_put_made_during_the_read(tmp_path, redis_ser
 def test_remote_hit_fill_does_not_resurrect_a_key_removed_during_the_read(
     tmp_path, redis_server, gate, how
 ) -> None:
-    url = redis_url(redis_server, f"race-rm-{tmp_path.name}")
     key = make_key("remote-remove")
-    with remote_only(url) as writer:
-        writer.put(key, chunk(OLD))
-    backend = tiered_hybrid(tmp_path, url)
+    _, backend = hybrid_over_a_gated_remote(tmp_path, redis_server, "race-rm", key, how, gate)
     memory, _ = tiers(backend)
-    remote = backend.remote
-    assert remote is not None
-    setattr(remote, how, gate.after(getattr(remote, how)))
     race(backend, how, key, gate, lambda: backend.remove(key))
     assert memory.peek(key) is None
     assert not backend.contains(key)
@@ -222,17 +224,22 @@ def test_remote_hit_fill_does_not_resurrect_a_key_removed_during_the_read(
         assert persisted.get(key) is None
 
 
+def hold_disk_writers(monkeypatch: pytest.MonkeyPatch, until: threading.Event) -> None:
+    """Disk tiers opened from now on start writing only once ``until`` is set."""
+    real_worker = LMCLocalDiskBackend.put_worker
+
+    def held_worker(self: LMCLocalDiskBackend) -> None:
+        assert until.wait(WAIT_S)
+        real_worker(self)
+
+    monkeypatch.setattr(LMCLocalDiskBackend, "put_worker", held_worker)
+
+
 def test_a_put_made_after_a_disk_fill_was_queued_still_wins(tmp_path, redis_server, monkeypatch) -> None:
     """The other order: the fill is queued on the disk tier first (its writers held), then a
     put of the key runs. The put's write is submitted later, so it must be the one kept."""
     writers = threading.Event()
-    real_worker = LMCLocalDiskBackend.put_worker
-
-    def held_worker(self: LMCLocalDiskBackend) -> None:
-        assert writers.wait(WAIT_S)
-        real_worker(self)
-
-    monkeypatch.setattr(LMCLocalDiskBackend, "put_worker", held_worker)
+    hold_disk_writers(monkeypatch, writers)
     url = redis_url(redis_server, f"race-queued-{tmp_path.name}")
     key = make_key("queued")
     with remote_only(url) as writer:
@@ -253,18 +260,25 @@ def test_a_put_made_after_a_disk_fill_was_queued_still_wins(tmp_path, redis_serv
 # -- prefetch ------------------------------------------------------------------------------
 
 
+def prefetching_hybrid_held_at_gate(
+    tmp_path: Any, redis_server: Any, tag: str, key: Any, gate: Gate, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, LMCHybridBackend]:
+    """(url, hybrid) prefetching ``key`` (OLD in the remote), its remote read held at ``gate``."""
+    url = redis_url(redis_server, f"{tag}-{tmp_path.name}")
+    with remote_only(url) as writer:
+        writer.put(key, chunk(OLD))
+    on_prefetch_thread = lambda: threading.current_thread().name == "lmcache-prefetch"  # noqa: E731
+    monkeypatch.setattr(LMCRemoteBackend, "get", gate.after(LMCRemoteBackend.get, when=on_prefetch_thread))
+    return url, tiered_hybrid(tmp_path, url, prefetch=True)
+
+
 @pytest.mark.parametrize("write", ["put", "remove"])
 def test_prefetch_loses_to_a_write_made_during_its_remote_read(
     tmp_path, redis_server, gate, monkeypatch, write
 ) -> None:
     """Prefetch copied the chunk it had read over a newer local put, or back after a remove."""
-    url = redis_url(redis_server, f"race-pf-{write}-{tmp_path.name}")
     key = make_key("prefetched")
-    with remote_only(url) as writer:
-        writer.put(key, chunk(OLD))
-    on_prefetch_thread = lambda: threading.current_thread().name == "lmcache-prefetch"  # noqa: E731
-    monkeypatch.setattr(LMCRemoteBackend, "get", gate.after(LMCRemoteBackend.get, when=on_prefetch_thread))
-    backend = tiered_hybrid(tmp_path, url, prefetch=True)
+    url, backend = prefetching_hybrid_held_at_gate(tmp_path, redis_server, f"race-pf-{write}", key, gate, monkeypatch)
     memory, _ = tiers(backend)
     assert gate.entered.wait(WAIT_S), "prefetch never read the chunk"
     if write == "put":
@@ -335,13 +349,8 @@ def test_forked_child_writes_a_key_whose_fill_a_parent_thread_was_doing_at_fork(
 
 def test_forked_child_of_a_prefetching_hybrid_sees_prefetch_done(tmp_path, redis_server, gate, monkeypatch) -> None:
     """The prefetch thread is the parent's: in a child nothing would ever set ``prefetch_done``."""
-    url = redis_url(redis_server, f"fork-pf-{tmp_path.name}")
     key = make_key("prefetched")
-    with remote_only(url) as writer:
-        writer.put(key, chunk(OLD))
-    on_prefetch_thread = lambda: threading.current_thread().name == "lmcache-prefetch"  # noqa: E731
-    monkeypatch.setattr(LMCRemoteBackend, "get", gate.after(LMCRemoteBackend.get, when=on_prefetch_thread))
-    backend = tiered_hybrid(tmp_path, url, prefetch=True)
+    url, backend = prefetching_hybrid_held_at_gate(tmp_path, redis_server, "fork-pf", key, gate, monkeypatch)
     assert gate.entered.wait(WAIT_S)  # prefetch is under way in the parent
 
     def child() -> None:
@@ -408,13 +417,7 @@ def test_a_disk_fill_is_skipped_not_waited_for_when_the_disk_is_behind(tmp_path,
     """A get that found its chunk in the remote must not wait for room in a full disk
     write queue to fill the disk tier: the fill is best effort."""
     held = threading.Event()
-    real_worker = LMCLocalDiskBackend.put_worker
-
-    def held_worker(self: LMCLocalDiskBackend) -> None:
-        assert held.wait(WAIT_S)
-        real_worker(self)
-
-    monkeypatch.setattr(LMCLocalDiskBackend, "put_worker", held_worker)
+    hold_disk_writers(monkeypatch, held)
     url = redis_url(redis_server, f"backlog-{tmp_path.name}")
     with remote_only(url) as writer:
         writer.put(make_key(1), chunk(OLD))

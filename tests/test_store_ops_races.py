@@ -27,6 +27,7 @@ from lmcache_core import chunk_format
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.store_ops import CORRUPT, Store, verify_store
 from tests.test_cli import Cli, chunk_path, put_many
+from tests.test_read_paths_leave_stores_alone import flip_payload_byte
 
 # Every test: no LMCACHE_* variable of the caller, a private default store.
 pytestmark = pytest.mark.usefixtures("private_cli_env")
@@ -37,10 +38,6 @@ def cli(tmp_path: Path) -> Cli:
     return Cli(tmp_path / "store")
 
 
-def flip_payload_byte(path: Path) -> None:
-    raw = bytearray(path.read_bytes())
-    raw[-5] ^= 0xFF
-    path.write_bytes(bytes(raw))
 
 
 def replace_atomically(path: Path, data: bytes) -> None:
