@@ -510,7 +510,6 @@ def decode(
     Raises:
         CorruptChunkError: bad header, size, key or checksum.
     """
-    import torch
 
     mv = memoryview(buf).cast("B") if not isinstance(buf, bytes) else memoryview(buf)
     header = parse_header(mv[: min(len(mv), 8 + MAX_HEADER_BYTES)], total_size=len(mv))
@@ -518,12 +517,21 @@ def decode(
     payload = mv[header.data_offset :]
     if verify and (digest is None or digest != header.checksum):
         verify_payload(header, payload)
+    if mv.readonly and header.nbytes:
+        return tensor_over(bytearray(payload), header, offset=0)
+    return tensor_over(buf, header)
+
+
+def tensor_over(buf: Any, header: ChunkHeader, *, offset: int | None = None) -> torch.Tensor:
+    """The tensor ``header`` describes, zero-copy over ``buf``'s payload (at ``offset``,
+    default the header's ``data_offset``). Checks nothing: ``header`` must be the
+    validated one of ``buf`` (sizes add up)."""
+    import torch
+
     if header.nbytes == 0:
         return torch.empty(header.shape, dtype=header.torch_dtype)
-    if mv.readonly:
-        flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    else:
-        flat = torch.frombuffer(buf, dtype=torch.uint8, count=header.nbytes, offset=header.data_offset)
+    start = header.data_offset if offset is None else offset
+    flat = torch.frombuffer(buf, dtype=torch.uint8, count=header.nbytes, offset=start)
     return flat.view(header.torch_dtype).view(header.shape)
 
 

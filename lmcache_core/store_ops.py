@@ -316,7 +316,7 @@ class Store:
         # Over the header already parsed and validated (shape x dtype = payload, sizes
         # add up), not ``decode``: that re-checks identity and raised on a foreign file
         # (a plain safetensors one), which must be a failed check like a bad checksum.
-        return _tensor_over(buf, result.header), result
+        return chunk_format.tensor_over(buf, result.header), result
 
     def read_verified(self, key: CacheEngineKey, *, helper: Any = None) -> tuple[torch.Tensor | None, ChunkCheck]:
         """The chunk's tensor when it passed its check (else None), and the check.
@@ -536,17 +536,6 @@ def _fetch_tier(name: str, tier: Any, key: CacheEngineKey) -> Any:
         return None if data is None else _FromDisk(data)
     chunk = tier.get(key)
     return None if chunk is None else _Decoded(chunk)
-
-
-def _tensor_over(buf: Any, header: ChunkHeader) -> torch.Tensor:
-    """The payload of ``buf`` as the tensor ``header`` (parsed from ``buf``) describes,
-    zero-copy, whatever the header's identity; for inspecting chunks that failed."""
-    import torch
-
-    if header.nbytes == 0:
-        return torch.empty(header.shape, dtype=header.torch_dtype)
-    flat = torch.frombuffer(buf, dtype=torch.uint8, count=header.nbytes, offset=header.data_offset)
-    return flat.view(header.torch_dtype).view(header.shape)
 
 
 def _writable(buf: Any) -> Any:

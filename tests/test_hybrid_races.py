@@ -432,3 +432,29 @@ def test_a_disk_fill_is_skipped_not_waited_for_when_the_disk_is_behind(tmp_path,
     backend.close()
     with reopened_disk(tmp_path) as d:
         assert version(d.get(make_key(1))) == OLD and d.get(make_key(2)) is None
+
+
+def test_prefetch_waits_for_a_disk_that_is_behind_and_counts_only_what_it_copied(tmp_path, monkeypatch) -> None:
+    """Prefetch's disk fills were skipped like a get's when the disk's write queue was full,
+    yet each was counted in ``prefetched`` (and spent the budget): prefetch ended with the
+    chunks never copied. Prefetch has no caller to hold up, so it waits for room."""
+    writers = threading.Event()
+    hold_disk_writers(monkeypatch, writers)
+    defaults = dict(LMCLocalDiskBackend.__init__.__kwdefaults__ or {})
+    monkeypatch.setattr(LMCLocalDiskBackend.__init__, "__kwdefaults__", {**defaults, "max_queued_bytes": 1})
+    url = f"fsspec+file://{tmp_path / 'remote'}"
+    keys = [make_key(f"pf{i}") for i in range(6)]
+    with remote_only(url) as writer:
+        for k in keys:
+            writer.put(k, chunk(OLD))
+    cfg = LMCacheEngineConfig.from_defaults(
+        local_device=None, local_disk=str(tmp_path / "disk"), max_local_disk_size=0.05, remote_url=url, prefetch=True
+    )
+    backend = LMCHybridBackend(cfg, META, None, "cpu")
+    assert not backend.prefetch_done.wait(1.0)  # one chunk queued, the writers held: waiting for room
+    writers.set()
+    assert backend.prefetch_done.wait(WAIT_S)
+    assert backend.prefetched == len(keys) and backend.stats["fills_skipped_backlog"] == 0
+    backend.close()
+    with reopened_disk(tmp_path) as d:
+        assert all(version(d.get(k)) == OLD for k in keys)

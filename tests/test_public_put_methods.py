@@ -126,3 +126,36 @@ def test_a_forked_childs_first_call_put_nonblocking_is_stored(tmp_path: Path) ->
     parent.close()
     with open_remote() as fresh:
         assert fresh.contains(key)
+
+
+@pytest.mark.parametrize("shape", ["remote", "hybrid"])
+def test_a_forked_child_closes_a_remote_whose_lock_a_parent_thread_held(tmp_path: Path, shape: str) -> None:
+    """close() took the remote's lock before it saw it was in a child: a lock a parent
+    thread held at fork() is never released there, and the child's close() hung."""
+    from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend
+
+    if shape == "remote":
+        store: Any = _remote(tmp_path)()
+        remote = store
+    else:
+        cfg = LMCacheEngineConfig(
+            local_device="cpu", remote_url=f"fsspec+file://{tmp_path / 'remote'}", remote_timeout=5.0
+        )
+        store = LMCHybridBackend(cfg, None, None, "cpu")
+        remote = store.remote
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        with remote._lock:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    assert held.wait(10)
+    try:
+        assert run_in_child(store.close) == 0  # run_in_child fails the test if the child hangs
+    finally:
+        release.set()
+        holder.join()
+    store.close()

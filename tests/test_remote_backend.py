@@ -854,8 +854,8 @@ def test_non_blocking_puts_wait_for_room_in_a_bounded_queue(tmp_path: Path) -> N
     returned = threading.Event()
     third = threading.Thread(target=lambda: (backend.put(keys[2], one, blocking=False), returned.set()))
     third.start()
-    assert not returned.wait(0.5)  # waiting for room, not queued
-    assert backend.stats["put_backpressure_waits"] == 1
+    _wait_for(lambda: backend.stats["put_backpressure_waits"] == 1)
+    assert not returned.is_set()  # waiting for room, not queued
     gate.set()  # the remote catches up
     assert returned.wait(30)
     third.join()
@@ -881,10 +881,8 @@ def test_non_blocking_puts_wait_for_room_in_a_bounded_queue(tmp_path: Path) -> N
 
     waiter = threading.Thread(target=waiting_put)
     waiter.start()
-    deadline = time.monotonic() + 10
-    while backend.stats["put_backpressure_waits"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert backend.stats["put_backpressure_waits"] == 1 and waiter.is_alive()
+    _wait_for(lambda: backend.stats["put_backpressure_waits"] == 1)
+    assert waiter.is_alive()
     closer = threading.Thread(target=backend.close)
     closer.start()
     waiter.join(10)
@@ -892,3 +890,11 @@ def test_non_blocking_puts_wait_for_room_in_a_bounded_queue(tmp_path: Path) -> N
     stuck.set()
     closer.join(30)
     assert not closer.is_alive()
+
+
+def _wait_for(condition: Any, timeout: float = 10.0) -> None:
+    """Poll ``condition()`` until true; fail after ``timeout`` seconds (a thread never got there)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the condition"
+        time.sleep(0.01)

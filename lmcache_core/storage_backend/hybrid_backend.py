@@ -18,10 +18,9 @@ from lmcache_core.storage_backend.abstract_backend import (
     check_chunk,
     check_key,
 )
-from lmcache_core.storage_backend.local_backend import LMCLocalDiskBackend
+from lmcache_core.storage_backend.local_backend import LMCLocalBackend, LMCLocalDiskBackend
 
 if TYPE_CHECKING:
-    from lmcache_core.storage_backend.local_backend import LMCLocalBackend
     from lmcache_core.storage_backend.remote_backend import LMCRemoteBackend
 
 logger = logging.getLogger(__name__)
@@ -106,7 +105,6 @@ class LMCHybridBackend(LMCBackendInterface):
         dst_device: str = "cuda",
     ) -> None:
         super().__init__(dst_device)
-        from lmcache_core.storage_backend.local_backend import LMCLocalBackend
 
         self.config = config
         self.metadata = metadata
@@ -454,38 +452,48 @@ class LMCHybridBackend(LMCBackendInterface):
     ) -> bool:
         """Copy a chunk read from a slower tier into faster ones (best effort).
 
+        Memory fills are one copy, made now; disk fills are queued for the disk's
+        writers, and skipped when its write queue is full (``fills_skipped_backlog``)
+        rather than holding up the get that found the chunk.
+
         Args:
             read: the token taken before ``chunk`` was read; a write of ``key`` since
                 then cancels the fill.
             handed_out: ``chunk`` is also returned to the caller, who may modify it,
-                so a background fill gets a private copy (a blocking fill copies it at once).
+                so a queued fill gets a private copy (a memory fill copies it at once).
 
         Returns:
-            False when a write of ``key`` superseded the fill (nothing written).
+            True when every tier in ``tiers`` got the chunk; False when a write of
+            ``key`` superseded the fill (nothing written) or a tier skipped it.
         """
+        disk = next((t for _, t in tiers if isinstance(t, LMCLocalDiskBackend)), None)
+        disk_room = disk is not None and disk.wait_for_queue_room(chunk.numel() * chunk.element_size(), 0.0)
+        if disk is not None and not disk_room:
+            self.stats.incr("fills_skipped_backlog")
         private: torch.Tensor | None = None if handed_out else chunk
+        if disk_room and private is None and self._memory is None:
+            # A clone (no memory tier's copy to hand the disk writer), made before taking
+            # the key's lock, which puts and fills of other keys in its stripe share.
+            private = chunk.detach().clone()
+        complete = disk is None or disk_room
         with self._stripe(key).lock:
             if read.stale:
                 self.stats.incr("fills_superseded")
                 return False
             for name, tier in tiers:
-                blocking = name == "memory"  # memory fills are one fast copy; disk fills go to workers
                 try:
-                    if blocking:
-                        tier.put(key, chunk, blocking=True)
-                        continue
-                    if private is None:
-                        private = self._private_copy(key, chunk)
-                    if isinstance(tier, LMCLocalDiskBackend):
-                        # Best effort: a disk behind on its writes skips the fill rather
-                        # than hold up the get that found the chunk.
-                        if not tier.put_nonblocking(key, private, wait=False):
+                    if tier is not disk:
+                        tier.put(key, chunk, blocking=True)  # memory: one fast copy
+                    elif disk_room:
+                        if private is None:
+                            private = self._private_copy(key, chunk)  # the memory tier's, just filled
+                        if not disk.put_nonblocking(key, private, wait=False):  # room taken meanwhile
                             self.stats.incr("fills_skipped_backlog")
-                        continue
-                    tier.put(key, private, blocking=False)
+                            complete = False
                 except (ValueError, OSError, RuntimeError) as exc:
                     logger.debug("filling %s tier with %s skipped: %s", name, key, exc)
-        return True
+                    complete = False
+        return complete
 
     def _private_copy(self, key: CacheEngineKey, chunk: torch.Tensor) -> torch.Tensor:
         """A copy of ``chunk`` nobody else writes to: the memory tier's own, else a clone."""
@@ -600,6 +608,10 @@ class LMCHybridBackend(LMCBackendInterface):
                     size = chunk.numel() * chunk.element_size()
                     if used + size > budget:
                         continue
+                    # Prefetch has no caller to hold up: it waits for room in a disk
+                    # write queue that is behind (a get's fill would skip the disk).
+                    if not self._wait_for_disk_room(lacking, size):
+                        return
                     if not self._fill(k, chunk, lacking, read, handed_out=False):  # nobody else holds it
                         continue
                 finally:
@@ -610,6 +622,15 @@ class LMCHybridBackend(LMCBackendInterface):
             logger.warning("prefetch stopped: %s", exc)
         finally:
             self._prefetch_done.set()
+
+    def _wait_for_disk_room(self, tiers: Iterable[tuple[str, LMCBackendInterface]], nbytes: int) -> bool:
+        """Wait until a disk tier among ``tiers`` has room to queue ``nbytes``; False on close."""
+        for _, tier in tiers:
+            if isinstance(tier, LMCLocalDiskBackend):
+                while not tier.wait_for_queue_room(nbytes, 0.5):
+                    if self._closing.is_set():
+                        return False
+        return True
 
     # -- lifecycle -----------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from lmcache_core.storage_backend.abstract_backend import (
 from lmcache_core.storage_backend.devices import resolve_device
 from lmcache_core.storage_backend.evictor import LRUIndex
 from lmcache_core.storage_backend.mem_pool import BufferPool, fixed_chunk_shape, read_pool_bytes
+from lmcache_core.storage_backend.write_queue import MAX_QUEUED_BYTES, QueuedBytes
 
 logger = logging.getLogger(__name__)
 
@@ -395,11 +396,8 @@ def _drain_at_exit() -> None:
 
 
 _KEY_LOCKS = 64
-#: Bytes of chunks ``put(blocking=False)`` may have queued for the disk writers; beyond
-#: it a put waits for queued writes to finish (an unbounded queue in front of a disk
-#: slower than the puts grew until the process ran out of memory).
-MAX_QUEUED_BYTES = 1 << 30
-#: A put waiting for room gives up when no queued write finished for this long.
+#: A put waiting for room in the write queue gives up when no queued write finished
+#: for this long (disk writes have no timeout of their own).
 QUEUE_STALL_S = 60.0
 
 
@@ -420,7 +418,8 @@ class LMCLocalDiskBackend(LMCBackendInterface):
     ``put_worker()``), in parallel across keys. Every put and remove of a key gets
     a sequence number when it is submitted; a write that finds a later put (or a
     remove) of its key already committed is discarded, so the last submitted
-    operation wins whatever order the workers finish in.
+    operation wins whatever order the workers finish in. Once ``max_queued_bytes``
+    (default 1 GiB) are queued, a non-blocking put waits for room.
 
     Thread-safe. Several processes may share one directory: each sees the others'
     chunks, and a chunk removed by another process is a miss, never an error;
@@ -442,9 +441,6 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         super().__init__(dst_device)
         if put_workers < 1:
             raise ValueError(f"put_workers must be >= 1, got {put_workers}")
-        if max_queued_bytes < 1:
-            raise ValueError(f"max_queued_bytes must be >= 1, got {max_queued_bytes}")
-        self.max_queued_bytes = max_queued_bytes
         root = config.disk_path
         if not root:
             raise ValueError("local_disk: no directory configured (set local_disk or local_device=file://<dir>)")
@@ -454,8 +450,8 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         self.fsync = fsync
         self._index: LRUIndex[CacheEngineKey] = LRUIndex(config.disk_budget_bytes)
         self._lock = threading.Lock()
-        self._queued_bytes = 0  # of chunks put_nonblocking queued that no writer has finished
-        self._room = threading.Condition(self._lock)  # notified as writers finish queued chunks
+        # Chunks put_nonblocking queued that no writer has finished, bounded (backpressure).
+        self._queued = QueuedBytes(self._lock, max_queued_bytes)
         # The newest non-blocking put of each key (what a read of the key waits for).
         self._futures: dict[CacheEngineKey, Future[None]] = {}
         # Last submitted wins: sequence numbers given at submit time; per key, the
@@ -494,8 +490,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
     def _after_fork(self) -> None:
         # A lock a parent thread held at fork() would stay held here forever.
         self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
-        self._queued_bytes = 0  # the parent's queue is the parent's (dropped below)
+        self._queued = QueuedBytes(self._lock, self._queued.max_bytes)  # the parent's queue stays the parent's
         self._key_locks = [threading.Lock() for _ in range(_KEY_LOCKS)]
         self._readers = None  # the parent's reader thread does not exist here
         self._readers_lock = threading.Lock()
@@ -613,33 +608,47 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         with self._lock:
             if self._closed:
                 raise RuntimeError("backend is closed")
-            if not self._room_for_locked(nbytes, wait):
+            if not self._room_locked(nbytes, timeout=None if wait else 0):
                 return False
-            self._queued_bytes += nbytes
+            self._queued.add_locked(nbytes)
             seq = self._begin_locked(key)
             self._futures[key] = future
             self._queue.put((key, kv_chunk, seq, future, nbytes))
         return True
 
-    def _room_for_locked(self, nbytes: int, wait: bool) -> bool:
-        """Under ``_lock``: whether ``nbytes`` more fit in the queue (one chunk always does),
-        waiting for room unless not ``wait``."""
-        waited = False
-        while self._queued_bytes and self._queued_bytes + nbytes > self.max_queued_bytes:
-            if not wait:
-                return False
-            if not waited:
-                waited = True
-                self.stats.incr("put_backpressure_waits")
-            if not self._room.wait(timeout=QUEUE_STALL_S):
-                raise OSError(
-                    errno.ETIMEDOUT,
-                    f"{self._queued_bytes} bytes of writes queued and none finished in {QUEUE_STALL_S:g}s; not queued",
-                    self.root,
-                )
-            if self._closed:
-                raise RuntimeError("backend is closed")
-        return True
+    def wait_for_queue_room(self, nbytes: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` s until a ``put_nonblocking`` of ``nbytes`` would not wait;
+        whether it would not (another put may take the room first). Thread-safe."""
+        self._check_fork()
+        with self._lock:
+            return not self._closed and self._room_locked(nbytes, timeout=timeout)
+
+    def _room_locked(self, nbytes: int, timeout: float | None) -> bool:
+        if timeout != 0 and self._queued.full_locked(nbytes):
+            self.stats.incr("put_backpressure_waits")
+        return self._queued.wait_for_room_locked(
+            nbytes,
+            stall_s=QUEUE_STALL_S,
+            closed=lambda: self._closed,
+            stalled=lambda: OSError(
+                errno.ETIMEDOUT,
+                f"{self._queued.queued} bytes of writes queued and none finished in {QUEUE_STALL_S:g}s; not queued",
+                self.root,
+            ),
+            timeout=timeout,
+        )
+
+    @property
+    def max_queued_bytes(self) -> int:
+        """Bytes of chunks ``put_nonblocking`` may have queued before a put waits for room."""
+        return self._queued.max_bytes
+
+    @max_queued_bytes.setter
+    def max_queued_bytes(self, value: int) -> None:
+        if value < 1:
+            raise ValueError(f"max_queued_bytes must be >= 1, got {value}")
+        with self._lock:
+            self._queued.max_bytes = value
 
     def put_worker(self) -> None:
         """Body of each background writer thread: write queued chunks until the end signal."""
@@ -653,8 +662,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                     self._background_put(key, chunk, seq)
                 finally:
                     with self._lock:
-                        self._queued_bytes -= nbytes
-                        self._room.notify_all()
+                        self._queued.done_locked(nbytes)
                     future.set_result(None)
             finally:
                 self._queue.task_done()
@@ -1004,7 +1012,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             if self._closed:
                 return
             self._closed = True
-            self._room.notify_all()  # a put waiting for room raises now
+            self._queued.wake_all_locked()  # a put waiting for room raises now
             for _ in self._workers:
                 self._queue.put(LocalBackendEndSignal())
         me = threading.current_thread()

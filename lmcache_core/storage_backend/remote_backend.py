@@ -54,6 +54,7 @@ from lmcache_core.storage_backend.abstract_backend import (
 from lmcache_core.storage_backend.circuit import OPEN, CircuitBreaker
 from lmcache_core.storage_backend.connector.base import RemoteConnector
 from lmcache_core.storage_backend.mem_pool import BufferPool, read_pool_bytes
+from lmcache_core.storage_backend.write_queue import MAX_QUEUED_BYTES, QueuedBytes
 
 logger = logging.getLogger(__name__)
 
@@ -178,10 +179,8 @@ def _timed_out(exc: BaseException) -> bool:
     return False
 
 
-#: Bytes of chunks ``put(blocking=False)`` may have queued for the writers; beyond it a
-#: put waits for queued writes to finish (an unbounded queue in front of a remote
-#: slower than the writes grew until the process ran out of memory).
-MAX_QUEUED_BYTES = 1 << 30
+#: ``bytes`` values at least this long are copied into a warm pooled buffer to decode.
+_POOLED_COPY_MIN_BYTES = 256 * 1024
 
 #: Keys a backend remembers as stored, so ``contains`` answers them without a round
 #: trip: the most recently seen ones (an unbounded set grew by every key a serving
@@ -240,11 +239,15 @@ class LMCRemoteBackend(LMCBackendInterface):
         close_timeout: how long ``close()`` keeps draining queued writes while none
             of them is stored (default: enough for the breaker to open and the rest
             to fail fast). A remote that keeps storing them is drained in full.
+        max_queued_bytes: bytes of chunks ``put(blocking=False)`` may have queued;
+            beyond it a put waits for queued writes to finish (default 1 GiB).
         **connector_options: passed to the connector (e.g. S3 ``endpoint_url``).
 
-    The tensor ``get`` returns on CPU aliases the fetched bytes (no copy).
-    ``contains`` answers from a set of keys this process has seen stored,
-    asking the remote only for unknown keys; a ``get`` miss removes the key.
+    The tensor ``get`` returns on CPU aliases the fetched buffer where the
+    connector hands over writable memory (Redis and S3 values of 256 KiB or more);
+    ``bytes`` are copied (into a warm pooled buffer when large).
+    ``contains`` answers from the most recent keys this process has seen stored
+    (``KNOWN_KEYS_MAX``), asking the remote for others; a ``get`` miss removes the key.
 
     Thread-safe. Fork-safe: a child process reopens the connector and starts its
     own workers (writes queued in the parent stay the parent's).
@@ -272,7 +275,7 @@ class LMCRemoteBackend(LMCBackendInterface):
             raise ValueError(f"put_workers must be >= 1, got {put_workers}")
         if max_queued_bytes < 1:
             raise ValueError(f"max_queued_bytes must be >= 1, got {max_queued_bytes}")
-        self.max_queued_bytes = max_queued_bytes
+        self._max_queued_bytes = max_queued_bytes
         self.config = config
         self.metadata = metadata
         self.timeout = float(config.remote_timeout)
@@ -304,8 +307,8 @@ class LMCRemoteBackend(LMCBackendInterface):
         """Locks, thread pools and queues: everything a forked child must rebuild."""
         self._lock = threading.Lock()
         self._known = _KnownKeys(KNOWN_KEYS_MAX)
-        self._queued_bytes = 0  # of chunks put_nonblocking queued that no writer has finished
-        self._room = threading.Condition(self._lock)  # notified as writers finish queued chunks
+        # Chunks put_nonblocking queued that no writer has finished, bounded (backpressure).
+        self._queued = QueuedBytes(self._lock, self._max_queued_bytes)
         self._pending: dict[CacheEngineKey, torch.Tensor] = {}
         self._writing: dict[CacheEngineKey, threading.Event] = {}
         self._last_stored = 0.0  # monotonic time a background write last succeeded
@@ -364,13 +367,16 @@ class LMCRemoteBackend(LMCBackendInterface):
         Writes still queued when it gives up are dropped, logged and counted
         (``dropped_on_close``).
         """
+        if self._pid != os.getpid():
+            # A child that never used this backend: nothing of its own to drain, and the
+            # lock may be one a parent thread held at fork() (never released here).
+            self._closed = True
+            return
         with self._lock:  # put_nonblocking queues under it: none lands after the end signals
             if self._closed:
                 return
             self._closed = True
-            self._room.notify_all()  # a put waiting for room raises now
-        if self._pid != os.getpid():
-            return  # a child never started these workers; nothing of its own to drain
+            self._queued.wake_all_locked()  # a put waiting for room raises now
         started = time.monotonic()
         for q in self._put_queues:
             q.put(RemoteBackendEndSignal())
@@ -522,10 +528,13 @@ class LMCRemoteBackend(LMCBackendInterface):
     # -- writes --------------------------------------------------------------------
 
     def put(self, key: CacheEngineKey, kv_chunk: torch.Tensor, blocking: bool = True) -> None:
-        """Store a chunk; ``blocking=False`` queues it for a background writer.
+        """Store a chunk; ``blocking=False`` queues it for a background writer
+        (``put_nonblocking``: it may wait for room in a full queue).
 
         Raises:
-            StoreUnavailableError: (blocking) the remote did not take the chunk.
+            StoreUnavailableError: (blocking) the remote did not take the chunk;
+                (non-blocking) the write queue stayed full.
+            RuntimeError: the backend is closed.
         """
         if blocking:
             self.put_blocking(key, kv_chunk)
@@ -570,7 +579,15 @@ class LMCRemoteBackend(LMCBackendInterface):
         return self._start_write(key, kv_chunk)
 
     def put_nonblocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
-        """Queue the write; the caller must not modify ``kv_chunk`` until it is stored. Thread-safe."""
+        """Queue the write; the caller must not modify ``kv_chunk`` until it is stored.
+
+        Once ``max_queued_bytes`` are queued, waits for queued writes to finish
+        (backpressure: acknowledged only once queued). Thread-safe.
+
+        Raises:
+            StoreUnavailableError: no room, and no queued write finished for three ``remote_timeout``s.
+            RuntimeError: the backend is closed (also while waiting).
+        """
         self._check_put(key, kv_chunk)
         nbytes = kv_chunk.numel() * kv_chunk.element_size()
         with self._lock:
@@ -578,34 +595,31 @@ class LMCRemoteBackend(LMCBackendInterface):
             # is queued before the end signals (and drained) or raises.
             self._check_open()
             self._wait_for_room_locked(nbytes)
-            self._queued_bytes += nbytes
+            self._queued.add_locked(nbytes)
             self._pending[key] = kv_chunk
             self._put_queues[zlib.crc32(key.chunk_hash.encode()) % len(self._put_queues)].put((key, kv_chunk, nbytes))
 
     def _wait_for_room_locked(self, nbytes: int) -> None:
-        """Under ``_lock``: wait until ``nbytes`` more fit in the queue (one chunk always does).
+        """Under ``_lock``: wait until ``nbytes`` more fit in the write queue (backpressure).
 
-        Backpressure, not loss: the put is acknowledged only once queued. Writes that
-        fail (a dead server, an open circuit) finish too, so the wait ends as the
-        queue drains either way; it gives up only when no queued write at all has
-        finished for three ``remote_timeout``s.
+        Writes that fail finish too, so the wait ends as the queue drains either way.
 
         Raises:
-            StoreUnavailableError: no room, and no queued write finishing.
+            StoreUnavailableError: no queued write finished for three ``remote_timeout``s.
             RuntimeError: the backend was closed meanwhile.
         """
-        waited = False
-        while self._queued_bytes and self._queued_bytes + nbytes > self.max_queued_bytes:
-            if not waited:
-                waited = True
-                self.stats.incr("put_backpressure_waits")
-            if not self._room.wait(timeout=3 * self.timeout):
-                raise StoreUnavailableError(
-                    self.display_url,
-                    f"put: {self._queued_bytes} bytes of writes queued and none finished in "
-                    f"{3 * self.timeout:g}s; not queued",
-                )
-            self._check_open()
+        if self._queued.full_locked(nbytes):
+            self.stats.incr("put_backpressure_waits")
+        stall = 3 * self.timeout
+        self._queued.wait_for_room_locked(
+            nbytes,
+            stall_s=stall,
+            closed=lambda: self._closed,
+            stalled=lambda: StoreUnavailableError(
+                self.display_url,
+                f"put: {self._queued.queued} bytes of writes queued and none finished in {stall:g}s; not queued",
+            ),
+        )
 
     def put_worker(self) -> None:
         """The loop each background writer thread runs (LMCache's ``put_worker``).
@@ -636,8 +650,7 @@ class LMCRemoteBackend(LMCBackendInterface):
                 self._write_queued(key, chunk)
             finally:
                 with self._lock:
-                    self._queued_bytes -= nbytes
-                    self._room.notify_all()
+                    self._queued.done_locked(nbytes)
 
     def _write_queued(self, key: CacheEngineKey, chunk: torch.Tensor) -> None:
         """One queued write, unless removed or superseded since; failures logged and counted."""
@@ -871,6 +884,14 @@ class LMCRemoteBackend(LMCBackendInterface):
             with self._lock:
                 self._known.discard(key)
             return None
+        if isinstance(blob, bytes) and len(blob) >= _POOLED_COPY_MIN_BYTES:
+            # Immutable (fsspec stores other than S3 hand over bytes): decode would copy
+            # the payload into fresh memory, whose page faults cost more than the copy
+            # into a warm pooled buffer (~16 ms against ~2 ms for 32 MiB).
+            array: Any = self._read_buffers.acquire(len(blob)).numpy()  # a buffer; numpy's stubs do not say so
+            warm = memoryview(array).cast("B")
+            warm[:] = blob
+            blob = warm  # type: ignore[assignment]
         try:
             tensor = chunk_format.decode(blob, key.to_string(), digest=digest)
         except CorruptChunkError as exc:

@@ -15,7 +15,6 @@ import io
 import logging
 import os
 import threading
-import uuid
 from datetime import datetime
 from typing import Any, BinaryIO, Iterator, Sequence
 from urllib.parse import parse_qsl, urlsplit
@@ -29,7 +28,6 @@ from lmcache_core.storage_backend.mem_pool import shared_pool
 
 logger = logging.getLogger(__name__)
 
-TEMP_SUFFIX = ".tmp"
 # s3fs splits bodies of 2 * chunksize or more into a multipart upload; we raise
 # chunksize with the body so every chunk is one PUT (atomic, one round trip)
 # up to S3's 5 GiB single-PUT limit.
@@ -525,9 +523,8 @@ class FsspecConnector(RemoteConnector):
     def _put_local(self, final: str, parts: Sequence[bytes | memoryview]) -> None:
         # fsspec's mv() is shutil.move, which does not promise an atomic replace;
         # os.replace does (POSIX rename), and the temp name never looks like a chunk.
-        directory, name = os.path.split(final)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = layout.temp_path(final)  # names its writer, so a scan can tell a dead one's leftovers
         try:
             with open(tmp, "wb", buffering=0) as f:
                 for part in parts:

@@ -1,0 +1,88 @@
+"""A byte bound on the chunks queued for a tier's background writers.
+
+Without one, ``put(blocking=False)`` in front of a medium slower than the puts (a
+network disk, a remote) queued chunks until the process ran out of memory. A put
+that finds the queue full waits for queued writes to finish: backpressure, not
+loss, since a put is acknowledged only once queued. Writes that fail finish too
+(a dead server, an open circuit), so a wait ends as the queue drains either way.
+
+Not thread-safe on its own: every method runs under the owning backend's lock,
+which the condition shares (``*_locked``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+#: Bytes of chunks a tier's background writers may have queued (``max_queued_bytes``).
+MAX_QUEUED_BYTES = 1 << 30
+
+
+class QueuedBytes:
+    """Bytes queued for the writers, bounded by ``max_bytes`` (one chunk always fits).
+
+    Args:
+        lock: the owning backend's lock (the condition's).
+        max_bytes: the bound.
+    """
+
+    def __init__(self, lock: threading.Lock, max_bytes: int = MAX_QUEUED_BYTES) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_queued_bytes must be >= 1, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.queued = 0
+        self._room = threading.Condition(lock)
+
+    def full_locked(self, nbytes: int) -> bool:
+        """Whether a put of ``nbytes`` would have to wait now."""
+        return bool(self.queued) and self.queued + nbytes > self.max_bytes
+
+    def wait_for_room_locked(
+        self,
+        nbytes: int,
+        *,
+        stall_s: float,
+        closed: Callable[[], bool],
+        stalled: Callable[[], Exception],
+        timeout: float | None = None,
+    ) -> bool:
+        """Under the lock: wait until ``nbytes`` more fit; True once they do.
+
+        Args:
+            stall_s: give up (raise ``stalled()``) when no queued write finished for this long.
+            closed: whether the backend was closed (checked after each wake: RuntimeError).
+            stalled: the error for a stalled queue.
+            timeout: wait at most this long in all (0: not at all), then return False.
+
+        Raises:
+            RuntimeError: the backend was closed while waiting.
+        """
+        if not self.full_locked(nbytes):
+            return True
+        if timeout == 0:
+            return False
+        give_up = None if timeout is None else time.monotonic() + timeout
+        while self.full_locked(nbytes):
+            left = stall_s if give_up is None else min(stall_s, give_up - time.monotonic())
+            if left <= 0:
+                return False
+            notified = self._room.wait(timeout=left)
+            if closed():
+                raise RuntimeError("backend is closed")
+            if not notified and (give_up is None or time.monotonic() < give_up):
+                raise stalled()
+        return True
+
+    def add_locked(self, nbytes: int) -> None:
+        self.queued += nbytes
+
+    def done_locked(self, nbytes: int) -> None:
+        """A queued write of ``nbytes`` finished (stored, failed or dropped as stale)."""
+        self.queued -= nbytes
+        self._room.notify_all()
+
+    def wake_all_locked(self) -> None:
+        """Wake every waiting put (the backend is closing: they raise)."""
+        self._room.notify_all()
