@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import inspect
+import os
 import random
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -363,4 +365,46 @@ def test_regression_a_read_during_a_quarantine_left_a_ghost_index_entry(tmp_path
     assert seen == [True]  # the file was still there when contains() ran
     assert not Path(path).exists()
     assert not backend.contains(key) and backend.used_bytes == 0 and backend.list() == []
+    backend.close()
+
+
+def test_regression_chunks_another_process_removed_no_longer_send_live_ones_out(tmp_path):
+    """``lmcache evict --older-than`` (another process) removed the oldest chunks; the
+    server still counted their bytes, and its next put evicted a live chunk with the
+    disk half empty. Picked victims whose file is gone are forgotten, for free."""
+    one = torch.ones(1, 2, 16, 2, 8)
+    size = chunk_format.stored_size(one, make_key(0).to_string())
+    cfg = LMCacheEngineConfig(local_device=None, local_disk=str(tmp_path), max_local_disk_size=5 * size / 1024**3)
+    backend = LMCLocalDiskBackend(cfg, None, "cpu")
+    for i in range(5):
+        backend.put(make_key(i), one * i)
+    for i in range(2):  # the two oldest, removed by another process
+        os.unlink(backend._path(make_key(i)))
+    backend.put(make_key(9), one * 9)
+    assert backend.stats["evictions"] == 0 and backend.stats["forgotten"] == 1
+    assert all(backend.get(make_key(i)) is not None for i in (2, 3, 4, 9))
+    # Key 1's bytes are still counted: a ghost at the LRU end, forgotten when next picked.
+    assert backend.used_bytes == 5 * size
+    backend.close()
+
+
+def test_a_served_chunk_is_marked_used_on_disk_where_reads_leave_atime_alone(tmp_path, monkeypatch):
+    """On relatime (and noatime) mounts a read leaves a file's atime alone once it is
+    newer than the file's mtime and ctime: the LRU order that a restart and the tools
+    rebuild from it ignored what the server served."""
+    from lmcache_core.storage_backend import local_backend
+
+    monkeypatch.setattr(local_backend, "ATIME_REFRESH_S", 0.0)  # every get refreshes: no hour to wait
+    backend = LMCLocalDiskBackend(
+        LMCacheEngineConfig(local_device=None, local_disk=str(tmp_path), max_local_disk_size=0.01), None, "cpu"
+    )
+    backend.put(make_key("hot"), torch.ones(1, 2, 4, 2, 8))
+    path = backend._path(make_key("hot"))
+    written = os.stat(path).st_mtime_ns
+    assert backend.get(make_key("hot")) is not None  # the kernel too sets atime at a first read
+    first = os.stat(path).st_atime_ns
+    time.sleep(0.05)  # the clock moves on (the kernel's timestamps are coarse)
+    assert backend.get(make_key("hot")) is not None  # relatime: the kernel leaves it now
+    st = os.stat(path)
+    assert st.st_atime_ns > first and st.st_mtime_ns == written
     backend.close()

@@ -17,7 +17,7 @@ import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -330,6 +330,14 @@ def _write_temp(path: str, kv_chunk: torch.Tensor, key: str, fsync: bool) -> tup
     return tmp, n
 
 
+def _mark_read(fd: int, st: os.stat_result) -> None:
+    """Set the open file's access time to now, keeping its modification time (best effort)."""
+    try:
+        os.utime(fd, ns=(time.time_ns(), st.st_mtime_ns))
+    except OSError:
+        pass  # a read-only mount, or the file went: the order is only a hint
+
+
 def _discard_temp(tmp: str) -> None:
     try:
         os.unlink(tmp)
@@ -396,6 +404,10 @@ def _drain_at_exit() -> None:
 
 
 _KEY_LOCKS = 64
+#: A get sets its file's access time when it is older than this: on noatime (or
+#: relatime) mounts reads left it unchanged, so the LRU order that a restart and the
+#: tools (``evict --to-size``, ``--older-than``) rebuild from it ignored what was served.
+ATIME_REFRESH_S = 60.0
 #: A put waiting for room in the write queue gives up when no queued write finished
 #: for this long (disk writes have no timeout of their own).
 QUEUE_STALL_S = 60.0
@@ -702,7 +714,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                 self.stats.incr("superseded_puts")
                 return False
             # Make room first, so the disk has space for the new file.
-            victims = self._evict_locked(self._index.victims_for(size, exclude=key))
+            victims = self._evict_live_locked(lambda: self._index.victims_for(size, exclude=key))
         self._unlink_evicted(victims)
         path = self._path(key)
         try:
@@ -734,7 +746,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                 self._floor[key] = seq
                 self._index.add(key, size)
                 # Concurrent writers may have filled the budget meanwhile.
-                over = self._evict_locked(self._index.victims_over_budget(keep=key))
+                over = self._evict_live_locked(lambda: self._index.victims_over_budget(keep=key))
         self._unlink_evicted(over)
         return True
 
@@ -760,6 +772,24 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             self._index.pop(victim)
             self._dropping[victim] = self._dropping.get(victim, 0) + 1
         return victims
+
+    def _evict_live_locked(self, pick: Callable[[], builtins.list[CacheEngineKey]]) -> builtins.list[CacheEngineKey]:
+        """``_evict_locked(pick())``, after forgetting picked entries whose file is gone.
+
+        Another process (``lmcache evict``, another server on the directory) may have
+        removed indexed chunks: their bytes are free already, and counting them sent
+        live chunks out in their place. Only the picked victims are checked (a stat
+        each), so ghosts are found as they reach the LRU end, where an evict by age
+        or size leaves them.
+        """
+        while True:
+            victims = pick()
+            gone = [v for v in victims if not os.path.exists(self._path(v))]
+            if not gone:
+                return self._evict_locked(victims)
+            for victim in gone:
+                self._index.pop(victim)
+            self.stats.incr("forgotten", len(gone))
 
     def _undrop_locked(self, key: CacheEngineKey) -> None:
         n = self._dropping[key] - 1
@@ -819,7 +849,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                 return
             self._index.add(key, size)
             # The budget holds over chunks learnt from other processes too.
-            over = self._evict_locked(self._index.victims_over_budget(keep=key))
+            over = self._evict_live_locked(lambda: self._index.victims_over_budget(keep=key))
         self._unlink_evicted(over)
 
     # -- reads ---------------------------------------------------------------------
@@ -842,6 +872,8 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                 tensor = chunk_format.read_chunk(
                     f, key.to_string(), self._pool.acquire, total_size=st.st_size, unkeyed_ok=True, helper=helper
                 )
+                if time.time() - st.st_atime > ATIME_REFRESH_S:
+                    _mark_read(f.fileno(), st)  # this file, not one a put may have renamed over it since
         except FileNotFoundError:
             with self._lock:
                 if not os.path.exists(path):  # not re-created by a put meanwhile
