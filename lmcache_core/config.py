@@ -232,6 +232,10 @@ def _coerce(name: str, value: Any) -> Any:
         x = _as_float(name, value)
         if x < 0 or x != x or x == float("inf"):
             raise _error(name, f"must be a finite number >= 0, got {_shown(value)}")
+        if name != "remote_timeout" and x > MAX_SIZE_GB:
+            # The budgets are int(x * GB) bytes: 1e300 GB overflowed to inf there, late
+            # (OverflowError when a backend opened), and C code wants them in an int64.
+            raise _error(name, f"must be at most {MAX_SIZE_GB:.0f} GB (4 EiB), got {_shown(value)}")
         if name == "remote_timeout" and x == 0:
             raise _error(name, "must be > 0 seconds")
         if name == "remote_timeout" and x > MAX_REMOTE_TIMEOUT_S:
@@ -247,6 +251,8 @@ def _coerce(name: str, value: Any) -> Any:
             _DEVICE_RE.fullmatch(value) or (value.startswith("file://") and len(value) > 7)
         ):
             raise _error(name, f"{_shown(value)} is not one of cpu, cuda, cuda:N, file://<dir>")
+        if value.startswith("file://"):
+            check_file_url(value, name)
         return value
     if name == "local_disk":
         if value is None or value == "":
@@ -254,11 +260,19 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise _error(name, "must be a directory path or file://<dir>")
         if value.startswith("file://"):
-            value = value  # kept as written; disk_path strips the scheme
+            # Kept as written (disk_path strips the scheme); "file://" alone names no
+            # directory: it was accepted as disk_path '' and failed late, misleadingly.
+            check_file_url(value, name)
         elif "://" in value:
             raise _error(name, f"must be a local directory, got {mask_url(value)}")
+        else:
+            check_store_path(value, name)
         return value
     if name == "remote_url":
+        if isinstance(value, str):
+            # urlsplit (the registry's, the connectors') ignores surrounding whitespace,
+            # so a check that did not let " s3://key:secret@bucket" through unchecked.
+            value = value.strip()
         if value is None or value == "":
             return None
         if not isinstance(value, str) or "://" not in value:
@@ -282,6 +296,9 @@ def _coerce(name: str, value: Any) -> Any:
 
 #: A day: longer than any remote call should ever wait, far below what overflows.
 MAX_REMOTE_TIMEOUT_S = 86400.0
+#: Bound on the size fields (GB): 4 EiB, whose byte count still fits an int64. Above
+#: any real budget; "unlimited" callers pass 1e9.
+MAX_SIZE_GB = float(2**32)
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -314,9 +331,13 @@ def _as_bool(name: str, value: Any) -> bool:
     raise _error(name, f"expected true or false, got {_shown(value)}")
 
 
-# Names (query parameters, option keys) whose values are secrets.
-# Query parameters whose values are secrets; ``sig`` is an Azure SAS signature, ``pw`` a password.
-_SECRET_NAME_RE = re.compile(r"secret|password|passwd|token|key|credential|^sig$|^pw$|^pwd$", re.I)
+# Names (query parameters, option keys) whose values are secrets; ``sig`` is an Azure
+# SAS signature, ``pw`` a password, ``connection_string`` an Azure one (its AccountKey).
+_SECRET_NAME_RE = re.compile(
+    r"secret|password|passwd|passphrase|token|key|credential|signature|auth|connection_?string|conn_?str"
+    r"|^sig$|^pw$|^pwd$|^sas$",
+    re.I,
+)
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 # A URL given as a query value (``?endpoint_url=http://u:pw@host``): its '@' is not ours.
 _NESTED_URL_RE = re.compile(r"=[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -331,6 +352,30 @@ _TEMPLATE_RE = re.compile(r"\[(?P<userinfo>[^\[\]@/?#\s]*)@\]")
 _PLACEHOLDER_RE = re.compile(r"(?i)pw|pwd|pass(word)?|passwd|secret|token|key|\*+|\.\.\.|<[^<>]*>")
 #: S3 URL schemes; their netloc is a bucket name, which can hold neither ':' nor '@'.
 S3_SCHEMES = ("s3", "s3a", "fsspec+s3", "fsspec+s3a")
+#: Google Cloud Storage schemes (gcsfs): the same, a bucket name.
+GCS_SCHEMES = ("gs", "gcs", "fsspec+gs", "fsspec+gcs")
+_CREDENTIALS_GO = {
+    **dict.fromkeys(
+        S3_SCHEMES,
+        "an S3 URL takes no user:password (it would be sent as the bucket name); give S3 "
+        "credentials the usual AWS way: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+        "AWS_PROFILE or ~/.aws/credentials",
+    ),
+    **dict.fromkeys(
+        GCS_SCHEMES,
+        "a GCS URL takes no user:password (it would be sent as the bucket name); give GCS "
+        "credentials the usual Google way: GOOGLE_APPLICATION_CREDENTIALS or "
+        "`gcloud auth application-default login`",
+    ),
+}
+# A mistyped URL: ``scheme:`` with fewer than two slashes (``redis:/u:pw@h``,
+# ``cache:6379/0``), or a leading ``//`` (``//u:pw@h``). Its authority follows.
+_TYPO_SCHEME_RE = re.compile(r"//|[A-Za-z][A-Za-z0-9+.\-]*:/{0,2}")
+# ``user:pw@`` in any '/'-separated segment (``redis//admin:pw@h``): the password runs
+# to the segment's last '@', as in _mask_userinfo.
+_SEGMENT_USERINFO_RE = re.compile(r"(?P<user>[^/\s@:]*):[^/\s]*@")
+# An authority that reads as ``host[:port]`` (a hostname or a bracketed IP literal).
+_HOSTPORT_RE = re.compile(r"(?:[A-Za-z0-9._~%\-]+|\[[0-9A-Za-z:.%]+\])(?::\d{1,5})?")
 
 
 def _mask_userinfo(authority: str) -> str:
@@ -355,12 +400,113 @@ def _mask_authority(text: str) -> str:
     return _mask_userinfo(text[:end]) + text[end:]
 
 
+def _mask_schemeless(text: str) -> str:
+    """A value without ``scheme://``: its userinfo masked wherever a mistyped URL put it.
+
+    ``admin:pw@h`` (the authority's), ``redis:/admin:pw@h`` and ``//admin:pw@h`` (after
+    a mistyped scheme), ``redis//admin:pw@h`` (any segment's ``user:pw@``). A path
+    given as such (``/data/u:x@y``, ``./d``) is left alone: its ``@`` is a name's.
+    """
+    masked = _mask_authority(text)
+    if masked == text:
+        typo = _TYPO_SCHEME_RE.match(text)
+        if typo is not None:
+            masked = text[: typo.end()] + _mask_authority(text[typo.end() :])
+    if _is_explicit_path(masked):
+        return masked
+    return _SEGMENT_USERINFO_RE.sub(lambda m: f"{m['user']}:***@", masked)
+
+
+def _is_explicit_path(text: str) -> bool:
+    """``/abs``, ``./rel``, ``../rel``, ``~/...``: written as a path, not a URL (``//h`` is one)."""
+    return (
+        text in (".", "..")
+        or text.startswith(("./", "../", "~"))
+        or (text.startswith("/") and not text.startswith("//"))
+    )
+
+
+def check_store_path(path: str, name: str = "store URL") -> None:
+    """Refuse a disk-store path that is almost certainly a mistyped URL.
+
+    ``s3:/bucket/p``, ``redis:/u:pw@h:6379/0``, ``file:/abs``, ``cache:6379`` (a
+    ``scheme:`` or ``host:port`` without ``//``), ``//u:pw@h`` and ``redis//u:pw@h``
+    (``user:pw@`` in a segment) were taken for relative directories and created
+    under the working directory, a password in a directory name. A directory really
+    named so is given as ``./NAME`` or by its absolute path, which are always accepted.
+
+    Raises:
+        ConfigError: (field ``name``) the message shows the value masked and says
+            what a URL and what such a directory look like.
+    """
+    text = path.strip()
+    if not text or _is_explicit_path(text):
+        return
+    shown = mask_url(text)
+    typo = _TYPO_SCHEME_RE.match(text)
+    if typo is not None and typo.group(0) != "//":
+        scheme = typo.group(0).rstrip("/")[:-1]
+        if scheme.lower() == "file":
+            raise _error(
+                name,
+                f"{shown}: a file URL takes three slashes, file:///abs/dir (or give the directory "
+                "itself: /abs/dir, ./dir)",
+            )
+        rest = text[typo.end() :]
+        meant = mask_url(f"{scheme}://{rest}") if typo.group(0).endswith("/") else "a URL"
+        raise _error(
+            name,
+            f"{shown} looks like {meant} mistyped, not a directory: a store URL is "
+            "scheme://..., e.g. redis://host:6379/0, s3://bucket/prefix, file:///abs/dir; "
+            f"a directory with ':' in its name is given as ./{shown} (or its absolute path)",
+        )
+    first = text[2:].split("/", 1)[0] if typo is not None else ""
+    if any(c in first for c in "@:") or _SEGMENT_USERINFO_RE.search(text):
+        raise _error(
+            name,
+            f"{shown} looks like a mistyped URL with a password in it, not a directory: a store URL "
+            "is scheme://[user:pw@]host..., e.g. redis://[user:pw@]host:6379/0; a directory "
+            f"named so is given as ./{shown.lstrip('/')} (or its absolute path)",
+        )
+
+
+def check_file_url(url: str, name: str = "store URL") -> None:
+    """Refuse a ``file://`` URL that names no directory, or not the one it seems to.
+
+    ``file://<dir>`` is LMCache's spelling, relative for ``file://local_disk/``, so
+    ``file://localhost/abs`` would be the relative ``localhost/abs``, and ``file://``
+    alone no directory at all; the path is then checked as ``check_store_path`` does.
+
+    Raises:
+        ConfigError: (field ``name``) saying how to write it.
+    """
+    path = url[len("file://") :]
+    if not path:
+        raise _error(name, "file:// names no directory; give file:///abs/dir, file://rel/dir or a path")
+    if path == "localhost" or path.startswith("localhost/"):
+        raise _error(
+            name,
+            f"{mask_url(url)} would be the relative directory {mask_url(path)}: give "
+            f"file:///{path[len('localhost/') :]} (or ./{mask_url(path)} if that is the one meant)",
+        )
+    check_store_path(path, name)
+
+
 def store_kind(url: str) -> str:
-    """``disk``, ``memory`` or ``remote`` for a store URL (a bare path is a disk store)."""
+    """``disk``, ``memory`` or ``remote`` for a store URL (a bare path is a disk store).
+
+    Raises:
+        ConfigError: a path that is a mistyped URL (``check_store_path``): ``s3:/b``,
+            ``redis:/u:pw@h``, ``file:/abs``, ``cache:6379``, ``//u:pw@h``; a
+            ``file://`` URL naming no directory or ``localhost`` (``check_file_url``).
+    """
     if "://" not in url:
+        check_store_path(url)
         return "disk"
     scheme = urlsplit(url).scheme.lower()
     if scheme == "file":
+        if url.startswith("file://"):
+            check_file_url(url)
         return "disk"
     if scheme in ("cpu", "cuda"):
         return "memory"
@@ -370,28 +516,32 @@ def store_kind(url: str) -> str:
 def check_remote_url(url: str) -> None:
     """Refuse a remote URL that would send a credential where it does not belong.
 
-    An S3 URL's netloc is the bucket: ``s3://AKIA:secret@bucket`` would reach S3 (and
-    its error messages) as the bucket name ``AKIA:secret@bucket``. S3 credentials come
-    from the usual AWS places instead (README, "Store URLs").
+    An S3 (or GCS) URL's netloc is the bucket: ``s3://AKIA:secret@bucket`` would reach
+    S3 (and its error messages) as the bucket name ``AKIA:secret@bucket``. S3
+    credentials come from the usual AWS places instead (README, "Store URLs"), GCS
+    ones from Google's.
 
     Raises:
-        ConfigError: (field ``remote_url``) an ``s3://`` URL with ``user:pw@`` in it;
-            the message shows the URL masked and says where credentials go.
+        ConfigError: (field ``remote_url``) an ``s3://`` or ``gs://`` URL with
+            ``user:pw@`` in it; the message shows the URL masked and says where
+            credentials go.
     """
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in S3_SCHEMES:
-        return
     end = _first_delimiter(rest)
-    bucket = rest if end < 0 else rest[:end]
-    # ':' too: a secret with a '/' in it (AWS secrets often have one) ends the
-    # bucket early, "s3://AKIA:abc/def@bucket" has no '@' before the first '/'.
-    if "@" in bucket or ":" in bucket:
-        raise _error(
-            "remote_url",
-            f"{mask_url(url)}: an S3 URL takes no user:password (it would be sent as the bucket name); "
-            "give S3 credentials the usual AWS way: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-            "AWS_PROFILE or ~/.aws/credentials",
-        )
+    # Both readings: the text's, and urlsplit's, which the registry and the connectors
+    # use (it drops surrounding whitespace and tabs anywhere: " s3://", "s\t3://").
+    readings = [(scheme, rest if end < 0 else rest[:end])] if sep else []
+    try:
+        parts = urlsplit(url)
+        readings.append((parts.scheme, parts.netloc))
+    except ValueError:
+        pass  # unbalanced brackets: the connector refuses it too; the text's reading stands
+    for scheme, bucket in readings:
+        why = _CREDENTIALS_GO.get(scheme.strip().lower())
+        # ':' too: a secret with a '/' in it (AWS secrets often have one) ends the
+        # bucket early, "s3://AKIA:abc/def@bucket" has no '@' before the first '/'.
+        if why is not None and ("@" in bucket or ":" in bucket):
+            raise _error("remote_url", f"{mask_url(url.strip())}: {why}")
 
 
 def mask_url(url: str) -> str:
@@ -399,10 +549,13 @@ def mask_url(url: str) -> str:
 
     ``redis://user:pw@host:6379/0`` -> ``redis://user:***@host:6379/0``. A value
     with no ``scheme://`` is masked the same way, its authority being the text
-    before the first ``/``, ``?`` or ``#``: ``admin:pw@h:6379`` -> ``admin:***@h:6379``.
-    Query values named like secrets (``secret``, ``password``, ``token``, ``key``, ...)
-    become ``***``, and a URL given as a query value (``?endpoint_url=http://u:pw@h``)
-    is masked in turn. A usage template such as ``redis://[user:pw@]host`` is kept.
+    before the first ``/``, ``?`` or ``#``: ``admin:pw@h:6379`` -> ``admin:***@h:6379``;
+    so is a mistyped one (``redis:/admin:pw@h``, ``//admin:pw@h``, ``redis//admin:pw@h``).
+    Query values named like secrets (``secret``, ``password``, ``token``, ``key``,
+    ``connection_string``, ...) become ``***``, and a URL given as a query value
+    (``?endpoint_url=http://u:pw@h``) is masked in turn, as are the ``name=value``
+    pairs inside a value (an Azure connection string's ``;AccountKey=``), percent-encoded
+    or not. A usage template such as ``redis://[user:pw@]host`` is kept.
     """
     masked = _mask_url_parts(url)
     masked = _EMBEDDED_USERINFO_RE.sub(lambda m: f"{m['scheme']}{m['user']}:***@", masked)
@@ -412,12 +565,22 @@ def mask_url(url: str) -> str:
 def _mask_pair(m: re.Match[str]) -> str:
     if _SECRET_NAME_RE.search(unquote(m["name"])):
         return f"{m['lead']}{m['name']}=***"
-    return m.group(0)
+    # The value may hold pairs of its own (``DefaultEndpointsProtocol=https;AccountKey=...``,
+    # ``opts=password=x``): masked in turn. Each level is shorter, so this ends.
+    return f"{m['lead']}{m['name']}={_mask_pairs(m['value'])}"
+
+
+def _mask_pairs(text: str) -> str:
+    """Every ``name=value`` pair in ``text`` with a secret-looking name masked, the first
+    one too (it has no ``?``, ``&``, ``#`` or ``;`` before it)."""
+    if "=" not in text:
+        return text
+    return _PAIR_RE.sub(_mask_pair, ";" + text)[1:]
 
 
 def _mask_url_parts(url: str) -> str:
     if "://" not in url:
-        return _mask_authority(url)
+        return _mask_schemeless(url)
     scheme, _, rest = url.partition("://")
     template = _TEMPLATE_RE.match(rest)
     if template:
@@ -432,7 +595,7 @@ def _mask_url_parts(url: str) -> str:
     nested = _NESTED_URL_RE.search(rest, delimiter) if delimiter >= 0 else None
     at = rest.rfind("@", 0, nested.start() if nested else len(rest))
     head = rest[:at] if at > 0 else ""
-    if ":" in head and any(c in head for c in "/?#"):
+    if ":" in head and any(c in head for c in "/?#") and not _at_in_query_value(rest, delimiter, at):
         # A password with an unencoded '/', '?' or '#' (a mistyped URL, just the kind
         # that gets printed): urlsplit would take part of it for the path, query or
         # fragment and print it. Mask everything up to that '@' instead; what follows
@@ -456,6 +619,8 @@ def _mask_url_parts(url: str) -> str:
                 v = "***"
             elif eq:
                 v = _mask_query_value(v)
+            else:
+                k = _mask_query_value(k)  # "password%3Dx": a pair with its '=' encoded
             pairs.append(f"{k}{eq}{v}")
         query = "&".join(pairs)
     out = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
@@ -464,13 +629,37 @@ def _mask_url_parts(url: str) -> str:
     return out
 
 
+def _at_in_query_value(rest: str, delimiter: int, at: int) -> bool:
+    """Whether the ``@`` at ``at`` (after the authority's end, ``delimiter``) lies in a
+    query value (``cache:6379/0?client_name=svc@prod``) rather than ending a password
+    with an unencoded ``/``, ``?`` or ``#`` in it (``user:pa/ss@host``).
+
+    Either reading fits the text. The query's is taken only when the ``@`` is inside a
+    ``name=value`` pair after a ``?`` and the authority reads as ``[userinfo@]host[:port]``,
+    a port being 1-5 digits (``user:pa`` does not read so). Anything else stays masked
+    as a password: a wrong host shown, but no secret (``host:notaport/0?a=b@c`` shows as
+    ``host:***@c``). Taken for a query, a password would show only if it began with 1-5
+    digits (``user:123/x?a=b@host``), or held an ``@`` (``user:p@ss/x?a=b@host``), and
+    then a ``/``, ``?`` or ``#`` and a ``?name=`` before its last ``@``: not passwords
+    anyone types, where a ``client_name=svc@prod`` is an everyday query.
+    """
+    query = rest.find("?", delimiter)
+    if query < 0 or query > at:
+        return False
+    pair_start = max(rest.rfind("&", query, at), query) + 1
+    if "=" not in rest[pair_start:at]:
+        return False
+    return _HOSTPORT_RE.fullmatch(rest[:delimiter].rpartition("@")[2]) is not None
+
+
 def _mask_query_value(value: str) -> str:
-    """A query value that is itself a URL (``endpoint_url=http://u:pw@h``), masked;
-    percent-encoded ones too (``http%3A%2F%2Fu%3Apw%40h``), shown decoded once masked."""
+    """A query value that is itself a URL (``endpoint_url=http://u:pw@h``) or holds
+    secret pairs (an Azure connection string's ``AccountKey=``), masked; percent-encoded
+    ones too (``http%3A%2F%2Fu%3Apw%40h``, ``AccountKey%3D...``), shown decoded once masked."""
     masked = mask_secrets_in(value)
     decoded = unquote(value)
-    if decoded != value and ("@" in decoded or "?" in decoded):
-        masked_decoded = mask_secrets_in(decoded)
+    if decoded != value and ("@" in decoded or "?" in decoded or "=" in decoded):
+        masked_decoded = _mask_pairs(mask_secrets_in(decoded))
         if masked_decoded != decoded:
             return quote(masked_decoded, safe=":/@*")
     return masked
@@ -518,9 +707,15 @@ def _mask_word(word: str) -> str:
         return word
     authority_end = _first_delimiter(core)
     authority = core if authority_end < 0 else core[:authority_end]
-    if ":" not in authority.rpartition("@")[0]:
-        return word
-    return mask_url(core) + trailing
+    if ":" in authority.rpartition("@")[0] or _TYPO_SCHEME_RE.match(core):
+        # user:pw@host, or a URL with a mistyped scheme: redis:/u:pw@h, cache:6379/0?password=x
+        masked = mask_url(core)
+    else:
+        # name@host stays (a mail address, a token-less '@'); redis//u:pw@h and x?token=t do not.
+        masked = core if _is_explicit_path(core) else _SEGMENT_USERINFO_RE.sub(lambda m: f"{m['user']}:***@", core)
+        if "?" in masked:
+            masked = _PAIR_RE.sub(_mask_pair, masked)
+    return word if masked == core else masked + trailing
 
 
 def mask_secrets_in(text: str) -> str:
@@ -528,7 +723,9 @@ def mask_secrets_in(text: str) -> str:
 
     Words are runs without spaces or quotes. One with a ``scheme://`` and userinfo
     (``@``) or a query (``?``) is masked from its scheme on; one without a scheme
-    only when it has ``user:pw@`` (``admin:pw@h:6379``, ``AKIA:secret@bucket``).
+    when it has ``user:pw@`` (``admin:pw@h:6379``, ``AKIA:secret@bucket``, in any
+    segment unless it is written as a path: ``redis//u:pw@h``), a mistyped scheme
+    (``redis:/u:pw@h``, ``//u:pw@h``) or secret query pairs (``h:1/0?password=x``).
     Punctuation after a word (``URL: reason``) and everything else is left exactly
     as it was.
     """

@@ -20,6 +20,9 @@ MAX_MODEL_NAME_CHARS = 512
 # Also bounded in UTF-8 bytes: a store path percent-encodes each byte as 3 characters,
 # and 512 four-byte characters would make a path longer than PATH_MAX (4096).
 MAX_MODEL_NAME_BYTES = 1024
+# world_size (and so worker_id) is below this: a 300-digit one made a store path component
+# longer than NAME_MAX (255 bytes), and the disk tier's put raised ENAMETOOLONG.
+MAX_WORLD_SIZE = 2**31
 _HASH_RE = re.compile(r"[0-9a-f]{1,128}")
 _SEP = "@"
 
@@ -31,7 +34,7 @@ class CacheEngineKey:
     Args:
         fmt: KV layout, ``"vllm"`` or ``"huggingface"``.
         model_name: model identifier; any text without ``@`` or control characters.
-        world_size: tensor-parallel world size, >= 1.
+        world_size: tensor-parallel world size, in ``[1, 2**31)``.
         worker_id: rank of the worker, in ``[0, world_size)``.
         chunk_hash: lowercase hex prefix hash, 1-128 characters.
 
@@ -51,8 +54,8 @@ class CacheEngineKey:
         _check_model_name(self.model_name)
         if isinstance(self.world_size, bool) or not isinstance(self.world_size, int):
             raise ValueError(f"world_size: expected an int, got {type(self.world_size).__name__}")
-        if self.world_size < 1:
-            raise ValueError(f"world_size: must be >= 1, got {self.world_size}")
+        if not 1 <= self.world_size < MAX_WORLD_SIZE:
+            raise ValueError(f"world_size: must be in [1, {MAX_WORLD_SIZE}), got {str(self.world_size)[:40]}")
         if isinstance(self.worker_id, bool) or not isinstance(self.worker_id, int):
             raise ValueError(f"worker_id: expected an int, got {type(self.worker_id).__name__}")
         if not 0 <= self.worker_id < self.world_size:
@@ -96,6 +99,8 @@ def _parse_int(field: str, text: str) -> int:
     # int() accepts " 1", "+1", "1_0" and non-ASCII digits; a key string must be canonical.
     if not text.isascii() or not text.isdigit() or (len(text) > 1 and text[0] == "0"):
         raise ValueError(f"{field}: {text!r:.40} is not a canonical non-negative integer")
+    if len(text) > len(str(MAX_WORLD_SIZE)):  # never a valid one; int() of 5000 digits raised its own error
+        raise ValueError(f"{field}: {text!r:.40} must be below {MAX_WORLD_SIZE}")
     return int(text)
 
 

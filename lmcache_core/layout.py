@@ -178,11 +178,23 @@ def _pid_namespace() -> str:
         return ""
 
 
-# Who may test a temp file's pid for life: the same host *and* PID namespace. Two
+def _boot_id() -> str:
+    """The first 8 hex digits of this host boot's random id (Linux), else ''."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return "".join(c for c in f.read() if c in "0123456789abcdef")[:8]
+    except (OSError, ValueError):
+        return ""
+
+
+# Who may test a temp file's pid for life: the same host boot *and* PID namespace. Two
 # containers of one pod share a hostname but not their pids: one's store opening
 # took the other's live temp files for a dead writer's (its pid absent here) and
 # deleted them, failing those puts; and two pid-1 writers could pick the same name.
-WRITER_ID = socket.gethostname().replace(".", "_") + "-" + _pid_namespace()
+# The boot id: the initial PID namespace has the same inode on every Linux host, so
+# two hosts of one hostname sharing an NFS store took each other's writers for their
+# own. No '.' in it: temp names are split on '.'.
+WRITER_ID = f"{socket.gethostname().replace('.', '_')}-{_boot_id()}-{_pid_namespace()}"
 _temp_counter = itertools.count()  # next() is atomic: no lock a fork() could catch held
 
 
@@ -190,7 +202,7 @@ def temp_path(final: str) -> str:
     """A process- and thread-unique temp name in the same directory as ``final``.
 
     It starts with '.' and ends in ``TEMP_SUFFIX``, so it never looks like a chunk,
-    and it names host, PID namespace and pid, so a later scan can tell a dead
+    and it names host (and its boot), PID namespace and pid, so a later scan can tell a dead
     writer's leftovers (``is_stale_temp``).
     """
     d, name = os.path.split(final)
@@ -233,8 +245,12 @@ def scan_store(
     rest only need their file name checked: 10,000 chunks list in a fraction of the
     time a full decode per file takes, with the same result.
     """
+    # A root ending in a separator ("/store/", or "/") had len(root) + 1 characters cut
+    # from each path, a character of the relative path too: every chunk listed as key None.
+    if root.endswith(os.sep):
+        root = root.rstrip(os.sep) or os.sep
     stack = [root]
-    prefix = len(root) + 1
+    prefix = len(root) if root.endswith(os.sep) else len(root) + 1
     suffix = len(SUFFIX)
     while stack:
         d = stack.pop()

@@ -4,7 +4,9 @@
 ``open_backend`` URLs: ``/path``, ``./path`` or ``file:///path`` -> disk tier;
 ``cpu://`` or ``cuda://`` -> memory tier; ``redis://``, ``rediss://``, ``unix://``,
 ``redis+cluster://``, ``s3://``, ``gs://``, ``az://``, ``memory://``, ``fsspec+file://``
-and any other fsspec protocol -> remote tier.
+and any other fsspec protocol -> remote tier. A mistyped URL (``s3:/bucket``,
+``redis:/u:pw@h``, ``file:/abs``, ``cache:6379``) is refused, not made a directory
+under the working directory (``config.check_store_path``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ def open_backend(
 
     Raises:
         ValueError: an unknown scheme or bad options.
+        ConfigError: (a ``ValueError``) a mistyped URL such as ``s3:/bucket`` or
+            ``redis:/u:pw@h`` (shown masked, saying what a URL and a directory look
+            like), a ``file://`` naming no directory, a bad config field.
         ImportError: the scheme's optional dependency is missing.
     """
     if not isinstance(url, str) or not url:

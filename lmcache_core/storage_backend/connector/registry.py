@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from lmcache_core.config import check_remote_url
 from lmcache_core.storage_backend.connector.base import RemoteConnector
 
 FSSPEC_CONNECTOR = "lmcache_core.storage_backend.connector.fsspec_connector:FsspecConnector"
@@ -121,9 +122,12 @@ def connector_for(url: str, *, timeout: float, **options: Any) -> RemoteConnecto
         **options: passed to the connector (e.g. S3 ``endpoint_url``).
 
     Raises:
-        ValueError: unknown scheme or bad URL/options.
+        ValueError: unknown scheme or bad URL/options; a ``ConfigError`` for an S3 or
+            GCS URL with ``user:pw@`` in it (``config.check_remote_url``), however the
+            URL reached here.
         ImportError: the scheme's optional dependency is missing (says what to install).
     """
+    check_remote_url(url)
     spec = spec_for(url)
     cls = load_connector_class(spec, scheme_of(url))
     try:
