@@ -55,6 +55,11 @@ def _filename(exc: OSError) -> str:
     return f" {exc.filename}" if exc.filename else ""
 
 
+def _io_error(exc: OSError) -> str:
+    where = f" {exc.filename}:" if exc.filename else ""  # (a failed write names no file)
+    return f"I/O error:{where} {exc.strerror or exc}; check the disk and the path"
+
+
 # Checked in order: the first matching type wins, so subclasses come first.
 ERROR_TABLE: list[tuple[type[BaseException], Callable[[Any], str]]] = [
     (CliError, lambda e: e.message),
@@ -70,7 +75,7 @@ ERROR_TABLE: list[tuple[type[BaseException], Callable[[Any], str]]] = [
     (NotADirectoryError, lambda e: f"not a directory:{_filename(e)}; a disk store is a directory, check the path"),
     (ConnectionError, lambda e: f"connection failed: {e}; check the URL and that the server is up"),
     (TimeoutError, lambda e: f"timed out: {e}; check the server, or raise remote_timeout"),
-    (OSError, lambda e: f"I/O error:{_filename(e)}: {e.strerror or e}; check the disk and the path"),
+    (OSError, _io_error),
     (ValueError, lambda e: f"{e}"),
     (TypeError, lambda e: f"{e}"),
     (NotImplementedError, lambda e: f"not supported by this store: {e}"),

@@ -39,6 +39,15 @@ def parse_key(text: str) -> CacheEngineKey:
         raise usage_error(f"invalid key {text!r:.120}: {exc}") from None
 
 
+def pattern_argument(pattern: str | None) -> str | None:
+    """PATTERN as given; an empty or blank one is a usage error, never "every chunk":
+    it is an unset variable (``lmcache evict "$PATTERN" --yes`` in a cron job) far
+    more often than a wish for everything, which ``'*'`` says."""
+    if pattern is not None and not pattern.strip():
+        raise usage_error(f"PATTERN is empty ({pattern!r}); pass '*' to mean every chunk")
+    return pattern
+
+
 def size_option(text: str | None, option: str) -> int | None:
     if text is None:
         return None
@@ -67,7 +76,7 @@ PatternArgument = Annotated[
     str | None,
     typer.Argument(
         metavar="PATTERN",
-        help="Glob on the key string (fmt@model@ws@worker@hash), e.g. 'vllm@llama*'; text without * ? [ matches as a substring.",
+        help="Glob on the key string (fmt@model@ws@worker@hash), e.g. 'vllm@llama*'; text without * ? [ matches as a substring; '*' matches every chunk (an empty PATTERN is an error).",
         show_default=False,
     ),
 ]

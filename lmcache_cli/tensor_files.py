@@ -105,7 +105,12 @@ def load_tokens(path: str) -> np.ndarray:
 
 
 def write_atomic(path: str, data_parts: list[Any]) -> int:
-    """Write bytes-like parts to ``path`` via a temp file and ``os.replace``; returns bytes."""
+    """Write bytes-like parts to ``path`` via a temp file and ``os.replace``; returns bytes.
+
+    Raises:
+        CliError: the write failed (``writing PATH: No space left on device; ...``):
+            a failed ``write`` names no file, and the temp file is ours, not the user's.
+    """
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     n = 0
@@ -117,8 +122,8 @@ def write_atomic(path: str, data_parts: list[Any]) -> int:
         os.replace(tmp, target)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename == str(tmp):
-            exc.filename = path  # the user's path, not our temp name, in the error
+        if isinstance(exc, OSError):
+            raise CliError(f"writing {path}: {exc.strerror or exc}; check the disk and the path") from None
         raise
     return n
 

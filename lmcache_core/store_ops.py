@@ -38,19 +38,25 @@ if TYPE_CHECKING:
 
     from lmcache_core.storage_backend.abstract_backend import LMCBackendInterface
 
-# A store opened by a tool must never evict on open: the budget is the deployment's
-# business (a config file sets one explicitly when wanted).
+# A store opened by a tool must never evict on open, nor to make room for what a tool
+# writes: the budget is the serving processes' business (and ``lmcache evict --to-size``'s),
+# a config file's ``max_local_disk_size`` included.
 UNLIMITED_GB = 1e9
 
 
 @dataclass(frozen=True)
 class ChunkEntry:
-    """A chunk as a listing sees it: key, stored size and times (None when unknown)."""
+    """A chunk as a listing sees it: key, stored size and times (None when unknown).
+
+    ``identity``: on a disk store, the listed file's ``file_identity``, so that
+    ``run_evict`` removes only that file, not one a writer put at its path since.
+    """
 
     key: CacheEngineKey
     size: int | None = None
     mtime: float | None = None
     atime: float | None = None
+    identity: FileIdentity | None = field(default=None, compare=False, repr=False)
 
     @property
     def last_used(self) -> float | None:
@@ -192,11 +198,22 @@ class Store:
             return self._backend
 
     def _open(self) -> LMCBackendInterface:
+        """The backend, opened so that opening changes nothing in the store.
+
+        No disk budget, whatever the config says: the disk tier's index rebuild
+        evicts down to its budget, which deleted chunks of a directory holding more
+        than a config's ``max_local_disk_size`` (several servers share it, or
+        ``warm`` filled it) when ``ls`` merely listed it. With no budget, a tool's
+        writes (``put``, ``warm --to``) evict nothing either: they add chunks, and
+        the serving processes (each over the chunks it knows) or
+        ``lmcache evict --to-size`` keep the budget. No prefetch: it copies remote
+        chunks into the local tiers, a write no command asked for.
+        """
         from lmcache_core.storage_backend import CreateStorageBackend, open_backend
 
-        cfg = self.config
-        if cfg.sources.get("max_local_disk_size", "default") == "default":
-            cfg = cfg.replace(_source="lmcache tool (never evict on open)", max_local_disk_size=UNLIMITED_GB)
+        cfg = self.config.replace(
+            _source="lmcache tool (never evicts, never prefetches)", max_local_disk_size=UNLIMITED_GB, prefetch=False
+        )
         if self.url is not None:
             return open_backend(self.url, dst_device="cpu", config=cfg)
         from lmcache_core.config import LMCacheEngineMetadata
@@ -222,7 +239,7 @@ class Store:
         """Every chunk with size and times where the medium knows them."""
         if self.root is not None:
             return [
-                ChunkEntry(key, st.st_size, st.st_mtime, st.st_atime)
+                ChunkEntry(key, st.st_size, st.st_mtime, st.st_atime, identity=file_identity(st))
                 for _, st, key in layout.scan_store(self.root)
                 if key is not None
             ]
@@ -677,10 +694,21 @@ def worker_pool(jobs: int) -> Iterator[ThreadPoolExecutor]:
 # -- selection -----------------------------------------------------------------------
 
 
+def check_pattern(pattern: str | None) -> None:
+    """Raise ``ValueError`` for an empty or blank pattern: it is an unset variable far
+    more often than a wish for every chunk (``'*'`` says that)."""
+    if pattern is not None and not pattern.strip():
+        raise ValueError("PATTERN is empty; pass '*' to mean every chunk")
+
+
 def match_key(key: CacheEngineKey, pattern: str | None) -> bool:
-    """Glob match on the key string; a pattern without ``*?[`` matches as a substring."""
-    if not pattern:
+    """Glob match on the key string; a pattern without ``*?[`` matches as a substring.
+
+    None matches every key; an empty or blank pattern is a ``ValueError`` (``check_pattern``).
+    """
+    if pattern is None:
         return True
+    check_pattern(pattern)
     text = key.to_string()
     if not any(c in pattern for c in "*?["):
         return pattern in text
@@ -697,7 +725,12 @@ def select(
     older_than: float | None = None,
     now: float | None = None,
 ) -> list[ChunkEntry]:
-    """Entries matching every given filter (``older_than`` in seconds since last use)."""
+    """Entries matching every given filter (``older_than`` in seconds since last use).
+
+    Raises:
+        ValueError: an empty or blank ``pattern`` (``check_pattern``).
+    """
+    check_pattern(pattern)
     now = time.time() if now is None else now
     out = []
     for e in entries:
@@ -805,18 +838,45 @@ def plan_evict(
     return EvictPlan(victims, freed, total, total - freed)
 
 
-def run_evict(store: Store, plan: EvictPlan) -> tuple[int, int, list[str]]:
-    """Remove the plan's chunks; returns (removed, bytes freed, failures)."""
-    removed = freed = 0
-    failures: list[str] = []
+@dataclass
+class EvictResult:
+    """What ``run_evict`` did. ``left_alone``: chunks whose file changed since the plan
+    (a writer put a new copy there): kept, neither removed nor freed."""
+
+    removed: int = 0
+    freed: int = 0
+    left_alone: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+def run_evict(store: Store, plan: EvictPlan) -> EvictResult:
+    """Remove the plan's chunks.
+
+    On a disk store a chunk's file is removed only while its path still holds the
+    file the plan listed (``ChunkEntry.identity``): a serving process that wrote the
+    chunk again since (the confirmation prompt may wait minutes) has just used it,
+    and its new copy stays (``left_alone``). A chunk already gone counts as neither
+    removed nor failed. Other stores (a remote object has no such identity, and no
+    conditional delete that every connector shares) remove by key.
+    """
+    result = EvictResult()
     for v in plan.victims:
         try:
-            if store.remove(v.key):
-                removed += 1
-                freed += v.size or 0
+            path = store.path_of(v.key)
+            if path is not None and v.identity is not None:
+                outcome = _unlink_unchanged(path, v.identity)
+                if outcome == _CHANGED:
+                    result.left_alone.append(v.key.to_string())
+                    continue
+                removed = outcome == _REMOVED
+            else:
+                removed = store.remove(v.key)
+            if removed:
+                result.removed += 1
+                result.freed += v.size or 0
         except Exception as exc:  # one bad chunk must not stop the rest
-            failures.append(f"{v.key}: {exc}")
-    return removed, freed, failures
+            result.failures.append(f"{v.key}: {exc}")
+    return result
 
 
 # -- verification ----------------------------------------------------------------------
@@ -1008,20 +1068,35 @@ def _fix(store: Store, report: VerifyReport) -> None:
 def _unlink_if_unchanged(path: str, identity: FileIdentity) -> bool:
     """Unlink ``path`` when it is still the file ``identity`` was taken from (or already
     gone: True); False when another file is there now (a writer's ``os.replace``),
-    which stays.
+    which stays (``_unlink_unchanged``)."""
+    return _unlink_unchanged(path, identity) != _CHANGED
+
+
+# What ``_unlink_unchanged`` did.
+_REMOVED = "removed"
+_GONE = "gone"  # nothing at the path any more
+_CHANGED = "changed"  # another file at the path: left alone
+
+
+def _unlink_unchanged(path: str, identity: FileIdentity) -> str:
+    """Unlink ``path`` only while it is the file ``identity`` was taken from.
 
     ``lstat``: a link put at the path is not the file checked. The stat is taken
     right before the unlink; a replace landing between the two is the one window
     left (POSIX has no unlink-if-inode), microseconds against the seconds a
-    verify of a large store leaves between a chunk's check and the fix.
+    verify of a large store leaves between a chunk's check and the fix (or the
+    minutes an evict's confirmation prompt may wait).
+
+    Returns:
+        ``_REMOVED``, ``_GONE`` (removed by someone else already) or ``_CHANGED``.
     """
     try:
         if file_identity(os.lstat(path)) != identity:
-            return False
+            return _CHANGED
         os.unlink(path)
     except FileNotFoundError:
-        pass  # gone already: removed by someone else, nothing bad left
-    return True
+        return _GONE
+    return _REMOVED
 
 
 def _verify_tiers(
@@ -1057,12 +1132,14 @@ def _verify_tiers(
 @dataclass
 class WarmResult:
     """What ``warm`` did. ``repaired`` chunks (bad copies the destination held,
-    rewritten) are counted in ``copied`` too."""
+    rewritten) are counted in ``copied`` too. ``gone``: listed in the source, not
+    there when their copy began (the source's own eviction): no failure."""
 
     copied: int = 0
     skipped: int = 0
     repaired: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+    gone: list[str] = field(default_factory=list)
     bytes_copied: int = 0
     seconds: float = 0.0
 
@@ -1077,6 +1154,8 @@ class WarmResult:
             "repaired": self.repaired,
             "failed": len(self.failed),
             "failures": [{"key": k, "reason": r} for k, r in self.failed],
+            "gone": len(self.gone),
+            "gone_keys": self.gone,
             "bytes": self.bytes_copied,
             "seconds": round(self.seconds, 6),
             "gbps": round(self.gbps, 6),
@@ -1161,7 +1240,8 @@ def copy_chunk(
 
     Returns:
         (outcome, bytes, reason): outcome ``copied``, ``repaired`` (``dst`` held a bad
-        copy, now replaced), ``skipped`` (``dst`` has a good one) or ``failed``.
+        copy, now replaced), ``skipped`` (``dst`` has a good one), ``missing`` (not
+        in the source, nor in ``dst``) or ``failed``.
     """
     # A tiered destination answers contains() from any tier: warm every tier that lacks it,
     # or a remote write that failed once would be skipped on every rerun.
@@ -1172,7 +1252,7 @@ def copy_chunk(
     chunk, check = src.read_verified(key, helper=helper)
     if chunk is None:
         if check.status == MISSING:
-            return "failed", 0, "missing in the source"
+            return "missing", 0, "missing in the source"
         if check.status == CORRUPT:
             return "failed", 0, f"source chunk is bad: {check.reason} (left in place; `lmcache verify` reports it)"
         return "failed", 0, f"source chunk {check.reason}"
@@ -1203,6 +1283,7 @@ def warm(
     *,
     jobs: int = 4,
     verify_existing: bool = False,
+    listed: bool = False,
     progress: Callable[[str, int], None] | None = None,
 ) -> WarmResult:
     """Copy ``keys`` from ``src`` to ``dst`` with ``jobs`` workers, skipping chunks
@@ -1211,6 +1292,9 @@ def warm(
     Args:
         verify_existing: read the copies ``dst`` holds in full (checksum) before
             skipping them, not only their headers and sizes; doubles the reads of a rerun.
+        listed: ``keys`` come from listing ``src``: one missing there now was
+            removed since (a live store evicts), and counts as ``gone``, not failed.
+            Without it (keys someone named) a missing chunk is a failure.
         progress: called as each chunk finishes with (outcome, bytes copied).
     """
     result = WarmResult()
@@ -1239,12 +1323,15 @@ def warm(
                 result.bytes_copied += nbytes
             elif outcome == "skipped":
                 result.skipped += 1
+            elif outcome == "missing" and listed:
+                result.gone.append(key.to_string())
             else:
                 result.failed.append((key.to_string(), reason))
             if progress is not None:
                 progress(outcome, nbytes)
     result.seconds = time.perf_counter() - start
     result.failed.sort()
+    result.gone.sort()
     return result
 
 

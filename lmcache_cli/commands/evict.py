@@ -14,6 +14,7 @@ from lmcache_cli.options import (
     OlderThanOption,
     PatternArgument,
     age_option,
+    pattern_argument,
     size_option,
     warn_unknown_ages,
 )
@@ -48,7 +49,9 @@ def evict(
     """Remove chunks by pattern, model, age, or LRU down to a size.
 
     Shows the plan, then asks before removing (unless --yes); without a terminal
-    to ask on it refuses unless --yes is given.
+    to ask on it refuses unless --yes is given. An empty PATTERN is a usage error
+    ('*' selects everything). On a disk store a chunk written again after the
+    plan was made (a server used it meanwhile) is left alone, not removed.
 
     \b
     Examples:
@@ -60,6 +63,7 @@ def evict(
 
     state = get_state(ctx)
     out = state.output(format_)
+    pattern = pattern_argument(pattern)
     max_age = age_option(older_than, "--older-than")
     target = size_option(to_size, "--to-size")
     if pattern is None and model is None and max_age is None and target is None:
@@ -76,7 +80,16 @@ def evict(
         if not out.json:
             _show_plan(out, plan, now, where)
         if not plan.victims or dry_run:
-            out.data({"store": where, "dry_run": dry_run, "plan": plan.to_dict(now), "removed": 0, "bytes_freed": 0})
+            out.data(
+                {
+                    "store": where,
+                    "dry_run": dry_run,
+                    "plan": plan.to_dict(now),
+                    "removed": 0,
+                    "bytes_freed": 0,
+                    "left_alone": [],
+                }
+            )
             if not plan.victims and out.human:
                 out.message("nothing to evict")
             return
@@ -91,19 +104,27 @@ def evict(
             ):
                 out.message("cancelled; nothing removed")
                 return
-        removed, freed, failures = store_ops.run_evict(store, plan)
+        result = store_ops.run_evict(store, plan)
+    failures = result.failures
     out.data(
         {
             "store": where,
             "dry_run": False,
             "plan": plan.to_dict(now),
-            "removed": removed,
-            "bytes_freed": freed,
+            "removed": result.removed,
+            "bytes_freed": result.freed,
+            "left_alone": result.left_alone,
             "failures": failures,
         }
     )
     if out.human:
-        out.line(f"removed {plural(removed, 'chunk')}, freed {human_size(freed)}")
+        kept = f"; left {len(result.left_alone)} alone (changed since the plan)" if result.left_alone else ""
+        out.line(f"removed {plural(result.removed, 'chunk')}, freed {human_size(result.freed)}{kept}")
+    if result.left_alone:
+        out.warn(
+            f"{plural(len(result.left_alone), 'chunk')} changed since the plan (e.g. {result.left_alone[0]}): "
+            "written again since it was listed, so in use; left alone"
+        )
     if failures:
         for f in failures[:10]:
             out.warn(f)

@@ -14,6 +14,7 @@ from lmcache_cli.options import (
     PatternArgument,
     SortBy,
     age_option,
+    pattern_argument,
     size_option,
     warn_unknown_ages,
 )
@@ -47,6 +48,7 @@ def ls(
 
     state = get_state(ctx)
     out = state.output(format_)
+    pattern = pattern_argument(pattern)  # "" is no "everything": '*' is
     min_size = size_option(larger_than, "--larger-than")
     min_age = age_option(older_than, "--older-than")
     now = time.time()

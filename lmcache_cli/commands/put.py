@@ -93,30 +93,49 @@ def _put_tokens(
     state: CliState, out: Output, tokens_path: str, kv_path: str, tensor: str | None, model: str, fmt: str,
     chunk_size: int | None, world_size: int, worker_id: int,
 ) -> None:
+    """Store a prompt's chunks. A write that fails part-way (a full disk, a remote
+    gone) still reports, in JSON too, which chunks this run stored before it; exit 1."""
     from lmcache_cli.tensor_files import load_tensor, load_tokens
-    from lmcache_core.tokens import ChunkedKVStore
+    from lmcache_core.tokens import ChunkedKVStore, StoreResult
 
     token_ids = load_tokens(tokens_path)
     kv = load_tensor(kv_path, tensor)
     size = chunk_size or state.config().chunk_size
     n_chunks = math.ceil(len(token_ids) / size)
+    error: OSError | None = None
     with state.open_store() as store:
         kvstore = ChunkedKVStore(
             store.backend, model, fmt=fmt, chunk_size=size, world_size=world_size, worker_id=worker_id
         )
+        keys = kvstore.keys_for(token_ids)
+        # The chunks this run stored (their bytes were counted; the others finished
+        # were already cached or refused by a tier), and how many finished.
+        stored_at: list[int] = []
+        finished = [0]
+        last = [0]
         with progress_bar(out, "put", kv.numel() * kv.element_size(), n_chunks) as bar:
-            last = [0]
 
             def advance(done: int, total: int, nbytes: int) -> None:
                 bar.advance(1, nbytes - last[0])
+                if nbytes > last[0]:
+                    stored_at.append(done - 1)
                 last[0] = nbytes
+                finished[0] = done
 
-            result = kvstore.store(token_ids, kv, progress=advance)
+            try:
+                result = kvstore.store(token_ids, kv, progress=advance)
+            except OSError as exc:  # a full disk, a remote gone: say what was stored before it
+                error = exc
+                others = [keys[i] for i in range(finished[0]) if i not in stored_at]
+                held = sum(not store.backend.missing_tiers(k) for k in others)
+                stored = len(stored_at)
+                result = StoreResult(len(token_ids), len(keys), stored, held, last[0], len(keys) - stored - held)
         where = store.describe()
         lacking: list[str] = []  # the tiers that lack a chunk: named in the error
-        if result.failed:
-            for key in kvstore.keys_for(token_ids):
+        if result.failed and error is None:
+            for key in keys:
                 lacking += [t for t in holding_tiers(store, key)[1] if t not in lacking]
+    stored_keys = [keys[i].to_string() for i in stored_at]
     payload = {
         "model": model,
         "store": where,
@@ -129,12 +148,32 @@ def _put_tokens(
     }
     payload["failed"] = result.failed
     payload["not_stored_in"] = lacking
+    payload["stored_keys"] = stored_keys  # what this run wrote (before a failure, if any)
+    payload["error"] = None
+    failure = ""
+    if error is not None:
+        from lmcache_cli.errors import describe_error
+
+        at = min(finished[0], len(keys) - 1)  # the chunk whose write raised
+        message = describe_error(error)[0]
+        payload["error"] = {"chunk": at, "key": keys[at].to_string(), "message": message}
+        unwritten = len(keys) - at - 1
+        rest = f"; {plural(unwritten, 'chunk')} after it not written" if unwritten else ""
+        failure = f"chunk {at} ({keys[at]}) not stored: {message}{rest}; rerun once fixed (stored chunks are skipped)"
     out.data(payload)
     if out.human:
+        before = " before the failure" if error is not None else ""
         out.message(
             f"stored {result.stored} of {result.chunks} chunks ({result.tokens} tokens, "
-            f"{human_size(result.nbytes)}; {result.skipped} already cached) in {where}"
+            f"{human_size(result.nbytes)}; {result.skipped} already cached) in {where}{before}"
         )
+        if error is not None and stored_keys:
+            shown = [f"{i} ({keys[i]})" for i in stored_at]
+            more = f" and {len(shown) - 10} more" if len(shown) > 10 else ""
+            out.message(f"stored chunks: {', '.join(shown[:10])}{more}")
+    if failure:
+        out.error(failure)
+        raise typer.Exit(1)
     if result.failed:
         tiers = " and ".join(lacking) if lacking else f"every tier of {where}"
         out.error(

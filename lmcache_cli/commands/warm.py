@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from lmcache_cli.errors import CliError, usage_error
-from lmcache_cli.options import ModelOption, PatternArgument
+from lmcache_cli.options import ModelOption, PatternArgument, pattern_argument
 from lmcache_cli.output import Column
 from lmcache_cli.progress import progress_bar
 from lmcache_cli.state import FormatOption, get_state
@@ -38,8 +38,10 @@ def warm(
     and repaired). --verify-existing also checks their checksums (reading them in
     full). Each copy is read back and checked against the source checksum. The
     source is only read: a bad source chunk fails its copy and stays in place
-    (see `lmcache verify`), and no source chunk's age changes. Exit code 1 if
-    any chunk failed.
+    (see `lmcache verify`), and no source chunk's age changes. A chunk listed in
+    the source but removed there before its copy (a live store evicts) is counted
+    as gone, not failed; with --keys a chunk missing in the source is a failure.
+    Exit code 1 if any chunk failed.
 
     \b
     Examples:
@@ -50,6 +52,7 @@ def warm(
 
     state = get_state(ctx)
     out = state.output(format_)
+    pattern = pattern_argument(pattern)
     if src is None and dst is None:
         raise usage_error("give --from URL and/or --to URL (the other defaults to the global store)")
     src_store = state.open_store(src)
@@ -108,7 +111,7 @@ def warm(
         with progress_bar(out, "warm", total_bytes, len(keys)) as bar:
             result = store_ops.warm(
                 src_store, dst_store, keys, jobs=jobs, verify_existing=verify_existing,
-                progress=lambda outcome, n: bar.advance(1, n),
+                listed=keys_file is None, progress=lambda outcome, n: bar.advance(1, n),
             )  # fmt: skip
     report = {**header, "dry_run": False, **result.to_dict()}
     if out.json:
@@ -117,8 +120,9 @@ def warm(
         if result.failed:
             out.table([Column("FAILED"), Column("REASON")], [[k, r] for k, r in result.failed])
         repaired = f" ({result.repaired} repaired)" if result.repaired else ""
+        gone = f", gone {len(result.gone)} (removed from the source after the listing)" if result.gone else ""
         out.line(
-            f"copied {result.copied}{repaired}, skipped {result.skipped}, failed {len(result.failed)}: "
+            f"copied {result.copied}{repaired}, skipped {result.skipped}, failed {len(result.failed)}{gone}: "
             f"{human_size(result.bytes_copied)} in {result.seconds:.2f}s ({human_rate(result.gbps * 1e9)}) "
             f"{header['from']} -> {header['to']}"
         )
