@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from typing import Annotated
+import threading
+from typing import Annotated, Any
 
 import typer
 
@@ -75,6 +77,35 @@ for _module, _name in (
     app.command(_name)(getattr(_module, _name))
 
 
+#: After Ctrl-C the process ends within this many seconds even if the KeyboardInterrupt
+#: was lost: torch, importing NumPy from C, swallows an exception raised in that import
+#: (it warns "Failed to initialize NumPy" and goes on), and a warm caught there ran to
+#: its end, with NumPy unusable. The command's own unwinding (``finally`` blocks) has
+#: this long; then the process ends as ``main`` would have ended it.
+INTERRUPT_GRACE_S = 2.0
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    timer = threading.Timer(INTERRUPT_GRACE_S, _end_interrupted)
+    timer.daemon = True
+    timer.start()
+    raise KeyboardInterrupt
+
+
+def _end_interrupted() -> None:
+    try:
+        os.write(2, b"error: interrupted\n")
+    finally:
+        os._exit(EXIT_INTERRUPTED)
+
+
+def install_interrupt_handler() -> None:
+    """Ctrl-C raises KeyboardInterrupt, and ends the process ``INTERRUPT_GRACE_S`` later
+    whatever became of it. Left alone where SIGINT is ignored or handled already."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
 def main() -> None:
     """Console-script entry point.
 
@@ -85,6 +116,7 @@ def main() -> None:
     safe (disk writes are temp files renamed into place, Redis writes staged),
     so the process ends now.
     """
+    install_interrupt_handler()
     try:
         app()
     except SystemExit as exc:

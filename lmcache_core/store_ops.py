@@ -185,6 +185,21 @@ class Store:
             parts.append(mask_url(cfg.remote_url))
         return " + ".join(parts)
 
+    def same_place(self, other: Store) -> bool:
+        """Whether both stores name the same place, compared unmasked: two URLs that
+        differ only in a part ``describe`` hides (an Azure connection string's
+        account, a password) are different stores."""
+
+        def place(store: Store) -> tuple[str | None, ...]:
+            if store.root is not None:
+                return ("disk", store.root)
+            if store.url is not None:
+                return ("url", store.url.strip())
+            cfg = store.config
+            return ("config", cfg.local_memory_device, cfg.disk_path, (cfg.remote_url or "").strip() or None)
+
+        return place(self) == place(other)
+
     @property
     def is_disk(self) -> bool:
         return self.root is not None
@@ -1241,7 +1256,7 @@ def copy_chunk(
     Returns:
         (outcome, bytes, reason): outcome ``copied``, ``repaired`` (``dst`` held a bad
         copy, now replaced), ``skipped`` (``dst`` has a good one), ``missing`` (not
-        in the source, nor in ``dst``) or ``failed``.
+        in the source, and nothing of it in ``dst``) or ``failed``.
     """
     # A tiered destination answers contains() from any tier: warm every tier that lacks it,
     # or a remote write that failed once would be skipped on every rerun.
@@ -1252,6 +1267,13 @@ def copy_chunk(
     chunk, check = src.read_verified(key, helper=helper)
     if chunk is None:
         if check.status == MISSING:
+            # "missing" (a live source evicted it: warm counts it gone) only when the
+            # destination holds nothing of it; a bad or partial copy there, which no
+            # source can repair now, stays a failure.
+            if problem is not None:
+                return "failed", 0, f"missing in the source, and the destination's copy is bad: {problem}"
+            if missing and dst.contains(key):
+                return "failed", 0, f"missing in the source; the destination lacks it in the {' and '.join(missing)} tier"
             return "missing", 0, "missing in the source"
         if check.status == CORRUPT:
             return "failed", 0, f"source chunk is bad: {check.reason} (left in place; `lmcache verify` reports it)"

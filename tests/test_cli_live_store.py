@@ -342,3 +342,33 @@ def test_put_tokens_human_output_names_the_chunks_stored_before_a_failure(cli: C
     assert "stored 1 of 3 chunks" in r.stderr and "before the failure" in r.stderr
     assert f"stored chunks: 0 ({keys[0]})" in r.stderr
 
+
+
+def test_warm_tells_stores_apart_by_what_their_display_hides() -> None:
+    """warm refused --from and --to as "the same store" when their masked URLs matched:
+    two Azure accounts' connection strings (account name included) mask the same."""
+    from lmcache_core.store_ops import Store
+
+    a = Store("az://lmcache/chunks?connection_string=AccountName=one;AccountKey=k1")
+    b = Store("az://lmcache/chunks?connection_string=AccountName=two;AccountKey=k2")
+    assert a.describe() == b.describe()  # the account is part of the hidden secret
+    assert not a.same_place(b)
+    assert a.same_place(Store("az://lmcache/chunks?connection_string=AccountName=one;AccountKey=k1"))
+    assert Store("/tmp/x/../x").same_place(Store("/tmp/x"))
+
+
+def test_a_chunk_gone_from_the_source_is_a_failure_while_the_destination_holds_a_bad_copy(tmp_path: Path) -> None:
+    """'missing' (counted gone when the keys came from listing the source) was also
+    returned when the destination held a bad copy that nothing could repair now."""
+    from lmcache_core import layout
+    from lmcache_core.store_ops import Store, copy_chunk
+
+    key = CacheEngineKey("vllm", "m", 1, 0, "ab" * 32)
+    (tmp_path / "src").mkdir()
+    with Store(str(tmp_path / "src")) as src, Store(str(tmp_path / "dst")) as dst:
+        assert copy_chunk(src, dst, key)[0] == "missing"  # nothing anywhere: gone
+        bad = Path(layout.disk_path(str(tmp_path / "dst"), key))
+        bad.parent.mkdir(parents=True)
+        bad.write_bytes(b"truncated")
+        outcome, _, reason = copy_chunk(src, dst, key)
+        assert outcome == "failed" and "missing in the source" in reason and "bad" in reason

@@ -217,3 +217,34 @@ def test_ctrl_c_stops_warm_to_a_silent_server_at_once(tmp_path: Path) -> None:
         waited = time.monotonic() - sent
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted"
     assert waited < 3.0, f"exit took {waited:.1f}s after SIGINT"
+
+
+def test_ctrl_c_ends_the_process_even_where_the_interrupt_is_swallowed(tmp_path: Path) -> None:
+    """torch, importing NumPy from C, swallows an exception raised inside that import: a
+    Ctrl-C landing there was lost, and warm ran to its end (exit 1, 12 s later). Here
+    the code under the handler swallows the KeyboardInterrupt as torch did."""
+    import signal
+    import time
+
+    script = (
+        "import sys, time\n"
+        "from lmcache_cli.main import install_interrupt_handler\n"
+        "install_interrupt_handler()\n"
+        "print('ready', flush=True)\n"
+        "try:\n"
+        "    time.sleep(30)\n"
+        "except KeyboardInterrupt:\n"
+        "    pass  # lost, as in torch's NumPy import\n"
+        "time.sleep(30)\n"
+        "sys.exit(0)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    waited = time.monotonic() - sent
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted"
+    assert waited < 10.0, f"exit took {waited:.1f}s after SIGINT"

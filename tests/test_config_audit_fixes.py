@@ -279,3 +279,31 @@ def test_the_temp_file_writer_id_names_the_host_boot() -> None:
     now = time.time()
     assert not layout.is_stale_temp(name, now, now)
     assert layout.is_stale_temp(name, now - layout.STALE_TEMP_SECONDS - 1, now)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "?a=" + "http://u:pw@h?b=" * 3000,  # URLs nested in query values: recursed once per level
+        "?q=" + "=".join(["password"] * 20000),  # pairs nested in values: recursed once per '='
+        "?" + "a:" * 30000 + "u:pw@h",  # one long word: a regex tried at every position (8 s)
+        "x " + "a/" * 30000 + "u:pw@h",
+    ],
+    ids=["nested-urls", "nested-pairs", "long-word", "many-segments"],
+)
+def test_masking_pathological_text_ends_and_shows_no_password(text: str) -> None:
+    """Masking runs on every error line: it must end (no RecursionError, no quadratic
+    scan) whatever the text, and still show no password."""
+    from lmcache_core.config import mask_secrets_in, mask_url
+
+    for mask in (mask_secrets_in, mask_url):
+        out = mask(text)
+        assert ":pw@" not in out
+
+
+def test_an_upper_case_file_scheme_is_refused_not_made_a_relative_directory() -> None:
+    from lmcache_core.config import ConfigError, store_kind
+
+    assert store_kind("file:///tmp/x") == "disk"
+    with pytest.raises(ConfigError, match="lower case"):
+        store_kind("FILE:///tmp/x")

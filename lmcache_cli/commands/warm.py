@@ -58,7 +58,7 @@ def warm(
     src_store = state.open_store(src)
     dst_store = state.open_store(dst)
     with src_store, dst_store:
-        if src_store.describe() == dst_store.describe():
+        if src_store.same_place(dst_store):
             raise usage_error(f"--from and --to are the same store ({src_store.describe()})")
         if src_store.root is not None and not os.path.isdir(src_store.root):
             # Opening it would create an empty store and "copy 0" successfully.
