@@ -400,6 +400,8 @@ def _mask_segment_userinfo(text: str) -> str:
 
 def _has_segment_userinfo(text: str) -> bool:
     return any(_segment_userinfo(part) is not None for part in _SEGMENT_SPLIT_RE.split(text))
+
+
 # An authority that reads as ``host[:port]`` (a hostname or a bracketed IP literal).
 _HOSTPORT_RE = re.compile(r"(?:[A-Za-z0-9._~%\-]+|\[[0-9A-Za-z:.%]+\])(?::\d{1,5})?")
 
