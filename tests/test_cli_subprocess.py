@@ -188,6 +188,14 @@ def test_closed_pipe_is_quiet(tmp_path: Path) -> None:
     assert err == "", err
 
 
+def _sigint_default() -> None:
+    """In the child: Ctrl-C as a terminal delivers it. A test run started in the
+    background by a non-interactive shell ignores SIGINT, and children inherit that."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_warm_to_a_silent_server_at_once(tmp_path: Path) -> None:
     """Worker threads waiting on a server that never answers do not hold the exit:
     SIGINT ends the process with 130 and one `error: interrupted` line, at once."""
@@ -207,7 +215,7 @@ def test_ctrl_c_stops_warm_to_a_silent_server_at_once(tmp_path: Path) -> None:
         url = f"redis://:pw@127.0.0.1:{proxy.port}/0"
         proc = subprocess.Popen(
             [lmcache_exe(), "warm", "--from", str(src), "--to", url], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default,
         )  # fmt: skip
         time.sleep(2.0)  # well into the first calls' 5 s timeout
         assert proc.poll() is None
@@ -239,8 +247,9 @@ def test_ctrl_c_ends_the_process_even_where_the_interrupt_is_swallowed(tmp_path:
         "sys.exit(0)\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", script], env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        [sys.executable, "-c", script], env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, preexec_fn=_sigint_default,
+    )  # fmt: skip
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGINT)
     sent = time.monotonic()
