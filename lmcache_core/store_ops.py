@@ -1447,7 +1447,7 @@ def read_prefix(
     Raises:
         ValueError: an invalid model name, fmt or rank.
     """
-    from lmcache_core.tokens import TOKEN_AXIS, continues_prefix  # imports torch
+    from lmcache_core.tokens import TOKEN_AXIS, chunk_tokens, continues_prefix  # imports torch
 
     if fmt not in TOKEN_AXIS:
         raise ValueError(f"fmt: {fmt!r} is not one of {', '.join(TOKEN_AXIS)}")
@@ -1480,7 +1480,7 @@ def read_prefix(
                 chunk, check = fut.result()
                 if chunk is None:
                     stopped = check
-                elif not continues_prefix(found, chunk, axis, chunk_size, last=i == len(keys) - 1):
+                elif not continues_prefix(found, chunk, axis, chunk_tokens(i, n, chunk_size)):
                     reason = f"does not continue the prefix ({str(chunk.dtype).removeprefix('torch.')} {tuple(chunk.shape)})"
                     stopped = ChunkCheck(keys[i], keys[i].to_string(), False, reason, check.header, MISMATCHED)
                 else:
@@ -1489,7 +1489,7 @@ def read_prefix(
                 for later in reads[i + 1 :]:  # past the end of the prefix: not read
                     later.cancel()
                 break
-    covered = min(n, sum(int(c.shape[axis]) for c in found))
+    covered = sum(int(c.shape[axis]) for c in found)  # each chunk exactly its tokens (continues_prefix)
     return PrefixRead(found, covered, n, len(keys), axis, stopped)
 
 

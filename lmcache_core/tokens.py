@@ -42,12 +42,19 @@ class PrefixLookup:
     per_tier: dict[str, int] = field(default_factory=dict)  # tier name -> cached leading tokens
 
 
-def continues_prefix(found: list[torch.Tensor], chunk: torch.Tensor, axis: int, chunk_size: int, *, last: bool) -> bool:
+def chunk_tokens(index: int, n: int, chunk_size: int) -> int:
+    """Tokens chunk ``index`` of an ``n``-token prompt covers: ``chunk_size``, fewer for the last."""
+    return min(chunk_size, n - index * chunk_size)
+
+
+def continues_prefix(found: list[torch.Tensor], chunk: torch.Tensor, axis: int, tokens: int) -> bool:
     """Whether ``chunk`` can extend the prefix ``found``: the same dtype, device and
-    non-token dimensions, and a full ``chunk_size`` tokens on ``axis`` unless it is the
-    prompt's last. Chunks of one prefix may come from different puts (another model
-    config, a hand-made put); joined, they would be wrong KV, silently upcast or mis-sized."""
-    if chunk.dim() != 5 or (not last and chunk.shape[axis] != chunk_size):
+    non-token dimensions, and exactly ``tokens`` on ``axis`` (``chunk_tokens``; the
+    prompt's last chunk too: one of another length gave KV longer or shorter than the
+    tokens it was said to cover). Chunks of one prefix may come from different puts
+    (another model config, a hand-made put); joined, they would be wrong KV, silently
+    upcast or mis-sized."""
+    if chunk.dim() != 5 or chunk.shape[axis] != tokens:
         return False
     if not found:
         return True
@@ -182,17 +189,16 @@ class ChunkedKVStore:
             return None, 0
         found: list[torch.Tensor] = []
         for i, chunk in enumerate(self.backend.batched_get(keys[:hits])):
-            if chunk is None or not self._continues(found, chunk, last=i == len(keys) - 1):
+            if chunk is None or not self._continues(found, chunk, chunk_tokens(i, n, self.chunk_size)):
                 break
             found.append(chunk)
         if not found:
             return None, 0
         kv = found[0] if len(found) == 1 else torch.cat(found, dim=self.token_axis)
-        covered = min(n, sum(int(c.shape[self.token_axis]) for c in found))
-        return kv, covered
+        return kv, sum(int(c.shape[self.token_axis]) for c in found)
 
-    def _continues(self, found: list[torch.Tensor], chunk: torch.Tensor, *, last: bool) -> bool:
-        return continues_prefix(found, chunk, self.token_axis, self.chunk_size, last=last)
+    def _continues(self, found: list[torch.Tensor], chunk: torch.Tensor, tokens: int) -> bool:
+        return continues_prefix(found, chunk, self.token_axis, tokens)
 
     def _tokens(self, chunks: int, n: int) -> int:
         return min(n, chunks * self.chunk_size)

@@ -173,3 +173,24 @@ def test_a_chunk_the_remote_tier_did_not_take_is_failed_and_put_again_next_time(
     with Store(str(tmp_path / "src")) as src, Store(None, cfg) as dst:
         assert copy_chunk(src, dst, key)[0] == "copied"
         assert copy_chunk(src, dst, key)[0] == "skipped"
+
+
+@pytest.mark.parametrize("last_tokens", [7, 1], ids=["longer", "shorter"])
+def test_a_last_chunk_of_another_length_ends_the_prefix(tmp_path, last_tokens):
+    """The prompt's last chunk was taken at any length: a 7-token chunk under a 2-token
+    tail's key gave KV 5 tokens longer than the tokens it was said to cover, and a
+    1-token one silently covered one token less."""
+    from lmcache_core.store_ops import Store, read_prefix
+
+    tokens = list(range(2 * CHUNK + 2))  # 2 full chunks + a 2-token tail
+    kv = kv_for(len(tokens))
+    with open_backend(str(tmp_path)) as backend:
+        store = ChunkedKVStore(backend, "m", chunk_size=CHUNK)
+        store.store(tokens, kv)
+        backend.put(expected_keys(tokens, "m")[-1], kv_for(last_tokens, seed=9))  # a hand-made put
+        got, n = store.retrieve(tokens)
+        assert n == 2 * CHUNK and got is not None and got.shape[2] == n
+    with Store(str(tmp_path)) as tool:
+        read = read_prefix(tool, torch.tensor(tokens), model="m", chunk_size=CHUNK)
+        assert read.tokens == 2 * CHUNK and sum(c.shape[2] for c in read.chunks) == read.tokens
+        assert read.stopped is not None and "does not continue the prefix" in read.stopped.reason
