@@ -16,6 +16,8 @@ import inspect
 import random
 import threading
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import quote
@@ -492,5 +494,36 @@ def test_groups_of_a_batch_fail_fast_once_the_circuit_opens(redis_server_private
         assert calls == [1, 1]  # two failures opened the circuit; four groups were never sent
         assert backend.stats["circuit_rejections"] == 4
         assert backend.stats["misses"] >= len(keys)
+    finally:
+        backend.close()
+
+
+def test_a_batch_queued_behind_others_waits_its_turn_instead_of_timing_out(redis_server: Any) -> None:
+    """Each fetch thread serves one batch to its end: a third caller behind two batches
+    that took longer than remote_timeout (group after group, each within it) got all
+    misses from a healthy remote, and a strike against its circuit. Waiting in the
+    fetch queue is not the remote failing to answer."""
+    url = f"{redis_server.url}?prefix=queued{uuid.uuid4().hex[:8]}:"
+    cfg = LMCacheEngineConfig(local_device=None, remote_url=url, remote_timeout=0.3)
+    backend = LMCPipelinedRemoteBackend(cfg, None, "cpu", fetch_parallelism=1, fetch_workers=2)
+    try:
+        keys = [make_key(f"q{i}") for i in range(12)]
+        for i, k in enumerate(keys):
+            backend.put(k, chunk(i))
+        real = backend.connector.get_many
+
+        def slow_remote(batch: Any) -> Any:
+            time.sleep(0.1)  # each group answers well within the timeout; 12 groups do not
+            return real(batch)
+
+        backend.connector.get_many = slow_remote  # type: ignore[method-assign]
+        backend.connector.fetch_group_keys = lambda: 1  # type: ignore[method-assign]
+        with ThreadPoolExecutor(3) as pool:
+            batches = [pool.submit(backend.batched_get, keys) for _ in range(3)]
+            results = [b.result(timeout=60) for b in batches]
+        for got in results:
+            assert all(same(g, chunk(i)) for i, g in enumerate(got))
+        assert backend.stats["timeouts"] == 0 and backend.stats["queue_timeouts"] == 0
+        assert backend.breaker.consecutive_failures == 0  # no strike against the circuit
     finally:
         backend.close()

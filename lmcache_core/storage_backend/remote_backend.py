@@ -1030,6 +1030,11 @@ class LMCRemoteBackend(LMCBackendInterface):
         return self._call("get", self.connector.get, key, retry=True)
 
 
+#: How many ``remote_timeout``s a ``batched_get`` may wait in the fetch queue, behind
+#: other callers' batches, before a fetch thread takes it up (then it ends as misses).
+START_WAIT_TIMEOUTS = 10
+
+
 class _BatchCall:
     """One ``batched_get`` in flight through the fetch and decode stages.
 
@@ -1063,7 +1068,14 @@ class _BatchCall:
         self.to_fetch = to_fetch
         self.groups: list[Sequence[int]] = []  # appended under the lock, never changed
         self.timeout = timeout
-        self.deadline = time.monotonic() + timeout
+        now = time.monotonic()
+        self.deadline = now + timeout
+        # Until a fetch thread first takes up the call, it only waits in the fetch queue
+        # behind other callers' batches: not the remote failing to answer. A third
+        # caller behind two long batches got all misses from a healthy remote, and a
+        # strike against its circuit. Waiting to start is bounded too.
+        self.started = False
+        self.start_by = now + timeout * START_WAIT_TIMEOUTS
         self.results: list[torch.Tensor | None] = [None] * len(keys)
         self.window = max(1, window)
         # Keys per group when nothing better is known: the batch split evenly over the window.
@@ -1086,7 +1098,18 @@ class _BatchCall:
     def _live(self) -> bool:
         """Not closed and the deadline not passed (exact with the lock held: only then
         can no progress move the deadline meanwhile)."""
-        return not self._closed and time.monotonic() < self.deadline
+        return not self._closed and time.monotonic() < self._end()
+
+    def _end(self) -> float:
+        return self.deadline if self.started else max(self.deadline, self.start_by)
+
+    def mark_started(self) -> None:
+        """A fetch thread took up the call: from now on its clock is the remote's."""
+        with self._cond:
+            if not self.started and self._live():
+                self.started = True
+                self.deadline = time.monotonic() + self.timeout
+                self._cond.notify_all()  # the caller's wait recomputes its deadline
 
     def take_next(self) -> int | None:
         """The next group, formed now (None: no keys left, or the caller gave up).
@@ -1151,7 +1174,7 @@ class _BatchCall:
         """
         with self._cond:
             while not self._done():
-                left = self.deadline - time.monotonic()  # moves on with each progress
+                left = self._end() - time.monotonic()  # moves on with each progress
                 if left <= 0:
                     break
                 self._cond.wait(left)
@@ -1279,6 +1302,7 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
             del item  # idle with no batch alive (see _DaemonPool._run)
 
     def _fetch_call(self, call: _BatchCall, gid: int | None) -> None:
+        call.mark_started()
         while gid is not None and call.wanted():  # else the caller counted this group already
             self._fetch_group(call, gid)
             gid = call.take_next()
@@ -1401,11 +1425,13 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
         unfinished, not_sent = call.wait()
         # The deadline (remote_timeout without progress): what is still out is a miss
         # and a timeout, one strike against the circuit; keys never sent are misses.
+        # A call no fetch thread took up was queued behind others: misses, no strike.
         if unfinished:
             for gid in unfinished:
-                self.stats.incr("timeouts")
+                self.stats.incr("timeouts" if call.started else "queue_timeouts")
                 self.stats.incr("misses", len(call.groups[gid]))
-            self.breaker.record_failure("batched get: no answer in time")
+            if call.started:
+                self.breaker.record_failure("batched get: no answer in time")
         if not_sent:
             self.stats.incr("misses", not_sent)
         for i in to_fetch:
