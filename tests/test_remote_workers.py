@@ -527,3 +527,33 @@ def test_a_batch_queued_behind_others_waits_its_turn_instead_of_timing_out(redis
         assert backend.breaker.consecutive_failures == 0  # no strike against the circuit
     finally:
         backend.close()
+
+
+def test_close_during_a_batch_ends_it_at_once_as_misses(redis_server: Any) -> None:
+    """close() stopped the stages with fetched groups still undecoded: the caller then
+    waited out its whole remote_timeout, and counted the remote's timeouts."""
+    url = f"{redis_server.url}?prefix=closing{uuid.uuid4().hex[:8]}:"
+    cfg = LMCacheEngineConfig(local_device=None, remote_url=url, remote_timeout=30.0)
+    backend = LMCPipelinedRemoteBackend(cfg, None, "cpu", fetch_parallelism=1)
+    keys = [make_key(f"c{i}") for i in range(4)]
+    for i, k in enumerate(keys):
+        backend.put(k, chunk(i))
+    decoding, release = threading.Event(), threading.Event()
+    real = backend._decode_group
+
+    def held_decode(*args: Any) -> Any:
+        decoding.set()
+        release.wait(60)
+        return real(*args)
+
+    backend._decode_group = held_decode  # type: ignore[method-assign]
+    with ThreadPoolExecutor(1) as pool:
+        batch = pool.submit(backend.batched_get, keys)
+        assert decoding.wait(10)  # a group was fetched; its decode is held
+        started = time.monotonic()
+        backend.close()
+        got = batch.result(timeout=60)
+        waited = time.monotonic() - started
+        release.set()
+    assert len(got) == len(keys) and waited < 15.0  # not the 30 s remote_timeout
+    assert backend.stats["timeouts"] == 0 and backend.breaker.consecutive_failures == 0

@@ -26,6 +26,7 @@ import queue
 import random
 import threading
 import time
+import weakref
 import zlib
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -1076,6 +1077,7 @@ class _BatchCall:
         # strike against its circuit. Waiting to start is bounded too.
         self.started = False
         self.start_by = now + timeout * START_WAIT_TIMEOUTS
+        self.aborted = False  # the backend closed while the call was in flight
         self.results: list[torch.Tensor | None] = [None] * len(keys)
         self.window = max(1, window)
         # Keys per group when nothing better is known: the batch split evenly over the window.
@@ -1102,6 +1104,13 @@ class _BatchCall:
 
     def _end(self) -> float:
         return self.deadline if self.started else max(self.deadline, self.start_by)
+
+    def abort(self) -> None:
+        """End the call now (its backend closed): the caller's ``wait`` returns at once."""
+        with self._cond:
+            if not self._closed:
+                self.aborted = True
+                self._cond.notify_all()
 
     def mark_started(self) -> None:
         """A fetch thread took up the call: from now on its clock is the remote's."""
@@ -1173,7 +1182,7 @@ class _BatchCall:
             never handed out (not tried: misses).
         """
         with self._cond:
-            while not self._done():
+            while not self._done() and not self.aborted:
                 left = self._end() - time.monotonic()  # moves on with each progress
                 if left <= 0:
                     break
@@ -1243,6 +1252,8 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
         # The stages start with the first batched_get: a backend that only writes
         # (or only gets one key at a time) never holds their threads.
         self._stage_threads: list[threading.Thread] = []
+        # Calls in flight, for close() to end (weak: a finished call is gone).
+        self._calls: weakref.WeakSet[_BatchCall] = weakref.WeakSet()
 
     def _start_stages(self) -> None:
         if self._stage_threads:
@@ -1281,6 +1292,12 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
         deadline = time.monotonic() + min(self.timeout, 2.0)
         for t in threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
+        # Groups fetched but left undecoded when the stages stopped would hold their
+        # callers until remote_timeout (and count as the remote's timeouts): end them.
+        with self._lock:
+            calls = list(self._calls)
+        for call in calls:
+            call.abort()
 
     # -- the two pipeline stages ---------------------------------------------------
 
@@ -1421,8 +1438,13 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
         call = _BatchCall(
             keys, to_fetch, self._group_size, self.timeout, self._queue_fetch, window=self.fetch_parallelism
         )
+        with self._lock:
+            self._calls.add(call)
         call.start()
         unfinished, not_sent = call.wait()
+        if call.aborted:  # the backend closed under it: misses, not the remote's timeouts
+            self.stats.incr("misses", sum(len(call.groups[gid]) for gid in unfinished) + not_sent)
+            unfinished, not_sent = [], 0
         # The deadline (remote_timeout without progress): what is still out is a miss
         # and a timeout, one strike against the circuit; keys never sent are misses.
         # A call no fetch thread took up was queued behind others: misses, no strike.
