@@ -1441,8 +1441,8 @@ def read_prefix(
 
     Read like ``get KEY`` reads (``Store.read_verified``): a chunk that fails ends
     the prefix and is reported in ``stopped`` (never deleted, its age unchanged),
-    as is a chunk that cannot extend it (another dtype or shape, or a short chunk
-    before the prompt's last). Up to ``jobs`` chunks are read at once, in order.
+    as is a chunk that cannot extend it (another dtype or shape, or not exactly the
+    tokens it should cover: ``tokens.chunk_tokens``). Up to ``jobs`` chunks are read at once, in order.
 
     Raises:
         ValueError: an invalid model name, fmt or rank.

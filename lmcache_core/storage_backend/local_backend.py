@@ -636,17 +636,12 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             return not self._closed and self._room_locked(nbytes, timeout=timeout)
 
     def _room_locked(self, nbytes: int, timeout: float | None) -> bool:
-        if timeout != 0 and self._queued.full_locked(nbytes):
-            self.stats.incr("put_backpressure_waits")
         return self._queued.wait_for_room_locked(
             nbytes,
             stall_s=QUEUE_STALL_S,
             closed=lambda: self._closed,
-            stalled=lambda: OSError(
-                errno.ETIMEDOUT,
-                f"{self._queued.queued} bytes of writes queued and none finished in {QUEUE_STALL_S:g}s; not queued",
-                self.root,
-            ),
+            stalled=lambda why: OSError(errno.ETIMEDOUT, why, self.root),
+            stats=self.stats,
             timeout=timeout,
         )
 

@@ -609,17 +609,12 @@ class LMCRemoteBackend(LMCBackendInterface):
             StoreUnavailableError: no queued write finished for three ``remote_timeout``s.
             RuntimeError: the backend was closed meanwhile.
         """
-        if self._queued.full_locked(nbytes):
-            self.stats.incr("put_backpressure_waits")
-        stall = 3 * self.timeout
         self._queued.wait_for_room_locked(
             nbytes,
-            stall_s=stall,
+            stall_s=3 * self.timeout,
             closed=lambda: self._closed,
-            stalled=lambda: StoreUnavailableError(
-                self.display_url,
-                f"put: {self._queued.queued} bytes of writes queued and none finished in {stall:g}s; not queued",
-            ),
+            stalled=lambda why: StoreUnavailableError(self.display_url, f"put: {why}"),
+            stats=self.stats,
         )
 
     def put_worker(self) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 #: Bytes of chunks a tier's background writers may have queued (``max_queued_bytes``).
 MAX_QUEUED_BYTES = 1 << 30
@@ -45,15 +45,17 @@ class QueuedBytes:
         *,
         stall_s: float,
         closed: Callable[[], bool],
-        stalled: Callable[[], Exception],
+        stalled: Callable[[str], Exception],
+        stats: Any,
         timeout: float | None = None,
     ) -> bool:
         """Under the lock: wait until ``nbytes`` more fit; True once they do.
 
         Args:
-            stall_s: give up (raise ``stalled()``) when no queued write finished for this long.
+            stall_s: give up (raise ``stalled(why)``) when no queued write finished for this long.
             closed: whether the backend was closed (checked after each wake: RuntimeError).
-            stalled: the error for a stalled queue.
+            stalled: the backend's error for a stalled queue, given the reason.
+            stats: the backend's counters (``put_backpressure_waits``: puts that waited).
             timeout: wait at most this long in all (0: not at all), then return False.
 
         Raises:
@@ -63,6 +65,7 @@ class QueuedBytes:
             return True
         if timeout == 0:
             return False
+        stats.incr("put_backpressure_waits")
         give_up = None if timeout is None else time.monotonic() + timeout
         while self.full_locked(nbytes):
             left = stall_s if give_up is None else min(stall_s, give_up - time.monotonic())
@@ -72,7 +75,7 @@ class QueuedBytes:
             if closed():
                 raise RuntimeError("backend is closed")
             if not notified and (give_up is None or time.monotonic() < give_up):
-                raise stalled()
+                raise stalled(f"{self.queued} bytes of writes queued and none finished in {stall_s:g}s; not queued")
         return True
 
     def add_locked(self, nbytes: int) -> None:
