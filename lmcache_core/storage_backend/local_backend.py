@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import atexit
 import builtins
 import errno
 import itertools
@@ -14,7 +13,6 @@ import os
 import queue
 import threading
 import time
-import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from typing import Any, Callable, Iterable
@@ -37,7 +35,12 @@ from lmcache_core.storage_backend.abstract_backend import (
 from lmcache_core.storage_backend.devices import resolve_device
 from lmcache_core.storage_backend.evictor import LRUIndex
 from lmcache_core.storage_backend.mem_pool import BufferPool, fixed_chunk_shape, read_pool_bytes
-from lmcache_core.storage_backend.write_queue import MAX_QUEUED_BYTES, QueuedBytes
+from lmcache_core.storage_backend.write_queue import (
+    MAX_QUEUED_BYTES,
+    QueuedBytes,
+    drain_at_exit,
+    forget_at_exit,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -390,19 +393,6 @@ def chunk_file_size(kv_chunk: torch.Tensor, key: str) -> int:
     return chunk_format.stored_size(kv_chunk, key)
 
 
-# Backends whose queued writes are drained at interpreter exit, as a thread pool's are.
-_open_disk_backends: weakref.WeakSet[LMCLocalDiskBackend] = weakref.WeakSet()
-
-
-@atexit.register
-def _drain_at_exit() -> None:
-    for backend in list(_open_disk_backends):
-        try:
-            backend.close()
-        except Exception:
-            logger.exception("closing %s at exit failed", backend.describe())
-
-
 _KEY_LOCKS = 64
 #: A get sets its file's access time when it is older than this: on noatime (or
 #: relatime) mounts reads left it unchanged, so the LRU order that a restart and the
@@ -488,7 +478,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         self._rebuild_index()
         self._put_workers = put_workers
         self._workers = self._start_workers()
-        _open_disk_backends.add(self)
+        drain_at_exit(self)  # queued writes are stored at interpreter exit, as a thread pool's
 
     def _start_workers(self) -> builtins.list[threading.Thread]:
         workers = [
@@ -1050,4 +1040,4 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             if self._readers is not None:
                 self._readers.shutdown(wait=True)
         self.buffer_sweeper()
-        _open_disk_backends.discard(self)
+        forget_at_exit(self)

@@ -55,7 +55,12 @@ from lmcache_core.storage_backend.abstract_backend import (
 from lmcache_core.storage_backend.circuit import OPEN, CircuitBreaker
 from lmcache_core.storage_backend.connector.base import RemoteConnector
 from lmcache_core.storage_backend.mem_pool import BufferPool, read_pool_bytes
-from lmcache_core.storage_backend.write_queue import MAX_QUEUED_BYTES, QueuedBytes
+from lmcache_core.storage_backend.write_queue import (
+    MAX_QUEUED_BYTES,
+    QueuedBytes,
+    drain_at_exit,
+    forget_at_exit,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -295,6 +300,8 @@ class LMCRemoteBackend(LMCBackendInterface):
         self._put_worker_count = put_workers
         self._closed = False
         self._start_runtime()
+        # Without close(), queued writes are stored at interpreter exit, as the disk tier's are.
+        drain_at_exit(self)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -359,6 +366,9 @@ class LMCRemoteBackend(LMCBackendInterface):
     def close(self) -> None:
         """Drain queued writes, then release the connection. Idempotent.
 
+        Runs by itself at interpreter exit for a backend never closed, as a thread
+        pool's queued tasks run (``write_queue.drain_at_exit``).
+
         Every acknowledged write is stored as long as the remote keeps storing
         them: the drain gives up only after ``close_timeout`` seconds in which no
         queued write was stored. So it is bounded when the remote is dead (each
@@ -405,6 +415,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         closer = threading.Thread(target=self._close_connector, name="lmcache-remote-close", daemon=True)
         closer.start()
         closer.join(timeout=min(self.timeout, 2.0))
+        forget_at_exit(self)
 
     def _close_connector(self) -> None:
         try:

@@ -12,9 +12,14 @@ which the condition shares (``*_locked``).
 
 from __future__ import annotations
 
+import atexit
+import logging
 import threading
 import time
-from typing import Any, Callable
+import weakref
+from typing import Any, Callable, Protocol
+
+logger = logging.getLogger(__name__)
 
 #: Bytes of chunks a tier's background writers may have queued (``max_queued_bytes``).
 MAX_QUEUED_BYTES = 1 << 30
@@ -89,3 +94,41 @@ class QueuedBytes:
     def wake_all_locked(self) -> None:
         """Wake every waiting put (the backend is closing: they raise)."""
         self._room.notify_all()
+
+
+class _Drainable(Protocol):
+    def close(self) -> None: ...
+
+    def describe(self) -> str: ...
+
+
+# Backends whose queued writes are stored at interpreter exit, as a thread pool's
+# tasks are: their writers are daemon threads (a hung write must never hang exit),
+# so without this a script that ends without close() lost writes it was told were
+# queued (a remote lost 10 to 26 of 40 queued 4 MiB puts).
+_open_writers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def drain_at_exit(backend: _Drainable) -> None:
+    """Have ``backend.close()`` (which drains its queued writes) run at interpreter exit.
+
+    Thread-safe. Re-registers the exit hook, so it runs before the exit hooks of
+    anything opened earlier: a connector's client (s3fs closes its session from
+    ``weakref.finalize``'s exit hook) is still usable while the writes drain.
+    """
+    _open_writers.add(backend)
+    atexit.unregister(_drain_all)
+    atexit.register(_drain_all)
+
+
+def forget_at_exit(backend: _Drainable) -> None:
+    """``backend`` was closed: nothing of it left to drain. Thread-safe."""
+    _open_writers.discard(backend)
+
+
+def _drain_all() -> None:
+    for backend in list(_open_writers):
+        try:
+            backend.close()
+        except Exception:
+            logger.exception("closing %s at exit failed", backend.describe())
