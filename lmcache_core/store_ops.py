@@ -160,6 +160,7 @@ class Store:
                 os.path.abspath(os.path.expanduser(path)) if self.kind == "disk" else None
             )
         else:
+            self.config = _tool_config(self.config)
             self.kind, self.root = _config_kind(self.config)
         if self.root is not None and os.path.exists(self.root) and not os.path.isdir(self.root):
             # Listing it would find "0 chunks" and succeed; writing would fail obscurely.
@@ -462,6 +463,19 @@ class Store:
             if layout.is_temp_name(name):
                 out.append(TempFile(path, st.st_size, st.st_mtime, layout.is_stale_temp(name, st.st_mtime, now)))
         return out
+
+
+def _tool_config(cfg: LMCacheEngineConfig) -> LMCacheEngineConfig:
+    """The tiers a tool sees of a config's store: all but a memory tier in front of others.
+
+    A serving process's memory tier is its own RAM, out of any other process's
+    reach: the tool's would start empty, answer "0 cached" for every prompt, and
+    fill gigabytes of the tool's RAM on ``warm --to`` for nothing. A memory-only
+    config keeps its tier (a process-local store, as the user asked).
+    """
+    if cfg.local_memory_device is not None and (cfg.disk_path or cfg.remote_url):
+        return cfg.replace(_source="lmcache tool (a server's memory tier is its own)", local_device=None)
+    return cfg
 
 
 def _config_kind(cfg: LMCacheEngineConfig) -> tuple[str, str | None]:

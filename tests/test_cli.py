@@ -624,13 +624,12 @@ def test_tiered_store_from_config(tmp_path: Path) -> None:
     tiered(*base, "put", KEY, str(f), store=False)
     assert chunk_path(disk, KEY).is_file()  # written through to disk
     data = json.loads(tiered(*base, "ls", "--format", "json", store=False).stdout)
-    assert [e["key"] for e in data["chunks"]] == [KEY] and "memory" in data["store"]
+    # A server's memory tier is its own RAM: a tool sees the config's disk directory.
+    assert [e["key"] for e in data["chunks"]] == [KEY] and data["store"] == f"disk {disk}"
     prompt, kv = _prompt(tmp_path, 300), _kv(tmp_path, 300)
     tiered(*base, "put", "--tokens", str(prompt), "--kv", str(kv), "--model", MODEL, store=False)
     look = json.loads(tiered(*base, "lookup", "--tokens", str(prompt), "--model", MODEL, "--format", "json", store=False).stdout)
-    tiers = {t["tier"]: t["tokens"] for t in look["per_tier"]}
-    # A new process starts with an empty memory tier; the disk tier has the prompt.
-    assert tiers.get("disk") == 300 and look["tokens"] == 300
+    assert look["per_tier"] == [{"tier": f"disk {disk}", "tokens": 300, "chunks": 2}] and look["tokens"] == 300
 
 
 # -- errors ------------------------------------------------------------------------------

@@ -195,10 +195,10 @@ def test_env_tier_variables_describe_the_store(tmp_path: Path, monkeypatch: pyte
     lmcache("--store", str(disk), "put", KEY_A, str(tensor_file(tmp_path)))
     monkeypatch.setenv("LMCACHE_LOCAL_DISK", str(disk))
     settings = json.loads(lmcache("config", "--format", "json").stdout)["settings"]
-    assert settings[0]["value"] == f"memory (cpu) + disk {disk}"
+    assert settings[0]["value"] == f"disk {disk}"  # the memory tier (LMCache's default cpu) is a server's own
     assert settings[0]["source"] == "env LMCACHE_LOCAL_DISK"
     listing = json.loads(lmcache("ls", "--format", "json").stdout)
-    assert listing["store"] == f"memory (cpu) + disk {disk}"
+    assert listing["store"] == f"disk {disk}"
     assert [c["key"] for c in listing["chunks"]] == [KEY_A]
 
 

@@ -377,3 +377,33 @@ def test_an_interrupted_warm_drops_the_chunks_not_started(tmp_path: Path, monkey
         release.set()
         src.close()
         dst.close()
+
+
+# -- 4. a server's memory tier is not the tool's ----------------------------------------------
+
+
+def test_a_tool_opens_a_configs_disk_and_remote_tiers_but_not_its_memory_tier(tmp_path: Path) -> None:
+    """A tool's memory tier started empty ("memory: 0 tokens" in every lookup, whatever the
+    servers held in theirs) and `warm --to` filled it up to max_local_cache_size, RAM of
+    the tool's spent for nothing. The tool now sees the tiers other processes share."""
+    from lmcache_core.config import LMCacheEngineConfig
+    from lmcache_core.store_ops import Store
+
+    cfg, disk, remote = tiered_store(tmp_path)
+    cfg.write_text("local_device: cpu\nmax_local_cache_size: 1\n" + cfg.read_text())
+    with Store(config=LMCacheEngineConfig.from_file(cfg)) as store:
+        assert [name for name, _ in store.tiers() or []] == ["disk", "remote"]
+        assert "memory" not in store.describe()
+    tiered = Cli(tmp_path / "unused")
+    conf = ("--config", str(cfg))
+    n = 40
+    prompt, kv = _prompt(tmp_path, n), _kv(tmp_path, n)
+    tiered(*conf, "put", "--tokens", str(prompt), "--kv", str(kv), "--model", MODEL, "--chunk-size", str(CHUNK), store=False)
+    look = tiered.json(*conf, "lookup", "--tokens", str(prompt), "--model", MODEL, "--chunk-size", str(CHUNK), store=False)
+    assert look["per_tier"] == [
+        {"tier": "disk", "tokens": 40, "chunks": 5},
+        {"tier": "remote", "tokens": 40, "chunks": 5},
+    ]
+    # A memory-only config is still the process-local store it says it is.
+    with Store(config=LMCacheEngineConfig(local_device="cpu")) as store:
+        assert store.kind == "memory" and store.describe() == "memory (cpu)"
