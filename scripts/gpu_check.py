@@ -6,7 +6,8 @@ memory tier on CPU with ``dst_device="cuda"`` (pinned slot pool), the disk tier
 (pinned read buffers), a memory tier on the GPU itself and a memory+disk hybrid,
 it puts chunks that live on the GPU, gets them back and checks dtype, shape,
 device (the configuring thread's GPU, also for gets on the library's threads)
-and every byte; also after eviction reuses slots, and for non-blocking puts.
+and every byte; also after eviction reuses slots, for non-blocking puts, and
+for a caller working on a side CUDA stream (chunks made there just before the put).
 Then it times each put and get beside raw ``copy_`` between pinned host memory
 and the device, one operation per sample (p50/p99 over all of them).
 
@@ -128,6 +129,43 @@ def check_reuse_and_nonblocking(
         store.close()
 
 
+def check_side_stream(
+    name: str,
+    make: Callable[[], LMCBackendInterface],
+    keys: list[CacheEngineKey],
+    chunks: list[torch.Tensor],
+    check: Checker,
+    device: torch.device,
+) -> None:
+    """A caller on a side stream, as LMCache's loads and stores are: each chunk is made
+    there behind a GPU sleep and put at once (blocking and not, in turn), then read back,
+    also with ``batched_get`` from that stream. The library's threads work on the default
+    stream: one that read a chunk without waiting for the caller's stream would store the
+    zeros from before the copy, under a valid checksum."""
+    if device.type != "cuda":
+        return
+    side = torch.cuda.Stream(device)
+    store = make()
+    made: list[torch.Tensor] = []
+    try:
+        with torch.cuda.stream(side):
+            for i, (k, c) in enumerate(zip(keys, chunks, strict=True)):
+                out = torch.zeros_like(c)
+                torch.cuda._sleep(20_000_000)  # some milliseconds of GPU time before the copy
+                out.copy_(c)
+                made.append(out)  # alive until stored: the caller's promise for non-blocking puts
+                store.put(k, out, blocking=i % 2 == 0)
+            side.synchronize()
+            for i, (k, c) in enumerate(zip(keys, chunks, strict=True)):
+                check.same(f"{name} side-stream put {i}", store.get(k), c)
+            got = store.batched_get(keys)
+            side.synchronize()
+        for i, (g, c) in enumerate(zip(got, chunks, strict=True)):
+            check.same(f"{name} side-stream batched_get {i}", g, c)
+    finally:
+        store.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--count", type=int, default=8)
@@ -145,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     on_gpu = args.device == "cuda"
+    if on_gpu and torch.cuda.device_count() > 1:
+        # Not GPU 0: a library thread that dropped the index would land on GPU 0 and fail the checks.
+        torch.cuda.set_device(torch.cuda.device_count() - 1)
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     shape = tuple(int(d) for d in args.shape.split(","))
     dtype = getattr(torch, args.dtype)
@@ -195,11 +236,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         return LMCHybridBackend(cfg, None, LMCacheMemPoolMetadata(shape, dtype, budget_gb), dst)
 
+    def hybrid_gpu(budget_gb: float = gb) -> LMCBackendInterface:
+        cfg = LMCacheEngineConfig.from_defaults(
+            local_device=mem_dev,
+            max_local_cache_size=budget_gb,
+            local_disk=f"{tmp}/hybrid-gpu-{budget_gb:.6f}",
+            max_local_disk_size=4 * budget_gb,
+        )
+        return LMCHybridBackend(cfg, None, LMCacheMemPoolMetadata(shape, dtype, budget_gb), dst)
+
     tiers: dict[str, Callable[..., LMCBackendInterface]] = {
         "memory cpu -> cuda (pinned pool)": memory_cpu,
         "memory on cuda (get: zero-copy)": memory_gpu,
         "disk -> cuda (pinned read buffers)": disk,
         "hybrid memory+disk -> cuda": hybrid,
+        "hybrid memory on cuda+disk": hybrid_gpu,
     }
     try:
         for name, make in tiers.items():
@@ -233,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
                 store.close()
         for name, make in (("memory cpu", memory_cpu), ("memory on cuda", memory_gpu), ("disk", disk)):
             check_reuse_and_nonblocking(name, make, nbytes, keys, chunks, check)
+        # Empty directories: a put that stored nothing must not be masked by an earlier copy.
+        shutil.rmtree(tmp)
+        for name, make in tiers.items():
+            check_side_stream(name, make, keys, chunks, check, device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

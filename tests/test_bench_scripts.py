@@ -83,6 +83,7 @@ def test_gpu_check_runs_its_checks_on_cpu(tmp_path: Path) -> None:
     assert set(report["tiers"]) == {
         "memory cpu -> cuda (pinned pool)", "memory on cuda (get: zero-copy)",
         "disk -> cuda (pinned read buffers)", "hybrid memory+disk -> cuda",
+        "hybrid memory on cuda+disk",
     }  # fmt: skip
     for ops in report["tiers"].values():
         assert all(r["samples"] == 3 and r["gbps"] > 0 for r in ops.values())

@@ -110,3 +110,86 @@ def test_a_strided_chunk_is_made_contiguous_once_per_disk_put(tmp_path, monkeypa
             assert got is not None and torch.equal(got, strided)
     finally:
         backend.close()
+
+
+# -- CUDA streams: the library's threads work on the default stream --------------------------
+
+
+def test_stream_helpers_leave_cpu_tensors_and_cuda_alone():
+    from lmcache_core.storage_backend import devices
+
+    t = torch.ones(4)
+    devices.for_library_threads(t)
+    assert devices.finished(t) is t and devices.used_on(t, None) is t
+    assert devices.caller_stream(torch.device("cpu")) is None
+    assert not torch.cuda.is_initialized()  # nothing here may start CUDA for CPU tensors
+
+
+def _side_stream_stores(tmp_path):
+    from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend
+
+    def cfg(**kw):
+        return LMCacheEngineConfig.from_defaults(max_local_cache_size=0.1, max_local_disk_size=0.1, **kw)
+
+    return {
+        "memory on cuda": LMCLocalBackend(cfg(local_device="cuda"), None, "cuda"),
+        "disk": LMCLocalDiskBackend(cfg(local_device=None, local_disk=str(tmp_path / "d")), None, "cuda"),
+        "hybrid cuda memory + disk": LMCHybridBackend(
+            cfg(local_device="cuda", local_disk=str(tmp_path / "h")), None, dst_device="cuda"
+        ),
+        "hybrid cpu memory + disk": LMCHybridBackend(
+            cfg(local_device="cpu", local_disk=str(tmp_path / "hc")), None, dst_device="cuda"
+        ),
+    }
+
+
+@needs_cuda
+@pytest.mark.parametrize("blocking", [True, False], ids=["blocking", "non-blocking"])
+def test_a_chunk_made_on_a_side_stream_is_stored_as_made(tmp_path, blocking):
+    """The caller's stream is still writing the chunk when put returns to it: a library
+    thread that read it on the default stream without waiting stored the zeros from
+    before, under a valid checksum (LMCache stores from side streams)."""
+    want = torch.arange(1 << 18, dtype=torch.float32, device="cuda").reshape(4, 2, 64, 8, 64)
+    side = torch.cuda.Stream()
+    for name, store in _side_stream_stores(tmp_path).items():
+        try:
+            with torch.cuda.stream(side):
+                made = torch.zeros_like(want)
+                torch.cuda._sleep(100_000_000)  # tens of ms of GPU time before the copy lands
+                made.copy_(want)
+                store.put(make_key(name), made, blocking=blocking)
+                got = store.get(make_key(name))
+                batch = store.batched_get([make_key(name), make_key(name)])
+            side.synchronize()
+            assert got is not None and torch.equal(got, want), name
+            assert all(b is not None and torch.equal(b, want) for b in batch), name
+        finally:
+            store.close()
+
+
+@needs_cuda
+def test_a_hybrid_put_of_a_gpu_chunk_crosses_to_the_host_once(tmp_path, monkeypatch):
+    """The disk and remote tiers each copied a GPU chunk to the host themselves."""
+    from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend
+
+    cuda_views = []
+    real = chunk_format.payload_view
+
+    def counting(tensor):
+        if tensor.is_cuda:
+            cuda_views.append(tensor)
+        return real(tensor)
+
+    monkeypatch.setattr(chunk_format, "payload_view", counting)
+    cfg = LMCacheEngineConfig.from_defaults(
+        local_device="cpu", local_disk=str(tmp_path), remote_url=f"fsspec+file://{tmp_path / 'remote'}"
+    )
+    store = LMCHybridBackend(cfg, None, dst_device="cuda")
+    try:
+        chunk = torch.randn(4, 2, 64, 8, 64, device="cuda")
+        store.put(make_key("once"), chunk)
+        assert cuda_views == []
+        got = store.get(make_key("once"))
+        assert got is not None and torch.equal(got, chunk)
+    finally:
+        store.close()

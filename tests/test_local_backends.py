@@ -266,7 +266,7 @@ class TwoThreadGets:
         self.active = 0
         self.lock = threading.Lock()
 
-    def __call__(self, key, helper=None):
+    def __call__(self, key, helper=None, stream=None):
         me = threading.get_ident()
         mine = me == self.caller
         with self.lock:
@@ -284,7 +284,7 @@ class TwoThreadGets:
                 time.sleep(self.reader_delay)
             if first and self.fail == ("caller" if mine else "reader"):
                 raise RuntimeError("injected failure")
-            return self.plain_get(key, helper)
+            return self.plain_get(key, helper, stream=stream)
         finally:
             with self.lock:
                 self.active -= 1
@@ -350,7 +350,7 @@ def test_disk_batched_get_refuses_a_bad_key_before_reading(tmp_path, monkeypatch
     store.put(make_key("ok"), chunk(0))
     reads: list[object] = []
     monkeypatch.setattr(store, "get", lambda key: reads.append(key))
-    monkeypatch.setattr(store, "_get", lambda key, helper=None: reads.append(key))
+    monkeypatch.setattr(store, "_get", lambda key, helper=None, stream=None: reads.append(key))
     with pytest.raises((TypeError, ValueError)):
         store.batched_get([make_key("ok"), "../../etc/passwd"])  # type: ignore[list-item]
     assert reads == []

@@ -18,7 +18,7 @@ import torch
 
 from lmcache_core.chunk_format import dtype_name
 from lmcache_core.key import CacheEngineKey
-from lmcache_core.storage_backend.devices import resolve_device
+from lmcache_core.storage_backend.devices import resolve_device, used_on
 
 if TYPE_CHECKING:
     from lmcache_core.chunk_format import ChunkHeader
@@ -213,7 +213,9 @@ class LMCBackendInterface(metaclass=abc.ABCMeta):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _to_dst(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _to_dst(self, tensor: torch.Tensor, stream: torch.cuda.Stream | None = None) -> torch.Tensor:
+        """``tensor`` on ``dst_device``; ``stream``: the caller's (``devices.caller_stream``)
+        when a library thread makes the copy for it."""
         if tensor.device == self._dst:
             return tensor
-        return tensor.to(self._dst, non_blocking=False)
+        return used_on(tensor.to(self._dst, non_blocking=False), stream)

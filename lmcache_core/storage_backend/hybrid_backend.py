@@ -18,6 +18,7 @@ from lmcache_core.storage_backend.abstract_backend import (
     check_chunk,
     check_key,
 )
+from lmcache_core.storage_backend.devices import finished
 from lmcache_core.storage_backend.local_backend import LMCLocalBackend, LMCLocalDiskBackend
 
 if TYPE_CHECKING:
@@ -243,11 +244,12 @@ class LMCHybridBackend(LMCBackendInterface):
         too_large: ValueError | None = None
         sent: Callable[[], None] | None = None  # waits for a remote put under way
         send_error: Exception | None = None
+        host = self._host_copy(kv_chunk)
         if blocking and self.remote is not None:
             # The chunk goes to the remote on its I/O thread while the local tiers are
             # written here: 32 MiB took disk time plus Redis time one after the other.
             try:
-                sent = self.remote.start_put(key, kv_chunk)
+                sent = self.remote.start_put(key, host if host is not None else kv_chunk)
             except ValueError:  # a bad key or chunk; checked above already, so not expected
                 raise
             except Exception as exc:  # handled below, as a failed remote put
@@ -255,7 +257,8 @@ class LMCHybridBackend(LMCBackendInterface):
         try:
             for name, tier in self._tiers:
                 try:
-                    tier.put(key, kv_chunk, blocking=True)
+                    on_gpu = tier is self._memory and self._memory._pool.device.type == "cuda"
+                    tier.put(key, host if host is not None and not on_gpu else kv_chunk, blocking=True)
                     stored += 1
                 except ValueError as exc:  # larger than this tier's budget
                     too_large = exc
@@ -288,8 +291,10 @@ class LMCHybridBackend(LMCBackendInterface):
                     # may reuse its buffer once this returns. The memory tier's copy is
                     # immutable to us; without one (no memory tier, a chunk over its
                     # budget) the writer gets a clone, or it would store the buffer's
-                    # later bytes under this key, with a valid checksum.
-                    self.remote.put(key, self._private_copy(key, kv_chunk), blocking=False)
+                    # later bytes under this key, with a valid checksum. A host copy made
+                    # here is private already.
+                    private = host if host is not None else self._private_copy(key, kv_chunk)
+                    self.remote.put(key, private, blocking=False)
                 stored += 1
             except ValueError:
                 raise
@@ -302,6 +307,21 @@ class LMCHybridBackend(LMCBackendInterface):
             if too_large is not None:
                 raise too_large
             raise OSError(f"no tier could store {key}")
+
+    def _host_copy(self, kv_chunk: torch.Tensor) -> torch.Tensor | None:
+        """One host copy of a GPU chunk for every tier that stores host bytes, or None.
+
+        The disk and remote tiers (and a memory tier in host memory) each copied a GPU
+        chunk to the host themselves: a 32 MiB chunk crossed PCIe three times. The copy
+        runs on the caller's stream, after the work that wrote the chunk.
+        """
+        if not kv_chunk.is_cuda:
+            return None
+        gpu_memory = self._memory is not None and self._memory._pool.device.type == "cuda"
+        needs_host = self.remote is not None or any(
+            not (tier is self._memory and gpu_memory) for _, tier in self._tiers
+        )
+        return kv_chunk.detach().cpu() if needs_host else None
 
     def _forget_older(self, name: str, tier: LMCBackendInterface, key: CacheEngineKey) -> None:
         """A tier that refused a put of ``key`` must not go on serving an older chunk under
@@ -474,7 +494,7 @@ class LMCHybridBackend(LMCBackendInterface):
         if disk_room and private is None and self._memory is None:
             # A clone (no memory tier's copy to hand the disk writer), made before taking
             # the key's lock, which puts and fills of other keys in its stripe share.
-            private = chunk.detach().clone()
+            private = finished(chunk.detach().clone())  # the disk writer reads it on its own stream
         complete = disk is None or disk_room
         with self._stripe(key).lock:
             if read.stale:
@@ -501,7 +521,7 @@ class LMCHybridBackend(LMCBackendInterface):
             stored = self._memory.peek(key)  # filled just before, or a hit there
             if stored is not None and stored.dtype == chunk.dtype and stored.shape == chunk.shape:
                 return stored
-        return chunk.detach().clone()
+        return finished(chunk.detach().clone())  # a writer thread reads it on its own stream
 
     def _touch_below(self, key: CacheEngineKey, i: int) -> None:
         # A hit in a fast tier is a use of the chunk in the slower local tiers too,

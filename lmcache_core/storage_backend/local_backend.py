@@ -32,7 +32,7 @@ from lmcache_core.storage_backend.abstract_backend import (
     check_chunk,
     check_key,
 )
-from lmcache_core.storage_backend.devices import resolve_device
+from lmcache_core.storage_backend.devices import caller_stream, finished, for_library_threads, resolve_device
 from lmcache_core.storage_backend.evictor import LRUIndex
 from lmcache_core.storage_backend.mem_pool import BufferPool, fixed_chunk_shape, read_pool_bytes
 from lmcache_core.storage_backend.write_queue import (
@@ -60,9 +60,10 @@ class LMCLocalBackend(LMCBackendInterface):
     reused only after every tensor returned from it is released. On a GPU that
     release is a Python one: work queued on another CUDA stream that still reads
     the tensor must be synchronised before the last reference is dropped, as a
-    later put copies into the slot on the put worker's stream. Puts copy the
-    caller's chunk on the current stream (the worker's for ``blocking=False``),
-    so a chunk written on a side stream must be synchronised before ``put``.
+    later put copies into the slot on the put worker's stream. A put may come from
+    any stream: the copy waits for the caller's work queued so far (a queued one
+    on the worker's stream, ordered after the caller's), and a slot is published
+    only once its copy has run (``devices.for_library_threads``, ``finished``).
 
     The last submitted put of a key wins: a blocking put supersedes a
     non-blocking put of the key still queued.
@@ -148,6 +149,7 @@ class LMCLocalBackend(LMCBackendInterface):
     def put_nonblocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
         """Queue the write; the caller must not modify ``kv_chunk`` until it is stored. Thread-safe."""
         self._check_put(key, kv_chunk)
+        for_library_threads(kv_chunk)  # the worker copies it on its own stream
         with self._lock:
             # Checked under the lock close() sets it under: a put that raced close()
             # either lands before the end signal (and is drained) or raises.
@@ -198,7 +200,9 @@ class LMCLocalBackend(LMCBackendInterface):
         stored = buf.view(kv_chunk.dtype).view(kv_chunk.shape) if nbytes else torch.empty(
             kv_chunk.shape, dtype=kv_chunk.dtype, device=self._pool.device
         )
-        stored.copy_(kv_chunk)
+        # A copy into GPU memory returns before it has run: other threads (the
+        # hybrid's writers, a get on another stream) may read the slot once published.
+        finished(stored.copy_(kv_chunk))
         with self._lock:
             if only_if_pending:
                 if self._pending.get(key) is not kv_chunk:
@@ -605,6 +609,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         """
         self._check_put(key, kv_chunk)
         self.buffer_sweeper()
+        for_library_threads(kv_chunk)  # a writer copies it to the host on its own stream
         nbytes = kv_chunk.numel() * kv_chunk.element_size()
         future: Future[None] = Future()
         with self._lock:
@@ -842,8 +847,11 @@ class LMCLocalDiskBackend(LMCBackendInterface):
     def get(self, key: CacheEngineKey) -> torch.Tensor | None:
         return self._get(key)
 
-    def _get(self, key: CacheEngineKey, helper: Any = None) -> torch.Tensor | None:
-        """``get``; ``helper`` is ``read_chunk``'s (``chunk_format.ALONE``: this thread only)."""
+    def _get(
+        self, key: CacheEngineKey, helper: Any = None, *, stream: torch.cuda.Stream | None = None
+    ) -> torch.Tensor | None:
+        """``get``; ``helper`` is ``read_chunk``'s (``chunk_format.ALONE``: this thread only);
+        ``stream``: the caller's, when this runs on a reader thread for it."""
         check_key(key)
         self._check_fork()
         self._wait_pending(key)
@@ -875,7 +883,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             return None
         self._learn(key, path)
         self.stats.incr("hits")
-        return self._to_dst(tensor)
+        return self._to_dst(tensor, stream)
 
     def batched_get(self, keys: Iterable[CacheEngineKey]) -> list[torch.Tensor | None]:
         """Chunks aligned with ``keys``; two chunks read at a time (``preadv`` releases the GIL).
@@ -897,6 +905,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         out: list[torch.Tensor | None] = [None] * len(keys)
         next_index = [0]
         claim_lock = threading.Lock()
+        stream = caller_stream(self._dst)  # the reader's GPU copies are for the caller's stream
 
         def work(helper: Any = chunk_format.ALONE) -> None:
             while True:
@@ -906,7 +915,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                         return
                     next_index[0] = i + 1
                 try:
-                    out[i] = self._get(keys[i], helper)
+                    out[i] = self._get(keys[i], helper, stream=stream)
                 except BaseException:
                     with claim_lock:
                         next_index[0] = len(keys)  # the other thread stops too

@@ -212,6 +212,9 @@ class BufferPool:
 
         Call before any other thread of the child uses the pool."""
         self._lock = threading.Lock()
+        # Pinning needs CUDA, which a child forked after the parent used it cannot
+        # start: new buffers there are plain ones, not a RuntimeError per allocation.
+        self.pin_memory = self.pin_memory and not torch.cuda._is_in_bad_fork()
 
     def clear(self) -> None:
         """Forget retained buffers (views already handed out stay valid)."""

@@ -54,6 +54,7 @@ from lmcache_core.storage_backend.abstract_backend import (
 )
 from lmcache_core.storage_backend.circuit import OPEN, CircuitBreaker
 from lmcache_core.storage_backend.connector.base import RemoteConnector
+from lmcache_core.storage_backend.devices import caller_stream, for_library_threads
 from lmcache_core.storage_backend.mem_pool import BufferPool, read_pool_bytes
 from lmcache_core.storage_backend.write_queue import (
     MAX_QUEUED_BYTES,
@@ -601,6 +602,7 @@ class LMCRemoteBackend(LMCBackendInterface):
             RuntimeError: the backend is closed (also while waiting).
         """
         self._check_put(key, kv_chunk)
+        for_library_threads(kv_chunk)  # a writer copies it to the host on its own stream
         nbytes = kv_chunk.numel() * kv_chunk.element_size()
         with self._lock:
             # Checked under the lock close() sets it under: a put that raced close()
@@ -881,8 +883,17 @@ class LMCRemoteBackend(LMCBackendInterface):
         self.stats.incr("hits" if tensor is not None else "misses")
         return tensor
 
-    def _decode_blob(self, key: CacheEngineKey, blob: bytes | None, digest: str | None = None) -> torch.Tensor | None:
+    def _decode_blob(
+        self,
+        key: CacheEngineKey,
+        blob: bytes | None,
+        digest: str | None = None,
+        *,
+        stream: torch.cuda.Stream | None = None,
+    ) -> torch.Tensor | None:
         """``deserialize`` without the hit/miss count (the caller counts what it returns).
+
+        ``stream``: the caller's, when a decode thread runs this for it.
 
         A missing or corrupt object is forgotten from the known set; a corrupt
         one is counted (``corrupt``) and logged.
@@ -904,7 +915,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         except CorruptChunkError as exc:
             self._forget_corrupt(key, exc)
             return None
-        return self._to_dst(tensor)
+        return self._to_dst(tensor, stream)
 
     def _forget_corrupt(self, key: CacheEngineKey, exc: CorruptChunkError) -> None:
         with self._lock:
@@ -1082,6 +1093,7 @@ class _BatchCall:
         # caller behind two long batches got all misses from a healthy remote, and a
         # strike against its circuit. Waiting to start is bounded too.
         self.started = False
+        self.stream: torch.cuda.Stream | None = None  # the caller's, for GPU copies made for it
         self.start_by = now + timeout * START_WAIT_TIMEOUTS
         self.aborted = False  # the backend closed while the call was in flight
         self.results: list[torch.Tensor | None] = [None] * len(keys)
@@ -1406,9 +1418,9 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
         tensors: list[torch.Tensor | None]
         try:
             if self.connector.streams:  # already tensors, checked (see _read_streams)
-                tensors = [None if b is None else self._to_dst(b) for b in blobs]
+                tensors = [None if b is None else self._to_dst(b, call.stream) for b in blobs]
             else:
-                tensors = [self._decode_blob(k, b) for k, b in zip(keys, blobs, strict=True)]
+                tensors = [self._decode_blob(k, b, stream=call.stream) for k, b in zip(keys, blobs, strict=True)]
         except Exception as exc:  # e.g. no room on dst_device: misses, and the stage lives on
             logger.error("%s: decoding a batch failed: %r", self.display_url, exc)
             tensors = [None] * len(keys)
@@ -1444,6 +1456,7 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
         call = _BatchCall(
             keys, to_fetch, self._group_size, self.timeout, self._queue_fetch, window=self.fetch_parallelism
         )
+        call.stream = caller_stream(self._dst)  # the decode threads' GPU copies are for it
         with self._lock:
             self._calls.add(call)
         call.start()
