@@ -8,8 +8,9 @@ sits on, so the ratio says what the store costs on top of the hardware:
 store kind          raw medium baseline
 ==================  ===========================================================
 memory (``cpu://``) ``copy_`` into warm, pre-allocated memory
-disk (a directory)  one ``write()`` of the tensor's memory into a new file;
-                    ``readinto`` a warm pre-allocated tensor (hot and cold)
+disk (a directory)  files laid out as chunk files (header bytes, then the
+                    payload): ``write()`` of each into a new file; read the
+                    header, then ``readinto`` a warm tensor (hot and cold)
 Redis               redis-py ``SET``/``GET`` of the payload bytes
 fsspec (``s3://``)  ``pipe_file``/``cat_file`` of the payload bytes
 hybrid              the raw medium of its slowest tier
@@ -48,7 +49,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import torch
 
-from lmcache_core.chunk_format import checksum
+from lmcache_core.chunk_format import checksum, stored_size
 from lmcache_core.config import LMCacheEngineMetadata, check_remote_url, mask_secrets_in, mask_url
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend import open_backend, store_kind
@@ -164,7 +165,18 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "root": hasattr(os, "geteuid") and os.geteuid() == 0,
+        "redis_parser": _redis_parser(),
     }
+
+
+def _redis_parser() -> str | None:
+    """redis-py's reply parser: "hiredis" (C) or "python"; None without redis-py. The raw
+    GET's speed depends on it (the Python one copies each reply into fresh memory)."""
+    try:
+        from redis.utils import HIREDIS_AVAILABLE
+    except ImportError:
+        return None
+    return "hiredis" if HIREDIS_AVAILABLE else "python"
 
 
 def chunk_shape_for(
@@ -335,6 +347,12 @@ def _row(
     }
 
 
+def _serves_views(store: LMCBackendInterface, key: CacheEngineKey) -> bool:
+    """Whether two gets of ``key`` return the same memory: a view of the cache, not a copy."""
+    a, b = store.get(key), store.get(key)
+    return a is not None and b is not None and a.numel() > 0 and a.data_ptr() == b.data_ptr()
+
+
 def _payload(t: torch.Tensor) -> memoryview:
     array: Any = t.reshape(-1).view(torch.uint8).numpy()  # a buffer; numpy's stubs do not say so
     return memoryview(array).cast("B")
@@ -388,12 +406,23 @@ class _RawMemory(_RawMedium):
 
 
 class _RawFile(_RawMedium):
-    put_op = "write()"
+    """Files laid out as chunk files are: ``header_bytes`` (opaque here), then the payload.
+
+    The same bytes in the same places as the store's, written and read the way any
+    reader of a headed format does (header, then payload into a warm buffer). A file
+    of the payload alone is not the same work: on ext4 here a 2 MiB write() at
+    offset 0 of a new file took 7.8 ms and the same write after a 312-byte header
+    0.9 ms, and a cold whole-file readinto ran 40 % slower than header + payload reads.
+    """
+
+    put_op = "write() header + payload"
     get_op = "readinto (warm buffer)"
 
-    def __init__(self, directory: str, chunk_bytes: int) -> None:
+    def __init__(self, directory: str, chunk_bytes: int, header_bytes: int) -> None:
         self.dir = directory
         os.makedirs(directory, exist_ok=True)
+        self._header = os.urandom(header_bytes)
+        self._header_in = bytearray(header_bytes)
         self._buf = torch.zeros(chunk_bytes, dtype=torch.uint8)
         self._view = _payload(self._buf)
 
@@ -403,11 +432,13 @@ class _RawFile(_RawMedium):
     def put(self, i: int, chunk: torch.Tensor) -> None:
         view = _payload(chunk)
         with open(self._path(i), "wb", buffering=0) as f:
+            f.write(self._header)  # under 4 KiB: written whole
             while view:
                 view = view[f.write(view) :]
 
     def get(self, i: int) -> None:
         with open(self._path(i), "rb", buffering=0) as f:
+            f.readinto(self._header_in)
             done, n = 0, len(self._view)
             while done < n:
                 got = f.readinto(self._view[done:])
@@ -530,7 +561,7 @@ _FSSPEC_OPTIONS = frozenset(
 
 
 def _raw_for(
-    kind: str, url: str, token: str, chunk_bytes: int, n: int, options: Mapping[str, Any]
+    kind: str, url: str, token: str, chunk_bytes: int, n: int, options: Mapping[str, Any], header_bytes: int
 ) -> _RawMedium:
     if kind == "memory":
         return _RawMemory(n, chunk_bytes)
@@ -538,7 +569,7 @@ def _raw_for(
         root = url[len("file://") :] if url.startswith("file://") else url
         root = os.path.abspath(os.path.expanduser(root))
         # Same filesystem as the store, so both sides write through the same page cache.
-        return _RawFile(os.path.join(root, f".lmcache-bench-raw-{token}"), chunk_bytes)
+        return _RawFile(os.path.join(root, f".lmcache-bench-raw-{token}"), chunk_bytes, header_bytes)
     if kind == "redis":
         return _RawRedis(url, token)
     # The raw client is built before the store, from the same URL: it must refuse what
@@ -599,6 +630,7 @@ def run_bench(
     progress: Progress | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
     drop_caches: bool = False,
+    torch_threads: int | None = 1,
 ) -> BenchReport:
     """Benchmark each store beside its raw medium.
 
@@ -616,6 +648,11 @@ def run_bench(
             raw fsspec client: ``endpoint_url``, ``key``, ``secret``, ...).
         drop_caches: for cold disk reads, drop the whole machine's page cache when
             root (``drop_page_cache``); default: evict only this run's files.
+        torch_threads: torch's intra-op threads during the run (restored after; None:
+            leave them). Both sides' ``copy_`` run on them: with 2 on a 2-core VM whose
+            other core was busy (a server, another job), a 4 MiB ``copy_`` stalled at
+            0.5 GB/s where one thread ran at 25-40 GB/s, and single runs' memory put
+            ratios ranged 0.75-15.
 
     Returns:
         A ``BenchReport``; stores that failed are in ``report.errors``.
@@ -624,8 +661,8 @@ def run_bench(
         ValueError: bad shape, dtype, count or batch.
     """
     shape, tdtype, nbytes = check_params(chunk_bytes, kv_shape, dtype, count, batch)
-    n = max(count, batch)
     say = progress or (lambda _msg: None)
+    threads_before = torch.get_num_threads()
     report = BenchReport(
         machine=machine_info(),
         params={
@@ -634,8 +671,31 @@ def run_bench(
             "chunk_bytes": nbytes,
             "count": count,
             "batch": batch,
+            "torch_threads": torch_threads or threads_before,
         },
     )
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    try:
+        _run_targets(report, stores, shape, tdtype, nbytes, count, batch, say, options, drop_caches)
+    finally:
+        torch.set_num_threads(threads_before)
+    return report
+
+
+def _run_targets(
+    report: BenchReport,
+    stores: Sequence[str | BenchTarget],
+    shape: tuple[int, ...],
+    tdtype: torch.dtype,
+    nbytes: int,
+    count: int,
+    batch: int,
+    say: Progress,
+    options: Mapping[str, Mapping[str, Any]] | None,
+    drop_caches: bool,
+) -> None:
+    n = max(count, batch)
     say(f"generating {n + 1} chunks of {nbytes / 2**20:.1f} MiB")
     gen = torch.Generator().manual_seed(0)
     # Random payloads: nothing in the path may profit from compressible or equal data.
@@ -652,7 +712,6 @@ def run_bench(
             report.rows.extend(_bench_store(tgt, chunks, shape, tdtype, nbytes, count, batch, say, drop_caches))
         except Exception as exc:
             report.errors.append({"store": mask_secrets_in(name), "error": _error_text(exc)})
-    return report
 
 
 def check_params(
@@ -749,7 +808,8 @@ def _bench_store(
         return tgt.open(meta, n + 2)
 
     raw_kind = _kind_of(tgt.raw_url or tgt.name) if kind == "hybrid" else kind
-    raw = _raw_for(raw_kind, tgt.raw_url or tgt.name, token, nbytes, n + 1, tgt.raw_options)
+    header_bytes = stored_size(chunks[0], key(0, 0xA).to_string()) - nbytes
+    raw = _raw_for(raw_kind, tgt.raw_url or tgt.name, token, nbytes, n + 1, tgt.raw_options, header_bytes)
     written: list[CacheEngineKey] = []
     rows: list[dict[str, Any]] = []
     store: LMCBackendInterface | None = None
@@ -765,6 +825,7 @@ def _bench_store(
         ours_nb.total_ns = 0
         per_round: list[float] = []
         failed = 0
+        all_nb_keys: list[CacheEngineKey] = []
 
         def raw_sequential(first: int) -> int:
             t0 = time.perf_counter_ns()
@@ -793,7 +854,8 @@ def _bench_store(
                 nb_store.close()
             ours_ns = time.perf_counter_ns() - t0
             ours_nb.total_ns += ours_ns
-            failed += nb_store.stats["background_put_failures"] + nb_store.stats["put_failures"]
+            failed += sum(nb_store.stats[c] for c in ("background_put_failures", "put_failures", "dropped_on_close"))
+            all_nb_keys.extend(nb_keys)
             del nb_store  # a memory tier's slots go back before the next instance allocates its own
             raw_ns += raw_sequential(_NB_RAW + (2 * r + 1) * n)
             per_round.append(raw_ns / (2 * ours_ns) if ours_ns else 0.0)
@@ -806,13 +868,20 @@ def _bench_store(
                 raw.put_op + " (sequential)",
                 raw_nb,
                 nbytes,
-                "GB/s until close() returned; p50/p99 are the submit latency"
+                "GB/s until close() returned (disk: in the page cache, fsync off as by default); "
+                "p50/p99 are the submit latency"
                 + (f"; ratio per round {', '.join(f'{x:.2f}' for x in per_round)}" if rounds > 1 else "")
                 + (f"; {failed} background writes failed" if failed else ""),
             )
         )
 
         store = open_store()
+        # Untimed: every acknowledged write is in the store once close() returned (a
+        # memory tier's chunks end with their instance).
+        if kind != "memory":
+            lost = sum(not store.contains(k) for k in all_nb_keys)
+            if lost:
+                rows[-1]["note"] += f"; {lost} acknowledged writes not found after close()"
         # 2. blocking put, interleaved with the raw medium chunk by chunk.
         say(f"{name}: put x{n}")
         _warm(store, key(n, 0xD), chunks[n])
@@ -857,7 +926,7 @@ def _bench_store(
         raw_get, ours_get = _Series(), _Series()
         misses = _read_pairs(raw, store, keys[:count], nbytes, raw_get, ours_get)
         note = f"{misses} misses" if misses else ""
-        if kind == "memory":
+        if _serves_views(store, keys[0]):  # the memory tier, and a hybrid's hits in it
             note = "zero-copy (returns a view of the cache)" + (f"; {note}" if note else "")
         rows.append(_row(name, kind, "get", ours_get, raw.get_op, raw_get, nbytes, note))
         if kind == "disk" and isinstance(raw, _RawFile):
@@ -891,6 +960,11 @@ def _bench_store(
             nbytes,
             "p50/p99 per batch" + (f"; {misses} misses" if misses else ""),
         )
+        # The same batch against this store's own gets one after another (the get row):
+        # what batching gains, apart from any per-get lead over the raw client.
+        own, batched = ours_get.gbps(), ours_b.gbps()
+        row["own_sequential_ratio"] = _sig(batched / own, 3) if own and batched else None
+        row["note"] += f"; {row['own_sequential_ratio']}x this store's sequential gets"
         if tgt.server_pid is not None and raw_cpu.server_s is not None and ours_cpu.server_s is not None:
             row["cpu"] = _cpu_bound(raw_b, raw_cpu, ours_b, ours_cpu)
             row["note"] += "; " + row["cpu"]["summary"]
@@ -1035,6 +1109,7 @@ _TABLE_COLUMNS = (
     ("raw_op", "raw medium"),
     ("raw_gbps", "raw GB/s"),
     ("ratio", "ratio"),
+    ("samples", "n"),
 )
 
 

@@ -140,3 +140,43 @@ def test_cpu_tally_reads_a_live_process_and_bounds_the_ratio():
     tiny = _cpu_bound(seq, seq_cpu, batched, batched_cpu)
     assert tiny["best_ratio"] is None and tiny["best_ratio_at_sequential_cpu"] is None
     assert "too little CPU time" in tiny["summary"]
+
+
+def test_the_raw_disk_files_are_laid_out_as_the_stores_chunk_files(tmp_path, monkeypatch):
+    """The raw baseline writes and reads the same bytes in the same places as the store:
+    a file of the payload alone (no header) was a different write on ext4 (a 2 MiB one at
+    offset 0 of a new file took 8x longer), which inflated the disk put ratios."""
+    import lmcache_core.bench as bench
+
+    sizes: dict[str, list[int]] = {"raw": [], "ours": []}
+    real_cleanup = bench._cleanup
+
+    def measure_then_clean(store, open_store, written, raw, *rest):
+        sizes["raw"] = sorted(os.path.getsize(p) for p in raw.paths(range(4)) if os.path.exists(p))
+        ours = [os.path.join(d, f) for d, _, fs in os.walk(store_dir) for f in fs if f.endswith(".safetensors")]
+        sizes["ours"] = sorted(os.path.getsize(p) for p in ours)
+        real_cleanup(store, open_store, written, raw, *rest)
+
+    monkeypatch.setattr(bench, "_cleanup", measure_then_clean)
+    store_dir = tmp_path / "store"
+    report = run_bench([str(store_dir)], kv_shape=(2, 2, 4, 2, 8), count=3, batch=4)
+    assert report.errors == []
+    assert sizes["raw"] and sizes["ours"]
+    assert set(sizes["raw"]) == set(sizes["ours"])  # one size: header + payload, on both sides
+    (put,) = [r for r in report.rows if r["op"] == "put"]
+    assert put["raw_op"] == "write() header + payload"
+
+
+def test_raw_file_reads_back_the_payload_past_the_header(tmp_path):
+    import torch
+
+    from lmcache_core.bench import _RawFile
+
+    chunk = torch.arange(64, dtype=torch.float32)
+    raw = _RawFile(str(tmp_path / "raw"), chunk.numel() * 4, header_bytes=300)
+    raw.put(0, chunk)
+    data = (tmp_path / "raw" / "0.bin").read_bytes()
+    assert len(data) == 300 + 256 and data[300:] == chunk.numpy().tobytes()
+    raw.get(0)
+    assert torch.equal(raw._buf.view(torch.float32), chunk)
+    raw.cleanup()
