@@ -12,6 +12,7 @@ import typer
 
 from lmcache_cli.commands import bench, config, evict, get, lookup, ls, put, show, stats, verify, warm
 from lmcache_cli.errors import EXIT_INTERRUPTED, ErrorReportingGroup
+from lmcache_cli.log_lines import install_log_handler
 from lmcache_cli.output import OutputFormat
 from lmcache_cli.state import STORE_ENV, CliState, check_exclusive
 from lmcache_core import __version__
@@ -117,6 +118,7 @@ def main() -> None:
     so the process ends now.
     """
     install_interrupt_handler()
+    install_log_handler()
     try:
         app()
     except SystemExit as exc:

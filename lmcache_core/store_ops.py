@@ -281,10 +281,27 @@ class Store:
         return self.backend.contains(key)
 
     def header(self, key: CacheEngineKey) -> ChunkHeader | None:
-        """The chunk's header without its payload; None when absent or unreadable."""
+        """The chunk's header without its payload; None when absent or unreadable.
+
+        Raises:
+            StoreUnavailableError: no tier holding a header answered (a remote's
+                outage is not a bad chunk).
+        """
         path = self.path_of(key)
         if path is None:
-            return self.backend.read_header(key)
+            unavailable: StoreUnavailableError | None = None
+            for _, tier in self.tiers() or [("", self.backend)]:
+                fetch = getattr(tier, "fetch_header", None)  # remote tiers: raises on an outage
+                try:
+                    header = fetch(key) if fetch is not None else tier.read_header(key)
+                except StoreUnavailableError as exc:
+                    unavailable = exc
+                    continue
+                if header is not None:
+                    return cast(ChunkHeader, header)
+            if unavailable is not None:
+                raise unavailable
+            return None
         try:
             with open_chunk_file(path) as f:
                 return chunk_format.read_header(f, total_size=os.fstat(f.fileno()).st_size)

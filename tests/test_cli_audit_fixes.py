@@ -325,3 +325,33 @@ def test_bench_of_a_bad_store_url_keeps_the_other_stores_figures(tmp_path: Path)
     report = json.loads(r.stdout)
     assert {row["store"] for row in report["rows"]} == {"cpu://"} and len(report["errors"]) == 1
     assert report["errors"][0]["store"] == "redis://[::1" and "IPv6" in report["errors"][0]["error"]
+
+
+# -- ls -l during an outage ----------------------------------------------------------------
+
+
+def test_headers_read_during_an_outage_raise_instead_of_reading_as_bad_chunks(redis_server: Any) -> None:
+    """`ls -l` listed every chunk as "(unreadable header)" (JSON `header_ok: false`) and
+    exited 0 when the remote stopped answering after the listing: an outage read as damage."""
+    import torch
+
+    from lmcache_core.config import LMCacheEngineConfig
+    from lmcache_core.errors import StoreUnavailableError
+    from lmcache_core.key import CacheEngineKey
+    from lmcache_core.store_ops import Store
+
+    with TcpProxy(("127.0.0.1", redis_server.port)) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/0?prefix=lsl-{uuid.uuid4().hex[:8]}:"
+        key = CacheEngineKey("vllm", MODEL, 1, 0, "ab" * 32)
+        with Store(url, LMCacheEngineConfig(remote_timeout=0.5)) as store:
+            store.backend.put(key, torch.ones(2, 2, 4, 2, 8))
+            (entry,) = store.entries()
+            header = store.header(entry.key)
+            assert header is not None and header.shape == (2, 2, 4, 2, 8)
+            proxy.set_mode("blackhole")
+            with pytest.raises(StoreUnavailableError):
+                store.header(entry.key)
+            # The serving path's read_header stays a hint: None, never an exception.
+            assert store.backend.read_header(key) is None
+            proxy.set_mode("forward")
+            store.backend.remove(key)

@@ -257,3 +257,41 @@ def test_ctrl_c_ends_the_process_even_where_the_interrupt_is_swallowed(tmp_path:
     waited = time.monotonic() - sent
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted"
     assert waited < 10.0, f"exit took {waited:.1f}s after SIGINT"
+
+
+def test_library_log_records_are_one_masked_prefixed_line_each(tmp_path: Path) -> None:
+    """Python printed the library's warnings bare (no `warning:`), and asyncio's "Task
+    exception was never retrieved" tracebacks (aiohttp after a reset) ran to 60 lines."""
+    from tests.servers_redis import free_port
+
+    cfg = tmp_path / "tiered.yaml"
+    # A dead remote behind a disk tier: the put stores on disk, logs the remote's failure.
+    cfg.write_text(f"local_disk: {tmp_path / 'd'}\nremote_url: redis://u:hunter2@127.0.0.1:{free_port()}/0\nremote_timeout: 0.5\n")
+    args = ["--config", str(cfg), "put", "vllm@m@1@0@abcd", str(tensor_file(tmp_path / "k.safetensors"))]
+    proc = run(args, clean_env(tmp_path), code=1)
+    lines = proc.stderr.splitlines()
+    warnings = [ln for ln in lines if ln.startswith("warning: ")]
+    assert any("remote put of vllm@m@1@0@abcd failed" in ln for ln in warnings), proc.stderr
+    assert all(ln.startswith(("warning: ", "error: ", "stored ")) for ln in lines), proc.stderr
+    assert "hunter2" not in proc.stderr and "Traceback" not in proc.stderr
+    debug = run(args, clean_env(tmp_path, LMCACHE_DEBUG="1"), code=1)
+    assert "debug: " in debug.stderr and "hunter2" not in debug.stderr  # everything, still masked
+
+
+def test_asyncio_noise_is_left_out_unless_debugging(tmp_path: Path) -> None:
+    probe = (
+        "import logging, sys\n"
+        "from lmcache_cli.log_lines import install_log_handler\n"
+        "install_log_handler()\n"
+        "try:\n"
+        "    raise ConnectionResetError('reset by peer')\n"
+        "except ConnectionResetError:\n"
+        "    logging.getLogger('asyncio').error('Task exception was never retrieved', exc_info=True)\n"
+        "logging.getLogger('lmcache_core.x').warning('circuit open for redis://u:pw@h/0')\n"
+    )
+    plain = subprocess.run([sys.executable, "-c", probe], env=clean_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert plain.stderr.splitlines() == ["warning: circuit open for redis://u:***@h/0"]
+    debug = subprocess.run(
+        [sys.executable, "-c", probe], env=clean_env(tmp_path, LMCACHE_DEBUG="1"), capture_output=True, text=True, timeout=60
+    )
+    assert "error: Task exception was never retrieved" in debug.stderr and "ConnectionResetError" in debug.stderr

@@ -1002,8 +1002,22 @@ class LMCRemoteBackend(LMCBackendInterface):
     def read_header(self, key: CacheEngineKey) -> ChunkHeader | None:
         """The chunk's header from a ranged read of its first bytes (payload not fetched).
 
-        None when absent, unreadable, another key's, or when the object's size is not
-        header + payload (truncated or padded).
+        None when absent, unreadable, another key's, when the object's size is not
+        header + payload (truncated or padded), or when the remote did not answer.
+        """
+        try:
+            return self.fetch_header(key)
+        except StoreUnavailableError as exc:
+            logger.debug("%s: no header for %s: %s", self.display_url, key, exc)
+            return None
+
+    def fetch_header(self, key: CacheEngineKey) -> ChunkHeader | None:
+        """``read_header``, for tools: an outage raises instead of reading as a bad chunk
+        (``lmcache ls -l`` showed every chunk "unreadable" while S3 stalled).
+
+        Raises:
+            StoreUnavailableError: no answer within ``remote_timeout``, open circuit,
+                or a transport failure.
         """
         check_key(key)
         self._check_fork()
@@ -1026,7 +1040,7 @@ class LMCRemoteBackend(LMCBackendInterface):
             header = chunk_format.parse_header(head, total_size=size)
             chunk_format.check_identity(header, key.to_string())
             return header
-        except (StoreUnavailableError, CorruptChunkError) as exc:
+        except CorruptChunkError as exc:
             logger.debug("%s: no header for %s: %s", self.display_url, key, exc)
             return None
 
