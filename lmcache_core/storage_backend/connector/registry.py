@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from lmcache_core.config import check_remote_url
+from lmcache_core.config import check_remote_url, mask_url
 from lmcache_core.storage_backend.connector.base import RemoteConnector
 
 FSSPEC_CONNECTOR = "lmcache_core.storage_backend.connector.fsspec_connector:FsspecConnector"
@@ -50,8 +50,11 @@ CONNECTORS: dict[str, ConnectorSpec] = {
 
 def scheme_of(url: str) -> str:
     """The lower-cased URL scheme; ``ValueError`` when there is none."""
-    if not isinstance(url, str) or "://" not in url:
-        raise ValueError(f"remote URL must look like scheme://..., got {url!r:.80}")
+    if not isinstance(url, str):
+        raise ValueError(f"remote URL must be a string like scheme://..., got {type(url).__name__}")
+    if "://" not in url:
+        # Masked before it is cut: "admin:pw@cache:6379/0" (the scheme forgotten) holds a password.
+        raise ValueError(f"remote URL must look like scheme://..., got {mask_url(url)!r:.80}")
     return urlsplit(url).scheme.lower() or url.split("://", 1)[0].lower()
 
 
