@@ -3,7 +3,9 @@
 Without a handler Python prints WARNING and above bare (``logging.lastResort``), and
 asyncio's "Task exception was never retrieved" (aiohttp and aiobotocore after a
 connection reset, which the store already reported as a failed call) came out as
-60 lines of traceback. ``LMCACHE_DEBUG=1`` shows everything, tracebacks included.
+60 lines of traceback. ``LMCACHE_DEBUG=1`` adds tracebacks, asyncio's records and
+lmcache's own debug lines (never other libraries' debug lines: botocore's print
+request headers with credentials).
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ class _OneLineFormatter(logging.Formatter):
 
 
 def install_log_handler() -> None:
-    """Send log records to stderr as one masked line each (all of them, tracebacks too,
-    with ``LMCACHE_DEBUG``). Left alone where logging is configured already. Not thread-safe:
-    call once, at start-up."""
+    """Send log records (warnings and up; lmcache's debug lines too with ``LMCACHE_DEBUG``)
+    to stderr as one masked line each. Left alone where logging is configured already.
+    Not thread-safe: call once, at start-up."""
     root = logging.getLogger()
     if root.handlers:
         return
@@ -42,8 +44,13 @@ def install_log_handler() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLineFormatter(debug))
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.WARNING)
-    if not debug:
+    root.setLevel(logging.WARNING)
+    if debug:
+        # Debug lines of ours only: botocore's print request headers (Authorization,
+        # X-Amz-Security-Token), which no URL masking recognises.
+        for name in ("lmcache_core", "lmcache_cli"):
+            logging.getLogger(name).setLevel(logging.DEBUG)
+    else:
         # Errors of tasks an I/O client left behind after a failed call the store has
         # already counted and reported: noise here, not news.
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)

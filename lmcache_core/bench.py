@@ -347,6 +347,22 @@ def _row(
     }
 
 
+_WRITE_FAILURE_COUNTERS = ("background_put_failures", "put_failures", "dropped_on_close")
+
+
+def _write_failures(store: LMCBackendInterface) -> int:
+    """Writes the store failed or dropped, its tiers' and remote's included (a hybrid
+    counts only its own: a remote that stored none of its queued writes read as 0)."""
+    parts: list[Any] = [store]
+    tiers = getattr(store, "tiers", None)
+    if callable(tiers):
+        parts += [tier for _, tier in tiers()]
+    remote = getattr(store, "remote", None)
+    if remote is not None and all(remote is not p for p in parts):
+        parts.append(remote)
+    return sum(int(p.stats[c]) for p in parts for c in _WRITE_FAILURE_COUNTERS)
+
+
 def _serves_views(store: LMCBackendInterface, key: CacheEngineKey) -> bool:
     """Whether two gets of ``key`` return the same memory: a view of the cache, not a copy."""
     a, b = store.get(key), store.get(key)
@@ -854,7 +870,7 @@ def _bench_store(
                 nb_store.close()
             ours_ns = time.perf_counter_ns() - t0
             ours_nb.total_ns += ours_ns
-            failed += sum(nb_store.stats[c] for c in ("background_put_failures", "put_failures", "dropped_on_close"))
+            failed += _write_failures(nb_store)
             all_nb_keys.extend(nb_keys)
             del nb_store  # a memory tier's slots go back before the next instance allocates its own
             raw_ns += raw_sequential(_NB_RAW + (2 * r + 1) * n)
@@ -879,7 +895,9 @@ def _bench_store(
         # Untimed: every acknowledged write is in the store once close() returned (a
         # memory tier's chunks end with their instance).
         if kind != "memory":
-            lost = sum(not store.contains(k) for k in all_nb_keys)
+            # A hybrid answers contains() from its local tiers: ask the remote itself.
+            where: LMCBackendInterface = getattr(store, "remote", None) or store
+            lost = sum(not where.contains(k) for k in all_nb_keys)
             if lost:
                 rows[-1]["note"] += f"; {lost} acknowledged writes not found after close()"
         # 2. blocking put, interleaved with the raw medium chunk by chunk.
@@ -964,7 +982,8 @@ def _bench_store(
         # what batching gains, apart from any per-get lead over the raw client.
         own, batched = ours_get.gbps(), ours_b.gbps()
         row["own_sequential_ratio"] = _sig(batched / own, 3) if own and batched else None
-        row["note"] += f"; {row['own_sequential_ratio']}x this store's sequential gets"
+        if row["own_sequential_ratio"] is not None:
+            row["note"] += f"; {row['own_sequential_ratio']}x this store's sequential gets"
         if tgt.server_pid is not None and raw_cpu.server_s is not None and ours_cpu.server_s is not None:
             row["cpu"] = _cpu_bound(raw_b, raw_cpu, ours_b, ours_cpu)
             row["note"] += "; " + row["cpu"]["summary"]

@@ -180,3 +180,53 @@ def test_raw_file_reads_back_the_payload_past_the_header(tmp_path):
     raw.get(0)
     assert torch.equal(raw._buf.view(torch.float32), chunk)
     raw.cleanup()
+
+
+def test_a_run_restores_torchs_thread_count_and_records_its_own(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        report = run_bench(["cpu://"], kv_shape=(2, 2, 4, 2, 8), count=2, batch=2, torch_threads=1)
+        assert report.params["torch_threads"] == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_zero_copy_is_measured_not_assumed(tmp_path):
+    import torch
+
+    from lmcache_core.bench import _serves_views
+    from lmcache_core.storage_backend import open_backend
+    from tests.conftest import make_key
+
+    for url, views in (("cpu://", True), (str(tmp_path / "d"), False)):
+        store = open_backend(url, dst_device="cpu")
+        try:
+            store.put(make_key(1), torch.ones(2, 2, 4, 2, 8))
+            assert _serves_views(store, make_key(1)) is views, url
+        finally:
+            store.close()
+
+
+def test_write_failures_count_a_hybrids_remote_too(tmp_path):
+    """A hybrid counts only its own write failures: its remote storing none of its queued
+    writes read as 0, so the bench timed writes that never reached the remote."""
+    import torch
+
+    from lmcache_core import LMCacheEngineConfig
+    from lmcache_core.bench import _write_failures
+    from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend
+    from tests.conftest import make_key
+    from tests.servers_redis import free_port
+
+    cfg = LMCacheEngineConfig.from_defaults(
+        local_device=None, local_disk=str(tmp_path), remote_url=f"redis://127.0.0.1:{free_port()}/0", remote_timeout=0.3
+    )
+    store = LMCHybridBackend(cfg, None, dst_device="cpu")
+    for i in range(3):
+        store.put(make_key(i), torch.ones(2, 2, 4, 2, 8), blocking=False)
+    store.close()
+    assert store.stats["background_put_failures"] == 0  # the hybrid's own counters miss them
+    assert _write_failures(store) >= 3

@@ -288,6 +288,8 @@ def test_asyncio_noise_is_left_out_unless_debugging(tmp_path: Path) -> None:
         "except ConnectionResetError:\n"
         "    logging.getLogger('asyncio').error('Task exception was never retrieved', exc_info=True)\n"
         "logging.getLogger('lmcache_core.x').warning('circuit open for redis://u:pw@h/0')\n"
+        "logging.getLogger('lmcache_core.x').debug('retrying GET')\n"
+        "logging.getLogger('botocore.endpoint').debug('Authorization: AWS4-HMAC-SHA256 Credential=AKIASECRET')\n"
     )
     plain = subprocess.run([sys.executable, "-c", probe], env=clean_env(tmp_path), capture_output=True, text=True, timeout=60)
     assert plain.stderr.splitlines() == ["warning: circuit open for redis://u:***@h/0"]
@@ -295,3 +297,6 @@ def test_asyncio_noise_is_left_out_unless_debugging(tmp_path: Path) -> None:
         [sys.executable, "-c", probe], env=clean_env(tmp_path, LMCACHE_DEBUG="1"), capture_output=True, text=True, timeout=60
     )
     assert "error: Task exception was never retrieved" in debug.stderr and "ConnectionResetError" in debug.stderr
+    assert "debug: retrying GET" in debug.stderr
+    # Other libraries' debug lines stay out: botocore's carry request headers with credentials.
+    assert "AKIASECRET" not in debug.stderr

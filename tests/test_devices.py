@@ -193,3 +193,34 @@ def test_a_hybrid_put_of_a_gpu_chunk_crosses_to_the_host_once(tmp_path, monkeypa
         assert got is not None and torch.equal(got, chunk)
     finally:
         store.close()
+
+
+@needs_cuda
+def test_a_non_blocking_hybrid_put_from_a_gpu_tier_leaves_the_host_copy_to_the_writer(tmp_path, monkeypatch):
+    """With a GPU memory tier and a remote, a queued put returns at once: the remote's
+    writer copies the tier's slot to the host, not the caller (a blocking put does)."""
+    from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend
+
+    made = []
+    real = LMCHybridBackend._host_copy
+
+    def recording(self, kv_chunk, blocking):
+        made.append(real(self, kv_chunk, blocking))
+        return made[-1]
+
+    monkeypatch.setattr(LMCHybridBackend, "_host_copy", recording)
+    cfg = LMCacheEngineConfig.from_defaults(local_device="cuda", remote_url=f"fsspec+file://{tmp_path}")
+    store = LMCHybridBackend(cfg, None, dst_device="cuda")
+    try:
+        chunk = torch.randn(4, 2, 64, 8, 64, device="cuda")
+        store.put(make_key("nb"), chunk, blocking=False)
+        store.put(make_key("b"), chunk, blocking=True)
+        assert made[0] is None and made[1] is not None and made[1].device.type == "cpu"
+    finally:
+        store.close()
+    reader = LMCHybridBackend(cfg, None, dst_device="cuda")
+    try:
+        got = reader.remote.get(make_key("nb"))
+        assert got is not None and torch.equal(got, chunk)
+    finally:
+        reader.close()

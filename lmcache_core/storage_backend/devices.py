@@ -76,7 +76,7 @@ def finished(tensor: torch.Tensor) -> torch.Tensor:
 
 def caller_stream(device: torch.device) -> torch.cuda.Stream | None:
     """The calling thread's current stream on ``device`` (None for the CPU), captured on the
-    caller's thread for tensors that library threads will make for it."""
+    caller's thread for tensors that library threads will make for it. Thread-safe."""
     return torch.cuda.current_stream(device) if device.type == "cuda" else None
 
 

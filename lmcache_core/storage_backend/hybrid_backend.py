@@ -244,7 +244,7 @@ class LMCHybridBackend(LMCBackendInterface):
         too_large: ValueError | None = None
         sent: Callable[[], None] | None = None  # waits for a remote put under way
         send_error: Exception | None = None
-        host = self._host_copy(kv_chunk)
+        host = self._host_copy(kv_chunk, blocking)
         if blocking and self.remote is not None:
             # The chunk goes to the remote on its I/O thread while the local tiers are
             # written here: 32 MiB took disk time plus Redis time one after the other.
@@ -308,19 +308,21 @@ class LMCHybridBackend(LMCBackendInterface):
                 raise too_large
             raise OSError(f"no tier could store {key}")
 
-    def _host_copy(self, kv_chunk: torch.Tensor) -> torch.Tensor | None:
-        """One host copy of a GPU chunk for every tier that stores host bytes, or None.
+    def _host_copy(self, kv_chunk: torch.Tensor, blocking: bool) -> torch.Tensor | None:
+        """One host copy of a GPU chunk for every tier that stores host bytes now, or None.
 
         The disk and remote tiers (and a memory tier in host memory) each copied a GPU
         chunk to the host themselves: a 32 MiB chunk crossed PCIe three times. The copy
-        runs on the caller's stream, after the work that wrote the chunk.
+        runs on the caller's stream, after the work that wrote the chunk. None when only
+        a queued remote write would use it (a GPU memory tier and a remote, put without
+        blocking): its writer copies the tier's slot to the host on its own thread, and
+        the caller returns at once.
         """
         if not kv_chunk.is_cuda:
             return None
         gpu_memory = self._memory is not None and self._memory._pool.device.type == "cuda"
-        needs_host = self.remote is not None or any(
-            not (tier is self._memory and gpu_memory) for _, tier in self._tiers
-        )
+        local_needs_host = any(not (tier is self._memory and gpu_memory) for _, tier in self._tiers)
+        needs_host = local_needs_host or (blocking and self.remote is not None)
         return kv_chunk.detach().cpu() if needs_host else None
 
     def _forget_older(self, name: str, tier: LMCBackendInterface, key: CacheEngineKey) -> None:
