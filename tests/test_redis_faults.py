@@ -196,6 +196,37 @@ def test_a_blocking_put_into_a_silent_server_times_out_on_the_callers_thread(red
         store.close()
 
 
+def test_gets_run_on_the_callers_thread_and_a_trickling_reply_ends_at_the_deadline(redis_server):
+    """Gets run on the caller's thread (``get_hashed_by``), sparing two thread hand-offs.
+    A large reply's every read is bounded by what is left of the deadline, not each by a
+    whole timeout: a reply trickling in through a delaying proxy (one 200 ms wait per
+    piece of up to 1 MiB, 8 MiB in all) is given up at the deadline, a timeout and a miss."""
+    with TcpProxy(("127.0.0.1", redis_server.port)) as proxy:
+        store = backend_for(f"redis://127.0.0.1:{proxy.port}/0?prefix=trk{proxy.port}:")
+        key, value = make_key("trickle"), chunk(1, shape=(32, 2, 64, 8, 64))  # 8 MiB float32
+        store.put(key, value)
+        inline: list = []
+        real = store.connector.get_hashed_by
+
+        def spy(*args):
+            inline.append(threading.current_thread())
+            return real(*args)
+
+        store.connector.get_hashed_by = spy  # type: ignore[method-assign]
+        assert same(store.get(key), value)
+        assert inline == [threading.current_thread()]
+        proxy.set_mode("delay", delay=0.2)
+        timeouts = store.stats["timeouts"]
+        got, exc, elapsed = timed(lambda: store.get(key))
+        assert exc is None and got is None, exc  # a miss, never a partial chunk
+        assert elapsed < BOUND, elapsed
+        assert store.stats["timeouts"] == timeouts + 1
+        del store.connector.get_hashed_by
+        proxy.set_mode("forward")
+        assert wait_until(lambda: same(store.get(key), value))
+        store.close()
+
+
 def _put_ok(store, key, value) -> bool:
     try:
         store.put(key, value)

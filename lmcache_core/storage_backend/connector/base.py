@@ -136,6 +136,25 @@ class RemoteConnector(abc.ABC):
         """
         return False
 
+    def gets_inline(self) -> bool:
+        """Whether ``get_hashed_by`` can read an object on the calling thread (as ``puts_inline``).
+
+        Default False: every get runs on the backend's I/O threads.
+        """
+        return False
+
+    def get_hashed_by(self, key: CacheEngineKey, deadline: float) -> tuple[bytes | None, str | None] | None:
+        """``get_hashed`` on the calling thread, giving up at ``deadline`` (``time.monotonic()``).
+
+        Only where ``gets_inline()``. Returns None, having sent nothing, when it cannot
+        start within the deadline's terms (Redis: no open connection free); the
+        backend then gets by an I/O thread.
+
+        Raises:
+            StoreUnavailableError: the deadline passed, or the get failed.
+        """
+        raise NotImplementedError
+
     def put_chunk_by(self, key: CacheEngineKey, chunk: UnsealedChunk, deadline: float) -> bool:
         """``put_chunk`` on the calling thread, giving up at ``deadline`` (``time.monotonic()``).
 

@@ -381,6 +381,52 @@ class RedisConnector(RemoteConnector):
             _arriving.payload = None
         return value, payload.digest(value) if value is not None else None
 
+    def gets_inline(self) -> bool:
+        """True for a standalone server's own connection pool (``get_hashed_by``)."""
+        return self._inline_puts
+
+    def get_hashed_by(self, key: CacheEngineKey, deadline: float) -> tuple[bytes | None, str | None] | None:
+        """``get_hashed`` on this thread; no socket wait outlives ``deadline``.
+
+        Spares the two thread hand-offs of a get run by the backend's I/O thread
+        (about 45 us on a 2-core VM: a 2 MiB GET ran at 0.84x raw redis-py that way).
+        As ``put_chunk_by``: only on a pooled connection already open (None when none
+        is free: the backend then gets by an I/O thread); the send and every read of
+        the reply get the time left as their socket timeout (a large reply's reads
+        too, through ``_arriving.deadline``); a connection given up midway is dropped.
+
+        Raises:
+            StoreUnavailableError: the deadline passed, or a transport or server error.
+        """
+        redis = self._redis
+        name = self._name(key)
+        payload = chunk_format.ArrivingPayload()
+        try:
+            _time_left(deadline)
+            pool = self._client().connection_pool
+            if type(pool) is not redis.ConnectionPool or getattr(pool, "cache", None) is not None:
+                self._inline_puts = False  # as put_chunk_by: leave other pools to redis-py
+                return None
+            conn = _take_open_connection(pool, redis)
+            if conn is None:
+                return None
+            _arriving.payload, _arriving.deadline = payload, deadline
+            try:
+                _send_by(conn, conn.pack_command("GET", name), deadline)
+                value = _none_on_wrongtype(redis, lambda: conn.read_response(timeout=_time_left(deadline)))
+            except redis.exceptions.ResponseError:
+                raise  # the server answered: the connection is fine
+            except BaseException:
+                conn.disconnect()  # a reply half read must not reach the next user
+                raise
+            finally:
+                _arriving.payload = _arriving.deadline = None
+                pool.release(conn)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StoreUnavailableError(self.display_url, f"GET: {type(exc).__name__}: {exc}") from exc
+        self.learn_value_sizes((value,))
+        return value, payload.digest(value) if value is not None else None
+
     def get_many(self, keys: Sequence[CacheEngineKey]) -> List[bytes | None]:
         """``MGET`` (per slot on a cluster), aligned with ``keys``, None for misses.
 
@@ -942,7 +988,7 @@ def _redis_py_fits_inline_puts() -> bool:
 def _time_left(deadline: float) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
-        raise TimeoutError("the put's deadline passed")
+        raise TimeoutError("the call's deadline passed")
     return left
 
 
@@ -1038,7 +1084,8 @@ def _reply_pool() -> BufferPool:
 
 
 # The ArrivingPayload of a get_hashed running on this thread, for LargeReplyBuffer: the
-# reply is read deep inside redis-py's command call, where no argument reaches.
+# reply is read deep inside redis-py's command call, where no argument reaches. Also
+# get_hashed_by's deadline, which bounds every read of a large reply.
 _arriving = threading.local()
 
 
@@ -1074,10 +1121,14 @@ def _large_reply_parser(protocol: int) -> type:
             custom = timeout is not SENTINEL
             if custom:
                 sock.settimeout(timeout)
+            deadline = getattr(_arriving, "deadline", None)  # get_hashed_by's: the whole reply's
             try:
                 while got < total:
                     if payload is not None:
                         payload.arrived(min(got, length))
+                    if deadline is not None:
+                        custom = True
+                        sock.settimeout(_time_left(deadline))
                     n = sock.recv_into(view[got:])
                     if n == 0:
                         raise RedisConnectionError(SERVER_CLOSED_CONNECTION_ERROR)
