@@ -702,33 +702,47 @@ class LMCRemoteBackend(LMCBackendInterface):
         except StoreUnavailableError:
             self._write_failed(key)
             raise
-        started = time.monotonic()
-        deadline = started + self.timeout
-        tried = 0
         try:
-            sent = self.connector.put_chunk_by(key, chunk, deadline)
-        except _ANSWERS:
-            self.breaker.record_success()  # the remote is up and said no (full)
+            sent, tried, deadline = self._one_try_here("put", self.connector.put_chunk_by, key, chunk)
+        except Exception:
             self._write_failed(key)
             raise
-        except Exception as exc:
-            pause = self._failed("put", exc, 0, self.retry.attempts, started, deadline)
-            if pause is None:
-                self._write_failed(key)
-                if _timed_out(exc):
-                    raise self._no_answer("put") from exc
-                if isinstance(exc, LMCacheError):
-                    raise
-                raise StoreUnavailableError(self.display_url, f"put: {exc!r:.200}") from exc
-            tried = 1
-            time.sleep(pause)
-        else:
-            if sent:
-                self.breaker.record_success()
-                self._stored(key)
-                return
+        if sent:
+            self._stored(key)
+            return
         # Still the call the breaker let through above (in half-open state, its one probe).
         self._start_chunk_write(key, chunk, timeout=deadline - time.monotonic(), admitted=True, tried=tried)()
+
+    def _one_try_here(self, what: str, fn: Callable[..., T], *args: Any) -> tuple[T | None, int, float]:
+        """One try of a connector's ``*_by`` call on this thread (``fn(*args, deadline)``),
+        after the breaker admitted it: (its result, or None when it failed with time to
+        spare; tries made; the deadline). A result that says it could not start (False,
+        None) is no success for the breaker.
+
+        Raises:
+            StoreUnavailableError: it failed and no retry may follow (timeout, open
+                circuit, or too little time left); ``_ANSWERS``: the remote said no.
+        """
+        started = time.monotonic()
+        deadline = started + self.timeout
+        try:
+            result = fn(*args, deadline)
+        except _ANSWERS:
+            self.breaker.record_success()  # the remote is up and said no (full, denied)
+            raise
+        except Exception as exc:
+            pause = self._failed(what, exc, 0, self.retry.attempts, started, deadline)
+            if pause is None:
+                if _timed_out(exc):
+                    raise self._no_answer(what) from exc
+                if isinstance(exc, LMCacheError):
+                    raise
+                raise StoreUnavailableError(self.display_url, f"{what}: {exc!r:.200}") from exc
+            time.sleep(pause)
+            return None, 1, deadline
+        if result is not None and result is not False:
+            self.breaker.record_success()
+        return result, 0, deadline
 
     def _start_write(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> Callable[[], None]:
         """Submit the write of ``kv_chunk`` to an I/O thread; the returned function awaits it."""
@@ -831,28 +845,9 @@ class LMCRemoteBackend(LMCBackendInterface):
             return self._call("get", self.connector.get_hashed, key, retry=True)
         self._check_fork()
         self._admit("get")
-        started = time.monotonic()
-        deadline = started + self.timeout
-        tried = 0
-        try:
-            got = self.connector.get_hashed_by(key, deadline)
-        except _ANSWERS:
-            self.breaker.record_success()  # the remote is up and said no
-            raise
-        except Exception as exc:
-            pause = self._failed("get", exc, 0, self.retry.attempts, started, deadline)
-            if pause is None:
-                if _timed_out(exc):
-                    raise self._no_answer("get") from exc
-                if isinstance(exc, LMCacheError):
-                    raise
-                raise StoreUnavailableError(self.display_url, f"get: {exc!r:.200}") from exc
-            tried = 1
-            time.sleep(pause)
-        else:
-            if got is not None:
-                self.breaker.record_success()
-                return got
+        got, tried, deadline = self._one_try_here("get", self.connector.get_hashed_by, key)
+        if got is not None:
+            return got
         # Still the call the breaker let through above (in half-open state, its one probe).
         future, deadline = self._submit(
             "get",
