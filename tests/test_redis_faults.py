@@ -197,14 +197,19 @@ def test_a_blocking_put_into_a_silent_server_times_out_on_the_callers_thread(red
 
 
 def test_gets_run_on_the_callers_thread_and_a_trickling_reply_ends_at_the_deadline(redis_server):
-    """Gets run on the caller's thread (``get_hashed_by``), sparing two thread hand-offs.
-    A large reply's every read is bounded by what is left of the deadline, not each by a
+    """Gets of large values run on the caller's thread (``get_hashed_by``), sparing two
+    thread hand-offs. A large reply's every read is bounded by what is left of the deadline, not each by a
     whole timeout: a reply trickling in through a delaying proxy (one 200 ms wait per
     piece of up to 1 MiB, 8 MiB in all) is given up at the deadline, a timeout and a miss."""
     with TcpProxy(("127.0.0.1", redis_server.port)) as proxy:
         store = backend_for(f"redis://127.0.0.1:{proxy.port}/0?prefix=trk{proxy.port}:")
+        small_key, small = make_key("small"), chunk(2)  # 2 KiB: its gets stay on the I/O threads
+        store.put(small_key, small)
+        assert same(store.get(small_key), small) and not store.connector.gets_inline()
         key, value = make_key("trickle"), chunk(1, shape=(32, 2, 64, 8, 64))  # 8 MiB float32
         store.put(key, value)
+        assert same(store.get(key), value)  # shows the value size: large
+        assert store.connector.gets_inline()
         inline: list = []
         real = store.connector.get_hashed_by
 

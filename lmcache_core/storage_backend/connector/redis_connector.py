@@ -382,8 +382,13 @@ class RedisConnector(RemoteConnector):
         return value, payload.digest(value) if value is not None else None
 
     def gets_inline(self) -> bool:
-        """True for a standalone server's own connection pool (``get_hashed_by``)."""
-        return self._inline_puts
+        """True for a standalone server's own connection pool (``get_hashed_by``) once reads
+        have shown values of ``LARGE_REPLY_BYTES`` or more: every read of such a reply is
+        bounded by the deadline, where redis-py bounds a small reply's reads only each by
+        the time left when it started. Until a read has shown the size, and for small
+        values, gets go by the backend's I/O threads."""
+        learned = self.learned_value_bytes()
+        return self._inline_puts and learned is not None and learned >= LARGE_REPLY_BYTES
 
     def get_hashed_by(self, key: CacheEngineKey, deadline: float) -> tuple[bytes | None, str | None] | None:
         """``get_hashed`` on this thread; no socket wait outlives ``deadline``.
