@@ -305,12 +305,17 @@ def block_write(root: Path, keys: list[str], i: int) -> None:
     shard.write_bytes(b"")
 
 
-def test_regression_put_tokens_failing_part_way_printed_no_json(cli: Cli, tmp_path: Path) -> None:
-    ids = list(range(64))
+def _prompt_of(tmp_path: Path, tokens: int) -> tuple[Path, Path, list[str]]:
+    """A prompt of ``tokens`` ids, its KV file, and its chunks' keys at 16 tokens a chunk."""
+    ids = list(range(tokens))
     prompt = tmp_path / "prompt.json"
     prompt.write_text(json.dumps(ids))
-    kv = tensor_file(tmp_path, "kv.safetensors", shape=(2, 2, 64, 4, 8))
-    keys = [CacheEngineKey("vllm", MODEL, 1, 0, h).to_string() for h in chunk_hashes(ids, 16)]
+    kv = tensor_file(tmp_path, "kv.safetensors", shape=(2, 2, tokens, 4, 8))
+    return prompt, kv, [CacheEngineKey("vllm", MODEL, 1, 0, h).to_string() for h in chunk_hashes(ids, 16)]
+
+
+def test_regression_put_tokens_failing_part_way_printed_no_json(cli: Cli, tmp_path: Path) -> None:
+    prompt, kv, keys = _prompt_of(tmp_path, 64)
     assert len(keys) == 4
     block_write(cli.store, keys, 2)
     args = ["put", "--tokens", str(prompt), "--kv", str(kv), "--model", MODEL, "--chunk-size", "16"]
@@ -332,11 +337,7 @@ def test_regression_put_tokens_failing_part_way_printed_no_json(cli: Cli, tmp_pa
 
 
 def test_put_tokens_human_output_names_the_chunks_stored_before_a_failure(cli: Cli, tmp_path: Path) -> None:
-    ids = list(range(48))
-    prompt = tmp_path / "prompt.json"
-    prompt.write_text(json.dumps(ids))
-    kv = tensor_file(tmp_path, "kv.safetensors", shape=(2, 2, 48, 4, 8))
-    keys = [CacheEngineKey("vllm", MODEL, 1, 0, h).to_string() for h in chunk_hashes(ids, 16)]
+    prompt, kv, keys = _prompt_of(tmp_path, 48)
     block_write(cli.store, keys, 1)
     r = cli("put", "--tokens", str(prompt), "--kv", str(kv), "--model", MODEL, "--chunk-size", "16", code=1)
     assert "stored 1 of 3 chunks" in r.stderr and "before the failure" in r.stderr

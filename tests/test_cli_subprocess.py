@@ -196,10 +196,23 @@ def _sigint_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _interrupt(proc: subprocess.Popen[str]) -> float:
+    """Send Ctrl-C; check the process ended with 130 and one `error: interrupted` line;
+    the seconds it took to end."""
+    import signal
+    import time
+
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    waited = time.monotonic() - sent
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", err
+    return waited
+
+
 def test_ctrl_c_stops_warm_to_a_silent_server_at_once(tmp_path: Path) -> None:
     """Worker threads waiting on a server that never answers do not hold the exit:
     SIGINT ends the process with 130 and one `error: interrupted` line, at once."""
-    import signal
     import time
 
     from lmcache_core.key import CacheEngineKey
@@ -219,11 +232,7 @@ def test_ctrl_c_stops_warm_to_a_silent_server_at_once(tmp_path: Path) -> None:
         )  # fmt: skip
         time.sleep(2.0)  # well into the first calls' 5 s timeout
         assert proc.poll() is None
-        proc.send_signal(signal.SIGINT)
-        sent = time.monotonic()
-        _, err = proc.communicate(timeout=30)
-        waited = time.monotonic() - sent
-    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted"
+        waited = _interrupt(proc)
     assert waited < 3.0, f"exit took {waited:.1f}s after SIGINT"
 
 
@@ -231,8 +240,6 @@ def test_ctrl_c_ends_the_process_even_where_the_interrupt_is_swallowed(tmp_path:
     """torch, importing NumPy from C, swallows an exception raised inside that import: a
     Ctrl-C landing there was lost, and warm ran to its end (exit 1, 12 s later). Here
     the code under the handler swallows the KeyboardInterrupt as torch did."""
-    import signal
-    import time
 
     script = (
         "import sys, time\n"
@@ -251,11 +258,7 @@ def test_ctrl_c_ends_the_process_even_where_the_interrupt_is_swallowed(tmp_path:
         text=True, preexec_fn=_sigint_default,
     )  # fmt: skip
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    proc.send_signal(signal.SIGINT)
-    sent = time.monotonic()
-    _, err = proc.communicate(timeout=30)
-    waited = time.monotonic() - sent
-    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted"
+    waited = _interrupt(proc)
     assert waited < 10.0, f"exit took {waited:.1f}s after SIGINT"
 
 

@@ -843,8 +843,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         """
         if not self.connector.gets_inline():
             return self._call("get", self.connector.get_hashed, key, retry=True)
-        self._check_fork()
-        self._admit("get")
+        self._admit("get")  # (get and batched_get checked the fork already)
         got, tried, deadline = self._one_try_here("get", self.connector.get_hashed_by, key)
         if got is not None:
             return got

@@ -476,6 +476,11 @@ class FsspecConnector(RemoteConnector):
         """The object's full path in the filesystem (without protocol)."""
         return f"{self.root}/{layout.key_to_path(key)}"
 
+    def _raise_unless_miss(self, exc: FileNotFoundError) -> None:
+        """Return when ``exc`` is a plain miss (``_is_miss``); else raise what it really is."""
+        if not _is_miss(exc):
+            raise self._not_a_miss(exc) from exc
+
     def _not_a_miss(self, exc: BaseException) -> Exception:
         """The error to raise for a ``FileNotFoundError`` that ``_is_miss`` says is no miss.
 
@@ -507,17 +512,15 @@ class FsspecConnector(RemoteConnector):
             try:
                 value: Any = sync(fs.loop, _get_pooled, fs, self.path(key))
             except FileNotFoundError as exc:
-                if _is_miss(exc):
-                    return None
-                raise self._not_a_miss(exc) from exc
+                self._raise_unless_miss(exc)
+                return None
             self.learn_value_sizes((value,))
             return value
         try:
             data = fs.cat_file(self.path(key), **self._cat_kwargs)
         except FileNotFoundError as exc:
-            if _is_miss(exc):
-                return None
-            raise self._not_a_miss(exc) from exc
+            self._raise_unless_miss(exc)
+            return None
         except OSError as exc:
             if _is_invalid_range(exc):
                 return b""  # a 0-byte object (see _is_invalid_range): a bad chunk, not an outage
@@ -599,9 +602,8 @@ class FsspecConnector(RemoteConnector):
             size = int(fs.size(path))
             return (bytes(fs.cat_file(path, start=0, end=min(nbytes, size))) if size else b"", size)
         except FileNotFoundError as exc:
-            if _is_miss(exc):
-                return None
-            raise self._not_a_miss(exc) from exc
+            self._raise_unless_miss(exc)
+            return None
 
     def exists(self, key: CacheEngineKey) -> bool:
         """Whether the object is there; a store that cannot say raises (never "absent")."""
@@ -615,9 +617,8 @@ class FsspecConnector(RemoteConnector):
             # reported nothing to delete.
             info = fs.info(path)
         except FileNotFoundError as exc:
-            if _is_miss(exc):
-                return False
-            raise self._not_a_miss(exc) from exc
+            self._raise_unless_miss(exc)
+            return False
         return info.get("type") != "directory"
 
     def _exists_s3(self, fs: Any, path: str) -> bool:
@@ -731,9 +732,8 @@ class FsspecConnector(RemoteConnector):
         try:
             found = fs.find(path, detail=True)
         except FileNotFoundError as exc:
-            if _is_miss(exc):  # a prefix with nothing under it
-                return
-            raise self._not_a_miss(exc) from exc
+            self._raise_unless_miss(exc)
+            return  # a prefix with nothing under it
         base = fs._strip_protocol(self.root).rstrip("/") + "/"
         for name, info in found.items():
             name = fs._strip_protocol(name)
