@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import queue
+import stat
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -345,6 +346,14 @@ def _mark_read(fd: int, st: os.stat_result) -> None:
         pass  # a read-only mount, or the file went: the order is only a hint
 
 
+def _is_file(path: str) -> bool:
+    """Whether a regular file is at ``path`` (what a get can serve: not a FIFO or directory)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def _discard_temp(tmp: str) -> None:
     try:
         os.unlink(tmp)
@@ -398,6 +407,8 @@ def chunk_file_size(kv_chunk: torch.Tensor, key: str) -> int:
 
 
 _KEY_LOCKS = 64
+#: Errors that mean "no room" when writing a chunk (``StoreFullError``).
+_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 #: A get sets its file's access time when it is older than this: on noatime (or
 #: relatime) mounts reads left it unchanged, so the LRU order that a restart and the
 #: tools (``evict --to-size``, ``--older-than``) rebuild from it ignored what was served.
@@ -709,12 +720,20 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         path = self._path(key)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp, written = _write_temp(path, kv_chunk, key.to_string(), self.fsync)
+            try:
+                tmp, written = _write_temp(path, kv_chunk, key.to_string(), self.fsync)
+            except FileNotFoundError:
+                # The directory went between makedirs and the open (an operator's
+                # `find -empty -delete` or rm -rf of the store): make it once more.
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp, written = _write_temp(path, kv_chunk, key.to_string(), self.fsync)
             committed = self._commit(key, seq, tmp, path, written)
         except OSError as exc:
             self.stats.incr("put_failures")
-            if exc.errno == 28:  # ENOSPC
-                raise StoreFullError(self.describe(), f"no space left writing {key}") from exc
+            # A quota (EDQUOT: XFS project quotas, per-user quotas on shared disks) is a
+            # full store to the caller as much as a full disk is, not an I/O error.
+            if exc.errno in _FULL_ERRNOS:
+                raise StoreFullError(self.describe(), f"no space left writing {key} ({exc.strerror})") from exc
             raise
         self.stats.incr("puts" if committed else "superseded_puts")
         return committed
@@ -972,16 +991,28 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                     self._undrop_locked(key)
 
     def contains(self, key: CacheEngineKey) -> bool:
+        """Whether ``key`` is queued or its chunk file is there. Thread-safe.
+
+        An indexed key is checked on disk too (one ``stat``): another process
+        (its eviction, ``lmcache evict``) or an operator may have removed the file,
+        and a True for it promised a hit that every later get missed.
+        """
         check_key(key)
         self._check_fork()
         with self._lock:
             future = self._futures.get(key)
-            if key in self._index or (future is not None and not future.done()):
+            if future is not None and not future.done():
                 return True
+            indexed = key in self._index
         path = self._path(key)
-        if not os.path.exists(path):
+        if not _is_file(path):
+            if indexed:
+                with self._lock:
+                    if not _is_file(path):  # not re-created by a put of ours meanwhile
+                        self._index.pop(key)
             return False
-        self._learn(key, path)
+        if not indexed:
+            self._learn(key, path)
         return True
 
     def touch(self, key: CacheEngineKey) -> None:
