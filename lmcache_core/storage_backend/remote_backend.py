@@ -316,6 +316,12 @@ class LMCRemoteBackend(LMCBackendInterface):
         """Locks, thread pools and queues: everything a forked child must rebuild."""
         self._lock = threading.Lock()
         self._known = _KnownKeys(KNOWN_KEYS_MAX)
+        # Keys whose latest write or remove here failed: the remote may still hold an
+        # older chunk under them, which a get must not serve (a hybrid acknowledged the
+        # newer put from its local tiers, then served the remote's older chunk once the
+        # local copy was evicted). Misses until a put or remove of the key succeeds;
+        # bounded as the known keys are (the oldest marks are forgotten first).
+        self._stale = _KnownKeys(KNOWN_KEYS_MAX)
         # Chunks put_nonblocking queued that no writer has finished, bounded (backpressure).
         self._queued = QueuedBytes(self._lock, self._max_queued_bytes)
         self._pending: dict[CacheEngineKey, torch.Tensor] = {}
@@ -351,7 +357,9 @@ class LMCRemoteBackend(LMCBackendInterface):
             self.connector = self._open_connector()
         # Locks held by other parent threads at fork() stay held in the child: rebuild them.
         self.breaker.after_fork()
-        self._start_runtime()
+        stale = self._stale  # the remote's older chunks stay unserved here too (a hybrid's
+        self._start_runtime()  # memory tier came over with the newer ones)
+        self._stale = stale
 
     def _check_open(self) -> None:
         if self._closed:
@@ -779,12 +787,25 @@ class LMCRemoteBackend(LMCBackendInterface):
         """Bookkeeping of a put the remote has acknowledged."""
         with self._lock:
             self._known.add(key)
+            self._stale.discard(key)
         self.stats.incr("puts")
 
     def _write_failed(self, key: CacheEngineKey) -> None:
+        """Bookkeeping of a put that failed: the remote may hold an older chunk of ``key``
+        (or, for a send given up on, the new one later), so reads of it are misses."""
         self.stats.incr("put_failures")
         with self._lock:
             self._known.discard(key)
+            self._stale.add(key)
+
+    def _stale_miss(self, key: CacheEngineKey) -> bool:
+        """Whether ``key``'s latest write or remove here failed (see ``_stale``): then
+        whatever the remote holds under it may be older, and reads are misses."""
+        with self._lock:
+            if key not in self._stale:
+                return False
+        self.stats.incr("stale_misses")
+        return True
 
     def _supersede(self, key: CacheEngineKey) -> bool:
         """Drop a queued write of ``key`` and wait for one in flight; True if one was queued."""
@@ -821,6 +842,9 @@ class LMCRemoteBackend(LMCBackendInterface):
         if pending is not None:
             self.stats.incr("hits")
             return self._to_dst(pending)
+        if self._stale_miss(key):
+            self.stats.incr("misses")
+            return None
         if self.connector.streams:
             (tensor,) = self._call("get", self._read_streams, [key], retry=True)
             if tensor is None:
@@ -970,7 +994,11 @@ class LMCRemoteBackend(LMCBackendInterface):
         self._check_fork()
         self._check_open()
         with self._lock:
-            if key in self._pending or key in self._known:
+            if key in self._pending:
+                return True
+            if key in self._stale:
+                return False  # what the remote holds may be older than the failed write
+            if key in self._known:
                 return True
         try:
             found = bool(self._call("exists", self.connector.exists, key, retry=True))
@@ -980,7 +1008,8 @@ class LMCRemoteBackend(LMCBackendInterface):
             return False
         if found:
             with self._lock:
-                self._known.add(key)
+                if key not in self._stale:  # a write that failed meanwhile
+                    self._known.add(key)
         return found
 
     def remove(self, key: CacheEngineKey) -> bool:
@@ -995,7 +1024,16 @@ class LMCRemoteBackend(LMCBackendInterface):
         was_pending = self._supersede(key)
         with self._lock:
             self._known.discard(key)
-        removed = bool(self._call("delete", self.connector.delete, key, retry=False))
+        try:
+            removed = bool(self._call("delete", self.connector.delete, key, retry=False))
+        except Exception:
+            # The remote may still hold the chunk: a caller that goes on (a hybrid, whose
+            # local tiers did drop it) must not read it back.
+            with self._lock:
+                self._stale.add(key)
+            raise
+        with self._lock:
+            self._stale.discard(key)
         return removed or was_pending
 
     def list_info(self) -> builtins.list[ChunkInfo]:
@@ -1067,6 +1105,8 @@ class LMCRemoteBackend(LMCBackendInterface):
             pending = self._pending.get(key)
         if pending is not None:
             return chunk_format.parse_header(chunk_format.encode_header(pending.detach().cpu(), key.to_string()))
+        if self._stale_miss(key):
+            return None
         try:
             got = self._call("get_head", self.connector.get_head, key, HEADER_PROBE_BYTES, retry=True)
             if got is None:
@@ -1499,6 +1539,8 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
             if pending is not None:
                 self.stats.incr("hits")
                 results[i] = self._to_dst(pending)
+            elif self._stale_miss(key):
+                self.stats.incr("misses")
             else:
                 to_fetch.append(i)
         if not to_fetch:
