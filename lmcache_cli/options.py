@@ -48,6 +48,35 @@ def pattern_argument(pattern: str | None) -> str | None:
     return pattern
 
 
+#: Which option sets each field that ``CacheEngineKey`` checks, for usage errors.
+_KEY_FIELD_OPTIONS = {"model_name": "--model", "world_size": "--world-size", "worker_id": "--worker-id", "fmt": "--fmt"}
+
+
+def model_option(model: str | None) -> str | None:
+    """``--model`` as given, when a key can hold it (usage error otherwise).
+
+    An empty one is an unset variable (``lmcache warm --model "$MODEL"``), never a
+    filter: it matched no chunk, so warm "copied 0" and exited 0.
+    """
+    if model is not None:
+        key_fields(model)
+    return model
+
+
+def key_fields(model: str, fmt: str = "vllm", world_size: int = 1, worker_id: int = 0) -> None:
+    """Check the fields the keys of a command are built from (usage error, exit 2, if bad):
+    a model name with ``@`` or control characters, or ``--worker-id`` >= ``--world-size``,
+    is a bad argument, not a failure of the store."""
+    if not model.strip():
+        raise usage_error(f"--model is empty ({model!r}); give the model name of the keys")
+    try:
+        CacheEngineKey(fmt, model, world_size, worker_id, "0")
+    except ValueError as exc:
+        field = str(exc).split(":", 1)[0]
+        option = _KEY_FIELD_OPTIONS.get(field, "key")
+        raise usage_error(f"{option}: {exc}") from None
+
+
 def size_option(text: str | None, option: str) -> int | None:
     if text is None:
         return None

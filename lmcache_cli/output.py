@@ -138,12 +138,17 @@ class Output:
     def _rich_table(console: Any, columns: Sequence[Column], cells: list[list[str]], title: str | None) -> None:
         from rich import box
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+        # Cells as Text, never markup: a key may hold "[" ("vllm@m[/x]@1@0@ab" raised
+        # MarkupError; "[bold]x" printed as "x" in bold, a key that does not exist).
+        table = Table(
+            title=None if title is None else Text(title), box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False
+        )
         for col in columns:
-            table.add_column(col.title, justify="right" if col.right else "left", no_wrap=True)
+            table.add_column(Text(col.title), justify="right" if col.right else "left", no_wrap=True)
         for row in cells:
-            table.add_row(*row)
+            table.add_row(*(Text(cell) for cell in row))
         console.print(table)
 
     def fields(self, pairs: Sequence[tuple[str, Any]], title: str | None = None) -> None:

@@ -52,13 +52,13 @@ def load_tensor(path: str, tensor_name: str | None = None) -> torch.Tensor:
     if suffix == ".npy":
         import numpy as np
 
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except ValueError as exc:
-            raise CliError(f"{p}: cannot read without pickle ({exc}); save a plain numeric array") from None
+        arr = _load_npy(p, "save a plain numeric array")
         if tensor_name is not None:
             raise usage_error("--tensor applies to .safetensors and .pt files, not .npy")
-        return torch.from_numpy(np.ascontiguousarray(arr))
+        # Native byte order (torch refuses '>f4'), C order, and the array's own shape:
+        # np.ascontiguousarray alone turns a 0-d array into shape (1,).
+        native = arr.astype(arr.dtype.newbyteorder("="), copy=False)
+        return torch.from_numpy(np.ascontiguousarray(native).reshape(arr.shape))
     if suffix in (".pt", ".pth"):
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
@@ -82,10 +82,7 @@ def load_tokens(path: str) -> np.ndarray:
     if not p.is_file():
         raise CliError(f"token file {p} not found; check the path")
     if p.suffix.lower() == ".npy":
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except ValueError as exc:
-            raise CliError(f"{p}: cannot read without pickle ({exc})") from None
+        arr = _load_npy(p, "save a 1-D integer array")
     elif p.suffix.lower() == ".json":
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
@@ -101,6 +98,35 @@ def load_tokens(path: str) -> np.ndarray:
         raise usage_error(f"{p}: token ids must be a .json list or a .npy array")
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise CliError(f"{p} must hold a 1-D array of integer token ids, got {arr.ndim}-D {arr.dtype}")
+    return arr
+
+
+def _load_npy(p: Path, hint: str) -> np.ndarray:
+    """An array from a ``.npy`` file, never unpickled; a clear error for any bad file.
+
+    Raises:
+        CliError: the file is empty, not .npy, truncated, or holds Python objects
+            (numpy raises EOFError for an empty file and calls any non-.npy file
+            "pickled data", since that is what it would have to unpickle).
+    """
+    import numpy as np
+
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except (ValueError, EOFError) as exc:  # (an OSError, say permissions, is reported as such)
+        text = (str(exc).splitlines() or [type(exc).__name__])[0]
+        with open(p, "rb") as f:
+            magic = f.read(6)
+        if not magic:
+            raise CliError(f"{p} is empty; {hint}") from None
+        if magic != b"\x93NUMPY":
+            raise CliError(f"{p} is not a .npy file (no .npy header); {hint}") from None
+        if "object" in text.lower():
+            raise CliError(f"{p} holds Python objects, which are never unpickled ({text}); {hint}") from None
+        raise CliError(f"{p}: unreadable .npy array, truncated or damaged ({text}); {hint}") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive renamed .npy
+        arr.close()
+        raise CliError(f"{p} is not a single .npy array; {hint}")
     return arr
 
 

@@ -14,6 +14,7 @@ from lmcache_cli.options import (
     OlderThanOption,
     PatternArgument,
     age_option,
+    model_option,
     pattern_argument,
     size_option,
     warn_unknown_ages,
@@ -64,6 +65,7 @@ def evict(
     state = get_state(ctx)
     out = state.output(format_)
     pattern = pattern_argument(pattern)
+    model = model_option(model)
     max_age = age_option(older_than, "--older-than")
     target = size_option(to_size, "--to-size")
     if pattern is None and model is None and max_age is None and target is None:
@@ -88,6 +90,7 @@ def evict(
                     "removed": 0,
                     "bytes_freed": 0,
                     "left_alone": [],
+                    "failures": [],  # the same fields as a run that removed chunks
                 }
             )
             if not plan.victims and out.human:

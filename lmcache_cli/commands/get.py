@@ -14,6 +14,7 @@ from lmcache_cli.options import (
     TokensOption,
     WorkerIdOption,
     WorldSizeOption,
+    key_fields,
     parse_key,
 )
 from lmcache_cli.output import Output
@@ -53,6 +54,7 @@ def get(
             raise usage_error("give either KEY or --tokens/--model, not both")
         if tokens is None or model is None:
             raise usage_error("--tokens and --model go together")
+        key_fields(model, fmt.value, world_size, worker_id)
         _get_prefix(state, out, tokens, model, fmt.value, chunk_size, world_size, worker_id, output)
         return
     if key is None:

@@ -6,7 +6,14 @@ from typing import Annotated
 
 import typer
 
-from lmcache_cli.options import ChunkSizeOption, KvFmt, KvFmtOption, WorkerIdOption, WorldSizeOption
+from lmcache_cli.options import (
+    ChunkSizeOption,
+    KvFmt,
+    KvFmtOption,
+    WorkerIdOption,
+    WorldSizeOption,
+    key_fields,
+)
 from lmcache_cli.output import Column
 from lmcache_cli.state import FormatOption, get_state
 from lmcache_cli.store_tiers import answered
@@ -33,6 +40,7 @@ def lookup(
 
     state = get_state(ctx)
     out = state.output(format_)
+    key_fields(model, fmt.value, world_size, worker_id)
     token_ids = load_tokens(tokens)
     size = chunk_size or state.config().chunk_size
     with state.open_store(must_exist=True) as store:

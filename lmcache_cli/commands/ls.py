@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from lmcache_cli.errors import usage_error
 from lmcache_cli.options import (
     KvFmtFilter,
     ModelOption,
@@ -14,6 +15,7 @@ from lmcache_cli.options import (
     PatternArgument,
     SortBy,
     age_option,
+    model_option,
     pattern_argument,
     size_option,
     warn_unknown_ages,
@@ -49,6 +51,9 @@ def ls(
     state = get_state(ctx)
     out = state.output(format_)
     pattern = pattern_argument(pattern)  # "" is no "everything": '*' is
+    model = model_option(model)
+    if keys_only and out.json:  # -q prints bare keys, which are no JSON document
+        raise usage_error("give -q (bare keys) or --format json, not both")
     min_size = size_option(larger_than, "--larger-than")
     min_age = age_option(older_than, "--older-than")
     now = time.time()

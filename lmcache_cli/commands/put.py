@@ -15,6 +15,7 @@ from lmcache_cli.options import (
     TokensOption,
     WorkerIdOption,
     WorldSizeOption,
+    key_fields,
     parse_key,
 )
 from lmcache_cli.output import Output
@@ -52,6 +53,7 @@ def put(
             raise usage_error("give either KEY FILE or --tokens/--kv/--model, not both")
         if tokens is None or kv is None or model is None:
             raise usage_error("--tokens, --kv and --model go together")
+        key_fields(model, fmt.value, world_size, worker_id)
         _put_tokens(state, out, tokens, kv, tensor, model, fmt.value, chunk_size, world_size, worker_id)
         return
     if key is None or file is None:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from lmcache_cli.errors import CliError, usage_error
-from lmcache_cli.options import ModelOption, PatternArgument, pattern_argument
+from lmcache_cli.options import ModelOption, PatternArgument, model_option, pattern_argument
 from lmcache_cli.output import Column
 from lmcache_cli.progress import progress_bar
 from lmcache_cli.state import FormatOption, get_state
@@ -53,6 +53,7 @@ def warm(
     state = get_state(ctx)
     out = state.output(format_)
     pattern = pattern_argument(pattern)
+    model = model_option(model)
     if src is None and dst is None:
         raise usage_error("give --from URL and/or --to URL (the other defaults to the global store)")
     src_store = state.open_store(src)
@@ -71,6 +72,9 @@ def warm(
                 keys = store_ops.read_keys(lines)
             except ValueError as exc:
                 raise usage_error(f"--keys {keys_file}: {exc}") from None
+            # Once each: a key listed twice (overlapping `ls -q` outputs) was copied
+            # twice, concurrently, and counted as two chunks.
+            keys = list(dict.fromkeys(keys))
             sizes: dict[str, int | None] = {}
         else:
             entries = store_ops.select(src_store.entries(), pattern=pattern, model=model)
