@@ -16,6 +16,8 @@ if TYPE_CHECKING:  # torch is heavy; `lmcache --help` must not import it
     import torch
 
 FORMATS = ("vllm", "huggingface")
+#: the token axis of a chunk tensor, per fmt (``[layers, 2, tokens, heads, head_size]`` for vllm)
+TOKEN_AXIS = {"vllm": 2, "huggingface": 3}
 MAX_MODEL_NAME_CHARS = 512
 # Also bounded in UTF-8 bytes: a store path percent-encodes each byte as 3 characters,
 # and 512 four-byte characters would make a path longer than PATH_MAX (4096).

@@ -31,7 +31,7 @@ from lmcache_core import chunk_format, layout
 from lmcache_core.chunk_format import ChunkHeader
 from lmcache_core.config import LMCacheEngineConfig, mask_secrets_in, mask_url, store_kind
 from lmcache_core.errors import CorruptChunkError, StoreUnavailableError
-from lmcache_core.key import CacheEngineKey, chunk_hashes
+from lmcache_core.key import TOKEN_AXIS, CacheEngineKey, chunk_hashes
 
 if TYPE_CHECKING:
     import torch
@@ -1403,16 +1403,22 @@ def prefix_lookup(
 ) -> dict[str, Any]:
     """How many leading tokens (and chunks) of a prompt are cached, per tier.
 
-    On a disk store this checks file existence only (no torch, no payload reads).
+    On a disk store each chunk's header is read (no torch, no payload reads): a
+    chunk that is truncated, foreign, or of another length or shape ends the
+    prefix where ``get --tokens`` would end it (``lookup`` said "600 of 600
+    tokens" over three emptied files). Payload checksums are ``verify``'s job.
     """
     hashes = chunk_hashes(token_ids, chunk_size)
     n = len(token_ids)
     keys = [CacheEngineKey(fmt, model, world_size, worker_id, h) for h in hashes]
     if store.is_disk:
         hits = 0
-        for k in keys:
-            if not store.contains(k):
+        first: ChunkHeader | None = None
+        for i, k in enumerate(keys):
+            header = store.header(k)
+            if header is None or not _continues(header, k, first, TOKEN_AXIS[fmt], min(chunk_size, n - i * chunk_size)):
                 break
+            first = first or header
             hits += 1
         tokens = min(n, hits * chunk_size)
         per_tier = {store.describe(): tokens}
@@ -1432,6 +1438,22 @@ def prefix_lookup(
         "chunk_size": chunk_size,
         "per_tier": [{"tier": k, "tokens": v, "chunks": -(-v // chunk_size)} for k, v in per_tier.items()],
     }
+
+
+def _continues(header: ChunkHeader, key: CacheEngineKey, first: ChunkHeader | None, axis: int, tokens: int) -> bool:
+    """Whether the chunk ``header`` describes can extend a prefix whose first chunk is
+    ``first``: ours, under ``key`` (or unkeyed), ``tokens`` long on ``axis``, and of
+    ``first``'s dtype and other dimensions (``tokens.continues_prefix`` on headers)."""
+    try:
+        chunk_format.check_identity(header, None if header.key == "" else key.to_string())
+    except CorruptChunkError:
+        return False
+    shape = header.shape
+    if len(shape) != 5 or shape[axis] != tokens:
+        return False
+    if first is None:
+        return True
+    return header.dtype == first.dtype and all(shape[d] == first.shape[d] for d in range(5) if d != axis)
 
 
 @dataclass

@@ -9,11 +9,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from lmcache_core.key import CacheEngineKey, chunk_hashes
+from lmcache_core.key import TOKEN_AXIS, CacheEngineKey, chunk_hashes
 from lmcache_core.storage_backend.abstract_backend import LMCBackendInterface
-
-#: the token axis of a chunk tensor, per fmt
-TOKEN_AXIS = {"vllm": 2, "huggingface": 3}
 
 Progress = Callable[[int, int, int], None]  # (chunks done, chunks total, bytes done)
 
@@ -116,6 +113,14 @@ class ChunkedKVStore:
             raise ValueError(
                 f"kv must have 5 dimensions ({_layout(self.fmt)}), got shape {tuple(kv.shape)}"
             )
+        if kv.shape[1] != 2:
+            raise ValueError(
+                f"kv must hold keys and values on axis 1 ({_layout(self.fmt)}), got shape {tuple(kv.shape)}"
+            )
+        if not kv.is_floating_point():
+            # An int or bool tensor is no KV cache (a token-id array passed as --kv, say):
+            # stored, it would be served to an engine as if it were one.
+            raise ValueError(f"kv must be a floating-point tensor (fp16, bf16, fp32, fp8), got {kv.dtype}")
         if kv.shape[axis] != n_tokens:
             raise ValueError(
                 f"kv has {kv.shape[axis]} tokens on axis {axis} ({_layout(self.fmt)}) "

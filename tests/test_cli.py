@@ -226,6 +226,33 @@ def _kv(tmp_path: Path, tokens: int, name: str = "kv.safetensors") -> Path:
     return path
 
 
+def test_lookup_on_disk_ends_at_the_chunk_get_tokens_cannot_use(cli: Cli, tmp_path: Path) -> None:
+    """lookup checked only that each file existed: over emptied or truncated chunks it
+    said "600 of 600 tokens" where `get --tokens` found no cached prefix."""
+    prompt, kv = _prompt(tmp_path, 600), _kv(tmp_path, 600)
+    cli.json("put", "--tokens", str(prompt), "--kv", str(kv), "--model", MODEL, "--chunk-size", "256")
+    keys = [CacheEngineKey("vllm", MODEL, 1, 0, h) for h in chunk_hashes(list(range(1000, 1600)), 256)]
+    paths = [layout.disk_path(str(cli.store), k) for k in keys]
+    args = ("--tokens", str(prompt), "--model", MODEL, "--chunk-size", "256")
+    out = tmp_path / "prefix.safetensors"
+
+    def both() -> tuple[tuple[int, int], int]:
+        look = cli.json("lookup", *args)
+        got = cli.runner.invoke(app, ["--store", str(cli.store), "--format", "json", "get", *args, "-o", str(out)])
+        return (look["tokens"], look["chunks"]), (json.loads(got.stdout)["tokens"] if got.exit_code == 0 else 0)
+
+    assert both() == ((600, 3), 600)
+    # The last chunk replaced by one of another length (100 tokens where 88 are left).
+    odd = tensor_file(tmp_path, "odd.safetensors", shape=(2, 2, 100, 4, 8))
+    cli("put", keys[2].to_string(), str(odd))
+    assert both() == ((512, 2), 512)
+    with open(paths[1], "r+b") as f:  # the second chunk loses its last byte
+        f.truncate(os.path.getsize(paths[1]) - 1)
+    assert both() == ((256, 1), 256)
+    open(paths[0], "wb").close()  # the first is emptied
+    assert both() == ((0, 0), 0)
+
+
 def test_put_tokens_then_get_prefix_and_lookup(cli: Cli, tmp_path: Path) -> None:
     prompt, kv = _prompt(tmp_path, 600), _kv(tmp_path, 600)
     res = cli.json("put", "--tokens", str(prompt), "--kv", str(kv), "--model", MODEL, "--chunk-size", "256")

@@ -194,3 +194,21 @@ def test_a_last_chunk_of_another_length_ends_the_prefix(tmp_path, last_tokens):
         read = read_prefix(tool, torch.tensor(tokens), model="m", chunk_size=CHUNK)
         assert read.tokens == 2 * CHUNK and sum(c.shape[2] for c in read.chunks) == read.tokens
         assert read.stopped is not None and "does not continue the prefix" in read.stopped.reason
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(torch.zeros(2, 3, 40, 3, 4, dtype=torch.float16), id="three-on-the-kv-axis"),
+        pytest.param(torch.zeros(2, 2, 40, 3, 4, dtype=torch.int64), id="int64"),
+        pytest.param(torch.zeros(2, 2, 40, 3, 4, dtype=torch.bool), id="bool"),
+    ],
+)
+def test_store_refuses_a_tensor_that_is_no_kv_cache_and_stores_nothing(tmp_path, bad):
+    """Only the rank and the token count were checked: an int or [L, 3, T, H, D] tensor
+    was stored as KV chunks, to be served to an engine as if it were KV."""
+    with open_backend(str(tmp_path)) as backend:
+        store = ChunkedKVStore(backend, "org/m", chunk_size=CHUNK)
+        with pytest.raises(ValueError, match="axis 1|floating-point"):
+            store.store(list(range(40)), bad)
+        assert backend.list() == []
