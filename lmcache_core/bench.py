@@ -712,7 +712,7 @@ def _run_targets(
     drop_caches: bool,
 ) -> None:
     n = max(count, batch)
-    say(f"generating {n + 1} chunks of {nbytes / 2**20:.1f} MiB")
+    say(f"generating {n + 1} chunks of {nbytes / 2**20:.1f} MiB" if nbytes >= 1 << 20 else f"generating {n + 1} chunks of {nbytes} bytes")
     gen = torch.Generator().manual_seed(0)
     # Random payloads: nothing in the path may profit from compressible or equal data.
     chunks = [torch.randn(shape, generator=gen, dtype=torch.float32).to(tdtype) for _ in range(n + 1)]

@@ -712,6 +712,10 @@ def test_bench_human_table_and_stores_option(cli: Cli, tmp_path: Path) -> None:
     assert "dtype 'float17': one of" in cli("bench", "--quick", "--chunk-mb", "0.25", "--dtype", "float17", code=2).stderr
     cli("bench", "--kv-shape", "2,3,4", code=2)
     cli("bench", "--kv-shape", "2,2,16,4,8", "--chunk-mb", "1", code=2)
+    # A size that is no whole number of elements is rounded down to one (it was refused,
+    # naming a byte count nobody typed: 0.01 MiB is 10485.76 bytes).
+    tiny = cli.json("bench", "-s", "cpu://", "--chunk-mb", "0.01", "--count", "2", "--batch", "2")
+    assert tiny["params"]["chunk_bytes"] == 10484 and not tiny["errors"]
 
 
 # -- units -------------------------------------------------------------------------------

@@ -280,7 +280,7 @@ def test_a_contains_that_a_retry_made_good_is_an_answer() -> None:
     [
         (("--dtype", "foo"), "dtype 'foo': one of bfloat16"),
         (("--dtype", "int4"), "dtype 'int4': one of bfloat16"),
-        (("--chunk-mb", "0.01"), "chunk_bytes must be a positive multiple of 2"),
+        (("--kv-shape", "2,0,4"), "expected L,2,T,H,D"),
     ],
 )
 def test_bench_parameter_mistakes_are_usage_errors_before_any_work(tmp_path: Path, args: tuple[str, ...], says: str) -> None:

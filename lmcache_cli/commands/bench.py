@@ -71,7 +71,9 @@ def bench(
         kwargs["count"] = count
     if batch is not None:
         kwargs["batch"] = batch
-    chunk_bytes = int(chunk_mb * (1 << 20)) if chunk_mb is not None else None
+    # Whole elements of the dtype: --chunk-mb 0.01 is 10485.76 bytes, and the error
+    # named a byte count ("got 10485") nobody had typed.
+    chunk_bytes = None if chunk_mb is None else int(chunk_mb * (1 << 20)) // _itemsize(dtype) * _itemsize(dtype)
     try:  # before anything is generated or written
         check_params(chunk_bytes, shape, dtype, count if count is not None else 2, batch if batch is not None else 1)
     except ValueError as exc:
@@ -115,3 +117,12 @@ def _f(x: object) -> str:
     if isinstance(x, (int, float)):
         return f"{x:.2f}" if abs(x) >= 0.01 or x == 0 else f"{x:.2g}"
     return str(x)
+
+
+def _itemsize(dtype: str) -> int:
+    """Bytes per element of the dtype named ``dtype`` (1 for an unknown name: the
+    parameter check says what is wrong with it)."""
+    import torch
+
+    tdtype = getattr(torch, dtype, None)
+    return tdtype.itemsize if isinstance(tdtype, torch.dtype) else 1
