@@ -327,6 +327,8 @@ def _as_float(name: str, value: Any) -> float:
 def _as_bool(name: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)  # YAML's ``pipelined_backend: 1``, as "1" from the environment
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
     raise _error(name, f"expected true or false, got {_shown(value)}")
@@ -586,11 +588,125 @@ def mask_url(url: str) -> str:
     ``connection_string``, ...) become ``***``, and a URL given as a query value
     (``?endpoint_url=http://u:pw@h``) is masked in turn, as are the ``name=value``
     pairs inside a value (an Azure connection string's ``;AccountKey=``), percent-encoded
-    or not. A usage template such as ``redis://[user:pw@]host`` is kept.
+    or not. A usage template such as ``redis://[user:pw@]host`` is kept. A value that
+    is a JSON (or Python, YAML flow) object or list, ``client_kwargs={"aws_secret_access_key":
+    "..."}``, percent-encoded or not, has the values of its secret-named members masked.
     """
-    masked = _mask_url_parts(url)
+    masked = _mask_url_parts(_mask_json_values(url))
     masked = _EMBEDDED_USERINFO_RE.sub(lambda m: f"{m['scheme']}{m['user']}:***@", masked)
     return _PAIR_RE.sub(_mask_pair, masked)
+
+
+# ``name={...}`` / ``name=[...]``: a value written as JSON (or a Python or YAML flow
+# mapping), as fsspec's dict options (``client_kwargs``, ``config_kwargs``) are given in
+# a URL. Its spaces and quotes split it into several words for ``mask_secrets_in``, and
+# its members are ``"name": value``, not ``name=value``: neither pass saw its secrets.
+_JSON_OPEN_RE = re.compile(r"=[ \t]*(?=[\[{])")
+# A member's name, quoted or bare, and its ':'.
+_JSON_MEMBER_RE = re.compile(r"""(?P<q>["']?)(?P<name>[A-Za-z0-9_.\-]{1,200})(?P=q)[ \t]*:[ \t]*""")
+# A bare (unquoted) member value ends at one of these.
+_JSON_BARE_END = frozenset(",]}&#\"' \t\r\n")
+#: Characters of one JSON value scanned at most; an unclosed one is masked that far.
+_MAX_JSON_CHARS = 65536
+
+
+def _json_value_end(text: str, start: int, limit: int) -> int:
+    """Index just after the value that starts at ``text[start]``: a quoted string, a
+    bracketed object or list (quotes inside respected), or a bare token. Unclosed: ``limit``."""
+    first = text[start] if start < limit else ""
+    if first in ("\"", "'"):
+        i = start + 1
+        while i < limit:
+            if text[i] == "\\":
+                i += 2
+                continue
+            if text[i] == first:
+                return i + 1
+            i += 1
+        return limit
+    if first in ("{", "["):
+        depth = 0
+        quote_char = ""
+        i = start
+        while i < limit:
+            c = text[i]
+            if quote_char:
+                if c == "\\":
+                    i += 1
+                elif c == quote_char:
+                    quote_char = ""
+            elif c in ("\"", "'"):
+                quote_char = c
+            elif c in ("{", "["):
+                depth += 1
+            elif c in ("}", "]"):
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+            i += 1
+        return limit
+    i = start
+    while i < limit and text[i] not in _JSON_BARE_END:
+        i += 1
+    return i
+
+
+def _mask_json_members(text: str, start: int, end: int) -> str:
+    """``text[start:end]`` with the value of every secret-named member replaced by
+    ``"***"`` (a quoted or bracketed value) or ``***`` (a bare one)."""
+    out: list[str] = []
+    pos = start
+    while pos < end:
+        m = _JSON_MEMBER_RE.search(text, pos, end)
+        if m is None:
+            break
+        if not _SECRET_NAME_RE.search(m["name"]):
+            out.append(text[pos : m.end()])
+            pos = m.end()
+            continue
+        value_end = _json_value_end(text, m.end(), end)
+        out.append(text[pos : m.end()])
+        if value_end > m.end():
+            out.append("***" if text[m.end()] not in "\"'[{" else '"***"')
+        pos = value_end
+    out.append(text[pos:end])
+    return "".join(out)
+
+
+def _mask_json_values(text: str) -> str:
+    """Every ``name={...}`` or ``name=[...]`` value in ``text`` with its secret-named
+    members masked (``_mask_json_members``); the rest exactly as it was."""
+    if "={" not in text and "=[" not in text and not _JSON_OPEN_RE.search(text):
+        return text
+    out: list[str] = []
+    pos = 0
+    for m in _JSON_OPEN_RE.finditer(text):
+        if m.start() < pos:
+            continue  # inside a value already masked
+        value_end = _json_value_end(text, m.end(), min(len(text), m.end() + _MAX_JSON_CHARS))
+        out.append(text[pos : m.end()])
+        out.append(_mask_json_members(text, m.end(), value_end))
+        pos = value_end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _mask_encoded_json(value: str) -> str | None:
+    """A query value that is a JSON object or list, percent-encoded (``%7B%22secret%22...``)
+    or not, masked (``_mask_json_values``); None when it is none."""
+    decoded = value
+    for _ in range(3):  # encoded up to twice more (a URL quoted into a URL's query)
+        if decoded.lstrip()[:1] in ("{", "["):
+            break
+        decoded, before = unquote(decoded), decoded
+        if decoded == before:
+            return None
+    else:
+        return None
+    masked = _mask_json_values("=" + decoded)[1:]
+    if masked == decoded:
+        return value
+    return masked if decoded == value else quote(masked, safe=":/@*")
 
 
 # Pairs nested in pairs' values are masked this deep; a value nested deeper is hidden
@@ -604,6 +720,9 @@ def _pair_masker(depth: int) -> Callable[[re.Match[str]], str]:
         if _SECRET_NAME_RE.search(unquote(m["name"])):
             return f"{m['lead']}{m['name']}=***"
         value = m["value"]
+        json_masked = _mask_encoded_json(value)
+        if json_masked is not None:
+            return f"{m['lead']}{m['name']}={json_masked}"
         if "=" not in value:
             return m.group(0)
         if depth >= _MAX_PAIR_DEPTH:
@@ -723,6 +842,10 @@ def _mask_query_value(value: str) -> str:
 
 
 def _mask_query_value_at_depth(value: str) -> str:
+    json_masked = _mask_encoded_json(value)
+    if json_masked is not None:
+        # Masked whole: its words, split at the quotes, are no URLs to mask_secrets_in.
+        return mask_secrets_in(json_masked)
     masked = mask_secrets_in(value)
     decoded = unquote(value)
     if decoded != value and ("@" in decoded or "?" in decoded or "=" in decoded):
@@ -794,9 +917,10 @@ def mask_secrets_in(text: str) -> str:
     segment unless it is written as a path: ``redis//u:pw@h``), a mistyped scheme
     (``redis:/u:pw@h``, ``//u:pw@h``) or secret query pairs (``h:1/0?password=x``).
     Punctuation after a word (``URL: reason``) and everything else is left exactly
-    as it was.
+    as it was. A ``name={...}`` value written as JSON has its secret-named members
+    masked first (``_mask_json_values``): its quotes and spaces would split it into words.
     """
-    return _WORD_RE.sub(lambda m: _mask_word(m.group(0)), text)
+    return _WORD_RE.sub(lambda m: _mask_word(m.group(0)), _mask_json_values(text))
 
 
 def _masked_value(value: Any) -> Any:
@@ -834,10 +958,23 @@ class LMCacheEngineMetadata:
     kv_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        from lmcache_core.key import FORMATS
+        from lmcache_core.key import FORMATS, MAX_WORLD_SIZE, CacheEngineKey
 
         if self.fmt not in FORMATS:
             raise _error("fmt", f"{_shown(self.fmt)} is not one of {', '.join(FORMATS)}")
+        # Checked here, not first when a key is made: a world_size of "2" (from YAML or
+        # an environment variable) matched no stored key's int 2, so a hybrid's prefetch
+        # of this rank's chunks found none; 0 or a worker_id outside it failed only later.
+        self.world_size = _as_int("world_size", self.world_size)
+        if not 1 <= self.world_size < MAX_WORLD_SIZE:
+            raise _error("world_size", f"must be in [1, {MAX_WORLD_SIZE}), got {_shown(self.world_size)}")
+        self.worker_id = _as_int("worker_id", self.worker_id)
+        if not 0 <= self.worker_id < self.world_size:
+            raise _error("worker_id", f"must be in [0, world_size={self.world_size}), got {self.worker_id}")
+        try:
+            CacheEngineKey(self.fmt, self.model_name, self.world_size, self.worker_id, "0" * 64)
+        except ValueError as exc:  # the model name's own rules (empty, '@', control characters)
+            raise _error("model_name", str(exc).removeprefix("model_name: ")) from None
         if self.kv_shape is not None:
             self.kv_shape = tuple(int(d) for d in self.kv_shape)
 

@@ -12,6 +12,7 @@ completes; local directories get a temp name and ``os.replace``.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import sys
@@ -19,7 +20,7 @@ import threading
 import time
 from datetime import datetime
 from typing import Any, BinaryIO, Iterator, Sequence
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from lmcache_core import chunk_format, layout
 from lmcache_core.config import mask_url
@@ -58,6 +59,16 @@ POOLED_BODY_BYTES = 256 * 1024
 BODY_POOL_BYTES = 16 * CHUNK_OBJECT_BYTES
 _BOOL_OPTIONS = {"anon", "use_ssl", "requester_pays", "version_aware"}
 _S3_ALIASES = {"region": "region_name", "access_key": "key", "secret_key": "secret"}
+# Filesystems whose constructor takes the socket timeout as ``timeout`` (FTP's default
+# is 30 s, SMB's 60 s): they get the store's.
+_TIMEOUT_OPTION_PROTOCOLS = frozenset({"ftp", "sftp", "smb"})
+# Filesystems over one session whose commands must not interleave (ftplib's control
+# connection, an SSH channel): each thread gets a client of its own.
+_PER_THREAD_PROTOCOLS = frozenset({"ftp", "sftp"})
+# Filesystems of directories whose write is no single atomic PUT (FTP's STOR, SFTP,
+# SMB, HDFS write in place, and need the directory to exist): a put writes a temp name
+# in the chunk's directory, made when missing, then renames it over the chunk.
+_RENAME_PUT_PROTOCOLS = frozenset({"ftp", "sftp", "smb", "hdfs", "arrow_hdfs", "webhdfs"})
 
 
 class PartsReader(io.RawIOBase):
@@ -109,12 +120,49 @@ class PartsReader(io.RawIOBase):
 
 
 def _parse_query(query: str) -> dict[str, Any]:
+    """A URL's query as filesystem options: booleans parsed, and a ``*_kwargs`` value
+    written as a JSON object (``?config_kwargs={"s3":{"addressing_style":"path"}}``)
+    made the mapping fsspec wants (as a string it failed with "dictionary update
+    sequence element #0 has length 1")."""
     options: dict[str, Any] = {}
     for name, value in parse_qsl(query, keep_blank_values=True):
         if name in _BOOL_OPTIONS:
             options[name] = value.strip().lower() in ("1", "true", "yes", "on")
+        elif name.endswith("_kwargs"):
+            options[name] = _json_object(name, value)
         else:
             options[name] = value
+    return options
+
+
+def _json_object(name: str, value: str) -> dict[str, Any]:
+    """``value`` parsed as a JSON object; the error names the option, never the value
+    (it may hold a secret: ``client_kwargs={"aws_secret_access_key": ...}``)."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"URL option {name} must be a JSON object such as {{\"region_name\": \"us-east-1\"}}: "
+            f"{exc.msg} at character {exc.pos}"
+        ) from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"URL option {name} must be a JSON object, got a JSON {type(parsed).__name__}")
+    return parsed
+
+
+def _url_options(cls: Any, url: str) -> dict[str, Any]:
+    """What the filesystem class ``cls`` takes from ``url`` (without its query): FTP's,
+    SFTP's, WebHDFS' ``host``, ``port``, user and password. fsspec's own ``url_to_fs``
+    passes these; without them ``FTPFileSystem()`` failed ("missing 1 required positional
+    argument: 'host'"). A user name or password is percent-decoded, as a URL's userinfo
+    is written encoded (``p%40ss`` for ``p@ss``)."""
+    try:
+        options = dict(cls._get_kwargs_from_urls(url) or {})
+    except Exception as exc:  # a class that cannot parse it: the URL is refused
+        raise ValueError(f"{mask_url(url)}: not a URL this filesystem reads ({type(exc).__name__})") from None
+    for name in ("username", "user", "password"):
+        if isinstance(options.get(name), str):
+            options[name] = unquote(options[name])
     return options
 
 
@@ -366,10 +414,14 @@ class FsspecConnector(RemoteConnector):
         # mask_url re-joins the URL and would turn file:///x into file:/x; only
         # URLs that can hold a secret (userinfo, query) need it.
         self.display_url = mask_url(url) if ("@" in url or "?" in url) else url
-        merged = _parse_query(parts.query)
-        merged.update(options)
         self._cls = fsspec.get_filesystem_class(protocol)
         plain = f"{protocol}://{parts.netloc}{parts.path}"
+        # The URL's own (host, port, user, password), then its query, then keywords.
+        merged = _url_options(self._cls, plain)
+        merged.update(_parse_query(parts.query))
+        merged.update(options)
+        if protocol in _TIMEOUT_OPTION_PROTOCOLS:
+            merged.setdefault("timeout", float(timeout))
         root = self._cls._strip_protocol(plain)
         root = root.rstrip("/") if isinstance(root, str) else str(root)
         if protocol == "s3" and not root:
@@ -396,6 +448,8 @@ class FsspecConnector(RemoteConnector):
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._bucket_seen = float("-inf")  # when (time.monotonic) the S3 bucket was last seen to exist
+        self._thread_fs = threading.local()
+        self._opener = threading.get_ident()
         self._fs = self._open()
         if self._local:
             os.makedirs(self.root, exist_ok=True)
@@ -464,7 +518,17 @@ class FsspecConnector(RemoteConnector):
 
     @property
     def fs(self) -> Any:
-        """The filesystem client, reopened after a fork (async clients are per process)."""
+        """The filesystem client, reopened after a fork (async clients are per process);
+        one per thread for single-session protocols (``_PER_THREAD_PROTOCOLS``)."""
+        if self.protocol in _PER_THREAD_PROTOCOLS:
+            mine = getattr(self._thread_fs, "fs", None)
+            if mine is None or self._thread_fs.pid != os.getpid() or self._fs is None:
+                # The opening thread's client is the one _open made in __init__.
+                mine = self._fs if threading.get_ident() == self._opener and self._fs is not None else None
+                if mine is None or self._pid != os.getpid():
+                    mine = self._open()
+                self._thread_fs.fs, self._thread_fs.pid = mine, os.getpid()
+            return mine
         if self._pid != os.getpid() or self._fs is None:
             with self._lock:
                 if self._pid != os.getpid() or self._fs is None:
@@ -654,13 +718,45 @@ class FsspecConnector(RemoteConnector):
             self._put_local(self.path(key), parts)
             return
         body, size = self._body(parts)
+        if self.protocol in _RENAME_PUT_PROTOCOLS:
+            self._put_renamed(self.path(key), body)
+            return
         self.fs.pipe_file(self.path(key), body, **self._pipe_kwargs(size))
+
+    def _put_renamed(self, final: str, body: bytes) -> None:
+        """Write ``body`` under a temp name beside ``final``, then rename it over ``final``.
+
+        FTP's STOR (and SFTP, SMB, HDFS writes) fill the file in place, so a reader saw a
+        partial chunk, and fail where the directory is missing ("550 No such file or
+        directory" for every first put). The directory is made only when the write
+        fails, so a put to an existing one costs no extra round trip.
+        """
+        fs = self.fs
+        tmp = layout.temp_path(final)  # never looks like a chunk: listings skip it
+        try:
+            try:
+                fs.pipe_file(tmp, body)
+            except Exception:
+                parent = final.rsplit("/", 1)[0]
+                try:
+                    fs.makedirs(parent, exist_ok=True)
+                except Exception:
+                    if not fs.isdir(parent):  # made by another writer meanwhile: fine
+                        raise
+                fs.pipe_file(tmp, body)
+            fs.mv(tmp, final)
+        except BaseException:
+            try:
+                fs.rm_file(tmp)
+            except Exception:  # never written, or the server is gone: nothing to undo here
+                pass
+            raise
 
     def put_many(self, items: Sequence[tuple[CacheEngineKey, Sequence[bytes | memoryview]]]) -> None:
         """One batch ``pipe`` (concurrent PUTs on async filesystems)."""
-        if self._local:
+        if self._local or self.protocol in _RENAME_PUT_PROTOCOLS:
             for key, parts in items:
-                self._put_local(self.path(key), parts)
+                self.put(key, parts)
             return
         bodies: dict[str, Any] = {}
         largest = 0
