@@ -142,6 +142,8 @@ class LMCLocalBackend(LMCBackendInterface):
     def put_blocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
         """Store now; a non-blocking put of ``key`` still queued is discarded. Thread-safe."""
         self._check_put(key, kv_chunk)
+        if kv_chunk.requires_grad:  # the bytes only: a copy_ would tie the slot into the caller's graph
+            kv_chunk = kv_chunk.detach()
         with self._lock:
             # What is queued now was submitted before this put: it must never land after it.
             superseded = self._pending.get(key)
@@ -150,6 +152,8 @@ class LMCLocalBackend(LMCBackendInterface):
     def put_nonblocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
         """Queue the write; the caller must not modify ``kv_chunk`` until it is stored. Thread-safe."""
         self._check_put(key, kv_chunk)
+        if kv_chunk.requires_grad:  # the bytes only: not the caller's autograd graph
+            kv_chunk = kv_chunk.detach()
         for_library_threads(kv_chunk)  # the worker copies it on its own stream
         with self._lock:
             # Checked under the lock close() sets it under: a put that raced close()
@@ -234,17 +238,21 @@ class LMCLocalBackend(LMCBackendInterface):
         check_key(key)
         self._check_fork()
         with self._lock:
-            chunk = self._chunks.get(key)
+            # A queued put is newer than what is stored (read-your-writes of an overwrite).
+            pending = self._pending.get(key)
+            chunk = self._chunks.get(key) if pending is None else None
             if chunk is not None:
                 self._index.touch(key)
-            else:
-                pending = self._pending.get(key)
-                chunk = pending.clone() if pending is not None else None
+        if pending is not None:
+            chunk = pending.clone()  # the caller's tensor: a copy, outside the lock
         if chunk is None:
             self.stats.incr("misses")
             return None
         self.stats.incr("hits")
-        return self._to_dst(chunk)
+        # A tensor object of its own over the same memory (~1 us), not the stored one: an
+        # in-place change of shape or autograd state by the caller (``unsqueeze_``,
+        # ``requires_grad_``) changed what every later get returned.
+        return self._to_dst(chunk if pending is not None else chunk.detach())
 
     def contains(self, key: CacheEngineKey) -> bool:
         check_key(key)
@@ -274,7 +282,14 @@ class LMCLocalBackend(LMCBackendInterface):
     def list_info(self) -> builtins.list[ChunkInfo]:
         self._check_fork()
         with self._lock:
-            return [ChunkInfo(k, self._index.size_of(k)) for k in self._index]
+            # The keys list() gives: queued puts of new keys too.
+            infos = [ChunkInfo(k, self._index.size_of(k)) for k in self._index]
+            infos += [
+                ChunkInfo(k, c.numel() * c.element_size())
+                for k, c in self._pending.items()
+                if k not in self._chunks
+            ]
+            return infos
 
     def peek(self, key: CacheEngineKey) -> torch.Tensor | None:
         """The tier's own stored tensor of ``key`` on its storage device, or ``None``.
@@ -292,10 +307,13 @@ class LMCLocalBackend(LMCBackendInterface):
     def read_header(self, key: CacheEngineKey) -> ChunkHeader | None:
         self._check_fork()
         with self._lock:
-            chunk = self._chunks.get(key)
+            # As get: a queued put is newer than what is stored.
+            chunk = self._pending.get(key)
+            if chunk is None:
+                chunk = self._chunks.get(key)
         if chunk is None:
             return None
-        cpu = chunk.cpu()
+        cpu = chunk.detach().cpu().contiguous()
         return chunk_format.parse_header(chunk_format.encode_header(cpu, key.to_string()))
 
     @property

@@ -12,6 +12,7 @@ small buffers retained. Thread-safe.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import threading
@@ -30,6 +31,12 @@ _SCAN_LIMIT = 16
 _SCAN_LIMIT_SMALL = 2
 _SMALL_BYTES = 64 << 10
 _MAX_HINTS = 4096
+# When the pool is full and holds no free buffer of a requested capacity, free
+# buffers of other capacities stop being retained (else a pool filled by chunks
+# of one size would hold its whole budget idle while chunks of another size are
+# allocated beside it, twice the budget in all). Bounded work per acquire.
+_RECLAIM_RINGS = 32
+_RECLAIM_SCAN = 64
 # CPU buffers from this size on are asked for transparent huge pages (2 MiB): a
 # 32 MiB buffer in 4 KiB pages costs 8192 TLB entries, and on these VMs (nested
 # paging) a hot 32 MiB file read into it ran 5-7 % slower and hashing it 20 %
@@ -104,6 +111,9 @@ class BufferPool:
         self._hints: deque[int] = deque(maxlen=_MAX_HINTS)
         # capacity -> pinned slots carved from a slab and not handed out yet (paid for)
         self._spare: dict[int, list[torch.Tensor]] = {}
+        # data_ptrs of pinned slots: their slab is freed only with all its slots, so
+        # they are never reclaimed one by one
+        self._slotted: set[int] = set()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -144,6 +154,8 @@ class BufferPool:
         ]
         first = slots.pop()  # the slab's start
         self._spare[capacity] = slots
+        self._slotted.update(slot.data_ptr() for slot in slots)
+        self._slotted.add(first.data_ptr())
         return first
 
     def _new_buffer(self, capacity: int, touch: bool) -> torch.Tensor | None:
@@ -158,6 +170,33 @@ class BufferPool:
         self._free.setdefault(buf.numel(), deque()).append((buf, baseline))
         self._by_ptr[buf.data_ptr()] = (buf, baseline)
         return buf
+
+    def _reclaim(self, capacity: int) -> None:
+        """Stop retaining free buffers of other capacities until ``capacity`` more bytes
+        fit in ``max_bytes`` (or a bounded look found too few). Call under the lock."""
+        need = self.retained_bytes + capacity - self.max_bytes
+        looks = _RECLAIM_SCAN
+        for cap in list(itertools.islice(self._free, _RECLAIM_RINGS)):
+            if need <= 0 or looks <= 0:
+                return
+            if cap == capacity:
+                continue
+            ring = self._free.pop(cap)  # put back last: the next look starts at other rings
+            for _ in range(min(len(ring), looks)):
+                looks -= 1
+                buf, baseline = ring[0]
+                ptr = buf.data_ptr()
+                if ptr not in self._slotted and _use_count(buf) <= baseline:
+                    ring.popleft()  # nobody holds a view: dropping it frees the memory
+                    del self._by_ptr[ptr]
+                    self.retained_bytes -= cap
+                    need -= cap
+                    if need <= 0:
+                        break
+                else:
+                    ring.rotate(-1)
+            if ring:
+                self._free[cap] = ring
 
     def reserve(self, count: int, nbytes: int) -> int:
         """Pre-allocate and touch up to ``count`` buffers for chunks of ``nbytes``.
@@ -203,6 +242,9 @@ class BufferPool:
                         return buf[:nbytes]
             if _HAVE_USE_COUNT:
                 new = self._new_buffer(capacity, touch=False)
+                if new is None and self._free:
+                    self._reclaim(capacity)
+                    new = self._new_buffer(capacity, touch=False)
                 if new is not None:
                     return new[:nbytes]
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -223,6 +265,7 @@ class BufferPool:
             self._by_ptr.clear()
             self._hints.clear()
             self._spare.clear()
+            self._slotted.clear()
             self.retained_bytes = 0
 
     def stats(self) -> dict[str, Any]:
