@@ -22,30 +22,18 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from lmcache_cli.main import app
 from tests.test_cli import KEY, MODEL, tensor_file
+from tests.test_cli_audit_fixes import lmcache
 
 pytestmark = pytest.mark.usefixtures("private_cli_env")
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def lmcache(*args: str, code: int | None = 0) -> Any:
-    result = CliRunner().invoke(app, list(args))
-    if code is not None:
-        assert result.exit_code == code, (
-            f"lmcache {' '.join(args)} -> {result.exit_code}\nstdout: {result.stdout}\n"
-            f"stderr: {result.stderr}\nexception: {result.exception!r}"
-        )
-    return result
 
 
 @pytest.fixture

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import pytest
 import torch
 
-from lmcache_core import LMCacheEngineConfig, LMCacheEngineMetadata
+from lmcache_core import CacheEngineKey, LMCacheEngineConfig, LMCacheEngineMetadata
 from lmcache_core.errors import StoreUnavailableError
 from lmcache_core.storage_backend.circuit import CircuitBreaker
 from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend
@@ -133,6 +134,16 @@ def _removed(store: LMCHybridBackend, key) -> bool:
         return False
 
 
+def _a_queued_overwrite_fails(store: Any, proxy: TcpProxy, key: CacheEngineKey) -> None:
+    """Store chunk 1 under ``key``, then have a queued put of chunk 2 fail (connection
+    resets), and let the remote answer again: it still holds chunk 1."""
+    store.put(key, chunk(1), blocking=True)
+    proxy.set_mode("reset")
+    store.put(key, chunk(2), blocking=False)
+    assert wait_until(lambda: store.stats["background_put_failures"] == 1)
+    proxy.set_mode("forward")
+
+
 @pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
 def test_remote_get_after_a_failed_queued_put_is_a_miss_not_the_older_chunk(redis_server, pipelined):
     """put(blocking=False) of a newer chunk was acknowledged; its write failed (logged and
@@ -141,11 +152,7 @@ def test_remote_get_after_a_failed_queued_put_is_a_miss_not_the_older_chunk(redi
         store = remote(proxied_url(proxy), pipelined)
         try:
             key = make_key("queued-put-failed")
-            store.put(key, chunk(1), blocking=True)
-            proxy.set_mode("reset")
-            store.put(key, chunk(2), blocking=False)
-            assert wait_until(lambda: store.stats["background_put_failures"] == 1)
-            proxy.set_mode("forward")
+            _a_queued_overwrite_fails(store, proxy, key)
             time.sleep(0.6)  # the circuit's cooldown
             assert value_of(store.get(key)) is None
             assert [value_of(t) for t in store.batched_get([key])] == [None]
@@ -166,11 +173,7 @@ def test_a_forked_child_keeps_the_parents_failed_write_marks(redis_server):
         store = remote(proxied_url(proxy))
         try:
             key = make_key("fork-stale")
-            store.put(key, chunk(1), blocking=True)
-            proxy.set_mode("reset")
-            store.put(key, chunk(2), blocking=False)
-            assert wait_until(lambda: store.stats["background_put_failures"] == 1)
-            proxy.set_mode("forward")
+            _a_queued_overwrite_fails(store, proxy, key)
             pid = os.fork()
             if pid == 0:  # the child: exit status 0 = a miss, 1 = the older chunk, 2 = error
                 code = 2
