@@ -302,11 +302,7 @@ class Store:
             if unavailable is not None:
                 raise unavailable
             return None
-        try:
-            with open_chunk_file(path) as f:
-                return chunk_format.read_header(f, total_size=os.fstat(f.fileno()).st_size)
-        except (OSError, CorruptChunkError):
-            return None
+        return _file_header(path)
 
     # -- reading in full -----------------------------------------------------------
 
@@ -887,7 +883,7 @@ def plan_evict(
 @dataclass
 class EvictResult:
     """What ``run_evict`` did. ``left_alone``: chunks whose file changed since the plan
-    (a writer put a new copy there): kept, neither removed nor freed."""
+    (a writer put a new copy there, or a reader used it): kept, neither removed nor freed."""
 
     removed: int = 0
     freed: int = 0
@@ -899,10 +895,10 @@ def run_evict(store: Store, plan: EvictPlan) -> EvictResult:
     """Remove the plan's chunks.
 
     On a disk store a chunk's file is removed only while its path still holds the
-    file the plan listed (``ChunkEntry.identity``): a serving process that wrote the
-    chunk again since (the confirmation prompt may wait minutes) has just used it,
-    and its new copy stays (``left_alone``). A chunk already gone counts as neither
-    removed nor failed. Other stores (a remote object has no such identity, and no
+    file the plan listed (``ChunkEntry.identity``) and nobody read it since (its
+    atime): a serving process that wrote or served the chunk since (the
+    confirmation prompt may wait minutes) has just used it, and it stays
+    (``left_alone``). A chunk already gone counts as neither removed nor failed. Other stores (a remote object has no such identity, and no
     conditional delete that every connector shares) remove by key.
     """
     result = EvictResult()
@@ -910,7 +906,7 @@ def run_evict(store: Store, plan: EvictPlan) -> EvictResult:
         try:
             path = store.path_of(v.key)
             if path is not None and v.identity is not None:
-                outcome = _unlink_unchanged(path, v.identity)
+                outcome = _unlink_unchanged(path, v.identity, used_at=v.atime)
                 if outcome == _CHANGED:
                     result.left_alone.append(v.key.to_string())
                     continue
@@ -1083,7 +1079,10 @@ def _fix(store: Store, report: VerifyReport) -> None:
     On a disk store a bad chunk's file is removed only while it is still the file the
     check read: a serving process may have replaced it with a good copy meanwhile.
     A remote object has no such identity (and no conditional delete that every
-    connector shares): it is still removed by key.
+    connector shares): it is checked again right before it is removed by key, and
+    left alone unless it is still bad. A serving engine that missed on the bad
+    chunk recomputes and puts it again, often while a large store's verify is
+    still reading, and the fix deleted that good copy checked minutes earlier.
     """
     for b in report.bad:
         if b.key is None or b.status != CORRUPT:
@@ -1094,6 +1093,16 @@ def _fix(store: Store, report: VerifyReport) -> None:
                 if not _unlink_if_unchanged(path, b.identity):
                     report.left_alone.append(b.where)
                     continue
+            elif path is None:
+                again = store.check(b.key)
+                if again.status == UNVERIFIED:
+                    report.fix_failures.append(f"{b.where}: not removed: {again.reason}")
+                    continue
+                if again.status == OK:  # written again since the check: a good copy stays
+                    report.left_alone.append(b.where)
+                    continue
+                if again.status == CORRUPT:  # MISSING: someone else removed it already
+                    store.remove(b.key)
             else:
                 store.remove(b.key)
             report.removed.append(b.where)
@@ -1124,8 +1133,14 @@ _GONE = "gone"  # nothing at the path any more
 _CHANGED = "changed"  # another file at the path: left alone
 
 
-def _unlink_unchanged(path: str, identity: FileIdentity) -> str:
-    """Unlink ``path`` only while it is the file ``identity`` was taken from.
+def _unlink_unchanged(path: str, identity: FileIdentity, *, used_at: float | None = None) -> str:
+    """Unlink ``path`` only while it is the file ``identity`` was taken from (and, with
+    ``used_at``, while it has not been read since: its atime is still ``used_at``).
+
+    ``used_at``: a serving process's get marks the file used (atime); an evict plan
+    picked it as least recently used, or older than ``--older-than``, by the atime it
+    listed. Read since, it is neither any more, and removing it would evict the
+    chunk just served (the confirmation prompt may wait minutes).
 
     ``lstat``: a link put at the path is not the file checked. The stat is taken
     right before the unlink; a replace landing between the two is the one window
@@ -1137,7 +1152,8 @@ def _unlink_unchanged(path: str, identity: FileIdentity) -> str:
         ``_REMOVED``, ``_GONE`` (removed by someone else already) or ``_CHANGED``.
     """
     try:
-        if file_identity(os.lstat(path)) != identity:
+        st = os.lstat(path)
+        if file_identity(st) != identity or (used_at is not None and st.st_atime > used_at):
             return _CHANGED
         os.unlink(path)
     except FileNotFoundError:
@@ -1403,32 +1419,48 @@ def prefix_lookup(
 ) -> dict[str, Any]:
     """How many leading tokens (and chunks) of a prompt are cached, per tier.
 
-    On a disk store each chunk's header is read (no torch, no payload reads): a
-    chunk that is truncated, foreign, or of another length or shape ends the
-    prefix where ``get --tokens`` would end it (``lookup`` said "600 of 600
-    tokens" over three emptied files). Payload checksums are ``verify``'s job.
+    Each chunk's header is read (no payload): a chunk that is truncated, foreign,
+    or of another length or shape ends the prefix where ``get --tokens`` would end
+    it (``lookup`` said "600 of 600 tokens" over three emptied files, and over a
+    Redis or S3 object cut short, since ``contains`` only asks whether the name
+    exists). Overall, each chunk is judged by the first tier that holds a sound
+    header for it, as ``get --tokens`` reads the first tier with a good copy.
+    Payload checksums are ``verify``'s job. On a disk store no torch is imported.
+
+    Raises:
+        ValueError: an unknown ``fmt`` (or an invalid model name or rank).
+        StoreUnavailableError: a remote tier did not answer (not "0 cached").
     """
+    if fmt not in TOKEN_AXIS:
+        raise ValueError(f"fmt: {fmt!r} is not one of {', '.join(TOKEN_AXIS)}")
     hashes = chunk_hashes(token_ids, chunk_size)
     n = len(token_ids)
     keys = [CacheEngineKey(fmt, model, world_size, worker_id, h) for h in hashes]
-    if store.is_disk:
-        hits = 0
+    axis = TOKEN_AXIS[fmt]
+    tiers: list[tuple[str, Any]] = (
+        [(store.describe(), None)] if store.is_disk else (store.tiers() or [(store.backend.describe(), store.backend)])
+    )
+    seen: dict[tuple[int, int], ChunkHeader | None] = {}  # (tier, chunk) -> header: each read once
+
+    def header(t: int, i: int) -> ChunkHeader | None:
+        if (t, i) not in seen:
+            name, tier = tiers[t]
+            seen[t, i] = store.header(keys[i]) if tier is None else _tier_header(name, tier, keys[i])
+        return seen[t, i]
+
+    def prefix(in_tiers: range) -> int:
+        """Leading chunks with a sound header, each from the first of ``in_tiers`` holding one."""
         first: ChunkHeader | None = None
         for i, k in enumerate(keys):
-            header = store.header(k)
-            if header is None or not _continues(header, k, first, TOKEN_AXIS[fmt], min(chunk_size, n - i * chunk_size)):
-                break
-            first = first or header
-            hits += 1
-        tokens = min(n, hits * chunk_size)
-        per_tier = {store.describe(): tokens}
-    else:
-        from lmcache_core.tokens import ChunkedKVStore
+            h = next((h for t in in_tiers if (h := header(t, i)) is not None), None)
+            if h is None or not _continues(h, k, first, axis, min(chunk_size, n - i * chunk_size)):
+                return i
+            first = first or h
+        return len(keys)
 
-        look = ChunkedKVStore(
-            store.backend, model, fmt=fmt, chunk_size=chunk_size, world_size=world_size, worker_id=worker_id
-        ).lookup(token_ids)
-        hits, tokens, per_tier = look.chunks, look.tokens, dict(look.per_tier)
+    per_tier = {name: min(n, prefix(range(t, t + 1)) * chunk_size) for t, (name, _) in enumerate(tiers)}
+    hits = prefix(range(len(tiers)))
+    tokens = min(n, hits * chunk_size)
     return {
         "model": model,
         "tokens": tokens,
@@ -1438,6 +1470,39 @@ def prefix_lookup(
         "chunk_size": chunk_size,
         "per_tier": [{"tier": k, "tokens": v, "chunks": -(-v // chunk_size)} for k, v in per_tier.items()],
     }
+
+
+def _file_header(path: str) -> ChunkHeader | None:
+    """A chunk file's header (its size checked against it); None when absent or unreadable.
+    Read-only, atime kept (``open_chunk_file``)."""
+    try:
+        with open_chunk_file(path) as f:
+            return chunk_format.read_header(f, total_size=os.fstat(f.fileno()).st_size)
+    except (OSError, CorruptChunkError):
+        return None
+
+
+def _tier_header(name: str, tier: Any, key: CacheEngineKey) -> ChunkHeader | None:
+    """One tier's header of ``key`` for ``prefix_lookup``: a remote's from a ranged read
+    (raises on an outage), a disk tier's from its file (no index, atime kept), a memory
+    tier's from its tensor.
+
+    Raises:
+        StoreUnavailableError: a remote tier did not answer.
+    """
+    from lmcache_core.storage_backend.local_backend import LMCLocalDiskBackend
+    from lmcache_core.storage_backend.remote_backend import LMCRemoteBackend
+
+    if isinstance(tier, LMCRemoteBackend):
+        # ``contains`` first: it is the question ``store_tiers.answered`` watches
+        # (an unanswered one is an error, a retried one an answer), and a key this
+        # process knows is absent costs no ranged read.
+        if not tier.contains(key):
+            return None
+        return cast("ChunkHeader | None", tier.fetch_header(key))
+    if isinstance(tier, LMCLocalDiskBackend):
+        return _file_header(layout.disk_path(tier.root, key))
+    return cast("ChunkHeader | None", tier.read_header(key))
 
 
 def _continues(header: ChunkHeader, key: CacheEngineKey, first: ChunkHeader | None, axis: int, tokens: int) -> bool:

@@ -126,7 +126,7 @@ def evict(
     if result.left_alone:
         out.warn(
             f"{plural(len(result.left_alone), 'chunk')} changed since the plan (e.g. {result.left_alone[0]}): "
-            "written again since it was listed, so in use; left alone"
+            "written or read again since it was listed, so in use; left alone"
         )
     if failures:
         for f in failures[:10]:
