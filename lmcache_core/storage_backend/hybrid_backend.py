@@ -545,9 +545,16 @@ class LMCHybridBackend(LMCBackendInterface):
             return False
 
     def remove(self, key: CacheEngineKey) -> bool:
+        """Remove ``key`` from every tier; True if any held it. Thread-safe.
+
+        Every tier is tried; if one failed (a remote outage), the first failure is
+        raised once the others are done: the chunk may still be there, and a caller
+        (``lmcache evict``, ``verify --fix``) reported it removed.
+        """
         check_key(key)
         self._check_fork()
         found = False
+        failed: Exception | None = None
         stripe = self._begin_write(key)  # a fill of what was read before cannot bring it back
         try:
             for _, tier in self.tiers():
@@ -555,8 +562,11 @@ class LMCHybridBackend(LMCBackendInterface):
                     found = tier.remove(key) or found
                 except Exception as exc:
                     logger.warning("remove of %s from %s failed: %s", key, tier.describe(), exc)
+                    failed = failed or exc
         finally:
             self._end_write(key, stripe)
+        if failed is not None:
+            raise failed
         return found
 
     def list_info(self, skip_failed: bool = True) -> list[ChunkInfo]:
