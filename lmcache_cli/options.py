@@ -120,10 +120,17 @@ WorkerIdOption = Annotated[int, typer.Option("--worker-id", metavar="N", min=0, 
 KvFmtOption = Annotated[KvFmt, typer.Option("--fmt", metavar="vllm|huggingface", help="KV layout: vllm [L,2,T,H,D] or huggingface [L,2,H,T,D].")]
 
 
-def warn_unknown_ages(out: Output, entries: Sequence[ChunkEntry], where: str) -> None:
+def warn_unknown_ages(out: Output, entries: Sequence[ChunkEntry], where: str, option: str = "--older-than") -> None:
     """Warn that ``--older-than`` cannot match chunks whose medium records no age (Redis),
-    rather than let it match nothing in silence."""
+    rather than let it match nothing in silence; for ``--to-size``, that it takes them
+    first, in key order, which is no least-recently-used order."""
     unknown = sum(1 for e in entries if e.last_used is None)
     if unknown:
         what = "chunk has" if unknown == 1 else "chunks have"
-        out.warn(f"{unknown} {what} no recorded age in {where}; --older-than never selects them")
+        if option == "--to-size":
+            out.warn(
+                f"{unknown} {what} no recorded age in {where}; --to-size removes them first, "
+                "in key order, not least recently used first"
+            )
+        else:
+            out.warn(f"{unknown} {what} no recorded age in {where}; {option} never selects them")

@@ -273,6 +273,9 @@ def test_older_than_on_redis_warns_that_ages_are_unknown(redis_server: Any) -> N
     assert "no recorded age" in r.stderr and "--older-than" in r.stderr
     r = lmcache("--store", url, "evict", "--older-than", "1d", "--dry-run")
     assert "no recorded age" in r.stderr
+    # --to-size takes them first, in key order: said, not passed off as LRU.
+    r = lmcache("--store", url, "evict", "--to-size", "0", "--dry-run")
+    assert "no recorded age" in r.stderr and "key order" in r.stderr
 
 
 def test_put_tokens_into_a_tiered_store_whose_remote_is_down_fails(tmp_path: Path, redis_server_private: Any) -> None:

@@ -75,6 +75,8 @@ def evict(
         listed = store.entries()
         if max_age is not None:
             warn_unknown_ages(out, listed, store.describe())
+        elif target is not None:
+            warn_unknown_ages(out, listed, store.describe(), "--to-size")
         plan = store_ops.plan_evict(
             listed, pattern=pattern, model=model, older_than=max_age, to_size=target, now=now
         )
