@@ -132,6 +132,17 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
+class StoreDeniedError(StoreUnavailableError, PermissionError):
+    """The server answered and refused the command: an ACL's ``NOPERM``, or a read-only
+    replica's ``READONLY``.
+
+    A ``StoreUnavailableError`` to callers (a read is a miss, a write fails), and a
+    ``PermissionError``, which the remote backend takes for an answer: the server is
+    up, so it is neither retried nor a strike against the circuit (a user allowed to
+    read but not write would otherwise shut off its reads with every refused put).
+    """
+
+
 def _import_redis() -> Any:
     try:
         import redis
@@ -182,7 +193,9 @@ class RedisConnector(RemoteConnector):
     parent's sockets. Every call is bounded by ``timeout`` (connect and each socket
     read/write); a stale pooled connection (server restarted) is retried once on a fresh
     one. Transport failures raise ``StoreUnavailableError``; Redis at ``maxmemory``
-    raises ``StoreFullError``.
+    raises ``StoreFullError``; a command an ACL or a read-only replica refuses raises
+    ``StoreDeniedError``. With ``max_connections``, a call waits up to ``timeout`` for
+    a pooled connection to come free rather than failing at once.
 
     Args:
         url: see the module docstring; secrets in it never reach a message.
@@ -233,8 +246,9 @@ class RedisConnector(RemoteConnector):
         try:
             if self.cluster:
                 self._cluster_args = _parse_cluster_url(stripped)
+                url_options = self._cluster_args["kwargs"]
             else:
-                self._redis.connection.parse_url(stripped)
+                url_options = self._redis.connection.parse_url(stripped)
                 _check_db_path(stripped)
         except ValueError as exc:
             # Only our own messages: redis-py's quote parts of the URL, and in a mistyped
@@ -242,6 +256,10 @@ class RedisConnector(RemoteConnector):
             why = str(exc) if isinstance(exc, _UrlError) else "expected redis://[user:pw@]host:port/db"
             raise ValueError(f"not a valid Redis URL: {self.display_url}: {why}") from None
         self._hooks = _fast_path_hooks(int(options.get("protocol") or 2))
+        # A bounded pool waits for a free connection (_waiting_pool_class); an unbounded
+        # one keeps redis-py's own class, whose release() has nothing to wake.
+        bounded = options.get("max_connections", url_options.get("max_connections")) is not None
+        self._pool_class: Any = _waiting_pool_class() if bounded else self._redis.ConnectionPool
         #: whether ``put`` sends header and payload without joining them first
         self.zero_copy_put = "command_packer" in self._hooks
         #: whether ``put_chunk`` stages large chunks and hashes them as they are sent
@@ -313,7 +331,9 @@ class RedisConnector(RemoteConnector):
                 cluster_kwargs["url"] = f"{scheme}://{host}:{first.port}"
                 # cleanup_kwargs() in RedisCluster drops health_check_interval; the pool keeps it.
                 extra = {"health_check_interval": cluster_kwargs.pop("health_check_interval", 30)}
-                cluster_kwargs["connection_pool_class"] = _pool_class({**self._hooks, **extra})
+                cluster_kwargs["connection_pool_class"] = _pool_class({**self._hooks, **extra}, self._pool_class)
+            elif self._pool_class is not redis.ConnectionPool:
+                cluster_kwargs["connection_pool_class"] = self._pool_class
             try:
                 return redis.cluster.RedisCluster(startup_nodes=nodes, retry=self._retry(), **cluster_kwargs)
             except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
@@ -321,7 +341,7 @@ class RedisConnector(RemoteConnector):
         # RESP2: every server and proxy speaks it, and it needs no HELLO round trip.
         kwargs: dict[str, Any] = {**self._hooks, **common, "retry": self._retry(), "protocol": 2}
         kwargs.update(self._options)
-        pool = redis.ConnectionPool.from_url(self._url, **kwargs)
+        pool = self._pool_class.from_url(self._url, **kwargs)
         return redis.Redis(connection_pool=pool)
 
     def _name(self, key: CacheEngineKey) -> bytes:
@@ -346,6 +366,8 @@ class RedisConnector(RemoteConnector):
             return fn(self._client())
         except redis.exceptions.OutOfMemoryError as exc:
             raise StoreFullError(self.display_url, f"{what}: Redis is at maxmemory ({exc})") from exc
+        except (redis.exceptions.NoPermissionError, redis.exceptions.ReadOnlyError) as exc:
+            raise StoreDeniedError(self.display_url, f"{what}: {type(exc).__name__}: {exc}") from exc
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
             raise StoreUnavailableError(self.display_url, f"{what}: {type(exc).__name__}: {exc}") from exc
 
@@ -409,7 +431,7 @@ class RedisConnector(RemoteConnector):
         try:
             _time_left(deadline)
             pool = self._client().connection_pool
-            if type(pool) is not redis.ConnectionPool or getattr(pool, "cache", None) is not None:
+            if type(pool) is not self._pool_class or getattr(pool, "cache", None) is not None:
                 self._inline_puts = False  # as put_chunk_by: leave other pools to redis-py
                 return None
             conn = _take_open_connection(pool, redis)
@@ -427,6 +449,8 @@ class RedisConnector(RemoteConnector):
             finally:
                 _arriving.payload = _arriving.deadline = None
                 pool.release(conn)
+        except (redis.exceptions.NoPermissionError, redis.exceptions.ReadOnlyError) as exc:
+            raise StoreDeniedError(self.display_url, f"GET: {type(exc).__name__}: {exc}") from exc
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StoreUnavailableError(self.display_url, f"GET: {type(exc).__name__}: {exc}") from exc
         self.learn_value_sizes((value,))
@@ -524,7 +548,7 @@ class RedisConnector(RemoteConnector):
         try:
             _time_left(deadline)
             pool = self._client().connection_pool
-            if type(pool) is not redis.ConnectionPool or getattr(pool, "cache", None) is not None:
+            if type(pool) is not self._pool_class or getattr(pool, "cache", None) is not None:
                 # Another pool class (a user's, or client-side caching's connection proxies)
                 # keeps its connections differently: leave them to redis-py.
                 self._inline_puts = False
@@ -544,6 +568,8 @@ class RedisConnector(RemoteConnector):
                 pool.release(conn)
         except redis.exceptions.OutOfMemoryError as exc:
             raise StoreFullError(self.display_url, f"SET: Redis is at maxmemory ({exc})") from exc
+        except (redis.exceptions.NoPermissionError, redis.exceptions.ReadOnlyError) as exc:
+            raise StoreDeniedError(self.display_url, f"SET: {type(exc).__name__}: {exc}") from exc
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StoreUnavailableError(self.display_url, f"SET: {type(exc).__name__}: {exc}") from exc
         return True
@@ -926,15 +952,60 @@ class _ChunkValuePacker:
         return itertools.chain.from_iterable(lazy + [out]) if lazy else out
 
 
-def _pool_class(hooks: dict[str, Any]) -> type:
-    """A ConnectionPool that gives its connections ``hooks`` (for cluster node clients)."""
-    import redis
+def _pool_class(hooks: dict[str, Any], base: type) -> type:
+    """A ``base`` pool that gives its connections ``hooks`` (for cluster node clients)."""
 
-    class HookedConnectionPool(redis.ConnectionPool):  # type: ignore[misc]
+    class HookedConnectionPool(base):  # type: ignore[misc, valid-type]
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**{**kwargs, **hooks})
 
     return HookedConnectionPool
+
+
+@functools.lru_cache(maxsize=1)
+def _waiting_pool_class() -> type:
+    """redis-py's ConnectionPool, except that at ``max_connections`` a caller waits for a
+    connection to come free (up to the socket timeout) instead of failing at once.
+
+    redis-py's own raises ``MaxConnectionsError``, a ``ConnectionError``: more callers
+    than connections read as an outage of a healthy server (misses, failed puts,
+    retries and strikes against the circuit; a cluster client re-reads its topology).
+    ``redis.BlockingConnectionPool`` waits too, but keeps its connections in a queue
+    that ``_take_open_connection`` cannot use. Thread-safe and fork-safe as redis-py's
+    pool (``reset`` after a fork makes a new condition too).
+    """
+    import redis
+    from redis.exceptions import MaxConnectionsError
+
+    class WaitingConnectionPool(redis.ConnectionPool):  # type: ignore[misc]
+        def reset(self) -> None:
+            # Also run by __init__ and after a fork (a condition a parent thread held
+            # at fork() would stay held in the child).
+            self._room = threading.Condition(threading.Lock())
+            self._freed = 0  # connections released so far: a waiter wakes on a change
+            super().reset()
+
+        def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+            deadline = time.monotonic() + float(self.connection_kwargs.get("socket_timeout") or 5.0)
+            while True:
+                freed = self._freed
+                try:
+                    return super().get_connection(*args, **kwargs)
+                except MaxConnectionsError:
+                    with self._room:
+                        while self._freed == freed:
+                            left = deadline - time.monotonic()
+                            if left <= 0:
+                                raise
+                            self._room.wait(left)
+
+        def release(self, connection: Any) -> None:
+            super().release(connection)
+            with self._room:
+                self._freed += 1
+                self._room.notify()
+
+    return WaitingConnectionPool
 
 
 _HOOKS: dict[int, dict[str, Any]] = {}
