@@ -45,6 +45,13 @@ _S3_DEFAULT_CHUNKSIZE = 50 * 2**20
 _S3_JOIN_BODY_BYTES = 8 * 2**20
 # Connections per S3 client: enough for a pipelined batch of 16 plus puts.
 _S3_POOL_CONNECTIONS = 32
+#: A PUT on an async filesystem is given up (its connection closed) after this many
+#: store timeouts. Its socket timeouts do not bound it: aiohttp waits for the "100
+#: Continue" botocore asks for before sending a body with no timer at all, so a server
+#: that took the headers and went silent (or an HTTP/1.0 server or proxy, which never
+#: sends one) held the PUT, its I/O thread and its pooled connection for good. Every
+#: caller has given up by one timeout; the second leaves it the first word.
+PUT_LIMIT_TIMEOUTS = 2.0
 #: Bytes one ``get_many`` keeps in flight (see ``FsspecConnector.get_many``).
 BATCH_BUDGET_BYTES = 64 * 2**20
 #: Seconds an S3 bucket seen to exist is taken to exist: ``exists`` asks again (one more
@@ -363,6 +370,27 @@ async def _get_pooled_many(fs: Any, paths: Sequence[str], in_flight: int) -> lis
             return await _get_pooled(fs, path)
 
     return list(await asyncio.gather(*(one(p) for p in paths), return_exceptions=True))
+
+
+async def _pipe_bounded(fs: Any, bodies: dict[str, Any], limit: float, **kwargs: Any) -> None:
+    """``fs._pipe_file`` of every body, at most ``_S3_POOL_CONNECTIONS`` at once, each
+    given up after ``limit`` seconds (``PUT_LIMIT_TIMEOUTS``); the first failure raises
+    once all have ended."""
+    import asyncio
+
+    gate = asyncio.Semaphore(_S3_POOL_CONNECTIONS)  # waiting for a connection is no PUT's time
+
+    async def one(path: str, body: Any) -> None:
+        async with gate:
+            try:
+                await asyncio.wait_for(fs._pipe_file(path, body, **kwargs), limit)
+            except asyncio.TimeoutError as exc:
+                raise TimeoutError(f"PUT of {path}: no answer within {limit:g} s") from exc
+
+    results = await asyncio.gather(*(one(p, b) for p, b in bodies.items()), return_exceptions=True)
+    error = next((r for r in results if isinstance(r, BaseException)), None)
+    if error is not None:
+        raise error
 
 
 def _timestamp(info: dict[str, Any]) -> float | None:
@@ -721,7 +749,7 @@ class FsspecConnector(RemoteConnector):
         if self.protocol in _RENAME_PUT_PROTOCOLS:
             self._put_renamed(self.path(key), body)
             return
-        self.fs.pipe_file(self.path(key), body, **self._pipe_kwargs(size))
+        self._pipe({self.path(key): body}, size)
 
     def _put_renamed(self, final: str, body: bytes) -> None:
         """Write ``body`` under a temp name beside ``final``, then rename it over ``final``.
@@ -765,7 +793,29 @@ class FsspecConnector(RemoteConnector):
             bodies[self.path(key)] = body
             largest = max(largest, size)
         if bodies:
-            self.fs.pipe(bodies, **self._pipe_kwargs(largest))
+            self._pipe(bodies, largest)
+
+    def _pipe(self, bodies: dict[str, Any], largest: int) -> None:
+        """PUT ``bodies`` (path -> body); on async filesystems each PUT is given up after
+        ``PUT_LIMIT_TIMEOUTS`` store timeouts."""
+        fs = self.fs
+        kwargs = self._pipe_kwargs(largest)
+        if not getattr(fs, "async_impl", False):
+            fs.pipe(bodies, **kwargs)
+            return
+        limit = PUT_LIMIT_TIMEOUTS * self.timeout
+        try:
+            if len(bodies) == 1:
+                ((path, body),) = bodies.items()
+                fs.pipe_file(path, body, timeout=limit, **kwargs)  # fsspec's sync: asyncio.wait_for
+            else:
+                from fsspec.asyn import sync
+
+                sync(fs.loop, _pipe_bounded, fs, bodies, limit, **kwargs)
+        except TimeoutError as exc:  # fsspec's sync makes every TimeoutError a bare FSTimeoutError()
+            cause = exc.__cause__
+            why = str(cause) if cause is not None and str(cause) else f"PUT: no answer within {limit:g} s"
+            raise TimeoutError(why) from cause
 
     def _body(self, parts: Sequence[bytes | memoryview]) -> tuple[Any, int]:
         size = sum(memoryview(p).nbytes for p in parts)
