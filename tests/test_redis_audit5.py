@@ -7,6 +7,7 @@ performance assertions.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -215,3 +216,23 @@ def test_waiting_for_a_connection_ends_at_the_timeout_or_when_one_comes_free(red
     threading.Timer(0.2, pool.release, args=(held,)).start()
     assert conn.get(key) == b"value"
     conn.close()
+
+
+def test_refusals_are_a_warning_once_a_minute_not_only_debug_lines(redis_server_private, caplog):
+    """Refused gets are misses, never raised: with access denied (expired credentials, an
+    ACL) a serving process logged them only at debug, and showed nothing but counters."""
+    server = redis_server_private
+    _fill(f"{server.url}?prefix=shut2:", {make_key("no"): chunk(1)})
+    with server.client() as c:
+        c.execute_command("ACL", "SETUSER", "outsider", "on", ">s3cret", "~open2:*", "+@all")
+    store = backend_for(f"redis://outsider:s3cret@127.0.0.1:{server.port}/0?prefix=shut2:")
+    try:
+        with caplog.at_level(logging.DEBUG, logger="lmcache_core"):
+            for _ in range(4):
+                assert store.get(make_key("no")) is None
+        refused = [r for r in caplog.records if "refused" in r.getMessage()]
+        warned = [r for r in refused if r.levelno == logging.WARNING]
+        assert len(warned) == 1 and len(refused) == 4, [(r.levelname, r.getMessage()) for r in refused]
+        assert "NoPermission" in warned[0].getMessage() and "s3cret" not in caplog.text
+    finally:
+        store.close()

@@ -193,6 +193,10 @@ _POOLED_COPY_MIN_BYTES = 256 * 1024
 #: trip: the most recently seen ones (an unbounded set grew by every key a serving
 #: process ever put or listed, ~200 bytes each).
 KNOWN_KEYS_MAX = 1 << 18
+#: A refusal (access denied, store full) is logged as a warning at most this often per
+#: kind; the rest at debug. Gets that are refused are misses, never raised: with expired
+#: credentials a serving process showed nothing but its ``unavailable`` counts.
+REFUSAL_WARN_EVERY_S = 60.0
 
 
 class _KnownKeys:
@@ -292,6 +296,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         self.connector: RemoteConnector = connector or self._open_connector()
         self.display_url = self.connector.display_url or mask_url(config.remote_url or "")
         self.breaker = breaker or CircuitBreaker(name=self.display_url)
+        self._refusals_warned: dict[str, float] = {}  # kind -> when (monotonic) last warned
         self.list_timeout = list_timeout if list_timeout is not None else 10 * self.timeout
         self.close_timeout = (
             close_timeout
@@ -456,7 +461,7 @@ class LMCRemoteBackend(LMCBackendInterface):
                 # The remote is up and said no (full, access denied): not an
                 # outage, so neither a retry nor a strike against the circuit.
                 self.breaker.record_success()
-                logger.debug("%s: %s refused: %r", self.display_url, what, exc)
+                self._log_refusal(what, exc)
                 raise
             except Exception as exc:
                 pause = self._failed(what, exc, attempt, attempts, started, deadline)
@@ -467,6 +472,21 @@ class LMCRemoteBackend(LMCBackendInterface):
             self.breaker.record_success()
             return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _log_refusal(self, what: str, exc: BaseException) -> None:
+        """A refusal as a warning once every ``REFUSAL_WARN_EVERY_S`` per kind, else at
+        debug. Thread-safe (a race costs at most one more line)."""
+        kind = type(exc).__name__
+        now = time.monotonic()
+        last = self._refusals_warned.get(kind)
+        if last is None or now - last >= REFUSAL_WARN_EVERY_S:
+            self._refusals_warned[kind] = now
+            logger.warning(
+                "%s: %s refused: %s (such refusals are logged once a minute)",
+                self.display_url, what, mask_secrets_in(str(exc) or kind),
+            )
+        else:
+            logger.debug("%s: %s refused: %s", self.display_url, what, mask_secrets_in(str(exc) or kind))
 
     def _failed(
         self, what: str, exc: Exception, attempt: int, attempts: int, started: float, deadline: float
