@@ -17,12 +17,14 @@ Real components only: pyftpdlib's FTP server, moto's S3 server, the CLI as a sub
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote
@@ -60,6 +62,17 @@ def _closed_port() -> int:
 @pytest.fixture
 def ftp_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """A real FTP server on loopback (pyftpdlib), user ``u`` with ``FTP_PASSWORD``."""
+    yield from _ftp_server(tmp_path)
+
+
+@pytest.fixture
+def ftp_server_closing_idle_sessions(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """As ``ftp_server``, closing sessions idle for a second (vsftpd's and pyftpdlib's
+    default is 300 s)."""
+    yield from _ftp_server(tmp_path, idle_timeout=1)
+
+
+def _ftp_server(tmp_path: Path, idle_timeout: int = 300) -> Iterator[tuple[int, Path]]:
     pytest.importorskip("pyftpdlib", reason="pip install pyftpdlib (test dependency)")
     from pyftpdlib.authorizers import DummyAuthorizer
     from pyftpdlib.handlers import FTPHandler
@@ -70,7 +83,7 @@ def ftp_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     root.mkdir()
     authorizer = DummyAuthorizer()
     authorizer.add_user("u", FTP_PASSWORD, str(root), perm="elradfmwMT")
-    handler = type("Handler", (FTPHandler,), {"authorizer": authorizer})
+    handler = type("Handler", (FTPHandler,), {"authorizer": authorizer, "timeout": idle_timeout})
     server = ThreadedFTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"timeout": 0.1}, daemon=True)
     thread.start()
@@ -109,6 +122,31 @@ def test_an_ftp_url_with_its_password_in_it_stores_lists_and_removes_chunks(ftp_
     on_disk = sorted(p.name for p in (root / "store").rglob("*") if p.is_file())
     assert len(on_disk) == len(keys) - 1
     assert all(name.endswith(".safetensors") and not name.startswith(".") for name in on_disk)  # no temp left
+
+
+def test_ftp_sessions_the_server_closed_for_idling_are_replaced(ftp_server_closing_idle_sessions: tuple[int, Path]) -> None:
+    """Found by review: fsspec's FTP client never reconnects after a failed command, so
+    once the server closed the I/O threads' idle sessions every put failed and every
+    get missed, retries too, against a healthy server. A failed call now drops its
+    thread's session; the next one logs in afresh."""
+    port, _ = ftp_server_closing_idle_sessions
+    store = open_backend(f"ftp://u:{quote(FTP_PASSWORD, safe='')}@127.0.0.1:{port}/store", remote_timeout=5)
+    kv = torch.randn(2, 2, 16, 2, 8)
+    try:
+        for i in range(40):  # sessions open on the I/O threads
+            store.put(make_key(i), kv)
+            assert store.get(make_key(0)) is not None
+        time.sleep(2.5)  # the server closes them all
+        served = []
+        for i in range(30):
+            with contextlib.suppress(Exception):
+                store.put(make_key(100 + i), kv)
+            got = store.get(make_key(100 + i))
+            served.append(got is not None and torch.equal(got, kv))
+        assert all(served[-10:]) and sum(served) >= 20, served  # a thread's first call may fail once
+        assert store.breaker.state == "closed"
+    finally:
+        store.close()
 
 
 def test_an_ftp_put_is_published_by_a_rename_never_written_in_place(ftp_server: tuple[int, Path]) -> None:

@@ -18,8 +18,9 @@ import os
 import sys
 import threading
 import time
+import types
 from datetime import datetime
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from lmcache_core import chunk_format, layout
@@ -72,10 +73,17 @@ _TIMEOUT_OPTION_PROTOCOLS = frozenset({"ftp", "sftp", "smb"})
 # Filesystems over one session whose commands must not interleave (ftplib's control
 # connection, an SSH channel): each thread gets a client of its own.
 _PER_THREAD_PROTOCOLS = frozenset({"ftp", "sftp"})
-# Filesystems of directories whose write is no single atomic PUT (FTP's STOR, SFTP,
-# SMB, HDFS write in place, and need the directory to exist): a put writes a temp name
-# in the chunk's directory, made when missing, then renames it over the chunk.
-_RENAME_PUT_PROTOCOLS = frozenset({"ftp", "sftp", "smb", "hdfs", "arrow_hdfs", "webhdfs"})
+# What a single-session client runs: after any of these fails, the thread's session is
+# dropped and the next call logs in afresh. fsspec's FTP client never reconnects after a
+# failed command, so one that the server closed for idling (300 s by default on vsftpd
+# and pyftpdlib) failed every later call on that thread, with the retries too.
+_SESSION_CALLS = ("open_stream", "get", "get_many", "get_head", "exists", "put", "put_many", "delete", "list", "list_rank")
+# Filesystems of directories whose write is no single atomic PUT (FTP's STOR and SFTP
+# write in place, and need the directory to exist): a put writes a temp name in the
+# chunk's directory, made when missing, then renames it over the chunk (FTP's RNTO and
+# SFTP's posix-rename replace an existing chunk). SMB and HDFS stay out: their renames
+# refuse an existing target, so every put of a stored key would fail.
+_RENAME_PUT_PROTOCOLS = frozenset({"ftp", "sftp"})
 
 
 class PartsReader(io.RawIOBase):
@@ -393,6 +401,18 @@ async def _pipe_bounded(fs: Any, bodies: dict[str, Any], limit: float, **kwargs:
         raise error
 
 
+def _log_out(fs: Any) -> None:
+    """Close a single-session client's connection (FTP's ``ftp``, SFTP's ``ftp`` and
+    ``client``), best effort: it may be dead already."""
+    for name in ("ftp", "client"):
+        close = getattr(getattr(fs, name, None), "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - a dead session has nothing to close
+                pass
+
+
 def _timestamp(info: dict[str, Any]) -> float | None:
     for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
         value = info.get(field)
@@ -477,10 +497,14 @@ class FsspecConnector(RemoteConnector):
         self._pid = os.getpid()
         self._bucket_seen = float("-inf")  # when (time.monotonic) the S3 bucket was last seen to exist
         self._thread_fs = threading.local()
-        self._opener = threading.get_ident()
+        self._opener: int | None = threading.get_ident()
+        self._sessions: list[Any] = []  # single-session clients opened (closed by close())
         self._fs = self._open()
         if self._local:
             os.makedirs(self.root, exist_ok=True)
+        if self.protocol in _PER_THREAD_PROTOCOLS:
+            for name in _SESSION_CALLS:
+                setattr(self, name, self._dropping_session_on_failure(getattr(self, name)))
 
     @staticmethod
     def _filesystem_options(
@@ -532,6 +556,13 @@ class FsspecConnector(RemoteConnector):
         # fsspec's instance cache shares one client among connectors with the
         # same options (building an S3 client costs ~0.3 s); it is per process,
         # so a forked child gets its own.
+        if self.protocol in _PER_THREAD_PROTOCOLS:
+            # Not from fsspec's instance cache: a session this connector dropped as dead
+            # must not come back from it, and close() may log every one out.
+            fs = self._cls(skip_instance_cache=True, **self._fs_kwargs)
+            with self._lock:
+                self._sessions.append(fs)
+            return fs
         fs = self._cls(**self._fs_kwargs)
         if self.protocol == "s3":
             fs.retries = 1  # s3fs retries with sleeps of its own; see config_kwargs
@@ -563,6 +594,42 @@ class FsspecConnector(RemoteConnector):
                     self._fs = self._open()
                     self._pid = os.getpid()
         return self._fs
+
+    def _dropping_session_on_failure(self, call: Callable[..., Any]) -> Callable[..., Any]:
+        """``call``, after whose failure (also while iterating a listing) this thread's
+        session is dropped: the next call, a retry too, opens a new one."""
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                result = call(*args, **kwargs)
+            except Exception as exc:
+                self._drop_session(exc)
+                raise
+            return self._guarded_iter(result) if isinstance(result, types.GeneratorType) else result
+
+        guarded.__doc__ = call.__doc__
+        return guarded
+
+    def _guarded_iter(self, items: Iterator[Any]) -> Iterator[Any]:
+        try:
+            yield from items
+        except Exception as exc:
+            self._drop_session(exc)
+            raise
+
+    def _drop_session(self, exc: Exception) -> None:
+        """Forget (and log out) this thread's session unless ``exc`` says nothing of it."""
+        if isinstance(exc, (FileNotFoundError, ValueError)):  # a miss, a bad argument
+            return
+        mine = getattr(self._thread_fs, "fs", None)
+        self._thread_fs.fs = None
+        if mine is None:
+            return
+        with self._lock:
+            if mine is self._fs:
+                self._opener = None  # the opening thread must not pick it up again either
+            self._sessions = [fs for fs in self._sessions if fs is not mine]  # equal is not same
+        _log_out(mine)
 
     def path(self, key: CacheEngineKey) -> str:
         """The object's full path in the filesystem (without protocol)."""
@@ -901,6 +968,10 @@ class FsspecConnector(RemoteConnector):
         closed here; they close with the process.
         """
         self._fs = None
+        with self._lock:  # single-session clients are this connector's own: logged out
+            sessions, self._sessions = self._sessions, []
+        for fs in sessions:
+            _log_out(fs)
 
     def __repr__(self) -> str:
         return f"FsspecConnector({self.display_url!r})"
