@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit, urlunsplit
 
 from lmcache_core.errors import ConfigError
 from lmcache_core.key import FORMATS
@@ -602,8 +602,12 @@ def mask_url(url: str) -> str:
 # a URL. Its spaces and quotes split it into several words for ``mask_secrets_in``, and
 # its members are ``"name": value``, not ``name=value``: neither pass saw its secrets.
 _JSON_OPEN_RE = re.compile(r"=[ \t]*(?=[\[{])")
-# A member's name, quoted or bare, and its ':'.
-_JSON_MEMBER_RE = re.compile(r"""(?P<q>["']?)(?P<name>[A-Za-z0-9_.\-]{1,200})(?P=q)[ \t]*:[ \t]*""")
+# A member's name, quoted or bare, and its ':' (spaces around it written as such, as
+# ``+`` or ``%20``, the colon perhaps as ``%3A``: a value right after them was taken
+# for the whole member, and the quoted secret after a ``%20`` was left).
+_JSON_MEMBER_RE = re.compile(
+    r"""(?P<q>["']?)(?P<name>[A-Za-z0-9_.\-]{1,200})(?P=q)(?:[ \t+]|%20)*(?::|%3[Aa])(?:[ \t+]|%20)*"""
+)
 # A bare (unquoted) member value ends at one of these.
 _JSON_BARE_END = frozenset(",]}&#\"' \t\r\n")
 #: Characters of one JSON value scanned at most; an unclosed one is masked that far.
@@ -695,13 +699,16 @@ def _mask_encoded_json(value: str) -> str | None:
     """A query value that is a JSON object or list, percent-encoded (``%7B%22secret%22...``)
     or not, masked (``_mask_json_values``); None when it is none."""
     decoded = value
-    for _ in range(3):  # encoded up to twice more (a URL quoted into a URL's query)
-        if decoded.lstrip()[:1] in ("{", "["):
+    # Decoded whole, up to three times (a URL quoted into a URL's query), whatever it
+    # starts with: a browser leaves the braces and encodes the quotes
+    # (``{%22aws_secret_access_key%22:%22...%22}``), and a ``+`` or ``%20`` before a
+    # value hid the quoted secret after it. parse_qsl decodes all these for the connector.
+    for _ in range(3):
+        step = unquote_plus(decoded)
+        if step == decoded:
             break
-        decoded, before = unquote(decoded), decoded
-        if decoded == before:
-            return None
-    else:
+        decoded = step
+    if decoded.lstrip()[:1] not in ("{", "["):
         return None
     masked = _mask_json_values("=" + decoded)[1:]
     if masked == decoded:

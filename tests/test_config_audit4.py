@@ -187,6 +187,12 @@ JSON_SECRET_URLS = [
     "s3://b/p?client_kwargs=" + quote(f'{{"aws_secret_access_key":"{SECRET}"}}', safe=""),
     "s3://b/p?client_kwargs=" + quote(quote(f'{{"aws_secret_access_key":"{SECRET}"}}', safe=""), safe=""),
     f'redis://h:6379/0?opts=[{{"password":"{SECRET}"}}]',
+    # Found by review: partly encoded, as browsers write it (braces kept, quotes encoded),
+    # and with an encoded space or colon before the value.
+    f"s3://b/p?client_kwargs={{%22aws_secret_access_key%22:%22{SECRET}%22}}",
+    f's3://b/p?client_kwargs={{"aws_secret_access_key":%20"{SECRET}"}}',
+    f's3://b/p?client_kwargs={{"aws_secret_access_key":+"{SECRET}"}}',
+    f's3://b/p?client_kwargs={{"aws_secret_access_key"%3A"{SECRET}"}}',
 ]
 
 
