@@ -256,8 +256,10 @@ class RedisConnector(RemoteConnector):
             why = str(exc) if isinstance(exc, _UrlError) else "expected redis://[user:pw@]host:port/db"
             raise ValueError(f"not a valid Redis URL: {self.display_url}: {why}") from None
         self._hooks = _fast_path_hooks(int(options.get("protocol") or 2))
-        # A bounded pool waits for a free connection (_waiting_pool_class); an unbounded
-        # one keeps redis-py's own class, whose release() has nothing to wake.
+        # A pool given max_connections waits for a free connection (_waiting_pool_class).
+        # Without it redis-py's own class is kept, sparing release() a wake-up: its
+        # default bound (2**31 in redis-py 5, 100 in 8) is beyond the I/O threads
+        # and callers one store has at once.
         bounded = options.get("max_connections", url_options.get("max_connections")) is not None
         self._pool_class: Any = _waiting_pool_class() if bounded else self._redis.ConnectionPool
         #: whether ``put`` sends header and payload without joining them first
@@ -975,7 +977,13 @@ def _waiting_pool_class() -> type:
     pool (``reset`` after a fork makes a new condition too).
     """
     import redis
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import MaxConnectionsError
+
+    def pool_full(exc: Exception) -> bool:
+        # redis-py 5.x's pool raises a plain ConnectionError("Too many connections");
+        # later ones its subclass MaxConnectionsError.
+        return isinstance(exc, MaxConnectionsError) or str(exc) == "Too many connections"
 
     class WaitingConnectionPool(redis.ConnectionPool):  # type: ignore[misc]
         def reset(self) -> None:
@@ -991,7 +999,9 @@ def _waiting_pool_class() -> type:
                 freed = self._freed
                 try:
                     return super().get_connection(*args, **kwargs)
-                except MaxConnectionsError:
+                except RedisConnectionError as exc:
+                    if not pool_full(exc):
+                        raise
                     with self._room:
                         while self._freed == freed:
                             left = deadline - time.monotonic()
