@@ -263,3 +263,28 @@ def test_eio_on_a_large_chunks_split_read_is_a_miss_and_the_chunk_survives(tmp_p
     assert store.stats["corrupt"] == 0
     assert torch.equal(store.get(make_key(1)), big)  # the file was kept
     store.close()
+
+
+def test_a_full_disk_under_a_file_remote_is_a_full_store_not_an_outage(small_disk):
+    """Found by review: the disk tier reported ENOSPC as a full store, its twin (a
+    ``fsspec+file://`` remote's put) as an I/O error: retried, and struck against the circuit,
+    so reads of a healthy directory became misses for the circuit's cooldown."""
+    from lmcache_core.storage_backend import open_backend
+
+    root, real = small_disk
+    store = open_backend(f"fsspec+file://{root}/remote", remote_timeout=2)
+    stored: list[int] = []
+    previous = disk_io.set_fault_hook(None if real else disk_io.Fault("write", errno.ENOSPC, after=2 * 10))
+    try:
+        with pytest.raises(StoreFullError):
+            for i in range(100):  # 100 x 64 KiB cannot fit in 1 MiB
+                store.put(make_key(i), chunk(i))
+                stored.append(i)
+        assert 3 <= len(stored) < 100
+        assert store.stats["retries"] == 0 and store.breaker.state == "closed"  # an answer, no outage
+        for i in stored:  # reads keep working
+            assert torch.equal(store.get(make_key(i)), chunk(i))
+        assert temp_files(root) == []  # nothing half-written left
+    finally:
+        disk_io.set_fault_hook(previous)
+        store.close()

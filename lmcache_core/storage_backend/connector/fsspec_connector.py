@@ -11,6 +11,7 @@ completes; local directories get a temp name and ``os.replace``.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -25,8 +26,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from lmcache_core import chunk_format, layout
 from lmcache_core.config import mask_url
-from lmcache_core.errors import CorruptChunkError, StoreUnavailableError
+from lmcache_core.errors import CorruptChunkError, StoreFullError, StoreUnavailableError
 from lmcache_core.key import CacheEngineKey
+from lmcache_core.storage_backend import disk_io
 from lmcache_core.storage_backend.connector import s3_checksum
 from lmcache_core.storage_backend.connector.base import CHUNK_OBJECT_BYTES, RemoteConnector, RemoteObject
 from lmcache_core.storage_backend.mem_pool import shared_pool
@@ -898,21 +900,32 @@ class FsspecConnector(RemoteConnector):
     def _put_local(self, final: str, parts: Sequence[bytes | memoryview]) -> None:
         # fsspec's mv() is shutil.move, which does not promise an atomic replace;
         # os.replace does (POSIX rename), and the temp name never looks like a chunk.
-        os.makedirs(os.path.dirname(final), exist_ok=True)
         tmp = layout.temp_path(final)  # names its writer, so a scan can tell a dead one's leftovers
         try:
-            with open(tmp, "wb", buffering=0) as f:
+            try:
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                f = disk_io.open_write(tmp)
+            except FileNotFoundError:
+                # The directory went between makedirs and the open (an operator's
+                # `find -empty -delete`), as the disk tier retries: make it once more.
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                f = disk_io.open_write(tmp)
+            with f:
                 for part in parts:
                     view = memoryview(part).cast("B")
                     while view.nbytes:
                         n = f.write(view)
                         view = view[n:]
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as exc:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+            # A full disk or a quota is a full store (an answer: neither retried nor
+            # held against the circuit), as the disk tier reports it, not an outage.
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", None)):
+                raise StoreFullError(self.display_url, f"no space left writing {final} ({exc.strerror})") from exc
             raise
 
     def delete(self, key: CacheEngineKey) -> bool:
