@@ -389,6 +389,13 @@ def _parse_header_bytes(raw: bytes) -> ChunkHeader:
         or offsets[1] != nbytes
     ):
         raise CorruptChunkError(f"data_offsets {offsets!r:.60} do not match shape x dtype = {nbytes}")
+    for field in _PRINTED_FIELDS:
+        value = meta.get(field)
+        # Tools print these verbatim (``lmcache show``): a damaged or planted header
+        # must not bring control characters (a forged "checksum_ok" line, terminal
+        # escapes) or a lone surrogate (stdout's encoder raised) to the terminal.
+        if value is not None and not (len(value) <= 128 and value.isascii() and value.isprintable()):
+            raise CorruptChunkError(f"{field} is not printable ASCII: {value!r:.40}")
     key = meta.get("lmcache.key")
     bound = meta.get("lmcache.meta_checksum")
     if bound is not None and bound != meta_checksum(dtype, shape, key or ""):
@@ -405,6 +412,10 @@ def _parse_header_bytes(raw: bytes) -> ChunkHeader:
     )
 
 
+# Metadata values shown to people as they are; each must be short printable ASCII.
+_PRINTED_FIELDS = ("lmcache.format", "lmcache.checksum", "lmcache.meta_checksum")
+
+
 # A hot chunk's header is parsed once, not on every get: json and the checks above
 # ran 60-90 us per get once a 32 MiB read had pushed this code out of the CPU
 # caches. A pure function of the bytes (the payload is still hashed every time);
@@ -419,8 +430,16 @@ def check_identity(header: ChunkHeader, expected_key: str | None) -> None:
         raise CorruptChunkError(f"not an lmcache chunk (format {header.version!r:.20})")
     if not header.checksum or not header.checksum.startswith(CHECKSUM_ALGO + ":"):
         raise CorruptChunkError(f"unsupported checksum {header.checksum!r:.40}")
+    if not header.nbytes and header.checksum != _EMPTY_CHECKSUM:
+        # An empty payload's checksum is known from the header alone. Readers skip
+        # reading (and hashing) zero bytes, and served a chunk whose checksum was
+        # damaged, that ``decode`` and ``verify`` refused.
+        raise CorruptChunkError("checksum mismatch")
     if expected_key is not None and header.key != expected_key:
         raise CorruptChunkError(f"chunk holds key {header.key!r:.120}, expected {expected_key!r:.120}")
+
+
+_EMPTY_CHECKSUM: Final = _spelled(xxhash.xxh3_128_hexdigest(b""))
 
 
 def verify_payload(header: ChunkHeader, payload: Any) -> None:
