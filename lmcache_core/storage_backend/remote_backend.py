@@ -821,6 +821,8 @@ class LMCRemoteBackend(LMCBackendInterface):
     def _stale_miss(self, key: CacheEngineKey) -> bool:
         """Whether ``key``'s latest write or remove here failed (see ``_stale``): then
         whatever the remote holds under it may be older, and reads are misses."""
+        if not self._stale:  # nothing marked (the usual case): no second lock per get
+            return False
         with self._lock:
             if key not in self._stale:
                 return False
