@@ -63,6 +63,18 @@ def make_key(i: int | str = 0, model: str = "test/model", fmt: str = "vllm", ws:
     return CacheEngineKey(fmt, model, ws, wid, hashlib.sha256(str(i).encode()).hexdigest())
 
 
+def wait_until(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``pred`` every 50 ms until it is true (True) or ``timeout`` seconds pass (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 @pytest.fixture
 def private_cli_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No LMCACHE_* variable of the caller leaks in; the default store is private (CLI tests)."""

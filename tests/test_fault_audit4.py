@@ -18,7 +18,7 @@ from lmcache_core.errors import StoreUnavailableError
 from lmcache_core.storage_backend.circuit import CircuitBreaker
 from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend
 from lmcache_core.storage_backend.remote_backend import LMCPipelinedRemoteBackend, LMCRemoteBackend
-from tests.conftest import make_key
+from tests.conftest import make_key, wait_until
 from tests.tcp_proxy import TcpProxy
 
 T = 0.5  # remote_timeout: short, so dead-server paths stay fast
@@ -33,15 +33,6 @@ def chunk(value: float) -> torch.Tensor:
 
 def value_of(t: torch.Tensor | None) -> float | None:
     return None if t is None else float(t.flatten()[0])
-
-
-def wait_until(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def proxied_url(proxy: TcpProxy) -> str:

@@ -24,7 +24,7 @@ from lmcache_core.storage_backend.remote_backend import (
     LMCRemoteBackend,
     RetryPolicy,
 )
-from tests.conftest import make_key
+from tests.conftest import make_key, wait_until
 from tests.servers_s3 import S3Server
 from tests.tcp_proxy import TcpProxy
 from tests.test_conformance import chunk, same
@@ -85,15 +85,6 @@ def _seed(store: LMCRemoteBackend, key: Any, value: torch.Tensor) -> None:
         except StoreUnavailableError:
             time.sleep(0.6)  # past the breaker's cooldown
     store.put(key, value)
-
-
-def _eventually(fn: Callable[[], bool], within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if fn():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 # -- layout, options, opening -------------------------------------------------------
@@ -312,7 +303,7 @@ def test_a_500_from_s3_on_put_is_retried_and_the_chunk_stored(
         assert same(store.get(make_key("once")), chunk(1))
         failures["left"] = 1
         store.put(make_key("queued"), chunk(2), blocking=False)
-        assert _eventually(lambda: store.stats["puts"] == 2)
+        assert wait_until(lambda: store.stats["puts"] == 2)
         assert same(store.get(make_key("queued")), chunk(2))
         failures["left"] = 2
         with pytest.raises(StoreUnavailableError):
@@ -335,11 +326,11 @@ def test_stopped_server_then_restarted(s3_server_private: S3Server, request: pyt
         assert found is False and elapsed < BOUND, (found, elapsed)
         result, elapsed = _timed(lambda: store.put(make_key("queued"), chunk(3), blocking=False))
         assert result is None and elapsed < 0.5  # non-blocking: returns at once
-        assert _eventually(lambda: store.stats["background_put_failures"] == 1)
+        assert wait_until(lambda: store.stats["background_put_failures"] == 1)
         assert store.stats["misses"] >= 1
         # The server comes back: the same backend object recovers by itself.
         server.start()
-        assert _eventually(lambda: same(store.get(key), chunk(1)))
+        assert wait_until(lambda: same(store.get(key), chunk(1)))
         store.put(make_key("after"), chunk(4))
         assert same(store.get(make_key("after")), chunk(4))
 
@@ -382,7 +373,7 @@ def test_blackholed_server_every_call_returns_within_its_timeout(
         assert isinstance(result, StoreUnavailableError) and elapsed < store.list_timeout + 1
         assert store.stats["timeouts"] >= 4
         proxied.set_mode("forward")
-        assert _eventually(lambda: same(store.get(keys[1]), chunk(1)))
+        assert wait_until(lambda: same(store.get(keys[1]), chunk(1)))
     finally:
         proxied.set_mode("forward")
         store.close()
@@ -409,7 +400,7 @@ def test_breaker_fails_fast_on_a_blackholed_server_and_probes_again(
         result, elapsed = _timed(lambda: store.put(make_key("x"), chunk(2)))
         assert isinstance(result, StoreUnavailableError) and elapsed < 0.1
         proxied.set_mode("forward")
-        assert _eventually(lambda: store.get(key) is not None)
+        assert wait_until(lambda: store.get(key) is not None)
         assert store.breaker.state == "closed"
     finally:
         proxied.set_mode("forward")
@@ -429,7 +420,7 @@ def test_reset_connections_are_misses_and_failures(
         result, elapsed = _timed(lambda: store.put(make_key("y"), chunk(2)))
         assert isinstance(result, StoreUnavailableError) and elapsed < BOUND, (result, elapsed)
         proxied.set_mode("forward")
-        assert _eventually(lambda: same(store.get(key), chunk(1)))
+        assert wait_until(lambda: same(store.get(key), chunk(1)))
     finally:
         proxied.set_mode("forward")
         store.close()
@@ -602,7 +593,7 @@ def test_a_body_cut_short_is_a_failed_read_not_a_short_chunk(
         assert store.stats["remote_errors"] > before  # a transport failure...
         assert store.stats["corrupt"] == 0  # ...not bytes taken for a bad chunk
         proxied.set_mode("forward")
-        assert _eventually(lambda: same(store.get(key), chunk(5, BIG)))
+        assert wait_until(lambda: same(store.get(key), chunk(5, BIG)))
     finally:
         proxied.set_mode("forward")
         store.close()
@@ -662,7 +653,7 @@ def test_a_body_damaged_in_transit_fails_s3s_checksum_and_a_damaged_object_fails
         assert s3.meta.config.response_checksum_validation == ("when_required" if ours else "when_supported")
         assert (s3 in s3_checksum._hooked) is ours
         proxied.set_mode("forward")
-        assert _eventually(lambda: same(read(sent), chunk(6, shape)))
+        assert wait_until(lambda: same(read(sent), chunk(6, shape)))
         # An object stored damaged carries a CRC of its damaged bytes: ours catches it.
         blob = bytearray(chunk_format.encode_bytes(chunk(7, shape), stored_bad.to_string()))
         blob[-1] ^= 0x01

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +21,7 @@ from lmcache_core.errors import StoreUnavailableError
 from lmcache_core.storage_backend.circuit import CLOSED, CircuitBreaker
 from lmcache_core.storage_backend.connector.redis_connector import RedisConnector, StoreDeniedError
 from lmcache_core.storage_backend.remote_backend import LMCPipelinedRemoteBackend, LMCRemoteBackend
-from tests.conftest import make_key
+from tests.conftest import make_key, wait_until
 from tests.servers_redis import RedisServer
 
 T = 0.5  # remote_timeout: short, so a wrongly opened circuit would show at once
@@ -45,15 +45,6 @@ def backend_for(url: str, pipelined: bool = False) -> LMCRemoteBackend:
     # Opens after 3 failures in a row, for 30 s: a strike too many would show.
     breaker = CircuitBreaker(failure_threshold=3, reset_timeout=30, name="audit5")
     return cls(cfg, None, "cpu", breaker=breaker, list_timeout=4 * T)
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _fill(url: str, values: dict[Any, torch.Tensor]) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import http.server
 import threading
-import time
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -27,7 +26,7 @@ from lmcache_core.errors import StoreUnavailableError
 from lmcache_core.storage_backend.circuit import CircuitBreaker
 from lmcache_core.storage_backend.connector.fsspec_connector import PUT_LIMIT_TIMEOUTS, FsspecConnector
 from lmcache_core.storage_backend.remote_backend import LMCRemoteBackend, RetryPolicy
-from tests.conftest import make_key
+from tests.conftest import make_key, wait_until
 from tests.servers_s3 import S3Server
 from tests.tcp_proxy import TcpProxy
 from tests.test_conformance import chunk, same
@@ -61,15 +60,6 @@ def _in_thread(fn: Callable[[], Any], within: float) -> tuple[bool, Any]:
     thread.start()
     thread.join(within)
     return (not thread.is_alive(), out[0] if out else None)
-
-
-def _eventually(fn: Callable[[], bool], within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if fn():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture
@@ -174,9 +164,9 @@ def test_a_remote_blackholed_during_many_puts_works_again_when_the_server_answer
         assert len(failed) == 24  # each caller returned at its timeout, as before
         proxied.set_mode("forward")
         # The sends given up free their threads and connections: the store serves again.
-        assert _eventually(lambda: same(store.get(stored), chunk(0)), within=ENDS_WITHIN + 5)
+        assert wait_until(lambda: same(store.get(stored), chunk(0)), timeout=ENDS_WITHIN + 5)
         back = make_key("a5-after")
-        assert _eventually(lambda: _put_ok(store, back, chunk(7)))
+        assert wait_until(lambda: _put_ok(store, back, chunk(7)))
         assert same(store.get(back), chunk(7))
     finally:
         proxied.set_mode("forward")
