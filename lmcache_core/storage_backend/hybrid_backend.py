@@ -19,7 +19,7 @@ from lmcache_core.storage_backend.abstract_backend import (
     check_key,
 )
 from lmcache_core.storage_backend.devices import finished
-from lmcache_core.storage_backend.local_backend import LMCLocalBackend, LMCLocalDiskBackend
+from lmcache_core.storage_backend.local_backend import LMCLocalBackend, LMCLocalDiskBackend, chunk_file_size
 
 if TYPE_CHECKING:
     from lmcache_core.storage_backend.remote_backend import LMCRemoteBackend
@@ -208,10 +208,12 @@ class LMCHybridBackend(LMCBackendInterface):
 
     def missing_tiers(self, key: CacheEngineKey) -> list[str]:
         """The persistent tiers (disk, remote) that lack ``key`` (the memory tier is this
-        process's own); [] when all hold it. Thread-safe."""
+        process's own; it counts only when it is the one tier); [] when all hold it.
+        Thread-safe."""
         check_key(key)
         self._check_fork()
-        return [name for name, tier in self.tiers() if name != "memory" and not tier.contains(key)]
+        tiers = [(name, tier) for name, tier in self.tiers() if name != "memory"] or self.tiers()
+        return [name for name, tier in tiers if not tier.contains(key)]
 
     def describe(self) -> str:
         return " + ".join(t.describe() for _, t in self.tiers())
@@ -615,17 +617,19 @@ class LMCHybridBackend(LMCBackendInterface):
             if meta is None:
                 logger.warning("prefetch needs engine metadata (model, rank); skipped")
                 return
-            budget = self.config.memory_budget_bytes if self._tiers[0][0] == "memory" else (
-                self.config.disk_budget_bytes
-            )
-            used = 0
+            # Prefetch is speculative: it copies into each tier's free room only, under that
+            # tier's own budget. It copied up to the first tier's budget into every tier: a
+            # disk smaller than the memory tier wrote and evicted chunk after chunk, and a
+            # warm disk (the last run's cache) or chunks put since start were evicted for it.
+            budgets = {"memory": self.config.memory_budget_bytes, "disk": self.config.disk_budget_bytes}
+            left = {name: budgets[name] - self._used_bytes(tier) for name, tier in self._tiers}
             # Only this rank's objects are listed: a shared bucket of many models is not scanned.
             for info in self.remote.list_rank_info(meta.fmt, meta.model_name, meta.world_size, meta.worker_id):
                 if self._closing.is_set():
                     return
                 k = info.key
-                # info.size includes the header; the budget counts payload bytes.
-                if info.size is not None and used + info.size - 8 - MAX_HEADER_BYTES > budget:
+                # info.size includes the header: less it at most, a lower bound on the payload.
+                if info.size is not None and info.size - 8 - MAX_HEADER_BYTES > max(left.values()):
                     continue
                 # A local put or remove of k from here on cancels the copy (see _fill).
                 read = self._begin_read(k)
@@ -638,22 +642,43 @@ class LMCHybridBackend(LMCBackendInterface):
                     if chunk is None:
                         continue
                     size = chunk.numel() * chunk.element_size()
-                    if used + size > budget:
+                    cost = {name: self._stored_size(name, k, chunk) for name, _ in lacking}
+                    # Room now as well: puts since start may have filled a tier (the disk's
+                    # queued fills are not in its used bytes yet; ``left`` counts them).
+                    fits = [
+                        (name, tier)
+                        for name, tier in lacking
+                        if cost[name] <= min(left[name], budgets[name] - self._used_bytes(tier))
+                    ]
+                    if not fits:
                         continue
                     # Prefetch has no caller to hold up: it waits for room in a disk
                     # write queue that is behind (a get's fill would skip the disk).
-                    if not self._wait_for_disk_room(lacking, size):
+                    if self._closing.is_set() or not self._wait_for_disk_room(fits, size):
                         return
-                    if not self._fill(k, chunk, lacking, read, handed_out=False):  # nobody else holds it
+                    if not self._fill(k, chunk, fits, read, handed_out=False):  # nobody else holds it
                         continue
                 finally:
                     self._end_read(k, read)
-                used += size
+                for name, _ in fits:
+                    left[name] -= cost[name]
                 self.prefetched += 1
         except Exception as exc:
             logger.warning("prefetch stopped: %s", exc)
         finally:
             self._prefetch_done.set()
+
+    @staticmethod
+    def _used_bytes(tier: LMCBackendInterface) -> int:
+        used = getattr(tier, "used_bytes", 0)
+        return int(used)
+
+    @staticmethod
+    def _stored_size(name: str, key: CacheEngineKey, chunk: torch.Tensor) -> int:
+        """Bytes ``chunk`` takes in the tier ``name``: the disk counts whole files."""
+        if name == "disk":
+            return chunk_file_size(chunk, key.to_string())
+        return chunk.numel() * chunk.element_size()
 
     def _wait_for_disk_room(self, tiers: Iterable[tuple[str, LMCBackendInterface]], nbytes: int) -> bool:
         """Wait until a disk tier among ``tiers`` has room to queue ``nbytes``; False on close."""
