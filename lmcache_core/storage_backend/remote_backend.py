@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import itertools
 import logging
 import math
 import os
@@ -124,6 +125,46 @@ class RetryPolicy:
         return base * (1 + random.uniform(-self.jitter, self.jitter))
 
 
+class _QueuedPastDeadlineError(TimeoutError):
+    """A call dropped unrun: every I/O thread was busy until its deadline."""
+
+
+class _Strikes:
+    """The one strike against the circuit a remote call that ran out of time earns.
+
+    The caller's wait ends at the deadline and strikes; the try still running on the
+    I/O thread fails a little later (the client's own timeout) and would strike
+    again: each timed-out call counted twice, so the circuit opened after half its
+    ``failure_threshold`` of calls. Whichever comes first takes it. Thread-safe
+    (``next`` on a count is atomic).
+
+    Args:
+        waiting: whether the caller still waits for the call (default: its deadline
+            has not passed).
+    """
+
+    __slots__ = ("_taken", "_waiting")
+
+    def __init__(self, waiting: Callable[[], bool] | None = None) -> None:
+        self._taken = itertools.count()
+        self._waiting = waiting
+
+    def gave_up(self, deadline: float) -> bool:
+        """Whether the caller's wait is over (it struck, or will, for the call)."""
+        return not self._waiting() if self._waiting is not None else time.monotonic() >= deadline
+
+    def first(self) -> bool:
+        return next(self._taken) == 0
+
+
+class _CallFuture(Future[T]):
+    """A remote call's future, with the call's ``_Strikes``."""
+
+    def __init__(self, strikes: _Strikes) -> None:
+        super().__init__()
+        self.strikes = strikes
+
+
 class _DaemonPool:
     """A fixed set of daemon threads running submitted callables into Futures.
 
@@ -135,14 +176,24 @@ class _DaemonPool:
 
     def __init__(self, workers: int, name: str) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._shut = False
         self._threads = [
             threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(workers)
         ]
         for t in self._threads:
             t.start()
 
-    def submit(self, fn: Callable[..., T], *args: Any, deadline: float | None = None) -> Future[T]:
-        future: Future[T] = Future()
+    def submit(
+        self, fn: Callable[..., T], *args: Any, deadline: float | None = None, future: Future[T] | None = None
+    ) -> Future[T]:
+        """Run ``fn(*args)`` on a pool thread (into ``future``, or a new one). After
+        ``shutdown`` the future fails at once: no thread is left to run it, and its
+        caller would wait out its whole deadline for nothing."""
+        if future is None:
+            future = Future()
+        if self._shut:
+            future.set_exception(RuntimeError("the backend is closed"))
+            return future
         self._queue.put((future, fn, args, deadline))
         return future
 
@@ -161,7 +212,7 @@ class _DaemonPool:
         if not future.set_running_or_notify_cancel():
             return
         if deadline is not None and time.monotonic() >= deadline:
-            future.set_exception(TimeoutError("deadline passed while queued"))
+            future.set_exception(_QueuedPastDeadlineError("deadline passed while queued"))
             return
         try:
             result = fn(*args)
@@ -172,6 +223,7 @@ class _DaemonPool:
 
     def shutdown(self) -> None:
         """Stop the threads once idle; never waits (a hung thread is a daemon)."""
+        self._shut = True
         for _ in self._threads:
             self._queue.put(None)
 
@@ -320,6 +372,11 @@ class LMCRemoteBackend(LMCBackendInterface):
     def _start_runtime(self) -> None:
         """Locks, thread pools and queues: everything a forked child must rebuild."""
         self._lock = threading.Lock()
+        # Set once the first close() has drained and released everything (a closed
+        # backend forked stays closed: nothing to wait for in the child).
+        self._close_done = threading.Event()
+        if self._closed:
+            self._close_done.set()
         self._known = _KnownKeys(KNOWN_KEYS_MAX)
         # Keys whose latest write or remove here failed: the remote may still hold an
         # older chunk under them, which a get must not serve (a hybrid acknowledged the
@@ -398,10 +455,23 @@ class LMCRemoteBackend(LMCBackendInterface):
             self._closed = True
             return
         with self._lock:  # put_nonblocking queues under it: none lands after the end signals
-            if self._closed:
-                return
+            first = not self._closed
             self._closed = True
-            self._queued.wake_all_locked()  # a put waiting for room raises now
+            if first:
+                self._queued.wake_all_locked()  # a put waiting for room raises now
+        if not first:
+            # Another thread is closing (or closed) it: return once its drain is over, not
+            # while acknowledged writes are still queued (the exit drain racing a close()).
+            # Bounded as that close() is (twice over: a wait never outlives the process).
+            self._close_done.wait(2 * self.close_timeout + 1)
+            return
+        try:
+            self._shut_down()
+        finally:
+            self._close_done.set()
+
+    def _shut_down(self) -> None:
+        """``close()``'s work, run once, by the first caller."""
         started = time.monotonic()
         for q in self._put_queues:
             q.put(RemoteBackendEndSignal())
@@ -440,13 +510,21 @@ class LMCRemoteBackend(LMCBackendInterface):
     # -- the one way every remote call is made -------------------------------------
 
     def _attempts(
-        self, what: str, fn: Callable[..., T], args: tuple[Any, ...], deadline: float, retry: bool, tried: int = 0
+        self,
+        what: str,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        deadline: float,
+        retry: bool,
+        tried: int = 0,
+        strikes: _Strikes | None = None,
     ) -> T:
         """Run ``fn`` with retries (if ``retry``) until it succeeds or time runs out.
 
         Runs on an I/O thread; the caller waits with the same deadline. Every
         outcome is reported to the circuit breaker. ``tried``: attempts the caller
         already made elsewhere (an inline put), counted against the policy's.
+        ``strikes``: the call's, shared with the caller's wait (``_await``).
         """
         attempts = self.retry.attempts if retry else 1
         for attempt in range(min(tried, attempts - 1), attempts):
@@ -464,7 +542,7 @@ class LMCRemoteBackend(LMCBackendInterface):
                 self._log_refusal(what, exc)
                 raise
             except Exception as exc:
-                pause = self._failed(what, exc, attempt, attempts, started, deadline)
+                pause = self._failed(what, exc, attempt, attempts, started, deadline, strikes)
                 if pause is None:
                     raise
                 time.sleep(pause)
@@ -489,7 +567,14 @@ class LMCRemoteBackend(LMCBackendInterface):
             logger.debug("%s: %s refused: %s", self.display_url, what, mask_secrets_in(str(exc) or kind))
 
     def _failed(
-        self, what: str, exc: Exception, attempt: int, attempts: int, started: float, deadline: float
+        self,
+        what: str,
+        exc: Exception,
+        attempt: int,
+        attempts: int,
+        started: float,
+        deadline: float,
+        strikes: _Strikes | None = None,
     ) -> float | None:
         """Count a failed attempt against the remote; the pause before the next, or None if none may follow.
 
@@ -500,7 +585,9 @@ class LMCRemoteBackend(LMCBackendInterface):
         # The cause, for the errors of calls the open circuit refuses: our own errors
         # already name the remote; others get their type ("ConnectionError: ...").
         cause = str(exc) if isinstance(exc, LMCacheError) else f"{type(exc).__name__}: {exc}"
-        self.breaker.record_failure(mask_secrets_in(f"{what}: {cause}")[:300])  # masked whole, then cut
+        # Past the deadline the caller's wait has struck (or will) for this call: once.
+        if strikes is None or not strikes.gave_up(deadline) or strikes.first():
+            self.breaker.record_failure(mask_secrets_in(f"{what}: {cause}")[:300])  # masked whole, then cut
         self.stats.incr("remote_errors")
         pause = self.retry.delay(attempt)
         took = time.monotonic() - started
@@ -542,15 +629,23 @@ class LMCRemoteBackend(LMCBackendInterface):
         if not admitted:
             self._admit(what)
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
-        return self._io.submit(self._attempts, what, fn, args, deadline, retry, tried, deadline=deadline), deadline
+        strikes = _Strikes()
+        future = self._io.submit(
+            self._attempts, what, fn, args, deadline, retry, tried, strikes, deadline=deadline, future=_CallFuture(strikes)
+        )
+        return future, deadline
 
     def _await(self, what: str, future: Future[T], deadline: float) -> T:
         """The call's result, or ``StoreUnavailableError`` at the deadline (the call may hang on)."""
         try:
             return future.result(timeout=max(0.0, deadline - time.monotonic()))
-        except FutureTimeout:
-            future.cancel()
-            self.breaker.record_failure(f"{what}: no answer in time")
+        except FutureTimeout as exc:
+            ran = future.done() and future.exception() is exc and not isinstance(exc, _QueuedPastDeadlineError)
+            # A TimeoutError the call raised itself was struck by _attempts already.
+            if not ran:
+                future.cancel()
+                if not isinstance(future, _CallFuture) or future.strikes.first():
+                    self.breaker.record_failure(f"{what}: no answer in time")
             raise self._no_answer(what) from None
         except LMCacheError:
             raise
@@ -941,7 +1036,8 @@ class LMCRemoteBackend(LMCBackendInterface):
             )
 
     def batched_get(self, keys: Iterable[CacheEngineKey]) -> list[torch.Tensor | None]:
-        """One ``get`` after another; once the remote fails, the rest are misses at once.
+        """One ``get`` after another; once the remote fails, the rest are misses at once
+        (but for writes still queued here: read-your-writes holds as for ``get``).
 
         So a batch against a dead remote costs one timeout, not one per key.
         """
@@ -949,16 +1045,21 @@ class LMCRemoteBackend(LMCBackendInterface):
         self._check_fork()
         self._check_open()
         results: list[torch.Tensor | None] = []
-        for i, key in enumerate(keys):
+        down = False
+        for key in keys:
+            if down:
+                pending = self._pending_copy(key)
+                self.stats.incr("misses" if pending is None else "hits")
+                results.append(None if pending is None else self._to_dst(pending))
+                continue
             try:
                 results.append(self._get(key))
             except StoreUnavailableError as exc:
                 logger.debug("%s", exc)
-                rest = len(keys) - i
                 self.stats.incr("unavailable")
-                self.stats.incr("misses", rest)
-                results.extend([None] * rest)
-                break
+                self.stats.incr("misses")
+                results.append(None)
+                down = True
         return results
 
     def deserialize(self, key: CacheEngineKey, blob: bytes | None, digest: str | None = None) -> torch.Tensor | None:
@@ -1223,6 +1324,9 @@ class _BatchCall:
         self._cond = threading.Condition(threading.Lock())
         self._submit = submit
         self._next = 0  # index into to_fetch of the next key to hand out
+        # The call's one strike for running out of time: taken by the caller at the
+        # deadline, or by a fetch that fails after it (not both).
+        self.strikes = _Strikes(self.wanted)
 
     def start(self) -> None:
         """Hand the first ``window`` groups to the fetch stage."""
@@ -1410,13 +1514,9 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
     def describe(self) -> str:
         return f"remote {self.display_url} (pipelined)"
 
-    def close(self) -> None:
-        """As ``LMCRemoteBackend.close``, then stop the fetch and decode stages (bounded)."""
-        if self._closed:
-            return
-        super().close()
-        if self._pid != os.getpid():
-            return
+    def _shut_down(self) -> None:
+        """As ``LMCRemoteBackend``'s, then stop the fetch and decode stages (bounded)."""
+        super()._shut_down()
         with self._lock:  # after this, _start_stages sees _closed and starts nothing
             threads = list(self._stage_threads)
         for t in threads:
@@ -1500,7 +1600,9 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
         try:
             # Each group's retries get one timeout of their own (the caller's deadline
             # moves on with the batch's progress, see _BatchCall).
-            blobs = self._attempts("get_many", fetch, (keys,), time.monotonic() + self.timeout, True)
+            blobs = self._attempts(
+                "get_many", fetch, (keys,), time.monotonic() + self.timeout, True, strikes=call.strikes
+            )
             if len(blobs) != len(keys):  # a connector bug must not shift results between keys
                 raise RuntimeError(f"get_many returned {len(blobs)} values for {len(keys)} keys")
         except Exception as exc:
@@ -1577,7 +1679,14 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
         )
         call.stream = caller_stream(self._dst)  # the decode threads' GPU copies are for it
         with self._lock:
-            self._calls.add(call)
+            # A close() that ran since _check_open stopped the stages and ended the calls
+            # it knew: this one would wait START_WAIT_TIMEOUTS timeouts for no fetch thread.
+            closing = self._closed
+            if not closing:
+                self._calls.add(call)
+        if closing:
+            self.stats.incr("misses", len(to_fetch))
+            return results
         call.start()
         unfinished, not_sent = call.wait()
         if call.aborted:  # the backend closed under it: misses, not the remote's timeouts
@@ -1590,7 +1699,7 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
             for gid in unfinished:
                 self.stats.incr("timeouts" if call.started else "queue_timeouts")
                 self.stats.incr("misses", len(call.groups[gid]))
-            if call.started:
+            if call.started and call.strikes.first():
                 self.breaker.record_failure("batched get: no answer in time")
         if not_sent:
             self.stats.incr("misses", not_sent)
