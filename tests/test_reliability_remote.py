@@ -18,7 +18,7 @@ import torch
 
 from lmcache_core.config import LMCacheEngineConfig
 from lmcache_core.storage_backend.remote_backend import LMCRemoteBackend
-from tests.conftest import make_key
+from tests.conftest import make_key, wait_until
 
 
 def chunk(seed: int, tokens: int = 16) -> torch.Tensor:
@@ -61,15 +61,6 @@ def _timed(fn):  # type: ignore[no-untyped-def]
         return None, exc, time.monotonic() - start
 
 
-def _wait_until(pred, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.mark.parametrize("mode", ["delay", "reset"])
 def test_redis_behind_a_delaying_or_resetting_proxy_stays_bounded(redis_server, mode):
     from lmcache_core.errors import StoreUnavailableError
@@ -100,7 +91,7 @@ def test_redis_behind_a_delaying_or_resetting_proxy_stays_bounded(redis_server, 
             if name == "get":
                 assert result is None or torch.equal(result, chunk(1))
         proxy.set_mode("forward")
-        assert _wait_until(lambda: store.get(key) is not None)
+        assert wait_until(lambda: store.get(key) is not None)
         assert torch.equal(store.get(key), chunk(1))
         store.close()
 
