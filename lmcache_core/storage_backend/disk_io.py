@@ -137,8 +137,24 @@ class _FaultyFile:
         self._f.close()
 
 
-def open_write(path: str) -> BinaryIO:
-    """A new unbuffered file for writing (``wb``, buffering=0)."""
+#: errnos that mean "no room" for a write: a full disk, or a quota (EDQUOT: XFS project
+#: quotas, per-user quotas on shared disks), a full store to the caller, not an I/O error.
+FULL_ERRNOS = frozenset(e for e in (_errno.ENOSPC, getattr(_errno, "EDQUOT", None)) if e is not None)
+
+
+def open_write(path: str, *, make_dir: bool = False) -> BinaryIO:
+    """A new unbuffered file for writing (``wb``, buffering=0).
+
+    ``make_dir``: make ``path``'s directory first, and once more if it went before the
+    open (an operator's ``find -empty -delete``, or ``rm -rf`` of a store in use).
+    """
+    if make_dir:
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        try:
+            return open_write(path)
+        except FileNotFoundError:
+            os.makedirs(parent, exist_ok=True)
     hook = _hook
     if hook is None:
         return open(path, "wb", buffering=0)

@@ -338,15 +338,18 @@ class LMCLocalBackend(LMCBackendInterface):
 # -- disk ------------------------------------------------------------------------------
 
 
-def _write_temp(path: str, kv_chunk: torch.Tensor, key: str, fsync: bool) -> tuple[str, int]:
+def _write_temp(
+    path: str, kv_chunk: torch.Tensor, key: str, fsync: bool, *, make_dir: bool = False
+) -> tuple[str, int]:
     """Write ``kv_chunk`` to a fresh temp file next to ``path``: (temp path, bytes written).
+    ``make_dir``: make the directory (``disk_io.open_write``).
 
     Raises:
         OSError: the write failed; the temp file is removed.
     """
     tmp = layout.temp_path(path)
     try:
-        with disk_io.open_write(tmp) as f:
+        with disk_io.open_write(tmp, make_dir=make_dir) as f:
             n = chunk_format.write_chunk(f, kv_chunk, key)
             if fsync:
                 disk_io.fsync(f, tmp)
@@ -425,8 +428,6 @@ def chunk_file_size(kv_chunk: torch.Tensor, key: str) -> int:
 
 
 _KEY_LOCKS = 64
-#: Errors that mean "no room" when writing a chunk (``StoreFullError``).
-_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 #: A get sets its file's access time when it is older than this: on noatime (or
 #: relatime) mounts reads left it unchanged, so the LRU order that a restart and the
 #: tools (``evict --to-size``, ``--older-than``) rebuild from it ignored what was served.
@@ -737,20 +738,11 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         self._unlink_evicted(victims)
         path = self._path(key)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                tmp, written = _write_temp(path, kv_chunk, key.to_string(), self.fsync)
-            except FileNotFoundError:
-                # The directory went between makedirs and the open (an operator's
-                # `find -empty -delete` or rm -rf of the store): make it once more.
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp, written = _write_temp(path, kv_chunk, key.to_string(), self.fsync)
+            tmp, written = _write_temp(path, kv_chunk, key.to_string(), self.fsync, make_dir=True)
             committed = self._commit(key, seq, tmp, path, written)
         except OSError as exc:
             self.stats.incr("put_failures")
-            # A quota (EDQUOT: XFS project quotas, per-user quotas on shared disks) is a
-            # full store to the caller as much as a full disk is, not an I/O error.
-            if exc.errno in _FULL_ERRNOS:
+            if exc.errno in disk_io.FULL_ERRNOS:
                 raise StoreFullError(self.describe(), f"no space left writing {key} ({exc.strerror})") from exc
             raise
         self.stats.incr("puts" if committed else "superseded_puts")

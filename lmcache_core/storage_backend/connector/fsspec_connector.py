@@ -11,7 +11,6 @@ completes; local directories get a temp name and ``os.replace``.
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import logging
@@ -823,7 +822,7 @@ class FsspecConnector(RemoteConnector):
     def _put_renamed(self, final: str, body: bytes) -> None:
         """Write ``body`` under a temp name beside ``final``, then rename it over ``final``.
 
-        FTP's STOR (and SFTP, SMB, HDFS writes) fill the file in place, so a reader saw a
+        FTP's STOR (and SFTP's writes) fill the file in place, so a reader saw a
         partial chunk, and fail where the directory is missing ("550 No such file or
         directory" for every first put). The directory is made only when the write
         fails, so a put to an existing one costs no extra round trip.
@@ -902,15 +901,7 @@ class FsspecConnector(RemoteConnector):
         # os.replace does (POSIX rename), and the temp name never looks like a chunk.
         tmp = layout.temp_path(final)  # names its writer, so a scan can tell a dead one's leftovers
         try:
-            try:
-                os.makedirs(os.path.dirname(final), exist_ok=True)
-                f = disk_io.open_write(tmp)
-            except FileNotFoundError:
-                # The directory went between makedirs and the open (an operator's
-                # `find -empty -delete`), as the disk tier retries: make it once more.
-                os.makedirs(os.path.dirname(final), exist_ok=True)
-                f = disk_io.open_write(tmp)
-            with f:
+            with disk_io.open_write(tmp, make_dir=True) as f:
                 for part in parts:
                     view = memoryview(part).cast("B")
                     while view.nbytes:
@@ -924,7 +915,7 @@ class FsspecConnector(RemoteConnector):
                 pass
             # A full disk or a quota is a full store (an answer: neither retried nor
             # held against the circuit), as the disk tier reports it, not an outage.
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", None)):
+            if isinstance(exc, OSError) and exc.errno in disk_io.FULL_ERRNOS:
                 raise StoreFullError(self.display_url, f"no space left writing {final} ({exc.strerror})") from exc
             raise
 
