@@ -366,12 +366,19 @@ class RedisConnector(RemoteConnector):
         redis = self._redis
         try:
             return fn(self._client())
-        except redis.exceptions.OutOfMemoryError as exc:
-            raise StoreFullError(self.display_url, f"{what}: Redis is at maxmemory ({exc})") from exc
-        except (redis.exceptions.NoPermissionError, redis.exceptions.ReadOnlyError) as exc:
-            raise StoreDeniedError(self.display_url, f"{what}: {type(exc).__name__}: {exc}") from exc
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
-            raise StoreUnavailableError(self.display_url, f"{what}: {type(exc).__name__}: {exc}") from exc
+            raise self._store_error(what, exc) from exc
+
+    def _store_error(self, what: str, exc: BaseException) -> Exception:
+        """The project's error for a failed Redis command: ``StoreFullError`` at maxmemory,
+        ``StoreDeniedError`` for an ACL's or a read-only replica's refusal, else
+        ``StoreUnavailableError`` (a transport failure or another error reply)."""
+        redis = self._redis
+        if isinstance(exc, redis.exceptions.OutOfMemoryError):
+            return StoreFullError(self.display_url, f"{what}: Redis is at maxmemory ({exc})")
+        if isinstance(exc, (redis.exceptions.NoPermissionError, redis.exceptions.ReadOnlyError)):
+            return StoreDeniedError(self.display_url, f"{what}: {type(exc).__name__}: {exc}")
+        return StoreUnavailableError(self.display_url, f"{what}: {type(exc).__name__}: {exc}")
 
     # -- RemoteConnector -----------------------------------------------------------
 
@@ -451,10 +458,8 @@ class RedisConnector(RemoteConnector):
             finally:
                 _arriving.payload = _arriving.deadline = None
                 pool.release(conn)
-        except (redis.exceptions.NoPermissionError, redis.exceptions.ReadOnlyError) as exc:
-            raise StoreDeniedError(self.display_url, f"GET: {type(exc).__name__}: {exc}") from exc
         except (redis.exceptions.RedisError, OSError) as exc:
-            raise StoreUnavailableError(self.display_url, f"GET: {type(exc).__name__}: {exc}") from exc
+            raise self._store_error("GET", exc) from exc
         self.learn_value_sizes((value,))
         return value, payload.digest(value) if value is not None else None
 
@@ -568,12 +573,8 @@ class RedisConnector(RemoteConnector):
                 raise
             finally:
                 pool.release(conn)
-        except redis.exceptions.OutOfMemoryError as exc:
-            raise StoreFullError(self.display_url, f"SET: Redis is at maxmemory ({exc})") from exc
-        except (redis.exceptions.NoPermissionError, redis.exceptions.ReadOnlyError) as exc:
-            raise StoreDeniedError(self.display_url, f"SET: {type(exc).__name__}: {exc}") from exc
         except (redis.exceptions.RedisError, OSError) as exc:
-            raise StoreUnavailableError(self.display_url, f"SET: {type(exc).__name__}: {exc}") from exc
+            raise self._store_error("SET", exc) from exc
         return True
 
     def _put_staged(self, name: bytes, staging: bytes, chunk: chunk_format.UnsealedChunk) -> bool:
