@@ -954,12 +954,13 @@ class LMCRemoteBackend(LMCBackendInterface):
             self.stats.incr("misses")
             return None
 
-    def _get(self, key: CacheEngineKey) -> torch.Tensor | None:
+    def _get(self, key: CacheEngineKey, *, ask_remote: bool = True) -> torch.Tensor | None:
+        """``get``; ``ask_remote=False``: only a write still queued here can answer."""
         pending = self._pending_copy(key)
         if pending is not None:
             self.stats.incr("hits")
             return self._to_dst(pending)
-        if self._stale_miss(key):
+        if not ask_remote or self._stale_miss(key):
             self.stats.incr("misses")
             return None
         if self.connector.streams:
@@ -1047,13 +1048,8 @@ class LMCRemoteBackend(LMCBackendInterface):
         results: list[torch.Tensor | None] = []
         down = False
         for key in keys:
-            if down:
-                pending = self._pending_copy(key)
-                self.stats.incr("misses" if pending is None else "hits")
-                results.append(None if pending is None else self._to_dst(pending))
-                continue
             try:
-                results.append(self._get(key))
+                results.append(self._get(key, ask_remote=not down))
             except StoreUnavailableError as exc:
                 logger.debug("%s", exc)
                 self.stats.incr("unavailable")
