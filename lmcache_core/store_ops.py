@@ -898,8 +898,9 @@ def run_evict(store: Store, plan: EvictPlan) -> EvictResult:
     file the plan listed (``ChunkEntry.identity``) and nobody read it since (its
     atime): a serving process that wrote or served the chunk since (the
     confirmation prompt may wait minutes) has just used it, and it stays
-    (``left_alone``). A chunk already gone counts as neither removed nor failed. Other stores (a remote object has no such identity, and no
-    conditional delete that every connector shares) remove by key.
+    (``left_alone``). A chunk already gone counts as neither removed nor failed.
+    Other stores (a remote object has no such identity, and no conditional delete
+    that every connector shares) remove by key.
     """
     result = EvictResult()
     for v in plan.victims:
@@ -1101,7 +1102,7 @@ def _fix(store: Store, report: VerifyReport) -> None:
                 if again.status == OK:  # written again since the check: a good copy stays
                     report.left_alone.append(b.where)
                     continue
-                if again.status == CORRUPT:  # MISSING: someone else removed it already
+                if again.status == CORRUPT:  # (MISSING: someone else removed it; gone all the same)
                     store.remove(b.key)
             else:
                 store.remove(b.key)
