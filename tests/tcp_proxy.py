@@ -13,6 +13,9 @@ client's pooled sockets hang (or break) exactly like new ones::
 Modes:
     ``forward``: pass bytes both ways (after ``delay`` seconds, if set).
     ``delay``: like forward, but every chunk of bytes waits ``delay`` seconds.
+    ``trickle``: like forward, but the server's bytes reach the client ``trickle_bytes``
+    at a time, each after ``delay`` seconds (a slow or hostile server that never lets a
+    read time out); the client's go on at once.
     ``blackhole``: accept, read and discard what the client sends, never answer.
     ``stall``: read nothing either way (a server stuck in a long command): the
     client's sends block once the socket buffers are full. Bytes already read are
@@ -36,9 +39,9 @@ import struct
 import threading
 from typing import Literal
 
-Mode = Literal["forward", "delay", "blackhole", "reset", "truncate", "flip", "stall"]
-_MODES = ("forward", "delay", "blackhole", "reset", "truncate", "flip", "stall")
-_FORWARDING = ("forward", "delay", "truncate", "flip")
+Mode = Literal["forward", "delay", "trickle", "blackhole", "reset", "truncate", "flip", "stall"]
+_MODES = ("forward", "delay", "trickle", "blackhole", "reset", "truncate", "flip", "stall")
+_FORWARDING = ("forward", "delay", "trickle", "truncate", "flip")
 _POLL = 0.05  # how often idle threads notice a mode change or stop()
 
 
@@ -62,6 +65,7 @@ class TcpProxy:
         self.delay = delay
         self.cut_after = 0
         self.flip_every = 0
+        self.trickle_bytes = 1
         self._mode: Mode = "forward"
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -85,7 +89,12 @@ class TcpProxy:
         return self._mode
 
     def set_mode(
-        self, mode: Mode, delay: float | None = None, cut_after: int | None = None, flip_every: int | None = None
+        self,
+        mode: Mode,
+        delay: float | None = None,
+        cut_after: int | None = None,
+        flip_every: int | None = None,
+        trickle_bytes: int | None = None,
     ) -> None:
         """Switch behaviour; applies to open connections as well as new ones."""
         if mode not in _MODES:
@@ -94,6 +103,10 @@ class TcpProxy:
             raise ValueError(f"mode {mode!r} needs a target to forward to")
         if delay is not None:
             self.delay = delay
+        if trickle_bytes is not None:
+            if trickle_bytes < 1:
+                raise ValueError(f"trickle_bytes must be >= 1, got {trickle_bytes}")
+            self.trickle_bytes = trickle_bytes
         if cut_after is not None:
             self.cut_after = cut_after
         if flip_every is not None:
@@ -208,6 +221,10 @@ class TcpProxy:
                 if mode == "delay" and self._stop.wait(self.delay):
                     return
                 other = upstream if s is client else client
+                if mode == "trickle" and other is client:
+                    if not self._trickle(client, data):
+                        return
+                    continue
                 if mode == "truncate" and other is client:
                     data = data[: max(0, self.cut_after - sent_down)]
                 if mode == "flip" and other is client and self.flip_every:
@@ -226,6 +243,24 @@ class TcpProxy:
                     return
                 if mode == "truncate" and sent_down >= self.cut_after:
                     return  # the caller's finally closes both sockets: a clean FIN mid-reply
+
+
+    def _trickle(self, client: socket.socket, data: bytes) -> bool:
+        """Pass ``data`` on in ``trickle_bytes`` pieces, one each ``delay`` s, while the mode
+        stays "trickle" (then the rest at once); False once the proxy stops or the client is gone."""
+        view = memoryview(data)
+        while view:
+            if self._mode == "trickle":
+                if self._stop.wait(self.delay):
+                    return False
+                piece, view = view[: self.trickle_bytes], view[self.trickle_bytes :]
+            else:
+                piece, view = view, view[len(view) :]
+            try:
+                client.sendall(piece)
+            except OSError:
+                return False
+        return True
 
 
 def _abort(sock: socket.socket) -> None:

@@ -20,7 +20,7 @@ import threading
 import time
 import types
 from datetime import datetime
-from typing import Any, BinaryIO, Callable, Iterator, Sequence
+from typing import Any, Awaitable, BinaryIO, Callable, Iterator, Sequence, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from lmcache_core import chunk_format, layout
@@ -31,6 +31,8 @@ from lmcache_core.storage_backend import disk_io
 from lmcache_core.storage_backend.connector import s3_checksum
 from lmcache_core.storage_backend.connector.base import CHUNK_OBJECT_BYTES, RemoteConnector, RemoteObject
 from lmcache_core.storage_backend.mem_pool import shared_pool
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,13 @@ _S3_POOL_CONNECTIONS = 32
 #: sends one) held the PUT, its I/O thread and its pooled connection for good. Every
 #: caller has given up by one timeout; the second leaves it the first word.
 PUT_LIMIT_TIMEOUTS = 2.0
+#: A GET (and a batch's each GET) on an async filesystem is given up after this many
+#: store timeouts. The client's read timeout bounds each socket read, not the body: a
+#: server or proxy that trickled a 4 MiB reply 1 MiB every 0.4 s (each read well within
+#: a 0.5 s timeout) held the GET, its I/O thread and its pooled connection until the
+#: last byte, long after every caller had given up; one trickling at a few bytes a
+#: second would hold them for days.
+GET_LIMIT_TIMEOUTS = 2.0
 #: Bytes one ``get_many`` keeps in flight (see ``FsspecConnector.get_many``).
 BATCH_BUDGET_BYTES = 64 * 2**20
 #: Seconds an S3 bucket seen to exist is taken to exist: ``exists`` asks again (one more
@@ -368,17 +377,46 @@ async def _get_pooled(fs: Any, path: str) -> bytes | memoryview:
         body.close()
 
 
-async def _get_pooled_many(fs: Any, paths: Sequence[str], in_flight: int) -> list[Any]:
-    """``_get_pooled`` of every path, ``in_flight`` at a time; exceptions returned in place."""
+async def _get_pooled_many(fs: Any, paths: Sequence[str], in_flight: int, limit: float) -> list[Any]:
+    """``_get_pooled`` of every path, ``in_flight`` at a time, each given up after ``limit``
+    seconds (waiting for its turn is not counted); exceptions returned in place."""
     import asyncio
 
     gate = asyncio.Semaphore(in_flight)
 
     async def one(path: str) -> bytes | memoryview:
         async with gate:
-            return await _get_pooled(fs, path)
+            return await _within(limit, f"GET of {path}", _get_pooled(fs, path))
 
     return list(await asyncio.gather(*(one(p) for p in paths), return_exceptions=True))
+
+
+async def _within(limit: float, what: str, work: Awaitable[T]) -> T:
+    """``work``'s result, or ``TimeoutError("<what>: no answer within <limit> s")`` once
+    ``limit`` seconds have passed (``work`` is cancelled: its connection is closed)."""
+    import asyncio
+
+    try:
+        return await asyncio.wait_for(work, limit)
+    except asyncio.TimeoutError as exc:
+        raise TimeoutError(f"{what}: no answer within {limit:g} s") from exc
+
+
+def _run_within(fs: Any, limit: float, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``fn(*args)`` run on ``fs``'s event loop and given up after ``limit`` seconds."""
+    from fsspec.asyn import sync
+
+    try:
+        return sync(fs.loop, _within, limit, what, fn(*args))  # type: ignore[no-any-return]
+    except TimeoutError as exc:
+        raise _named_timeout(exc, f"{what}: no answer within {limit:g} s") from exc.__cause__
+
+
+def _named_timeout(exc: TimeoutError, fallback: str) -> TimeoutError:
+    """fsspec's ``sync`` turns every TimeoutError into a bare ``FSTimeoutError()``: the
+    one that says what timed out, from its cause, else ``fallback``."""
+    cause = exc.__cause__
+    return TimeoutError(str(cause) if cause is not None and str(cause) else fallback)
 
 
 async def _pipe_bounded(fs: Any, bodies: dict[str, Any], limit: float, **kwargs: Any) -> None:
@@ -391,10 +429,7 @@ async def _pipe_bounded(fs: Any, bodies: dict[str, Any], limit: float, **kwargs:
 
     async def one(path: str, body: Any) -> None:
         async with gate:
-            try:
-                await asyncio.wait_for(fs._pipe_file(path, body, **kwargs), limit)
-            except asyncio.TimeoutError as exc:
-                raise TimeoutError(f"PUT of {path}: no answer within {limit:g} s") from exc
+            await _within(limit, f"PUT of {path}", fs._pipe_file(path, body, **kwargs))
 
     results = await asyncio.gather(*(one(p, b) for p, b in bodies.items()), return_exceptions=True)
     error = next((r for r in results if isinstance(r, BaseException)), None)
@@ -481,6 +516,7 @@ class FsspecConnector(RemoteConnector):
             root = os.path.abspath(os.path.expanduser(root))
         self.root = root
         self.timeout = float(timeout)
+        self._get_limit = GET_LIMIT_TIMEOUTS * self.timeout
         # One decision for both: botocore's own GET check is off exactly when reads go
         # through _get_pooled, which checks S3's checksum itself.
         self._pooled = _pooled_gets(self._cls)
@@ -666,18 +702,17 @@ class FsspecConnector(RemoteConnector):
     def get(self, key: CacheEngineKey) -> bytes | None:
         """The object's bytes (a pooled ``memoryview`` for large S3 bodies), or None when absent."""
         fs = self.fs
+        path = self.path(key)
         if self._pooled:
-            from fsspec.asyn import sync
-
             try:
-                value: Any = sync(fs.loop, _get_pooled, fs, self.path(key))
+                value: Any = _run_within(fs, self._get_limit, f"GET of {path}", _get_pooled, fs, path)
             except FileNotFoundError as exc:
                 self._raise_unless_miss(exc)
                 return None
             self.learn_value_sizes((value,))
             return value
         try:
-            data = fs.cat_file(self.path(key), **self._cat_kwargs)
+            data = self._bounded(f"GET of {path}", fs.cat_file, path, **self._cat_kwargs)
         except FileNotFoundError as exc:
             self._raise_unless_miss(exc)
             return None
@@ -712,7 +747,7 @@ class FsspecConnector(RemoteConnector):
         if self._pooled:
             from fsspec.asyn import sync
 
-            values: list[Any] = sync(fs.loop, _get_pooled_many, fs, paths, batch_size)
+            values: list[Any] = sync(fs.loop, _get_pooled_many, fs, paths, batch_size, self._get_limit)
             error = next((v for v in values if isinstance(v, BaseException) and not _is_miss(v)), None)
             if error is not None:
                 # Let go of the batch's pooled buffers now, not when gc breaks the cycle
@@ -730,7 +765,7 @@ class FsspecConnector(RemoteConnector):
         kwargs = dict(self._cat_kwargs)
         if getattr(fs, "async_impl", False):  # sync filesystems read one path at a time anyway
             kwargs["batch_size"] = batch_size
-        found = fs.cat(paths, on_error="return", **kwargs)
+        found = self._bounded(f"GET of {len(paths)} objects", fs.cat, paths, on_error="return", **kwargs)
         out = []
         for p in paths:
             value = found.get(p)
@@ -756,9 +791,7 @@ class FsspecConnector(RemoteConnector):
         fs = self.fs
         try:
             if self._pooled:
-                from fsspec.asyn import sync
-
-                return sync(fs.loop, _get_head, fs, path, nbytes)  # type: ignore[no-any-return]
+                return _run_within(fs, self._get_limit, f"GET of {path}", _get_head, fs, path, nbytes)
             size = int(fs.size(path))
             return (bytes(fs.cat_file(path, start=0, end=min(nbytes, size))) if size else b"", size)
         except FileNotFoundError as exc:
@@ -796,10 +829,8 @@ class FsspecConnector(RemoteConnector):
         # bucket. A GET's error code can (NoSuchKey, NoSuchBucket), so one follows, at
         # most once per BUCKET_RECHECK_S. HEADs stay the rule: on moto a one-byte GET of
         # a present 32 MiB object took 23 ms, a HEAD 5 ms.
-        from fsspec.asyn import sync
-
         try:
-            sync(fs.loop, _get_head, fs, path, 1)
+            _run_within(fs, self._get_limit, f"GET of {path}", _get_head, fs, path, 1)
         except FileNotFoundError as exc:
             if not _is_miss(exc):
                 raise
@@ -880,16 +911,26 @@ class FsspecConnector(RemoteConnector):
                 from fsspec.asyn import sync
 
                 sync(fs.loop, _pipe_bounded, fs, bodies, limit, **kwargs)
-        except TimeoutError as exc:  # fsspec's sync makes every TimeoutError a bare FSTimeoutError()
-            cause = exc.__cause__
-            why = str(cause) if cause is not None and str(cause) else f"PUT: no answer within {limit:g} s"
-            raise TimeoutError(why) from cause
+        except TimeoutError as exc:
+            raise _named_timeout(exc, f"PUT: no answer within {limit:g} s") from exc.__cause__
 
     def _body(self, parts: Sequence[bytes | memoryview]) -> tuple[Any, int]:
         size = sum(memoryview(p).nbytes for p in parts)
         if self.protocol == "s3" and size > _S3_JOIN_BODY_BYTES:
             return PartsReader(parts), size
         return b"".join(parts), size
+
+    def _bounded(self, what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``call(*args, **kwargs)``, a read through one of fsspec's sync wrappers, given up
+        after ``GET_LIMIT_TIMEOUTS`` store timeouts on async filesystems (sync ones are
+        bounded by their sockets' timeouts)."""
+        if not getattr(self.fs, "async_impl", False):
+            return call(*args, **kwargs)
+        limit = self._get_limit
+        try:
+            return call(*args, timeout=limit, **kwargs)
+        except TimeoutError as exc:
+            raise _named_timeout(exc, f"{what}: no answer within {limit:g} s") from exc.__cause__
 
     def _pipe_kwargs(self, size: int) -> dict[str, Any]:
         if self.protocol == "s3":
