@@ -1088,11 +1088,14 @@ def test_a_blocking_put_below_the_staging_size_is_sent_on_the_callers_thread(red
     import torch
 
     from lmcache_core.storage_backend import open_backend
-    from lmcache_core.storage_backend.connector.redis_connector import STREAM_PUT_BYTES
+    from lmcache_core.storage_backend.connector.redis_connector import MIN_BULK_LIMIT, STREAM_PUT_BYTES
 
     store = open_backend(f"{redis_server.url}?prefix={_prefix()}", dst_device="cpu")
     conn = store.connector
-    assert conn.puts_inline(2 << 20) and not conn.puts_inline(STREAM_PUT_BYTES)
+    assert conn.puts_inline(MIN_BULK_LIMIT - 1) and not conn.puts_inline(STREAM_PUT_BYTES)
+    # The first put that could pass the server's proto-max-bulk-len asks for it, on an
+    # I/O thread; later ones of that size go inline.
+    assert not conn.puts_inline(2 << 20)
     calls: list = []
     real = conn.put_chunk_by
 
@@ -1116,6 +1119,9 @@ def test_a_blocking_put_below_the_staging_size_is_sent_on_the_callers_thread(red
         got = store.get(key)
         assert got is not None and torch.equal(got, value)
     assert store.stats["puts"] == 3
+    assert conn.puts_inline(2 << 20)  # the staged put asked the server's bulk limit
+    store.put(make_key("two-mib"), torch.randn(512 * 1024))
+    assert calls[2:] == [(threading.current_thread(), True)]
     store.close()
 
 
@@ -1138,6 +1144,7 @@ def test_a_put_given_up_mid_send_waits_no_longer_than_its_deadline_and_drops_its
         small, after = torch.randn(1024), torch.randn(2048)
         assert not c.exists(small_key)  # opens a connection
         assert c.put_chunk_by(small_key, _unsealed(small_key, small), time.monotonic() + TIMEOUT)
+        c.put(after_key, [bytes(2 << 20)])  # asks the server's bulk limit, as a first large put does
         proxy.set_mode("stall")  # the server reads nothing more, as if stuck in a long command
         big = torch.randn(8 << 20)  # 32 MiB: far more than the socket buffers hold
         start = time.monotonic()
@@ -1161,8 +1168,8 @@ def test_put_chunk_by_over_tls_sends_part_by_part(tls_redis):
 
     tls_port, cert = tls_redis
     c = RedisConnector(f"rediss://127.0.0.1:{tls_port}/0", timeout=TIMEOUT, prefix=_prefix(), ssl_ca_certs=str(cert))
-    assert c.puts_inline(1 << 20)
-    key, value = make_key("tls-inline"), torch.randn(300_000)  # > one TLS record
+    assert c.puts_inline((1 << 20) - 1)
+    key, value = make_key("tls-inline"), torch.randn(250_000)  # > one TLS record, < 1 MiB
     assert not c.exists(key)  # opens a connection
     assert c.put_chunk_by(key, _unsealed(key, value), time.monotonic() + TIMEOUT)
     got = chunk_format.decode(_b(c.get(key)), key.to_string())

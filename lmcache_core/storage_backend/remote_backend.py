@@ -795,7 +795,12 @@ class LMCRemoteBackend(LMCBackendInterface):
             self._last_stored = time.monotonic()  # close() drains while writes land
         except Exception as exc:
             self.stats.incr("background_put_failures")
-            logger.error("%s: background put of %s failed: %s", self.display_url, key, exc)
+            if isinstance(exc, _ANSWERS):
+                # A full or refusing store refuses every put alike: a line each flooded
+                # the log (one per chunk the engine stored), where one a minute says it.
+                self._log_refusal("background put", exc)
+            else:
+                logger.error("%s: background put of %s failed: %s", self.display_url, key, exc)
         finally:
             with self._lock:
                 if self._pending.get(key) is chunk:

@@ -112,6 +112,9 @@ return 1
 """
 # What a staging step's error means (_staging_error).
 _FULL, _REFUSED, _MOVING = "full", "refused", "moving"
+#: The smallest ``proto-max-bulk-len`` a Redis server accepts: values below it always fit.
+MIN_BULK_LIMIT = 1024 * 1024
+_UNASKED: Any = object()
 # Error codes of a server that is saving, loading, failing over or moving slots: errors
 # that pass, never a refusal (MISCONF's text says writes are "disabled").
 _TRANSIENT_CODES = frozenset(
@@ -271,6 +274,8 @@ class RedisConnector(RemoteConnector):
         self._inline_puts = not self.cluster and self.zero_copy_put and _redis_py_fits_inline_puts()
         self._staging_ttl_ms = int(max(STAGING_TTL_S, 10 * self.timeout) * 1000)
         self._staging_gone = 0  # staged keys gone before publishing, in a row
+        # The server's proto-max-bulk-len: _UNASKED, an int, or None (it would not say).
+        self._bulk_limit: int | None = _UNASKED
         #: about how many reply bytes one MGET of ``get_many`` may ask for
         self.mget_budget_bytes = MGET_BUDGET_BYTES
         self._lock = threading.Lock()
@@ -513,11 +518,13 @@ class RedisConnector(RemoteConnector):
         """``SET`` the concatenation of ``parts``; one command, so readers never see half."""
         name = self._name(key)
         value = self._value(parts)
+        self._check_fits("SET", sum(memoryview(p).nbytes for p in parts))
         self._call("SET", lambda c: c.execute_command("SET", name, value))
 
     def put_chunk(self, key: CacheEngineKey, chunk: chunk_format.UnsealedChunk) -> None:
         """Store a chunk, staged and hashed as it is sent when large (module docstring)."""
         name = self._name(key)
+        self._check_fits("SET", chunk.size)
         large = self.staged_puts and chunk.size >= STREAM_PUT_BYTES
         staging = _staging_name(name, self._prefix_bytes) if large else None
         if staging is None or not self._put_staged(name, staging, chunk):
@@ -525,7 +532,10 @@ class RedisConnector(RemoteConnector):
 
     def puts_inline(self, size: int) -> bool:
         """True for plain ``SET``s on a standalone server (``put_chunk_by``); staged puts
-        (two commands) stay on the backend's I/O threads."""
+        (two commands) stay on the backend's I/O threads, as does the first put large
+        enough to need the server's ``proto-max-bulk-len`` (``_check_fits`` asks for it)."""
+        if size >= MIN_BULK_LIMIT and self._bulk_limit is _UNASKED:
+            return False
         return self._inline_puts and not (self.staged_puts and size >= STREAM_PUT_BYTES)
 
     def put_chunk_by(self, key: CacheEngineKey, chunk: chunk_format.UnsealedChunk, deadline: float) -> bool:
@@ -549,6 +559,9 @@ class RedisConnector(RemoteConnector):
             StoreUnavailableError: the deadline passed, or a transport or server error.
         """
         redis = self._redis
+        if chunk.size >= MIN_BULK_LIMIT and self._bulk_limit is _UNASKED:
+            return False  # asking the server its limit is a round trip of its own: an I/O thread's
+        self._check_fits("SET", chunk.size)
         header = chunk.sealed_header()  # never abandoned: its caller is this thread
         # The zero-copy packer's pieces (command, header, payload, end): views, no join.
         parts = self._hooks["command_packer"].pack("SET", self._name(key), ChunkValue((header, chunk.payload)))
@@ -638,6 +651,46 @@ class RedisConnector(RemoteConnector):
                 raise
             return _MOVING
 
+    def _check_fits(self, what: str, size: int) -> None:
+        """Refuse a value longer than the server's ``proto-max-bulk-len``.
+
+        The server answers such a ``SET`` by closing the connection mid-send, which
+        reads as an outage: with a 1 MB limit and 2 MiB chunks every put failed as
+        "connection reset", was retried, and opened the circuit, so gets of small
+        chunks failed too. The limit is asked once (``CONFIG GET``), at the first value
+        that could exceed it; a server that will not say is not checked.
+
+        Raises:
+            StoreFullError: the value is longer than the limit (an answer: no retry,
+                no strike against the circuit).
+        """
+        if size < MIN_BULK_LIMIT:
+            return
+        limit = self._bulk_limit
+        if limit is _UNASKED:
+            limit = self._bulk_limit = self._ask_bulk_limit()
+        if limit is not None and size > limit:
+            raise StoreFullError(
+                self.display_url,
+                f"{what}: a value of {size} bytes is longer than the server's proto-max-bulk-len ({limit})",
+            )
+
+    def _ask_bulk_limit(self) -> int | None:
+        """The server's ``proto-max-bulk-len`` (the smallest of a cluster's nodes), or None
+        when it refuses ``CONFIG GET`` (an ACL, a managed service) or answers oddly.
+
+        Raises:
+            StoreUnavailableError: the server did not answer (the put would fail too).
+        """
+        redis = self._redis
+        try:
+            reply = self._client().config_get("proto-max-bulk-len")
+        except redis.exceptions.ResponseError:
+            return None
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
+            raise self._store_error("CONFIG GET", exc) from exc
+        return _bulk_limit_of(reply)
+
     def _staging_off(self, why: str) -> None:
         if self.staged_puts:
             self.staged_puts = False
@@ -648,6 +701,7 @@ class RedisConnector(RemoteConnector):
         if not items:
             return
         commands = [(self._name(k), self._value(parts)) for k, parts in items]
+        self._check_fits("SET (pipeline)", max(sum(memoryview(p).nbytes for p in parts) for _, parts in items))
 
         def run(c: Any) -> None:
             pipe = c.pipeline(transaction=False)
@@ -788,6 +842,26 @@ class RedisConnector(RemoteConnector):
             # An error (WRONGTYPE) marks a non-string under our prefix: not a chunk.
             if isinstance(size, int) and not isinstance(size, bool) and (size > 0 or name in present):
                 yield RemoteObject(key, size=size)
+
+
+def _bulk_limit_of(reply: Any) -> int | None:
+    """``proto-max-bulk-len`` from a ``CONFIG GET`` reply: ``{name: value}``, or per node
+    on a cluster ``{node: {name: value}}`` (the smallest); None when there is none."""
+    if not isinstance(reply, dict):
+        return None
+    found: list[int] = []
+    for name, value in reply.items():
+        if isinstance(value, dict):
+            limit = _bulk_limit_of(value)
+            if limit is None:
+                return None  # a node that will not say may have any limit
+            found.append(limit)
+        elif (name.decode() if isinstance(name, bytes) else str(name)) == "proto-max-bulk-len":
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            if not text.isdigit():
+                return None
+            found.append(int(text))
+    return min(found) if found else None
 
 
 def _none_on_wrongtype(redis: Any, fn: Callable[[], _T]) -> _T | None:

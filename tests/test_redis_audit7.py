@@ -1,0 +1,138 @@
+"""Regressions from the seventh look at the Redis path, each named after its defect.
+
+1. A chunk longer than the server's ``proto-max-bulk-len`` read as an outage. The
+   server answers such a ``SET`` by closing the connection mid-send: with a 1 MB limit
+   (the smallest Redis takes) and 2 MiB chunks every put failed as "connection reset",
+   was retried, struck the circuit and opened it, so gets of small chunks failed too,
+   and the message never named the cause. Such a put is now refused before it is sent
+   (the limit is asked once with ``CONFIG GET``), as a ``StoreFullError``: no retry, no
+   strike.
+2. Background puts a full or refusing store turned down logged one ERROR line each (one
+   per chunk the engine stored); they are now logged as refusals, once a minute.
+
+Real components only: redis-server processes started by the suite.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import pytest
+import redis
+import torch
+
+from lmcache_core.config import LMCacheEngineConfig
+from lmcache_core.errors import StoreFullError
+from lmcache_core.storage_backend.circuit import CLOSED, CircuitBreaker
+from lmcache_core.storage_backend.connector.redis_connector import RedisConnector
+from lmcache_core.storage_backend.remote_backend import LMCPipelinedRemoteBackend, LMCRemoteBackend
+from tests.conftest import make_key, wait_until
+from tests.servers_redis import RedisCluster, RedisServer
+
+T = 1.0
+SMALL = (2, 2, 16, 2, 8)  # 2 KiB of fp16
+HALF_MB = (4, 2, 32, 8, 64)  # 512 KiB: under any server's limit
+TWO_MB = (16, 2, 64, 8, 64)  # a plain SET
+EIGHT_MB = (64, 2, 64, 8, 64)  # a staged put
+
+
+def chunk(seed: int, shape: tuple[int, ...] = SMALL) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(torch.float16)
+
+
+def backend_for(url: str, pipelined: bool = False) -> LMCRemoteBackend:
+    cls = LMCPipelinedRemoteBackend if pipelined else LMCRemoteBackend
+    cfg = LMCacheEngineConfig(remote_url=url, remote_timeout=T)
+    # Opens after 3 failures in a row, for 30 s: a strike too many would show.
+    return cls(cfg, None, "cpu", breaker=CircuitBreaker(failure_threshold=3, reset_timeout=30, name="audit7"))
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
+def test_a_chunk_longer_than_the_servers_bulk_limit_is_refused_and_reads_go_on(
+    redis_server_factory: Callable[..., RedisServer], pipelined: bool
+) -> None:
+    server = redis_server_factory("--proto-max-bulk-len", "1mb")
+    store = backend_for(server.url, pipelined)
+    try:
+        small, fits = make_key("a7-small"), make_key("a7-fits")
+        store.put(small, chunk(0))
+        store.put(fits, chunk(1, HALF_MB))
+        for i, shape in enumerate((TWO_MB, EIGHT_MB, TWO_MB)):
+            with pytest.raises(StoreFullError, match="proto-max-bulk-len"):
+                store.put(make_key(f"a7-big-{i}"), chunk(2, shape))
+        for i in range(4):
+            store.put_nonblocking(make_key(f"a7-nb-{i}"), chunk(3, TWO_MB))
+        assert wait_until(lambda: store.stats["background_put_failures"] == 4)
+        assert store.breaker.state == CLOSED
+        assert store.stats["retries"] == 0
+        assert torch.equal(store.get(small), chunk(0))
+        assert torch.equal(store.get(fits), chunk(1, HALF_MB))
+        assert store.get(make_key("a7-big-0")) is None
+    finally:
+        store.close()
+
+
+def test_a_server_with_room_for_the_chunk_stores_it(redis_server_factory: Callable[..., RedisServer]) -> None:
+    server = redis_server_factory("--proto-max-bulk-len", "16mb")
+    store = backend_for(server.url)
+    try:
+        for i, shape in enumerate((TWO_MB, EIGHT_MB)):
+            key = make_key(f"a7-room-{i}")
+            store.put(key, chunk(i, shape))
+            assert torch.equal(store.get(key), chunk(i, shape))
+    finally:
+        store.close()
+
+
+def test_a_user_who_may_not_read_the_config_still_puts(redis_server_factory: Callable[..., RedisServer]) -> None:
+    server = redis_server_factory()
+    admin = redis.Redis(port=server.port)
+    admin.execute_command("ACL", "SETUSER", "writer", "on", ">pw", "~*", "+@all", "-config")
+    admin.close()
+    url = f"redis://writer:pw@127.0.0.1:{server.port}/0"
+    conn = RedisConnector(url, timeout=T)
+    try:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            conn._client().config_get("proto-max-bulk-len")  # the user really is denied
+    finally:
+        conn.close()
+    store = backend_for(url)
+    try:
+        key = make_key("a7-acl")
+        store.put(key, chunk(5, TWO_MB))
+        assert torch.equal(store.get(key), chunk(5, TWO_MB))
+    finally:
+        store.close()
+
+
+def test_each_node_of_a_cluster_is_asked_its_limit(redis_cluster: RedisCluster) -> None:
+    conn = RedisConnector(redis_cluster.url, timeout=T)
+    try:
+        nodes = [redis.Redis(port=p) for p in redis_cluster.ports]
+        expected = min(int(n.config_get("proto-max-bulk-len")["proto-max-bulk-len"]) for n in nodes)
+        for n in nodes:
+            n.close()
+        assert conn._ask_bulk_limit() == expected
+    finally:
+        conn.close()
+
+
+def test_refused_background_puts_are_logged_once_not_once_each(
+    redis_server_factory: Callable[..., RedisServer], caplog: Any
+) -> None:
+    server = redis_server_factory("--proto-max-bulk-len", "1mb")
+    store = backend_for(server.url)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="lmcache_core"):
+            for i in range(6):
+                store.put_nonblocking(make_key(f"a7-log-{i}"), chunk(i, TWO_MB))
+            assert wait_until(lambda: store.stats["background_put_failures"] == 6)
+            time.sleep(0.05)  # the last failure's log line follows its count
+        loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(loud) == 1, [r.getMessage() for r in loud]
+        assert "proto-max-bulk-len" in loud[0].getMessage() and "once a minute" in loud[0].getMessage()
+    finally:
+        store.close()
