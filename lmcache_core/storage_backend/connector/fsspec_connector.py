@@ -419,17 +419,19 @@ def _named_timeout(exc: TimeoutError, fallback: str) -> TimeoutError:
     return TimeoutError(str(cause) if cause is not None and str(cause) else fallback)
 
 
-async def _pipe_bounded(fs: Any, bodies: dict[str, Any], limit: float, **kwargs: Any) -> None:
+async def _pipe_bounded(
+    fs: Any, bodies: dict[str, Any], limit: float, check: Callable[[str, Any], None], **kwargs: Any
+) -> None:
     """``fs._pipe_file`` of every body, at most ``_S3_POOL_CONNECTIONS`` at once, each
-    given up after ``limit`` seconds (``PUT_LIMIT_TIMEOUTS``); the first failure raises
-    once all have ended."""
+    given up after ``limit`` seconds (``PUT_LIMIT_TIMEOUTS``) and its reply passed to
+    ``check(path, reply)``; the first failure raises once all have ended."""
     import asyncio
 
     gate = asyncio.Semaphore(_S3_POOL_CONNECTIONS)  # waiting for a connection is no PUT's time
 
     async def one(path: str, body: Any) -> None:
         async with gate:
-            await _within(limit, f"PUT of {path}", fs._pipe_file(path, body, **kwargs))
+            check(path, await _within(limit, f"PUT of {path}", fs._pipe_file(path, body, **kwargs)))
 
     results = await asyncio.gather(*(one(p, b) for p, b in bodies.items()), return_exceptions=True)
     error = next((r for r in results if isinstance(r, BaseException)), None)
@@ -906,13 +908,26 @@ class FsspecConnector(RemoteConnector):
         try:
             if len(bodies) == 1:
                 ((path, body),) = bodies.items()
-                fs.pipe_file(path, body, timeout=limit, **kwargs)  # fsspec's sync: asyncio.wait_for
+                self._check_put_reply(path, fs.pipe_file(path, body, timeout=limit, **kwargs))  # sync: wait_for
             else:
                 from fsspec.asyn import sync
 
-                sync(fs.loop, _pipe_bounded, fs, bodies, limit, **kwargs)
+                sync(fs.loop, _pipe_bounded, fs, bodies, limit, self._check_put_reply, **kwargs)
         except TimeoutError as exc:
             raise _named_timeout(exc, f"PUT: no answer within {limit:g} s") from exc.__cause__
+
+    def _check_put_reply(self, path: str, reply: Any) -> None:
+        """Refuse an S3 PUT "success" with no ETag: every S3 store sends one, and a web
+        server or proxy mistaken for the endpoint (a catch-all that answers 200 to
+        anything) does not. Its puts were acknowledged and lost, each read of them
+        counted a corrupt chunk, and ``contains`` said yes.
+
+        Raises:
+            OSError: the reply is not an S3 PUT's (the endpoint is not an S3 store).
+        """
+        if self.protocol != "s3" or not isinstance(reply, dict) or reply.get("ETag"):
+            return
+        raise OSError(f"not an S3 endpoint: its PUT reply had no ETag (check endpoint_url; nothing was stored): {path}")
 
     def _body(self, parts: Sequence[bytes | memoryview]) -> tuple[Any, int]:
         size = sum(memoryview(p).nbytes for p in parts)
