@@ -9,13 +9,19 @@
    strike.
 2. Background puts a full or refusing store turned down logged one ERROR line each (one
    per chunk the engine stored); they are now logged as refusals, once a minute.
+3. Reads on the backend's I/O threads (the first gets, every ``batched_get``'s MGET) were
+   bounded per socket read only: a server or link that trickled a reply held the call and
+   its thread until the last byte (a 4 MiB value sent 64 KiB every 0.25 s: 16 s at a
+   0.5 s timeout; an MGET of two, 32 s). Every read of a large reply now ends by
+   ``READ_LIMIT_TIMEOUTS`` store timeouts from the call's start.
 
-Real components only: redis-server processes started by the suite.
+Real components only: redis-server processes started by the suite, the loopback proxy.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Callable
 
@@ -24,12 +30,13 @@ import redis
 import torch
 
 from lmcache_core.config import LMCacheEngineConfig
-from lmcache_core.errors import StoreFullError
+from lmcache_core.errors import StoreFullError, StoreUnavailableError
 from lmcache_core.storage_backend.circuit import CLOSED, CircuitBreaker
-from lmcache_core.storage_backend.connector.redis_connector import RedisConnector
+from lmcache_core.storage_backend.connector.redis_connector import READ_LIMIT_TIMEOUTS, RedisConnector
 from lmcache_core.storage_backend.remote_backend import LMCPipelinedRemoteBackend, LMCRemoteBackend
 from tests.conftest import make_key, wait_until
 from tests.servers_redis import RedisCluster, RedisServer
+from tests.tcp_proxy import TcpProxy
 
 T = 1.0
 SMALL = (2, 2, 16, 2, 8)  # 2 KiB of fp16
@@ -136,3 +143,47 @@ def test_refused_background_puts_are_logged_once_not_once_each(
         assert "proto-max-bulk-len" in loud[0].getMessage() and "once a minute" in loud[0].getMessage()
     finally:
         store.close()
+
+
+# -- 3. a trickled reply on an I/O thread ----------------------------------------------
+
+
+def _ends_within(fn: Callable[[], Any], within: float) -> tuple[bool, Any]:
+    """(whether ``fn`` ended within ``within`` s, its result or exception); a call that
+    hangs is left on its daemon thread, so the test fails instead of hanging."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except Exception as exc:  # returned, so the test asserts the type
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(within)
+    return (not thread.is_alive(), out[0] if out else None)
+
+
+def test_reads_of_a_trickled_reply_end_at_their_limit(redis_server: RedisServer) -> None:
+    timeout = 0.5
+    with TcpProxy(("127.0.0.1", redis_server.port)) as proxy:
+        conn = RedisConnector(f"redis://127.0.0.1:{proxy.port}/0", timeout=timeout, prefix="a7-trickle:")
+        try:
+            keys = [make_key("a7-trickle-0"), make_key("a7-trickle-1")]
+            values = [bytes([i]) * (4 << 20) for i in range(2)]
+            for key, value in zip(keys, values, strict=True):
+                conn.put(key, [value])
+            # Each call takes 16-32 s without the bound; generous for a loaded CI machine.
+            within = READ_LIMIT_TIMEOUTS * timeout + 5.0
+            for call in (lambda: conn.get(keys[0]), lambda: conn.get_many(keys)):
+                proxy.set_mode("trickle", delay=0.25, trickle_bytes=64 << 10)
+                ended, result = _ends_within(call, within)
+                proxy.set_mode("forward")
+                assert ended, "a read of a trickled reply ran past its limit"
+                assert isinstance(result, StoreUnavailableError) and "Timeout" in str(result), repr(result)
+            assert [bytes(v or b"") for v in conn.get_many(keys)] == values
+            assert bytes(conn.get(keys[1]) or b"") == values[1]
+        finally:
+            proxy.set_mode("forward")
+            conn.close()

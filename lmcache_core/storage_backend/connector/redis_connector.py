@@ -112,6 +112,12 @@ return 1
 """
 # What a staging step's error means (_staging_error).
 _FULL, _REFUSED, _MOVING = "full", "refused", "moving"
+#: A call on a backend I/O thread gives up reading large replies (``LARGE_REPLY_BYTES`` and
+#: up) this many store timeouts after it started. The socket timeout bounds each read, not
+#: the reply: a server or link that trickled a 4 MiB value 64 KiB every 0.25 s held a GET
+#: and its I/O thread 16 s at a 0.5 s timeout, and an MGET of two such values 32 s, long
+#: after the caller had given up.
+READ_LIMIT_TIMEOUTS = 2.0
 #: The smallest ``proto-max-bulk-len`` a Redis server accepts: values below it always fit.
 MIN_BULK_LIMIT = 1024 * 1024
 _UNASKED: Any = object()
@@ -367,12 +373,19 @@ class RedisConnector(RemoteConnector):
             return None  # a foreign name under our prefix: not ours to list
 
     def _call(self, what: str, fn: Callable[[Any], _T]) -> _T:
-        """Run ``fn(client)``, translating redis-py errors into the project's."""
+        """Run ``fn(client)``, translating redis-py errors into the project's. Every read
+        of a large reply ends by ``READ_LIMIT_TIMEOUTS`` store timeouts from now."""
         redis = self._redis
+        bounded = getattr(_arriving, "deadline", None) is None
+        if bounded:
+            _arriving.deadline = time.monotonic() + READ_LIMIT_TIMEOUTS * self.timeout
         try:
             return fn(self._client())
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
             raise self._store_error(what, exc) from exc
+        finally:
+            if bounded:
+                _arriving.deadline = None
 
     def _store_error(self, what: str, exc: BaseException) -> Exception:
         """The project's error for a failed Redis command: ``StoreFullError`` at maxmemory,
@@ -1246,7 +1259,7 @@ def _reply_pool() -> BufferPool:
 
 # The ArrivingPayload of a get_hashed running on this thread, for LargeReplyBuffer: the
 # reply is read deep inside redis-py's command call, where no argument reaches. Also
-# get_hashed_by's deadline, which bounds every read of a large reply.
+# the deadline (get_hashed_by's, or _call's) that bounds every read of a large reply.
 _arriving = threading.local()
 
 
@@ -1282,7 +1295,7 @@ def _large_reply_parser(protocol: int) -> type:
             custom = timeout is not SENTINEL
             if custom:
                 sock.settimeout(timeout)
-            deadline = getattr(_arriving, "deadline", None)  # get_hashed_by's: the whole reply's
+            deadline = getattr(_arriving, "deadline", None)  # the whole call's (get_hashed_by, _call)
             try:
                 while got < total:
                     if payload is not None:
