@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -74,9 +75,12 @@ class Output:
         return not self.quiet and _isatty(sys.stderr)
 
     def data(self, payload: Any) -> None:
-        """The json document (json mode only)."""
+        """The json document (json mode only): standard JSON, so a non-finite number
+        (the mean of huge float64 values overflows to inf) is ``null``, never the
+        ``Infinity``/``NaN`` that Python's json writes and jq or JSON.parse reject."""
         if self.json:
-            self.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+            text = json.dumps(_finite(payload), indent=2, default=str, allow_nan=False)
+            self.stdout.write(text + "\n")
 
     def line(self, text: str = "") -> None:
         """A line of human data on stdout."""
@@ -158,6 +162,17 @@ class Output:
         width = max((len(k) for k, _ in pairs), default=0)
         for k, v in pairs:
             self.line(f"  {k.ljust(width)}  {v}")
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float in it (inside dicts, lists and tuples) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def mask_secrets(text: str) -> str:

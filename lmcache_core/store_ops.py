@@ -891,8 +891,8 @@ class EvictResult:
     failures: list[str] = field(default_factory=list)
 
 
-def run_evict(store: Store, plan: EvictPlan) -> EvictResult:
-    """Remove the plan's chunks.
+def run_evict(store: Store, plan: EvictPlan, progress: Callable[[int], None] | None = None) -> EvictResult:
+    """Remove the plan's chunks, calling ``progress(bytes_freed)`` after each.
 
     On a disk store a chunk's file is removed only while its path still holds the
     file the plan listed (``ChunkEntry.identity``) and nobody read it since (its
@@ -904,21 +904,24 @@ def run_evict(store: Store, plan: EvictPlan) -> EvictResult:
     """
     result = EvictResult()
     for v in plan.victims:
+        freed = 0
         try:
             path = store.path_of(v.key)
             if path is not None and v.identity is not None:
                 outcome = _unlink_unchanged(path, v.identity, used_at=v.atime)
                 if outcome == _CHANGED:
                     result.left_alone.append(v.key.to_string())
-                    continue
                 removed = outcome == _REMOVED
             else:
                 removed = store.remove(v.key)
             if removed:
+                freed = v.size or 0
                 result.removed += 1
-                result.freed += v.size or 0
+                result.freed += freed
         except Exception as exc:  # one bad chunk must not stop the rest
             result.failures.append(f"{v.key}: {exc}")
+        if progress is not None:
+            progress(freed)
     return result
 
 

@@ -20,11 +20,12 @@ from lmcache_cli.options import (
     warn_unknown_ages,
 )
 from lmcache_cli.output import Column, Output
+from lmcache_cli.progress import progress_bar
 from lmcache_cli.state import FormatOption, get_state
 from lmcache_cli.units import human_age, human_size, plural
 
 if TYPE_CHECKING:
-    from lmcache_core.store_ops import EvictPlan
+    from lmcache_core.store_ops import EvictPlan, EvictResult, Store
 
 PLAN_ROWS_SHOWN = 20
 
@@ -109,7 +110,7 @@ def evict(
             ):
                 out.message("cancelled; nothing removed")
                 return
-        result = store_ops.run_evict(store, plan)
+        result = _run_evict(out, store, plan)
     failures = result.failures
     out.data(
         {
@@ -135,6 +136,15 @@ def evict(
             out.warn(f)
         out.error(f"{plural(len(failures), 'chunk')} could not be removed; check permissions and rerun")
         raise typer.Exit(1)
+
+
+def _run_evict(out: Output, store: Store, plan: EvictPlan) -> EvictResult:
+    """``store_ops.run_evict`` under a progress bar: thousands of removals from an object
+    store (one request each) ran for minutes with nothing shown."""
+    from lmcache_core.store_ops import run_evict
+
+    with progress_bar(out, "evict", None, len(plan.victims), by_chunks=True, bytes_label="freed") as bar:
+        return run_evict(store, plan, progress=lambda freed: bar.advance(1, freed))
 
 
 def _show_plan(out: Output, plan: EvictPlan, now: float, where: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -49,6 +50,13 @@ def get(
     out = state.output(format_)
     if output is None:
         raise usage_error("give the file to write with -o OUT.safetensors")
+    from lmcache_cli.tensor_files import TENSOR_SUFFIXES
+
+    suffix = os.path.splitext(output)[1].lower()
+    if suffix in TENSOR_SUFFIXES and suffix != ".safetensors":
+        # get writes safetensors: under a .npy or .pt name, `lmcache put` (which reads
+        # by suffix) and numpy/torch refused the file it wrote.
+        raise usage_error(f"-o {output}: get writes a .safetensors file, not {suffix}; name it OUT.safetensors")
     if tokens is not None or model is not None:
         if key is not None:
             raise usage_error("give either KEY or --tokens/--model, not both")

@@ -21,6 +21,7 @@ from lmcache_cli.options import (
     warn_unknown_ages,
 )
 from lmcache_cli.output import Column
+from lmcache_cli.progress import progress_bar
 from lmcache_cli.state import FormatOption, get_state
 from lmcache_cli.units import human_age, human_size, plural
 
@@ -75,7 +76,12 @@ def ls(
         shown = store_ops.sort_entries(entries, sort.value)
         if limit is not None:
             shown = shown[:limit]
-        headers: list[Any] = [store.header(e.key) for e in shown] if long else []
+        headers: list[Any] = []
+        if long:  # a read per chunk: minutes for thousands of objects in a remote store
+            with progress_bar(out, "ls -l", None, len(shown), by_chunks=True, bytes_label="listed") as bar:
+                for e in shown:
+                    headers.append(store.header(e.key))
+                    bar.advance(1, e.size or 0)
         where = store.describe()
     if keys_only:
         out.stdout.write("".join(f"{e.key}\n" for e in shown))

@@ -115,7 +115,9 @@ def _put_tokens(
         stored_at: list[int] = []
         finished = [0]
         last = [0]
-        with progress_bar(out, "put", kv.numel() * kv.element_size(), n_chunks) as bar:
+        # By chunks: one already cached stores no bytes, and a bar in bytes stayed
+        # empty through a rerun that found every chunk cached.
+        with progress_bar(out, "put", None, n_chunks, by_chunks=True, bytes_label="stored") as bar:
 
             def advance(done: int, total: int, nbytes: int) -> None:
                 bar.advance(1, nbytes - last[0])

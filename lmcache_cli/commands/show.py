@@ -68,7 +68,8 @@ def show(
     }
     if out.json:
         out.data(report)
-        if not check.ok:
+        if not check.ok:  # exit 1 says why on stderr, as in human mode
+            out.error(f"{chunk_key}: {check.reason}; remove it with `lmcache verify --fix`")
             raise typer.Exit(1)
         return
     pairs = [

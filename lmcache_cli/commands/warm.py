@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -15,6 +15,9 @@ from lmcache_cli.progress import progress_bar
 from lmcache_cli.state import FormatOption, get_state
 from lmcache_cli.units import human_rate, human_size, plural
 from lmcache_core.config import mask_url
+
+if TYPE_CHECKING:
+    from lmcache_core.key import CacheEngineKey
 
 
 def warm(
@@ -80,15 +83,19 @@ def warm(
             entries = store_ops.select(src_store.entries(), pattern=pattern, model=model)
             keys = [e.key for e in entries]
             sizes = {e.key.to_string(): e.size for e in entries}
-        total_bytes = sum(s or 0 for s in sizes.values()) or None
         header = {"from": src_store.describe(), "to": dst_store.describe()}
         if dry_run:
             # What warm would do: copy what is absent, and replace copies that fail the check.
-            absent = {k for k in keys if not dst_store.contains(k)}
-            repair = [
-                k for k in keys
-                if k not in absent and store_ops.held_copy_problem(dst_store, k, full=verify_existing) is not None
-            ]  # fmt: skip
+            # A question (or, with --verify-existing, a full read) per chunk: show it.
+            absent: set[CacheEngineKey] = set()
+            repair: list[CacheEngineKey] = []
+            with progress_bar(out, "warm --dry-run", None, len(keys), by_chunks=True, bytes_label="checked") as bar:
+                for k in keys:
+                    if not dst_store.contains(k):
+                        absent.add(k)
+                    elif store_ops.held_copy_problem(dst_store, k, full=verify_existing) is not None:
+                        repair.append(k)
+                    bar.advance(1, sizes.get(k.to_string()) or 0)
             to_repair = set(repair)
             copy = [k for k in keys if k in absent or k in to_repair]
             copy_bytes = sum(sizes.get(k.to_string()) or 0 for k in copy)
@@ -112,7 +119,9 @@ def warm(
                 f"skip {report['to_skip']} already in {header['to']}"
             )
             return
-        with progress_bar(out, "warm", total_bytes, len(keys)) as bar:
+        # By chunks: a skipped chunk moves no bytes, and a bar in bytes stayed empty
+        # through a rerun that found every chunk in place.
+        with progress_bar(out, "warm", None, len(keys), by_chunks=True, bytes_label="copied") as bar:
             result = store_ops.warm(
                 src_store, dst_store, keys, jobs=jobs, verify_existing=verify_existing,
                 listed=keys_file is None, progress=lambda outcome, n: bar.advance(1, n),
