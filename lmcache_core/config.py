@@ -24,6 +24,9 @@ from lmcache_core.key import FORMATS
 logger = logging.getLogger(__name__)
 
 GB = 1024**3
+#: A disk budget of this many GB or more (an exabyte) is none: a store opened so (every
+#: ``lmcache`` tool's, ``store_ops.Store``) never evicts, not even for a full disk.
+UNLIMITED_GB = 1e9
 ENV_PREFIX = "LMCACHE_"
 CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
 

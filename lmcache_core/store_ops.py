@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from lmcache_core import chunk_format, layout
 from lmcache_core.chunk_format import ChunkHeader
+from lmcache_core.config import UNLIMITED_GB as _UNLIMITED_GB
 from lmcache_core.config import LMCacheEngineConfig, mask_secrets_in, mask_url, store_kind
 from lmcache_core.errors import CorruptChunkError, StoreUnavailableError
 from lmcache_core.key import TOKEN_AXIS, CacheEngineKey, chunk_hashes
@@ -39,9 +40,9 @@ if TYPE_CHECKING:
     from lmcache_core.storage_backend.abstract_backend import LMCBackendInterface
 
 # A store opened by a tool must never evict on open, nor to make room for what a tool
-# writes: the budget is the serving processes' business (and ``lmcache evict --to-size``'s),
-# a config file's ``max_local_disk_size`` included.
-UNLIMITED_GB = 1e9
+# writes (a full disk included): the budget is the serving processes' business (and
+# ``lmcache evict --to-size``'s), a config file's ``max_local_disk_size`` included.
+UNLIMITED_GB = _UNLIMITED_GB
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The disk tier's file I/O: open, write, fsync, replace, read, unlink.
+"""The disk tier's file I/O: open, write, fsync, replace, read, unlink (and rename away).
 
 Every byte the disk tier moves goes through these few functions, so a test can
 install a fault hook (``fault_hook``) and make any of them fail with EIO,
@@ -198,6 +198,16 @@ def replace(src: str, dst: str) -> None:
     if hook is not None:
         hook("replace", dst)
     os.replace(src, dst)
+
+
+def rename_away(path: str, aside: str) -> None:
+    """``os.rename(path, aside)``: takes whatever file is at ``path`` now out of sight, so
+    that it can be looked at before it is deleted. To the hook it is the removal of
+    ``path`` (op ``unlink``), which is what it is for the chunk path."""
+    hook = _hook
+    if hook is not None:
+        hook("unlink", path)
+    os.rename(path, aside)
 
 
 def unlink(path: str) -> None:

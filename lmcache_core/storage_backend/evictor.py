@@ -80,6 +80,12 @@ class LRUIndex(Generic[K]):
         """
         return self._oldest(self.used - self.budget, skip=keep)
 
+    def oldest(self, nbytes: int, skip: K | None = None) -> list[K]:
+        """Least recently used keys other than ``skip`` whose sizes add up to ``nbytes``
+        (fewer when the index holds less): what to drop to free ``nbytes`` whatever the
+        budget says, as when the medium itself is full."""
+        return self._oldest(nbytes, skip=skip)
+
     def _oldest(self, need: int, skip: K | None) -> list[K]:
         """Least recently used keys other than ``skip`` whose sizes add up to ``need``."""
         victims: list[K] = []

@@ -22,7 +22,13 @@ import torch
 
 from lmcache_core import chunk_format, layout
 from lmcache_core.chunk_format import ChunkHeader
-from lmcache_core.config import LMCacheEngineConfig, LMCacheEngineMetadata, LMCacheMemPoolMetadata
+from lmcache_core.config import (
+    GB,
+    UNLIMITED_GB,
+    LMCacheEngineConfig,
+    LMCacheEngineMetadata,
+    LMCacheMemPoolMetadata,
+)
 from lmcache_core.errors import CorruptChunkError, StoreFullError
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.layout import scan_store
@@ -382,6 +388,34 @@ def _discard_temp(tmp: str) -> None:
         pass
 
 
+def _remove_if_same(path: str, st: os.stat_result | None) -> None:
+    """Remove the file at ``path`` if it is the one ``st`` describes (any, when None).
+
+    The key lock keeps this process's puts out, not another process's: one that renamed
+    a good chunk over the bad one after our check would lose it to a plain unlink. So
+    the file is first renamed aside, which takes exactly one file, and put back under
+    its name (unless an even newer one is there) when it is not the one that was read.
+
+    Raises:
+        OSError: the rename failed (``FileNotFoundError``: nothing there any more).
+    """
+    aside = layout.temp_path(path)  # a temp name: a kill right here leaves what start-up removes
+    disk_io.rename_away(path, aside)
+    try:
+        moved = os.stat(aside)
+        if st is None or (moved.st_ino, moved.st_dev) == (st.st_ino, st.st_dev):
+            return
+        try:
+            os.link(aside, path)  # fails on a newer chunk at the path, which wins
+        except FileExistsError:
+            pass
+        except OSError:  # no hard links here (some FUSE, SMB mounts): a rename, not over a file
+            if not os.path.lexists(path):
+                os.rename(aside, path)
+    finally:
+        _discard_temp(aside)
+
+
 def _key_from_path(path: str) -> str:
     """The key a store's layout gives ``path`` (``key_to_path``), or "" when none or ambiguous.
 
@@ -435,6 +469,11 @@ ATIME_REFRESH_S = 60.0
 #: A put waiting for room in the write queue gives up when no queued write finished
 #: for this long (disk writes have no timeout of their own).
 QUEUE_STALL_S = 60.0
+#: A write that fails for a full disk (or quota) is tried again at most this many times,
+#: each after unlinking the tier's least recently used chunks, a chunk's worth.
+FULL_DISK_RETRIES = 2
+#: A full disk sweeps the store for dead writers' temp files at most this often.
+FULL_DISK_SWEEP_S = 60.0
 
 
 class LMCLocalDiskBackend(LMCBackendInterface):
@@ -446,9 +485,13 @@ class LMCLocalDiskBackend(LMCBackendInterface):
     Writes are atomic (temp file + ``os.replace``); at
     start the index and byte count are rebuilt from the directory, so a restart
     reuses the cache and the budget holds, and dead writers' temp files are
-    removed. A corrupt, truncated or foreign file is a miss and is deleted; a
-    file whose header key is empty (``save_disk(path, kv_chunk)``) is taken as the
-    key of its path.
+    removed. A write the filesystem refuses as full (``ENOSPC``, ``EDQUOT``: the budget
+    may be larger than the room the disk has) unlinks the tier's least recently used
+    chunks, a chunk's worth, and is tried again (``FULL_DISK_RETRIES`` times at most);
+    only then, or at once when the tier holds nothing else to let go or has no budget
+    (``UNLIMITED_GB``: a tool's store, which never evicts), is it a ``StoreFullError``.
+    A corrupt, truncated or foreign file is a miss and is deleted; a file whose header
+    key is empty (``save_disk(path, kv_chunk)``) is taken as the key of its path.
 
     Non-blocking puts are written by ``put_workers`` threads (each runs
     ``put_worker()``), in parallel across keys. Every put and remove of a key gets
@@ -509,6 +552,9 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         self._readers_lock = threading.Lock()
         self._closed = False
         self.stale_temps_removed = 0
+        self._last_full_sweep = -math.inf  # time.monotonic() of the last full-disk temp sweep
+        # A store with no budget (the tools') never evicts: a full disk fails its writes.
+        self._evicts_when_full = config.disk_budget_bytes < UNLIMITED_GB * GB
         self._rebuild_index()
         self._put_workers = put_workers
         self._workers = self._start_workers()
@@ -555,21 +601,33 @@ class LMCLocalDiskBackend(LMCBackendInterface):
     def _key_lock(self, key: CacheEngineKey) -> threading.Lock:
         return self._key_locks[hash(key) % _KEY_LOCKS]
 
+    def _remove_if_stale_temp(self, path: str, st: os.stat_result, now: float) -> int:
+        """Unlink ``path`` when it is a dead writer's temp file; the bytes freed (0 if not)."""
+        name = os.path.basename(path)
+        if not (layout.is_temp_name(name) and layout.is_stale_temp(name, st.st_mtime, now)):
+            return 0
+        try:
+            disk_io.unlink(path)
+        except OSError:
+            return 0
+        self.stale_temps_removed += 1
+        self.stats.incr("stale_temps_removed")
+        return st.st_size
+
+    def _sweep_stale_temps(self) -> int:
+        """Remove dead writers' temp files (a writer killed mid-put leaves one, up to a
+        chunk's size); the bytes freed. One scan of the store, no lock held."""
+        now = time.time()
+        return sum(self._remove_if_stale_temp(path, st, now) for path, st, key in scan_store(self.root) if key is None)
+
     def _rebuild_index(self) -> None:
         now = time.time()
         found: list[tuple[float, CacheEngineKey, int]] = []
         for path, st, key in scan_store(self.root):
-            name = os.path.basename(path)
-            if layout.is_temp_name(name):
-                if layout.is_stale_temp(name, st.st_mtime, now):
-                    try:
-                        disk_io.unlink(path)
-                        self.stale_temps_removed += 1
-                    except OSError:
-                        pass
+            if key is None:
+                self._remove_if_stale_temp(path, st, now)
                 continue
-            if key is not None:
-                found.append((max(st.st_atime, st.st_mtime), key, st.st_size))
+            found.append((max(st.st_atime, st.st_mtime), key, st.st_size))
         found.sort(key=lambda item: item[0])
         with self._lock:
             for _, key, size in found:
@@ -609,7 +667,8 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         self._check_fork()
 
     def put_blocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
-        """Write now; ``OSError``/``StoreFullError`` when the disk refuses. Thread-safe."""
+        """Write now; ``OSError``/``StoreFullError`` when the disk refuses (a full disk only
+        once the tier's own least recently used chunks could not make room). Thread-safe."""
         self._check_put(key, kv_chunk)
         with self._lock:
             seq = self._begin_locked(key)
@@ -737,16 +796,69 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             victims = self._evict_live_locked(lambda: self._index.victims_for(size, exclude=key))
         self._unlink_evicted(victims)
         path = self._path(key)
-        try:
-            tmp, written = _write_temp(path, kv_chunk, key.to_string(), self.fsync, make_dir=True)
-            committed = self._commit(key, seq, tmp, path, written)
-        except OSError as exc:
-            self.stats.incr("put_failures")
-            if exc.errno in disk_io.FULL_ERRNOS:
-                raise StoreFullError(self.describe(), f"no space left writing {key} ({exc.strerror})") from exc
-            raise
+        retries = 0
+        while True:
+            try:
+                tmp, written = _write_temp(path, kv_chunk, key.to_string(), self.fsync, make_dir=True)
+                committed = self._commit(key, seq, tmp, path, written)
+                break
+            except OSError as exc:
+                # The budget may be larger than the room the filesystem has (or the
+                # quota allows): a full disk would otherwise fail every put for good
+                # while the tier sits on chunks it could let go. The failed try's temp
+                # file is gone already (_write_temp, _commit discard it).
+                if exc.errno in disk_io.FULL_ERRNOS and retries < FULL_DISK_RETRIES and self._evicts_when_full:
+                    room = self._make_room_on_full_disk(key, seq, size)
+                    if room is None:  # a later put or remove of the key committed meanwhile
+                        self.stats.incr("superseded_puts")
+                        return False
+                    if room:
+                        retries += 1
+                        self.stats.incr("full_disk_retries")
+                        continue
+                self.stats.incr("put_failures")
+                if exc.errno in disk_io.FULL_ERRNOS:
+                    raise StoreFullError(self.describe(), f"no space left writing {key} ({exc.strerror})") from exc
+                raise
         self.stats.incr("puts" if committed else "superseded_puts")
         return committed
+
+    def _make_room_on_full_disk(self, key: CacheEngineKey, seq: int, size: int) -> bool | None:
+        """After a full-disk error writing put ``seq`` of ``key``: unlink this tier's least
+        recently used chunks, ``size`` bytes' worth, never ``key`` itself.
+
+        Returns whether any chunk file went (a retry may now fit), or None when the put
+        was superseded meanwhile (nothing to retry). A get that has the file open keeps
+        reading it (POSIX), so readers need no guard; a chunk committed again meanwhile
+        is kept (``_unlink_evicted``).
+        """
+        with self._lock:
+            if self._stale_locked(key, seq):
+                return None
+            sweep = time.monotonic() - self._last_full_sweep >= FULL_DISK_SWEEP_S
+            if sweep:
+                self._last_full_sweep = time.monotonic()
+        # Dead writers' temp files first: garbage, where the chunks are what the tier is
+        # for. Start-up removes them too, but a process that keeps running never starts
+        # again, and one of another PID namespace (a restarted container) may judge them
+        # only by age (layout.STALE_TEMP_SECONDS). At most once a minute: a full disk
+        # sends every put here, and the sweep is a scan of the whole store.
+        swept = self._sweep_stale_temps() if sweep else 0
+        with self._lock:
+            victims = self._evict_live_locked(lambda: self._index.oldest(size - swept, skip=key))
+        freed = self._unlink_evicted(victims)
+        if freed:
+            self.stats.incr("full_disk_evictions", freed)
+        if freed or swept:
+            # A warning once a minute at most (a full disk sends every put here); the
+            # counters (full_disk_retries, full_disk_evictions) keep the whole count.
+            logger.log(
+                logging.WARNING if sweep else logging.DEBUG,
+                "disk under %s is full: removed %d bytes of dead writers' temp files and "
+                "%d least recently used chunks to write %s",
+                self.root, swept, freed, key,
+            )
+        return freed > 0 or swept > 0
 
     def _commit(self, key: CacheEngineKey, seq: int, tmp: str, path: str, size: int) -> bool:
         """Move the temp file of put ``seq`` into place unless a later put/remove committed."""
@@ -817,7 +929,9 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         else:
             del self._dropping[key]
 
-    def _unlink_evicted(self, victims: builtins.list[CacheEngineKey]) -> None:
+    def _unlink_evicted(self, victims: builtins.list[CacheEngineKey]) -> int:
+        """Unlink the files of ``victims`` (taken out by ``_evict_locked``); how many went."""
+        unlinked = 0
         for victim in victims:
             with self._key_lock(victim):
                 try:
@@ -834,7 +948,9 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                 finally:
                     with self._lock:
                         self._undrop_locked(victim)
+            unlinked += 1
             self.stats.incr("evictions")
+        return unlinked
 
     def _drop(self, key: CacheEngineKey, *, supersede: bool = False) -> bool:
         """Remove ``key``'s file; ``supersede``: puts of it submitted earlier are discarded."""
@@ -993,7 +1109,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                 # used_bytes, after the file is gone).
                 self._evict_locked([key])
             try:
-                disk_io.unlink(path)
+                _remove_if_same(path, st)
             except OSError:
                 pass
             finally:
