@@ -218,13 +218,33 @@ def is_stale_temp(name: str, mtime: float, now: float) -> bool:
     or older than ``STALE_TEMP_SECONDS``."""
     parts = name[: -len(TEMP_SUFFIX)].rsplit(".", 3)
     if len(parts) == 4 and parts[1] == WRITER_ID and parts[2].isdigit():
+        pid = int(parts[2])
         try:
-            os.kill(int(parts[2]), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return True
         except (PermissionError, OverflowError):
             pass  # alive, owned by someone else; or no such pid could exist
+        else:
+            if _is_zombie(pid):
+                return True
     return now - mtime > STALE_TEMP_SECONDS
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited but not been reaped (state ``Z`` in ``/proc``).
+
+    Signal 0 reaches a zombie, so a writer killed mid-put whose parent never reaps it
+    (a container without an init) kept its temp file for ``STALE_TEMP_SECONDS``.
+    False where ``/proc`` cannot say (not Linux, the pid gone meanwhile).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return False
+    # "pid (comm) S ...": comm may hold spaces and parentheses; the state follows the last ")".
+    return stat_line.rpartition(b")")[2].split()[:1] == [b"Z"]
 
 
 def is_chunk_name(name: str) -> bool:

@@ -105,3 +105,30 @@ def test_temp_files_are_judged_by_host_pid_namespace_and_pid() -> None:
     assert not layout.is_stale_temp(other_namespace, now, now)  # its pid cannot be checked here...
     assert layout.is_stale_temp(other_namespace, now - layout.STALE_TEMP_SECONDS - 1, now)  # ...its age can
     assert os.path.basename(layout.temp_path("/store/x.safetensors")) != ours  # unique per call
+
+
+def test_a_temp_file_of_a_writer_killed_but_not_reaped_is_a_dead_writers() -> None:
+    """Signal 0 reaches a zombie: a writer killed mid-put whose parent never reaps it (a
+    container without an init) kept its temp file for an hour."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lmcache_core import layout
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        now = time.time()
+        name = f".x.safetensors.{layout.WRITER_ID}.{child.pid}.0{layout.TEMP_SUFFIX}"
+        assert not layout.is_stale_temp(name, now, now)  # running
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not layout.is_stale_temp(name, now, now) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the kernel makes it a zombie a moment after the signal
+        os.kill(child.pid, 0)  # still there to signal: a zombie, not reaped yet
+        assert layout.is_stale_temp(name, now, now)
+    finally:
+        child.kill()
+        child.wait()
