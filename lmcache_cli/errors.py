@@ -15,7 +15,13 @@ import typer
 from typer.core import TyperGroup
 
 from lmcache_cli.output import mask_secrets
-from lmcache_core.errors import ConfigError, CorruptChunkError, StoreFullError, StoreUnavailableError
+from lmcache_core.errors import (
+    ConfigError,
+    CorruptChunkError,
+    StoreDeniedError,
+    StoreFullError,
+    StoreUnavailableError,
+)
 
 if TYPE_CHECKING:
     from lmcache_core.store_ops import ChunkCheck
@@ -65,6 +71,7 @@ ERROR_TABLE: list[tuple[type[BaseException], Callable[[Any], str]]] = [
     (CliError, lambda e: e.message),
     (ConfigError, lambda e: f"configuration: {e}; fix the store URL, config file or LMCACHE_* variable (see `lmcache config`)"),
     (CorruptChunkError, lambda e: f"corrupt chunk: {e}; run `lmcache verify --fix` to remove bad chunks"),
+    (StoreDeniedError, lambda e: f"access denied: {e}; check the credentials in the URL and the user's rights"),
     (StoreUnavailableError, lambda e: f"store unavailable: {e}; check the URL and that the server is up"),
     (StoreFullError, lambda e: f"store full: {e}; free space with `lmcache evict --to-size SIZE`"),
     (ModuleNotFoundError, lambda e: f"missing Python package {e.name!r}; install it (pip install 'lmcache-toolkit[remote]' for redis/s3)"),

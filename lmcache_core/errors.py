@@ -53,6 +53,17 @@ class WriteAbandonedError(StoreUnavailableError):
     """
 
 
+class StoreDeniedError(StoreUnavailableError, PermissionError):
+    """The server answered and refused: a wrong or missing password, an ACL's
+    ``NOPERM``, or a read-only replica's ``READONLY``.
+
+    A ``StoreUnavailableError`` to callers (a read is a miss, a write fails), and a
+    ``PermissionError``, which the remote backend takes for an answer: the server is
+    up, so it is neither retried nor a strike against the circuit (a user allowed to
+    read but not write would otherwise shut off its reads with every refused put).
+    """
+
+
 class StoreFullError(LMCacheError, OSError):
     """The store has no room for the chunk (budget, ENOSPC, Redis maxmemory).
 

@@ -1635,11 +1635,16 @@ def value_stats(tensor: torch.Tensor, per_layer: bool = False) -> dict[str, Any]
         if finite.numel() == 0:
             return {"min": None, "max": None, "mean": None, "std": None, "nan": nan, "inf": inf}
         f64 = finite.to(torch.float64)
+        lo, hi = float(f64.min()), float(f64.max())
+        # Scaled by the largest magnitude: the sums behind mean and std overflowed to
+        # inf for finite float64 values near their limit (all 1.5e308: mean inf).
+        scale = max(abs(lo), abs(hi)) or 1.0
+        y = f64 / scale
         return {
-            "min": float(f64.min()),
-            "max": float(f64.max()),
-            "mean": float(f64.mean()),
-            "std": float(f64.std(unbiased=False)),
+            "min": lo,
+            "max": hi,
+            "mean": float(y.mean()) * scale,
+            "std": float(y.std(unbiased=False)) * scale,
             "nan": nan,
             "inf": inf,
         }
@@ -1648,8 +1653,6 @@ def value_stats(tensor: torch.Tensor, per_layer: bool = False) -> dict[str, Any]
     if per_layer and tensor.dim() >= 1:
         out["layers"] = [one(tensor[i]) for i in range(tensor.shape[0])]
     return out
-
-
 
 
 def mask_urls_in(text: str) -> str:

@@ -71,7 +71,15 @@ def test_show_json_is_standard_json_when_the_mean_overflows(store: str, tmp_path
     report = _strict_json(result.stdout)  # raised on "Infinity" before the fix
     assert isinstance(report, dict)
     assert report["values"]["all"]["min"] == 1.5e308
-    assert report["values"]["all"]["mean"] is None  # not finite: null
+    assert report["values"]["all"]["mean"] == 1.5e308  # summed scaled: no overflow
+
+
+def test_every_json_document_is_standard_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """Whatever a command reports, a number that is not finite is written as null."""
+    from lmcache_cli.output import Output, OutputFormat
+
+    Output(OutputFormat.json).data({"a": float("inf"), "b": [float("nan"), 1.5, (float("-inf"),)], "c": "x"})
+    assert _strict_json(capsys.readouterr().out) == {"a": None, "b": [None, 1.5, [None]], "c": "x"}
 
 
 def test_show_json_of_a_corrupt_chunk_says_why_on_stderr(store: str, tmp_path: Path) -> None:

@@ -187,3 +187,42 @@ def test_reads_of_a_trickled_reply_end_at_their_limit(redis_server: RedisServer)
         finally:
             proxy.set_mode("forward")
             conn.close()
+
+
+# -- 4. a wrong password ----------------------------------------------------------------
+
+
+def test_a_wrong_password_is_an_answer_that_names_the_credentials(redis_server_factory: Callable[..., RedisServer]) -> None:
+    """A wrong or missing password read as an outage: each call was retried, the circuit
+    opened, and the CLI said to check that the server is up."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lmcache_core.errors import StoreDeniedError
+
+    server = redis_server_factory("--requirepass", "right-pw")
+    for url in (f"redis://:wrong-pw@127.0.0.1:{server.port}/0", server.url):
+        store = backend_for(url)
+        try:
+            with pytest.raises(StoreDeniedError, match="authentication failed"):
+                store.put(make_key("a7-auth"), chunk(1))
+            assert store.get(make_key("a7-auth")) is None
+            assert store.breaker.state == CLOSED and store.stats["retries"] == 0
+        finally:
+            store.close()
+    lmcache = str(Path(sys.executable).with_name("lmcache"))
+    proc = subprocess.run(
+        [lmcache, "--store", f"redis://:wrong-pw@127.0.0.1:{server.port}/0", "ls"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    last = proc.stderr.splitlines()[-1]  # after the store's own warning of the refusal
+    assert last.startswith("error: access denied:") and "check the credentials" in last, proc.stderr
+    assert "wrong-pw" not in proc.stderr
+    right = backend_for(f"redis://:right-pw@127.0.0.1:{server.port}/0")
+    try:
+        right.put(make_key("a7-auth"), chunk(1))
+        assert torch.equal(right.get(make_key("a7-auth")), chunk(1))
+    finally:
+        right.close()

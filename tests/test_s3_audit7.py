@@ -181,3 +181,35 @@ def test_puts_to_moto_still_carry_their_etag(conn: FsspecConnector) -> None:
     conn.put(key, [b"a" * 100])
     conn.put_many([(key, [b"b" * 100]), (other, [b"c" * 100])])
     assert [bytes(v or b"") for v in conn.get_many([key, other])] == [b"b" * 100, b"c" * 100]
+
+
+# -- 3. botocore's names for credentials -------------------------------------------------
+
+
+def test_credentials_under_botocores_names_in_the_url_work_and_stay_masked(s3_server: S3Server) -> None:
+    """``?aws_access_key_id=..&aws_secret_access_key=..`` (the names botocore and the AWS
+    CLI use) went to aiobotocore's session as they were: every call failed with
+    "store unavailable: TypeError ... unexpected keyword argument"."""
+    from urllib.parse import urlencode
+
+    from lmcache_core.storage_backend import open_backend
+
+    secret = "s3cr3t-" + uuid.uuid4().hex[:8]
+    query = urlencode(
+        {
+            "endpoint_url": s3_server.endpoint_url,
+            "aws_access_key_id": "AKIDEXAMPLE",
+            "aws_secret_access_key": secret,
+            "aws_session_token": "tok-" + secret,
+            "region": "us-east-1",
+        }
+    )
+    store = open_backend(f"{s3_server.url('a7-names')}?{query}", dst_device="cpu")
+    try:
+        key, value = make_key("a7-names"), torch.randn(64)
+        store.put(key, value)
+        got = store.get(key)
+        assert got is not None and torch.equal(got, value)
+        assert secret not in repr(store) and secret not in str(store.connector.display_url)
+    finally:
+        store.close()

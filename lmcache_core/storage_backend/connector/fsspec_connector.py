@@ -76,7 +76,16 @@ POOLED_BODY_BYTES = 256 * 1024
 #: buffers: 0.60-0.68 s per batch on a 2-core VM, against 0.47-0.54 s with fifteen warm.
 BODY_POOL_BYTES = 16 * CHUNK_OBJECT_BYTES
 _BOOL_OPTIONS = {"anon", "use_ssl", "requester_pays", "version_aware"}
-_S3_ALIASES = {"region": "region_name", "access_key": "key", "secret_key": "secret"}
+# Also botocore's (and the AWS CLI's) names: passed on as they were, s3fs handed them to
+# aiobotocore's session, and every call failed as "store unavailable: TypeError".
+_S3_ALIASES = {
+    "region": "region_name",
+    "access_key": "key",
+    "secret_key": "secret",
+    "aws_access_key_id": "key",
+    "aws_secret_access_key": "secret",
+    "aws_session_token": "token",
+}
 # Filesystems whose constructor takes the socket timeout as ``timeout`` (FTP's default
 # is 30 s, SMB's 60 s): they get the store's.
 _TIMEOUT_OPTION_PROTOCOLS = frozenset({"ftp", "sftp", "smb"})

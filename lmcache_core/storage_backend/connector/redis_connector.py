@@ -56,7 +56,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from lmcache_core import chunk_format
 from lmcache_core.config import mask_url
-from lmcache_core.errors import StoreFullError, StoreUnavailableError, WriteAbandonedError
+from lmcache_core.errors import StoreDeniedError, StoreFullError, StoreUnavailableError, WriteAbandonedError
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend.connector.base import CHUNK_OBJECT_BYTES, RemoteConnector, RemoteObject
 from lmcache_core.storage_backend.mem_pool import BufferPool, shared_pool
@@ -139,17 +139,6 @@ _REFUSAL_WORDS = (
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-
-class StoreDeniedError(StoreUnavailableError, PermissionError):
-    """The server answered and refused the command: an ACL's ``NOPERM``, or a read-only
-    replica's ``READONLY``.
-
-    A ``StoreUnavailableError`` to callers (a read is a miss, a write fails), and a
-    ``PermissionError``, which the remote backend takes for an answer: the server is
-    up, so it is neither retried nor a strike against the circuit (a user allowed to
-    read but not write would otherwise shut off its reads with every refused put).
-    """
 
 
 def _import_redis() -> Any:
@@ -396,6 +385,10 @@ class RedisConnector(RemoteConnector):
             return StoreFullError(self.display_url, f"{what}: Redis is at maxmemory ({exc})")
         if isinstance(exc, (redis.exceptions.NoPermissionError, redis.exceptions.ReadOnlyError)):
             return StoreDeniedError(self.display_url, f"{what}: {type(exc).__name__}: {exc}")
+        if isinstance(exc, redis.exceptions.AuthenticationError):
+            # A wrong or missing password: the server is up and said no. As an outage it
+            # was retried, opened the circuit, and the CLI said to check the server.
+            return StoreDeniedError(self.display_url, f"{what}: authentication failed ({exc})")
         return StoreUnavailableError(self.display_url, f"{what}: {type(exc).__name__}: {exc}")
 
     # -- RemoteConnector -----------------------------------------------------------
