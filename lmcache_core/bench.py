@@ -42,15 +42,22 @@ import os
 import platform
 import secrets
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import torch
 
 from lmcache_core.chunk_format import checksum, stored_size
-from lmcache_core.config import LMCacheEngineMetadata, check_remote_url, mask_secrets_in, mask_url
+from lmcache_core.config import (
+    LMCacheEngineConfig,
+    LMCacheEngineMetadata,
+    check_remote_url,
+    mask_secrets_in,
+    mask_url,
+)
 from lmcache_core.key import CacheEngineKey
 from lmcache_core.storage_backend import open_backend, store_kind
 from lmcache_core.storage_backend.abstract_backend import LMCBackendInterface
@@ -63,6 +70,7 @@ __all__ = [
     "drop_page_cache",
     "format_table",
     "machine_info",
+    "resident_fraction",
     "run_bench",
     "url_target",
 ]
@@ -479,20 +487,29 @@ class _RawRedis(_RawMedium):
     put_op = "redis-py SET"
     get_op = "redis-py GET"
 
-    def __init__(self, url: str, token: str) -> None:
+    def __init__(self, url: str, token: str, timeout: float) -> None:
         import redis
 
-        parts = urlsplit(url)
-        scheme = parts.scheme
-        # Our own query options (prefix, timeouts) mean nothing to redis-py.
-        clean = urlunsplit((scheme.replace("+cluster", ""), parts.netloc, parts.path, "", ""))
+        from lmcache_core.storage_backend.connector.redis_connector import split_query
+
+        # Only our own query options (prefix, staged_puts) mean nothing to redis-py; the
+        # rest (password, db, ssl_*, ...) reach it as they reach the store's client.
+        # String surgery, not urlunsplit: that turned unix:///path into unix:/path.
+        clean = url
+        for name in ("prefix", "staged_puts"):
+            clean = split_query(clean, name)[0]
+        scheme = urlsplit(clean).scheme.lower()
+        clean = clean.replace("+cluster://", "://", 1)
+        # The store's timeouts, so a server that stopped answering fails this client
+        # in bounded time too (redis-py before 8 waits forever); the URL's own win.
+        bounds = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
         try:
             if "cluster" in scheme:
                 from redis.cluster import RedisCluster
 
-                self.client: Any = RedisCluster.from_url(clean)
+                self.client: Any = RedisCluster.from_url(clean, **bounds)
             else:
-                self.client = redis.Redis.from_url(clean)
+                self.client = redis.Redis.from_url(clean, **bounds)
         except ValueError:
             # redis-py quotes parts of the URL, and in a mistyped one (a '/' in the
             # password) those parts are the password: "... integer value as 'pa'".
@@ -503,8 +520,10 @@ class _RawRedis(_RawMedium):
         self._written: set[int] = set()
 
     def put(self, i: int, chunk: torch.Tensor) -> None:
-        self.client.set(f"{self.prefix}{i}", _payload(chunk))
+        # Recorded first: a SET interrupted after the server stored it (Ctrl-C, a
+        # timeout on the reply) must still be deleted at the end.
         self._written.add(i)
+        self.client.set(f"{self.prefix}{i}", _payload(chunk))
 
     def get(self, i: int) -> None:
         self.client.get(f"{self.prefix}{i}")
@@ -514,15 +533,19 @@ class _RawRedis(_RawMedium):
         self._written.discard(i)
 
     def cleanup(self) -> None:
+        names = [f"{self.prefix}{i}" for i in sorted(self._written)]
         with contextlib.suppress(Exception):
-            for i in self._written:
-                self.client.delete(f"{self.prefix}{i}")
+            # A few DELs of many keys, not one round trip per key: on a remote server
+            # (tens of ms away) a key at a time took seconds, and Ctrl-C leaves little.
+            for start in range(0, len(names), 512):
+                self.client.delete(*names[start : start + 512])
+            self._written.clear()
         with contextlib.suppress(Exception):
             self.client.close()
 
 
 class _RawFsspec(_RawMedium):
-    def __init__(self, url: str, token: str, options: Mapping[str, Any]) -> None:
+    def __init__(self, url: str, token: str, options: Mapping[str, Any], timeout: float) -> None:
         import fsspec
 
         parts = urlsplit(url)
@@ -533,7 +556,23 @@ class _RawFsspec(_RawMedium):
         fs_opts = {k: v for k, v in merged.items() if k in _FSSPEC_OPTIONS}
         if "region" in merged:
             fs_opts["client_kwargs"] = {"region_name": merged["region"], **fs_opts.get("client_kwargs", {})}
-        self.fs = fsspec.filesystem(parts.scheme, **fs_opts)
+        self._call_kwargs: dict[str, Any] = {}
+        if parts.scheme in ("s3", "s3a"):
+            # The store's timeouts, so an endpoint that stopped answering fails this
+            # client in bounded time too: with botocore's defaults (60 s connect and
+            # read, retried) and s3fs's own retries, a blackholed endpoint held
+            # `lmcache bench` for minutes. They cost a call that succeeds nothing.
+            config = dict(fs_opts.get("config_kwargs") or {})
+            config.setdefault("connect_timeout", timeout)
+            config.setdefault("read_timeout", timeout)
+            config.setdefault("retries", {"total_max_attempts": 1})
+            fs_opts["config_kwargs"] = config
+            # A PUT waiting for "100 Continue" has no socket timer at all (see the
+            # fsspec connector): fsspec's own limit on the call bounds it.
+            self._call_kwargs["timeout"] = 2 * timeout
+        self.fs = fsspec.filesystem(parts.scheme, skip_instance_cache=True, **fs_opts)
+        if self._call_kwargs:
+            self.fs.retries = 1  # s3fs retries with sleeps of its own
         base = (parts.netloc + parts.path).rstrip("/")
         self.dir = f"{base}/.lmcache-bench-raw-{token}"
         self._written: set[int] = set()
@@ -546,19 +585,50 @@ class _RawFsspec(_RawMedium):
         return bytes(_payload(chunk))
 
     def put(self, i: int, chunk: Any) -> None:
-        self.fs.pipe_file(self._path(i), chunk)
-        self._written.add(i)
+        self._written.add(i)  # first: a PUT interrupted after the server stored it
+        with self._bounded(self.put_op):
+            self.fs.pipe_file(self._path(i), chunk, **self._call_kwargs)
 
     def get(self, i: int) -> None:
-        self.fs.cat_file(self._path(i))
+        with self._bounded(self.get_op):
+            self.fs.cat_file(self._path(i), **self._call_kwargs)
+
+    @contextlib.contextmanager
+    def _bounded(self, what: str) -> Iterator[None]:
+        """fsspec's limit says only "FSTimeoutError:"; the report should say what waited."""
+        from fsspec.exceptions import FSTimeoutError
+
+        try:
+            yield
+        except FSTimeoutError:
+            raise TimeoutError(f"raw {what}: no answer within {self._call_kwargs['timeout']:g} s") from None
 
     def delete(self, i: int) -> None:
         self.fs.rm_file(self._path(i))
         self._written.discard(i)
 
     def cleanup(self) -> None:
-        with contextlib.suppress(Exception):
-            self.fs.rm([self._path(i) for i in self._written])
+        # Everything under the run's private directory, also what was stored by a
+        # write whose reply never came; then, where listing failed, what was tracked.
+        if not self._written:
+            return
+        try:
+            # One listing and one batch delete; bounded once like a call (async
+            # filesystems take the limit), so a dead endpoint costs one timeout here.
+            limit = {"timeout": self._call_kwargs["timeout"] / 2} if self._call_kwargs else {}
+            self.fs.rm(self.dir, recursive=True, **limit)
+        except FileNotFoundError:
+            pass
+        except TimeoutError:
+            pass  # the endpoint stopped answering: each delete would wait as long again
+        except Exception:  # e.g. listing refused: delete what was tracked, one by one
+            for i in sorted(self._written):
+                try:
+                    self.fs.rm_file(self._path(i))
+                except FileNotFoundError:
+                    continue
+                except Exception:
+                    break  # refused or unanswered: the next ones would fare no better
 
 
 _FSSPEC_OPTIONS = frozenset(
@@ -579,6 +649,9 @@ _FSSPEC_OPTIONS = frozenset(
 def _raw_for(
     kind: str, url: str, token: str, chunk_bytes: int, n: int, options: Mapping[str, Any], header_bytes: int
 ) -> _RawMedium:
+    # The raw clients get the store's timeout (``remote_timeout``, as ``url_target``'s
+    # store is opened with it): a dead server must end both sides' calls alike.
+    timeout = float(options.get("remote_timeout") or LMCacheEngineConfig().remote_timeout)
     if kind == "memory":
         return _RawMemory(n, chunk_bytes)
     if kind == "disk":
@@ -587,11 +660,11 @@ def _raw_for(
         # Same filesystem as the store, so both sides write through the same page cache.
         return _RawFile(os.path.join(root, f".lmcache-bench-raw-{token}"), chunk_bytes, header_bytes)
     if kind == "redis":
-        return _RawRedis(url, token)
+        return _RawRedis(url, token, timeout)
     # The raw client is built before the store, from the same URL: it must refuse what
     # the store refuses (``s3://key:secret@bucket``) instead of sending it as a bucket.
     check_remote_url(url)
-    return _RawFsspec(url, token, options)
+    return _RawFsspec(url, token, options, timeout)
 
 
 def _kind_of(url: str) -> str:
@@ -630,6 +703,58 @@ def drop_page_cache(paths: Sequence[str], *, whole_machine: bool = False) -> str
             finally:
                 os.close(fd)
     return "posix_fadvise"
+
+
+#: Share of the files' pages still cached after a drop above which reads are not cold.
+_COLD_RESIDENT_MAX = 0.1
+
+
+def resident_fraction(paths: Sequence[str]) -> float | None:
+    """Share of the pages of ``paths`` in the page cache (``mincore``), None where unknown.
+
+    The files are mapped, never read, so asking faults nothing in.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+        ]  # fmt: skip
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    page = mmap.PAGESIZE
+    total = cached = 0
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            if not size:
+                continue
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
+                pages = (size + page - 1) // page
+                vec = (ctypes.c_ubyte * pages)()
+                if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                    return None
+                total += pages
+                cached += sum(b & 1 for b in vec)
+            finally:
+                libc.munmap(ctypes.c_void_p(addr), size)
+        finally:
+            os.close(fd)
+    return cached / total if total else None
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -825,7 +950,13 @@ def _bench_store(
 
     raw_kind = _kind_of(tgt.raw_url or tgt.name) if kind == "hybrid" else kind
     header_bytes = stored_size(chunks[0], key(0, 0xA).to_string()) - nbytes
-    raw = _raw_for(raw_kind, tgt.raw_url or tgt.name, token, nbytes, n + 1, tgt.raw_options, header_bytes)
+    # A store directory the run creates (and its new parents) goes again at the end.
+    made_dirs = _missing_dirs(tgt.raw_url or tgt.name) if raw_kind == "disk" else []
+    try:
+        raw = _raw_for(raw_kind, tgt.raw_url or tgt.name, token, nbytes, n + 1, tgt.raw_options, header_bytes)
+    except BaseException:
+        _remove_empty_dirs(made_dirs)
+        raise
     written: list[CacheEngineKey] = []
     rows: list[dict[str, Any]] = []
     store: LMCBackendInterface | None = None
@@ -859,9 +990,11 @@ def _bench_store(
             nb_keys = [key(r * n + i, 0xB) for i in range(n)]
             nb_store = open_store()
             try:
-                _warm(nb_store, key(n + r, 0xC), chunks[n])
+                # Recorded before they are written: a write interrupted (Ctrl-C, an
+                # error) after it landed must still be removed at the end.
                 written.append(key(n + r, 0xC))
                 written.extend(nb_keys)
+                _warm(nb_store, key(n + r, 0xC), chunks[n])
                 t0 = time.perf_counter_ns()
                 for i in range(n):
                     with ours_nb.op(nbytes):
@@ -902,8 +1035,8 @@ def _bench_store(
                 rows[-1]["note"] += f"; {lost} acknowledged writes not found after close()"
         # 2. blocking put, interleaved with the raw medium chunk by chunk.
         say(f"{name}: put x{n}")
+        written.append(key(n, 0xD))  # before the write, as above
         _warm(store, key(n, 0xD), chunks[n])
-        written.append(key(n, 0xD))
         keys = [key(i, 0xA) for i in range(n)]
         raw_put, ours_put = _Series(), _Series()
         # A remote server gets each pair's objects deleted (untimed) before the next pair,
@@ -993,21 +1126,34 @@ def _bench_store(
         if kind == "disk" and isinstance(raw, _RawFile):
             say(f"{name}: get_cold x{count}")
             ours_paths = [store._path(k) for k in keys[:count]] if hasattr(store, "_path") else []
-            method = drop_page_cache(raw.paths(range(count)) + ours_paths, whole_machine=drop_caches)
+            cold_paths = raw.paths(range(count)) + ours_paths
+            method = drop_page_cache(cold_paths, whole_machine=drop_caches)
+            # Measured, not assumed: tmpfs (and ramfs) keep every page whatever is dropped,
+            # and there these "cold" reads were hot ones, 100 % of the pages in memory.
+            resident = resident_fraction(cold_paths)
+            cold = resident is None or resident <= _COLD_RESIDENT_MAX
             raw_c, ours_c = _Series(), _Series()
             misses = _read_pairs(raw, store, keys[:count], nbytes, raw_c, ours_c)
+            pct = None if resident is None else round(100 * resident, 1)
+            note = (
+                f"page cache dropped via {method}"
+                if cold
+                else f"NOT cold: {pct:g}% of the files' pages stayed in the page cache after {method} "
+                "(tmpfs and ramfs keep files in memory)"
+            )
             rows.append(
                 _row(
                     name,
                     kind,
                     "get_cold",
                     ours_c,
-                    raw.get_op.replace("warm buffer", "warm buffer, cold file"),
+                    raw.get_op.replace("warm buffer", "warm buffer, cold file" if cold else f"{pct}% cached"),
                     raw_c,
                     nbytes,
-                    f"page cache dropped via {method}" + (f"; {misses} misses" if misses else ""),
+                    note + (f"; {misses} misses" if misses else ""),
                 )
             )
+            rows[-1].update({"cold": cold, "resident_pct": pct})
     finally:
         say(f"{name}: cleaning up")
         _cleanup(
@@ -1018,6 +1164,7 @@ def _bench_store(
             raw_kind,
             tgt.raw_url or tgt.name,
             model,
+            made_dirs,
         )
     return rows
 
@@ -1083,21 +1230,73 @@ def _cleanup(
     kind: str,
     url: str,
     model: str,
+    made_dirs: Sequence[str] = (),
 ) -> None:
     try:
         if store is None and reopen is not None and written:
             with contextlib.suppress(Exception):
                 store = reopen()
         if store is not None:
-            for k in written:
-                with contextlib.suppress(Exception):
-                    store.remove(k)
+            _remove_all(store, written)
             with contextlib.suppress(Exception):
                 store.close()
     finally:
-        raw.cleanup()
-        if kind in ("disk", "hybrid"):
-            _remove_empty_model_dirs(url, model)
+        try:
+            raw.cleanup()
+            if kind in ("disk", "hybrid"):
+                _remove_empty_model_dirs(url, model)
+        finally:
+            _remove_empty_dirs(made_dirs)
+
+
+def _missing_dirs(url: str) -> list[str]:
+    """The directories of a disk store at ``url`` that do not exist yet, deepest first."""
+    if store_kind(url) != "disk":
+        return []
+    path = os.path.abspath(os.path.expanduser(url[len("file://") :] if url.startswith("file://") else url))
+    missing: list[str] = []
+    while not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _remove_empty_dirs(dirs: Sequence[str]) -> None:
+    """``rmdir`` each of ``dirs`` (deepest first) that is empty: never a file in them."""
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+
+#: Removes in flight at once at the end of a run (the backends are thread-safe).
+_CLEANUP_WORKERS = 16
+
+
+def _remove_all(store: LMCBackendInterface, keys: Sequence[CacheEngineKey]) -> None:
+    """``store.remove`` of every key, several at a time; failures are skipped.
+
+    One at a time, a remote store 30 ms away (two round trips per remove on S3) took
+    over 4 s for a default run's 66 chunks, and ``lmcache bench`` stopped by Ctrl-C
+    has only a few seconds before the process ends.
+    """
+
+    def remove(k: CacheEngineKey) -> None:
+        with contextlib.suppress(Exception):
+            store.remove(k)
+
+    unique = list(dict.fromkeys(keys))
+    if len(unique) < 2:
+        for k in unique:
+            remove(k)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = min(_CLEANUP_WORKERS, len(unique))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench-cleanup") as pool:
+        list(pool.map(remove, unique))
 
 
 def _remove_empty_model_dirs(url: str, model: str) -> None:

@@ -106,7 +106,14 @@ def measure(kind: str, n: int, chunk: torch.Tensor, root: str, samples: int) -> 
     out["list_info_s"] = round(time.perf_counter() - t0, 4)
     out["listed"] = len(keys)
     assert len(infos) == n, (len(infos), n)
-    # Each of these puts evicts the least recently used chunk.
+    # Each of these puts evicts the least recently used chunk. The budget's slack (see
+    # above) holds a chunk or two more than n: those puts, untimed first, evict nothing
+    # (2 of 50 timed "put + evict" samples on the memory tier did not evict).
+    extra = 0
+    ev0 = store.stats["evictions"]
+    while store.stats["evictions"] == ev0 and extra < 16:
+        store.put(key(n + 30_000_000 + extra), chunk)
+        extra += 1
     ev0 = store.stats["evictions"]
     out["put_evicting_us"] = per_op_us(lambda i: store.put(key(n + i), chunk), range(min(samples, n)))
     out["evictions"] = store.stats["evictions"] - ev0

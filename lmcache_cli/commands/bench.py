@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import contextlib
+import os
+import signal
+import threading
+from typing import Annotated, Any, Iterator
 
 import typer
 
-from lmcache_cli.errors import CliError, usage_error
+from lmcache_cli.errors import EXIT_INTERRUPTED, CliError, usage_error
 from lmcache_cli.output import Column, Output, safe_url
 from lmcache_cli.state import FormatOption, get_state
 
 QUICK = {"chunk_mb": 4.0, "count": 8, "batch": 4}
+#: After Ctrl-C, seconds bench has to remove what it wrote before the process ends.
+#: The CLI's own grace (``main.INTERRUPT_GRACE_S``, 2 s) cut the cleanup of a store
+#: 30 ms away half-way: 67 chunks and raw objects were left in the user's bucket.
+CLEANUP_GRACE_S = 30.0
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -78,14 +86,15 @@ def bench(
         check_params(chunk_bytes, shape, dtype, count if count is not None else 2, batch if batch is not None else 1)
     except ValueError as exc:
         raise usage_error(str(exc)) from None
-    report = run_bench(
-        urls,
-        chunk_bytes=chunk_bytes,
-        kv_shape=shape,
-        progress=out.message,
-        drop_caches=drop_caches,
-        **kwargs,  # type: ignore[arg-type]
-    )
+    with _interrupt_leaves_time_to_clean_up(out):
+        report = run_bench(
+            urls,
+            chunk_bytes=chunk_bytes,
+            kv_shape=shape,
+            progress=out.message,
+            drop_caches=drop_caches,
+            **kwargs,  # type: ignore[arg-type]
+        )
     errors = list(getattr(report, "errors", []) or [])
     if out.json:
         out.data(report.to_dict())
@@ -95,6 +104,49 @@ def bench(
         out.error(f"bench of {err.get('store')} failed: {err.get('error')}; check the store URL and server")
     if errors:
         raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _interrupt_leaves_time_to_clean_up(out: Output) -> Iterator[None]:
+    """While the run lasts, Ctrl-C stops it and leaves ``CLEANUP_GRACE_S`` for its
+    cleanup (every run removes what it wrote, in ``finally`` blocks); a second Ctrl-C
+    ends the process at once. Where SIGINT is ignored, or off the main thread, nothing
+    changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous in (signal.SIG_IGN, None):
+        yield
+        return
+    timers: list[threading.Timer] = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if timers:
+            _end_interrupted("error: interrupted again: what bench wrote may be left in the store\n")
+        # Ends the process even if the KeyboardInterrupt is lost (see main.INTERRUPT_GRACE_S)
+        # or the cleanup hangs; once the run has unwound, the CLI ends it as usual.
+        timer = threading.Timer(CLEANUP_GRACE_S, _end_interrupted, ("error: interrupted\n",))
+        timer.daemon = True
+        timers.append(timer)
+        timer.start()
+        out.message("interrupted: removing what bench wrote (Ctrl-C again to stop at once)")
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        for timer in timers:
+            timer.cancel()
+
+
+def _end_interrupted(message: str) -> None:
+    try:
+        os.write(2, message.encode())
+    finally:
+        os._exit(EXIT_INTERRUPTED)
 
 
 def _table(out: Output, rows: list[dict[str, object]]) -> None:
