@@ -25,6 +25,7 @@ MAX_MODEL_NAME_BYTES = 1024
 # world_size (and so worker_id) is below this: a 300-digit one made a store path component
 # longer than NAME_MAX (255 bytes), and the disk tier's put raised ENAMETOOLONG.
 MAX_WORLD_SIZE = 2**31
+_INT64_MAX = 2**63 - 1
 _HASH_RE = re.compile(r"[0-9a-f]{1,128}")
 _SEP = "@"
 
@@ -135,23 +136,36 @@ def chunk_hashes(
     Equal prefixes give equal hashes in every process (never Python's ``hash()``).
 
     Args:
-        token_ids: a list of ints, a 1-D numpy array or a 1-D torch tensor.
+        token_ids: a list of ints, a 1-D numpy array or a 1-D torch tensor of any
+            integer dtype (int32 and int64 give the same hashes); each id must fit in int64.
         chunk_size: tokens per chunk, >= 1.
 
     Returns:
         ``ceil(len(token_ids) / chunk_size)`` lowercase hex digests.
+
+    Raises:
+        ValueError: ``chunk_size`` < 1, ``token_ids`` not 1-D, not integers, or an
+            id outside int64.
     """
     import numpy as np
 
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: must be an int >= 1, got {chunk_size!r}")
     if hasattr(token_ids, "detach"):  # a torch tensor, without importing torch
+        dtype: Any = token_ids.dtype  # type: ignore[union-attr]
+        if dtype.is_floating_point or dtype.is_complex:
+            # Checked before .numpy(): a bf16 or fp8 tensor raised a bare TypeError there.
+            raise ValueError(f"token_ids: expected integers, got dtype {dtype}")
         token_ids = token_ids.detach().cpu().numpy()  # type: ignore[union-attr]
     arr = np.asarray(token_ids)
     if arr.ndim != 1:
         raise ValueError(f"token_ids: expected a 1-D sequence, got {arr.ndim} dimensions")
     if arr.size and arr.dtype.kind not in "iub":
         raise ValueError(f"token_ids: expected integers, got dtype {arr.dtype}")
+    if arr.size and arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and int(arr.max()) > _INT64_MAX:
+        # The int64 cast wrapped them: token 2**63 hashed as -2**63 (and 2**64-1 as -1),
+        # so two different prompts shared keys. No key of an in-range id changes.
+        raise ValueError(f"token_ids: must fit in int64 (-2**63 .. 2**63-1), got {int(arr.max())}")
     tokens = arr.astype("<i8", copy=False)
     hashes: list[str] = []
     prev = ""

@@ -66,10 +66,17 @@ def continues_prefix(found: list[torch.Tensor], chunk: torch.Tensor, axis: int, 
 class ChunkedKVStore:
     """A backend addressed by token ids instead of keys.
 
+    The caller's tensors are never shared with the store: ``store`` leaves ``kv``
+    free to be reused once it returns (``blocking=False`` too), and ``retrieve``
+    returns KV of its own, not a view of a memory tier's cache.
+
     Args:
         backend: any ``LMCBackendInterface``.
         model_name, fmt, world_size, worker_id: the key fields of every chunk.
         chunk_size: tokens per chunk (LMCache's default is 256).
+
+    Raises:
+        ValueError: an invalid key field or ``chunk_size``.
     """
 
     def __init__(
@@ -92,6 +99,8 @@ class ChunkedKVStore:
         self.worker_id = worker_id
         # Validate the key fields once, with a clear message, before any work.
         CacheEngineKey(fmt, model_name, world_size, worker_id, "0")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size: must be an int >= 1, got {chunk_size!r}")
 
     @property
     def token_axis(self) -> int:
@@ -143,7 +152,8 @@ class ChunkedKVStore:
 
         Args:
             skip_existing: do not rewrite chunks the backend already has.
-            blocking: wait for the writes (else they go to the backend's workers).
+            blocking: wait for the writes (else they go to the backend's workers;
+                ``kv`` may still be changed or reused as soon as this returns).
             progress: called after each chunk with (done, total, bytes).
         """
         keys = self.keys_for(token_ids)
@@ -157,7 +167,15 @@ class ChunkedKVStore:
             if skip_existing and not missing(key):
                 skipped += 1
             else:
-                self.backend.put(key, piece.contiguous(), blocking=blocking)
+                chunk = piece.contiguous()
+                if not blocking and _same_memory(chunk, kv):
+                    # A queued put holds the tensor it was given until a worker writes it
+                    # (put_nonblocking: "must not modify"). The pieces of a longer prompt
+                    # are copies already, but a one-chunk prompt's piece is ``kv`` itself:
+                    # a caller that reused its buffer after store() returned had the new
+                    # contents cached under this prompt's key.
+                    chunk = chunk.clone()
+                self.backend.put(key, chunk, blocking=blocking)
                 if blocking and missing(key):
                     failed += 1
                 else:
@@ -168,7 +186,13 @@ class ChunkedKVStore:
         return StoreResult(_length(token_ids), len(keys), stored, skipped, nbytes, failed)
 
     def lookup(self, token_ids: Sequence[int] | Any) -> PrefixLookup:
-        """Leading tokens cached, overall and per tier, without reading payloads."""
+        """Leading tokens cached, overall and per tier, without reading payloads.
+
+        Counts the chunks each tier says it holds (``contains``), so it is an upper
+        bound: ``retrieve`` may cover fewer tokens when a chunk vanished meanwhile,
+        fails its checksum, or does not continue the prefix (another dtype, shape or
+        length). ``store_ops.prefix_lookup`` (``lmcache lookup``) reads each header.
+        """
         n = _length(token_ids)
         keys = self.keys_for(token_ids)
         chunks = _prefix_hits(self.backend, keys)
@@ -185,7 +209,10 @@ class ChunkedKVStore:
         """The KV of the longest cached prefix and how many tokens it covers.
 
         Chunks are fetched in one ``batched_get``; the prefix ends at the first
-        miss (a chunk that vanished or failed its checksum counts as a miss).
+        miss (a chunk that vanished or failed its checksum counts as a miss) or at
+        the first chunk that does not continue it (``continues_prefix``). The KV is
+        the caller's own (new memory, on the backend's ``dst_device``), never a view
+        of the cache: writing into it changes no stored chunk.
         """
         n = _length(token_ids)
         keys = self.keys_for(token_ids)
@@ -199,7 +226,10 @@ class ChunkedKVStore:
             found.append(chunk)
         if not found:
             return None, 0
-        kv = found[0] if len(found) == 1 else torch.cat(found, dim=self.token_axis)
+        # cat copies one chunk too: a memory tier's get is zero-copy, and a one-chunk
+        # prefix returned as it came let a caller's in-place change (a rotary fix-up,
+        # a reused buffer) rewrite the cached chunk for every later prompt.
+        kv = torch.cat(found, dim=self.token_axis)
         return kv, sum(int(c.shape[self.token_axis]) for c in found)
 
     def _continues(self, found: list[torch.Tensor], chunk: torch.Tensor, tokens: int) -> bool:
@@ -214,6 +244,11 @@ def _prefix_hits(backend: LMCBackendInterface, keys: list[CacheEngineKey]) -> in
         if not backend.contains(key):
             return i
     return len(keys)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are views of one storage."""
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _length(token_ids: Sequence[int] | Any) -> int:

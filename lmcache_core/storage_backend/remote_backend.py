@@ -1113,7 +1113,8 @@ class LMCRemoteBackend(LMCBackendInterface):
         logger.warning("%s: object for %s is not a valid chunk, treated as a miss: %s", self.display_url, key, exc)
 
     def contains(self, key: CacheEngineKey) -> bool:
-        """Whether ``key`` is stored: known keys answer at once, others ask the remote."""
+        """Whether ``key`` is stored: known keys answer at once (no, while the circuit is
+        open), others ask the remote."""
         check_key(key)
         self._check_fork()
         self._check_open()
@@ -1122,8 +1123,15 @@ class LMCRemoteBackend(LMCBackendInterface):
                 return True
             if key in self._stale:
                 return False  # what the remote holds may be older than the failed write
-            if key in self._known:
-                return True
+            known = key in self._known
+        if known:
+            if self.breaker.retry_after() > 0:
+                # The remote is down (circuit open, cooling down): a get would be a miss,
+                # so a lookup that counted its known keys claimed tokens it could not
+                # return. Past the cooldown a get may probe, and the key counts again.
+                self.stats.incr("unavailable")
+                return False
+            return True
         try:
             found = bool(self._call("exists", self.connector.exists, key, retry=True))
         except StoreUnavailableError as exc:
