@@ -226,3 +226,28 @@ def test_a_wrong_password_is_an_answer_that_names_the_credentials(redis_server_f
         assert torch.equal(right.get(make_key("a7-auth")), chunk(1))
     finally:
         right.close()
+
+
+# -- 5. an option redis-py does not take ---------------------------------------------------
+
+
+def test_an_unknown_redis_option_is_refused_when_the_store_is_opened(redis_server: RedisServer) -> None:
+    """``?timeout=0.5`` opened fine, then every call failed as "store unavailable:
+    TypeError ... unexpected keyword argument 'timeout'", a strike against the circuit each."""
+    with pytest.raises(ValueError, match=r"unknown option 'timeout' \(did you mean 'socket_timeout'\?\)"):
+        RedisConnector(f"{redis_server.url}?timeout=0.5", timeout=T)
+    with pytest.raises(ValueError, match="TLS options need a rediss:// URL"):
+        RedisConnector(redis_server.url, timeout=T, ssl_ca_certs="/nonexistent/ca.pem")
+    # Options redis-py does take (and lmcache's own) still open and work.
+    conn = RedisConnector(
+        f"{redis_server.url}?socket_keepalive=true&health_check_interval=5&prefix=a7-opt:&staged_puts=false",
+        timeout=T,
+        max_connections=8,
+        client_name="mine",
+    )
+    try:
+        key = make_key("a7-opt")
+        conn.put(key, [b"v" * 10])
+        assert bytes(conn.get(key) or b"") == b"v" * 10
+    finally:
+        conn.close()

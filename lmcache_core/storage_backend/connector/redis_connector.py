@@ -248,6 +248,7 @@ class RedisConnector(RemoteConnector):
             else:
                 url_options = self._redis.connection.parse_url(stripped)
                 _check_db_path(stripped)
+                _check_option_names(self._redis, url_options, options)
         except ValueError as exc:
             # Only our own messages: redis-py's quote parts of the URL, and in a mistyped
             # one (a '/' in the password) those parts are the password.
@@ -848,6 +849,39 @@ class RedisConnector(RemoteConnector):
             # An error (WRONGTYPE) marks a non-string under our prefix: not a chunk.
             if isinstance(size, int) and not isinstance(size, bool) and (size > 0 or name in present):
                 yield RemoteObject(key, size=size)
+
+
+def _check_option_names(redis: Any, url_options: dict[str, Any], options: dict[str, Any]) -> None:
+    """Refuse an option no redis-py connection or pool takes.
+
+    redis-py hands unknown URL query options to the connection as they are, so
+    ``redis://h:6379/0?timeout=0.5`` opened fine and every call then failed as
+    "store unavailable: TypeError ... unexpected keyword argument 'timeout'", a
+    strike against the circuit each.
+
+    Raises:
+        _UrlError: an unknown option, with the nearest known name when there is one.
+    """
+    import difflib
+
+    connection_class = url_options.get("connection_class") or redis.Connection
+    accepted: set[str] = set()
+    for cls in (*connection_class.__mro__, redis.ConnectionPool):
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            return  # a signature we cannot read: let redis-py judge
+        accepted.update(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    for name in (*url_options, *options):
+        if name not in accepted:
+            near = difflib.get_close_matches(name, sorted(accepted), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            if name.startswith("ssl_"):
+                hint = " (TLS options need a rediss:// URL)"
+            raise _UrlError(f"unknown option {name!r}{hint}")
 
 
 def _bulk_limit_of(reply: Any) -> int | None:
