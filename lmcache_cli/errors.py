@@ -32,6 +32,15 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 
 
+def end_interrupted(message: str = "error: interrupted\n") -> None:
+    """Write ``message`` to stderr and end the process at once with ``EXIT_INTERRUPTED``
+    (the last word of a Ctrl-C whose KeyboardInterrupt did not end it in time)."""
+    try:
+        os.write(2, message.encode())
+    finally:
+        os._exit(EXIT_INTERRUPTED)
+
+
 class CliError(Exception):
     """A failure the command diagnosed itself; ``message`` is the line to print."""
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from lmcache_cli.commands import bench, config, evict, get, lookup, ls, put, show, stats, verify, warm
-from lmcache_cli.errors import EXIT_INTERRUPTED, ErrorReportingGroup
+from lmcache_cli.errors import EXIT_INTERRUPTED, ErrorReportingGroup, end_interrupted
 from lmcache_cli.log_lines import install_log_handler
 from lmcache_cli.output import OutputFormat
 from lmcache_cli.state import STORE_ENV, CliState, check_exclusive
@@ -87,17 +87,10 @@ INTERRUPT_GRACE_S = 2.0
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
-    timer = threading.Timer(INTERRUPT_GRACE_S, _end_interrupted)
+    timer = threading.Timer(INTERRUPT_GRACE_S, end_interrupted)
     timer.daemon = True
     timer.start()
     raise KeyboardInterrupt
-
-
-def _end_interrupted() -> None:
-    try:
-        os.write(2, b"error: interrupted\n")
-    finally:
-        os._exit(EXIT_INTERRUPTED)
 
 
 def install_interrupt_handler() -> None:

@@ -223,8 +223,11 @@ def is_stale_temp(name: str, mtime: float, now: float) -> bool:
             os.kill(pid, 0)
         except ProcessLookupError:
             return True
-        except (PermissionError, OverflowError):
-            pass  # alive, owned by someone else; or no such pid could exist
+        except OverflowError:
+            pass  # no such pid could exist
+        except PermissionError:  # there, owned by someone else: alive, unless a zombie
+            if _is_zombie(pid):
+                return True
         else:
             if _is_zombie(pid):
                 return True

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fnmatch
+import math
 import os
 import stat
 import threading
@@ -1636,18 +1637,15 @@ def value_stats(tensor: torch.Tensor, per_layer: bool = False) -> dict[str, Any]
             return {"min": None, "max": None, "mean": None, "std": None, "nan": nan, "inf": inf}
         f64 = finite.to(torch.float64)
         lo, hi = float(f64.min()), float(f64.max())
-        # Scaled by the largest magnitude: the sums behind mean and std overflowed to
-        # inf for finite float64 values near their limit (all 1.5e308: mean inf).
-        scale = max(abs(lo), abs(hi)) or 1.0
-        y = f64 / scale
-        return {
-            "min": lo,
-            "max": hi,
-            "mean": float(y.mean()) * scale,
-            "std": float(y.std(unbiased=False)) * scale,
-            "nan": nan,
-            "inf": inf,
-        }
+        mean, std = float(f64.mean()), float(f64.std(unbiased=False))
+        if not (math.isfinite(mean) and math.isfinite(std)):
+            # The sums behind them overflowed (finite float64 values near the type's
+            # limit, all 1.5e308: mean inf). Scaled by a power of two, which is exact,
+            # and only then: the scaled copy is another float64 chunk.
+            scale = math.ldexp(1.0, math.frexp(max(abs(lo), abs(hi)))[1] - 1)
+            y = f64 / scale
+            mean, std = float(y.mean()) * scale, float(y.std(unbiased=False)) * scale
+        return {"min": lo, "max": hi, "mean": mean, "std": std, "nan": nan, "inf": inf}
 
     out: dict[str, Any] = {"all": one(tensor)}
     if per_layer and tensor.dim() >= 1:

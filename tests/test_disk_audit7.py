@@ -187,6 +187,29 @@ def test_a_full_disk_with_nothing_to_evict_is_a_store_full_error_at_once(tmp_pat
     store.close()
 
 
+def test_a_disk_that_stays_full_does_not_drain_the_tier(tmp_path):
+    """Each put that letting go did not save took two chunks with it: a disk filled by
+    others (or snapshots, or a quota on other files) emptied the tier, put by put,
+    and every put still failed. After one such put, none is let go for a while."""
+    root = tmp_path / "store"
+    store = open_disk(root)
+    keys = filled(store, 10)
+    with disk_io.fault_hook(disk_io.Fault("write", errno.ENOSPC)):
+        for i in range(5):
+            with pytest.raises(StoreFullError):
+                store.put(make_key(f"stays-full-{i}"), chunk(50 + i))
+    assert store.stats["full_disk_evictions"] == FULL_DISK_RETRIES  # the first put's, no more
+    held = [k for k in keys if store.contains(k)]
+    assert held == keys[FULL_DISK_RETRIES:]
+    # The disk takes a write again: the backoff ends, and a full disk lets go once more.
+    store.put(make_key("space-again"), chunk(70))
+    with disk_io.fault_hook(disk_io.Fault("write", errno.ENOSPC, times=1)):
+        store.put(make_key("full-once"), chunk(71))
+    assert torch.equal(store.get(make_key("full-once")), chunk(71))
+    assert store.stats["full_disk_evictions"] == FULL_DISK_RETRIES + 1
+    store.close()
+
+
 @pytest.mark.parametrize("blocking", [True, False], ids=["blocking", "queued"])
 def test_a_store_with_no_budget_never_evicts_for_a_full_disk(tmp_path, blocking):
     """The tools' stores (``store_ops.Store``: no budget) promise never to evict: a full

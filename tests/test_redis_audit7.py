@@ -116,15 +116,21 @@ def test_a_user_who_may_not_read_the_config_still_puts(redis_server_factory: Cal
 
 
 def test_each_node_of_a_cluster_is_asked_its_limit(redis_cluster: RedisCluster) -> None:
+    """One node answered for all: keys on a node with a lower limit got the outage back."""
+    nodes = [redis.Redis(port=p) for p in redis_cluster.ports]
+    before = [n.config_get("proto-max-bulk-len")["proto-max-bulk-len"] for n in nodes]
     conn = RedisConnector(redis_cluster.url, timeout=T)
     try:
-        nodes = [redis.Redis(port=p) for p in redis_cluster.ports]
-        expected = min(int(n.config_get("proto-max-bulk-len")["proto-max-bulk-len"]) for n in nodes)
-        for n in nodes:
-            n.close()
-        assert conn._ask_bulk_limit() == expected
+        for n in nodes[1:]:
+            n.config_set("proto-max-bulk-len", "1mb")
+        assert conn._ask_bulk_limit() == 1024 * 1024
+        with pytest.raises(StoreFullError, match="proto-max-bulk-len"):
+            conn.put(make_key("a7-cluster-big"), [bytes(2 << 20)])
     finally:
         conn.close()
+        for n, value in zip(nodes, before, strict=True):
+            n.config_set("proto-max-bulk-len", value)
+            n.close()
 
 
 def test_refused_background_puts_are_logged_once_not_once_each(
@@ -220,6 +226,18 @@ def test_a_wrong_password_is_an_answer_that_names_the_credentials(redis_server_f
     last = proc.stderr.splitlines()[-1]  # after the store's own warning of the refusal
     assert last.startswith("error: access denied:") and "check the credentials" in last, proc.stderr
     assert "wrong-pw" not in proc.stderr
+    # Refused calls fail at once for a while: they do not connect to be refused again
+    # (a wrong password made two connections per get, 400 for 200 gets).
+    admin = redis.Redis(port=server.port, password="right-pw")
+    wrong = backend_for(f"redis://:wrong-pw@127.0.0.1:{server.port}/0")
+    try:
+        before = admin.info("stats")["total_connections_received"]
+        for i in range(100):
+            assert wrong.get(make_key(f"a7-auth-{i}")) is None
+        assert admin.info("stats")["total_connections_received"] - before <= 3
+    finally:
+        wrong.close()
+        admin.close()
     right = backend_for(f"redis://:right-pw@127.0.0.1:{server.port}/0")
     try:
         right.put(make_key("a7-auth"), chunk(1))

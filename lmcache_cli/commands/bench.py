@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 from typing import Annotated, Any, Iterator
 
 import typer
 
-from lmcache_cli.errors import EXIT_INTERRUPTED, CliError, usage_error
+from lmcache_cli.errors import CliError, end_interrupted, usage_error
 from lmcache_cli.output import Column, Output, safe_url
 from lmcache_cli.state import FormatOption, get_state
 
@@ -123,10 +122,10 @@ def _interrupt_leaves_time_to_clean_up(out: Output) -> Iterator[None]:
 
     def on_sigint(signum: int, frame: Any) -> None:
         if timers:
-            _end_interrupted("error: interrupted again: what bench wrote may be left in the store\n")
+            end_interrupted("error: interrupted again: what bench wrote may be left in the store\n")
         # Ends the process even if the KeyboardInterrupt is lost (see main.INTERRUPT_GRACE_S)
         # or the cleanup hangs; once the run has unwound, the CLI ends it as usual.
-        timer = threading.Timer(CLEANUP_GRACE_S, _end_interrupted, ("error: interrupted\n",))
+        timer = threading.Timer(CLEANUP_GRACE_S, end_interrupted)
         timer.daemon = True
         timers.append(timer)
         timer.start()
@@ -140,13 +139,6 @@ def _interrupt_leaves_time_to_clean_up(out: Output) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
         for timer in timers:
             timer.cancel()
-
-
-def _end_interrupted(message: str) -> None:
-    try:
-        os.write(2, message.encode())
-    finally:
-        os._exit(EXIT_INTERRUPTED)
 
 
 def _table(out: Output, rows: list[dict[str, object]]) -> None:

@@ -474,6 +474,12 @@ QUEUE_STALL_S = 60.0
 FULL_DISK_RETRIES = 2
 #: A full disk sweeps the store for dead writers' temp files at most this often.
 FULL_DISK_SWEEP_S = 60.0
+#: After a put that letting go of chunks did not save (the disk stays full: filled by
+#: others, snapshots keep the blocks, a quota charged to other files), no chunk is let go
+#: for a full disk for this long, doubling while it lasts up to ``FULL_DISK_BACKOFF_MAX_S``:
+#: each failed put took two chunks with it, and a few hundred puts emptied the tier.
+FULL_DISK_BACKOFF_S = 60.0
+FULL_DISK_BACKOFF_MAX_S = 3600.0
 
 
 class LMCLocalDiskBackend(LMCBackendInterface):
@@ -553,6 +559,8 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         self._closed = False
         self.stale_temps_removed = 0
         self._last_full_sweep = -math.inf  # time.monotonic() of the last full-disk temp sweep
+        self._full_disk_backoff = 0.0  # seconds of the latest full-disk backoff (0: none)
+        self._full_disk_quiet_until = -math.inf  # time.monotonic() until which none is let go
         # A store with no budget (the tools') never evicts: a full disk fails its writes.
         self._evicts_when_full = config.disk_budget_bytes < UNLIMITED_GB * GB
         self._rebuild_index()
@@ -610,7 +618,8 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             disk_io.unlink(path)
         except OSError:
             return 0
-        self.stale_temps_removed += 1
+        with self._lock:  # put threads sweep too (a full disk)
+            self.stale_temps_removed += 1
         self.stats.incr("stale_temps_removed")
         return st.st_size
 
@@ -807,7 +816,8 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                 # quota allows): a full disk would otherwise fail every put for good
                 # while the tier sits on chunks it could let go. The failed try's temp
                 # file is gone already (_write_temp, _commit discard it).
-                if exc.errno in disk_io.FULL_ERRNOS and retries < FULL_DISK_RETRIES and self._evicts_when_full:
+                full = exc.errno in disk_io.FULL_ERRNOS
+                if full and retries < FULL_DISK_RETRIES and self._may_let_go_for_full_disk():
                     room = self._make_room_on_full_disk(key, seq, size)
                     if room is None:  # a later put or remove of the key committed meanwhile
                         self.stats.incr("superseded_puts")
@@ -817,11 +827,35 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                         self.stats.incr("full_disk_retries")
                         continue
                 self.stats.incr("put_failures")
-                if exc.errno in disk_io.FULL_ERRNOS:
+                if full:
+                    if retries:
+                        self._back_off_full_disk(key)
                     raise StoreFullError(self.describe(), f"no space left writing {key} ({exc.strerror})") from exc
                 raise
+        if self._full_disk_backoff:  # the disk took a write again: let go freely (a racy read is harmless)
+            with self._lock:
+                self._full_disk_backoff, self._full_disk_quiet_until = 0.0, -math.inf
         self.stats.incr("puts" if committed else "superseded_puts")
         return committed
+
+    def _may_let_go_for_full_disk(self) -> bool:
+        """Whether a full disk may make this tier unlink chunks now (it has a budget, and
+        no backoff is running)."""
+        return self._evicts_when_full and time.monotonic() >= self._full_disk_quiet_until
+
+    def _back_off_full_disk(self, key: CacheEngineKey) -> None:
+        """Chunks were let go and the write still failed: let none go for a while."""
+        with self._lock:
+            self._full_disk_backoff = min(
+                FULL_DISK_BACKOFF_MAX_S, max(FULL_DISK_BACKOFF_S, 2 * self._full_disk_backoff)
+            )
+            self._full_disk_quiet_until = time.monotonic() + self._full_disk_backoff
+            backoff = self._full_disk_backoff
+        logger.warning(
+            "disk under %s stays full though chunks were let go for %s: no chunk is let go "
+            "for a full disk for %.0f s (puts fail as StoreFullError meanwhile)",
+            self.root, key, backoff,
+        )
 
     def _make_room_on_full_disk(self, key: CacheEngineKey, seq: int, size: int) -> bool | None:
         """After a full-disk error writing put ``seq`` of ``key``: unlink this tier's least
@@ -846,19 +880,19 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         swept = self._sweep_stale_temps() if sweep else 0
         with self._lock:
             victims = self._evict_live_locked(lambda: self._index.oldest(size - swept, skip=key))
-        freed = self._unlink_evicted(victims)
-        if freed:
-            self.stats.incr("full_disk_evictions", freed)
-        if freed or swept:
+        unlinked = self._unlink_evicted(victims)
+        if unlinked:
+            self.stats.incr("full_disk_evictions", unlinked)
+        if unlinked or swept:
             # A warning once a minute at most (a full disk sends every put here); the
             # counters (full_disk_retries, full_disk_evictions) keep the whole count.
             logger.log(
                 logging.WARNING if sweep else logging.DEBUG,
                 "disk under %s is full: removed %d bytes of dead writers' temp files and "
                 "%d least recently used chunks to write %s",
-                self.root, swept, freed, key,
+                self.root, swept, unlinked, key,
             )
-        return freed > 0 or swept > 0
+        return unlinked > 0 or swept > 0
 
     def _commit(self, key: CacheEngineKey, seq: int, tmp: str, path: str, size: int) -> bool:
         """Move the temp file of put ``seq`` into place unless a later put/remove committed."""

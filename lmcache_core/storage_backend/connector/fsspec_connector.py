@@ -32,7 +32,7 @@ from lmcache_core.storage_backend.connector import s3_checksum
 from lmcache_core.storage_backend.connector.base import CHUNK_OBJECT_BYTES, RemoteConnector, RemoteObject
 from lmcache_core.storage_backend.mem_pool import shared_pool
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
 
@@ -400,18 +400,21 @@ async def _get_pooled_many(fs: Any, paths: Sequence[str], in_flight: int, limit:
     return list(await asyncio.gather(*(one(p) for p in paths), return_exceptions=True))
 
 
-async def _within(limit: float, what: str, work: Awaitable[T]) -> T:
+async def _within(limit: float, what: str, work: Awaitable[_T]) -> _T:
     """``work``'s result, or ``TimeoutError("<what>: no answer within <limit> s")`` once
     ``limit`` seconds have passed (``work`` is cancelled: its connection is closed)."""
     import asyncio
 
+    started = asyncio.get_running_loop().time()
     try:
         return await asyncio.wait_for(work, limit)
     except asyncio.TimeoutError as exc:
+        if asyncio.get_running_loop().time() - started < limit - 0.001:  # (the loop may fire a hair early)
+            raise  # the client's own (a socket timeout): it names what timed out
         raise TimeoutError(f"{what}: no answer within {limit:g} s") from exc
 
 
-def _run_within(fs: Any, limit: float, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+def _run_within(fs: Any, limit: float, what: str, fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
     """``fn(*args)`` run on ``fs``'s event loop and given up after ``limit`` seconds."""
     from fsspec.asyn import sync
 
@@ -944,7 +947,7 @@ class FsspecConnector(RemoteConnector):
             return PartsReader(parts), size
         return b"".join(parts), size
 
-    def _bounded(self, what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def _bounded(self, what: str, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """``call(*args, **kwargs)``, a read through one of fsspec's sync wrappers, given up
         after ``GET_LIMIT_TIMEOUTS`` store timeouts on async filesystems (sync ones are
         bounded by their sockets' timeouts)."""

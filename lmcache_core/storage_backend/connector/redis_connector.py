@@ -47,6 +47,7 @@ import functools
 import inspect
 import itertools
 import logging
+import math
 import os
 import socket
 import threading
@@ -121,6 +122,13 @@ READ_LIMIT_TIMEOUTS = 2.0
 #: The smallest ``proto-max-bulk-len`` a Redis server accepts: values below it always fit.
 MIN_BULK_LIMIT = 1024 * 1024
 _UNASKED: Any = object()
+#: Seconds before a server that did not answer ``CONFIG GET`` (a cluster node down) is asked
+#: its bulk limit again; meanwhile values are sent unchecked.
+BULK_LIMIT_REASK_S = 60.0
+#: Seconds every call fails at once (``StoreDeniedError``) after the server refused the
+#: password: each call otherwise opened a connection, twice, to be refused again (a wrong
+#: password made 400 connections for 200 gets, and the circuit never opens for an answer).
+DENIED_RETRY_S = 5.0
 # Error codes of a server that is saving, loading, failing over or moving slots: errors
 # that pass, never a refusal (MISCONF's text says writes are "disabled").
 _TRANSIENT_CODES = frozenset(
@@ -270,8 +278,12 @@ class RedisConnector(RemoteConnector):
         self._inline_puts = not self.cluster and self.zero_copy_put and _redis_py_fits_inline_puts()
         self._staging_ttl_ms = int(max(STAGING_TTL_S, 10 * self.timeout) * 1000)
         self._staging_gone = 0  # staged keys gone before publishing, in a row
-        # The server's proto-max-bulk-len: _UNASKED, an int, or None (it would not say).
+        # The server's proto-max-bulk-len: _UNASKED, an int, or None (it would not say,
+        # or did not answer: then asked again from _bulk_reask_at on).
         self._bulk_limit: int | None = _UNASKED
+        self._bulk_reask_at = math.inf
+        # A refused password: (time.monotonic() until which calls fail at once, the error).
+        self._denied: tuple[float, str] = (-math.inf, "")
         #: about how many reply bytes one MGET of ``get_many`` may ask for
         self.mget_budget_bytes = MGET_BUDGET_BYTES
         self._lock = threading.Lock()
@@ -283,6 +295,9 @@ class RedisConnector(RemoteConnector):
     # -- clients -------------------------------------------------------------------
 
     def _client(self) -> Any:
+        until, why = self._denied
+        if until > time.monotonic():
+            raise StoreDeniedError(self.display_url, why)
         pid = os.getpid()
         client = self._client_obj
         if client is not None and self._pid == pid:
@@ -311,7 +326,19 @@ class RedisConnector(RemoteConnector):
 
         # One retry, on connection errors only: it replaces a pooled connection that a
         # server restart left dead. Timeouts are not retried here; the backend decides.
-        return Retry(NoBackoff(), 1, supported_errors=(self._redis.exceptions.ConnectionError,))
+        # Nor is a refused password (a ConnectionError to redis-py): it is refused again.
+        refused = self._redis.exceptions.AuthenticationError
+
+        class StaleConnectionRetry(Retry):  # type: ignore[misc]
+            def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+                def fail_unless_refused(error: Exception, *more: Any) -> None:
+                    fail(error, *more)  # redis-py's cleanup (it drops the connection)
+                    if isinstance(error, refused):
+                        raise error
+
+                return super().call_with_retry(do, fail_unless_refused, *args, **kwargs)
+
+        return StaleConnectionRetry(NoBackoff(), 1, supported_errors=(self._redis.exceptions.ConnectionError,))
 
     def _make_client(self) -> Any:
         redis = self._redis
@@ -382,14 +409,19 @@ class RedisConnector(RemoteConnector):
         ``StoreDeniedError`` for an ACL's or a read-only replica's refusal, else
         ``StoreUnavailableError`` (a transport failure or another error reply)."""
         redis = self._redis
+        if isinstance(exc, StoreUnavailableError):
+            return exc  # ours already (_client's StoreDeniedError while a password is refused)
         if isinstance(exc, redis.exceptions.OutOfMemoryError):
             return StoreFullError(self.display_url, f"{what}: Redis is at maxmemory ({exc})")
         if isinstance(exc, (redis.exceptions.NoPermissionError, redis.exceptions.ReadOnlyError)):
             return StoreDeniedError(self.display_url, f"{what}: {type(exc).__name__}: {exc}")
         if isinstance(exc, redis.exceptions.AuthenticationError):
             # A wrong or missing password: the server is up and said no. As an outage it
-            # was retried, opened the circuit, and the CLI said to check the server.
-            return StoreDeniedError(self.display_url, f"{what}: authentication failed ({exc})")
+            # was retried, opened the circuit, and the CLI said to check the server. Calls
+            # fail at once for a while (_client): each would connect to be refused again.
+            why = f"{what}: authentication failed ({exc})"
+            self._denied = (time.monotonic() + DENIED_RETRY_S, why)
+            return StoreDeniedError(self.display_url, why)
         return StoreUnavailableError(self.display_url, f"{what}: {type(exc).__name__}: {exc}")
 
     # -- RemoteConnector -----------------------------------------------------------
@@ -541,7 +573,7 @@ class RedisConnector(RemoteConnector):
         """True for plain ``SET``s on a standalone server (``put_chunk_by``); staged puts
         (two commands) stay on the backend's I/O threads, as does the first put large
         enough to need the server's ``proto-max-bulk-len`` (``_check_fits`` asks for it)."""
-        if size >= MIN_BULK_LIMIT and self._bulk_limit is _UNASKED:
+        if size >= MIN_BULK_LIMIT and self._bulk_limit_due():
             return False
         return self._inline_puts and not (self.staged_puts and size >= STREAM_PUT_BYTES)
 
@@ -566,7 +598,7 @@ class RedisConnector(RemoteConnector):
             StoreUnavailableError: the deadline passed, or a transport or server error.
         """
         redis = self._redis
-        if chunk.size >= MIN_BULK_LIMIT and self._bulk_limit is _UNASKED:
+        if chunk.size >= MIN_BULK_LIMIT and self._bulk_limit_due():
             return False  # asking the server its limit is a round trip of its own: an I/O thread's
         self._check_fits("SET", chunk.size)
         header = chunk.sealed_header()  # never abandoned: its caller is this thread
@@ -673,29 +705,46 @@ class RedisConnector(RemoteConnector):
         """
         if size < MIN_BULK_LIMIT:
             return
+        if self._bulk_limit_due():
+            self._bulk_limit = self._ask_bulk_limit()
         limit = self._bulk_limit
-        if limit is _UNASKED:
-            limit = self._bulk_limit = self._ask_bulk_limit()
         if limit is not None and size > limit:
             raise StoreFullError(
                 self.display_url,
                 f"{what}: a value of {size} bytes is longer than the server's proto-max-bulk-len ({limit})",
             )
 
+    def _bulk_limit_due(self) -> bool:
+        """Whether the server's ``proto-max-bulk-len`` is to be asked (never yet, or again)."""
+        return self._bulk_limit is _UNASKED or time.monotonic() >= self._bulk_reask_at
+
     def _ask_bulk_limit(self) -> int | None:
-        """The server's ``proto-max-bulk-len`` (the smallest of a cluster's nodes), or None
-        when it refuses ``CONFIG GET`` (an ACL, a managed service) or answers oddly.
+        """The server's ``proto-max-bulk-len`` (the smallest of a cluster's primaries), or
+        None when it refuses ``CONFIG GET`` (an ACL, a managed service), answers oddly, or
+        does not answer (then asked again ``BULK_LIMIT_REASK_S`` later: the put itself
+        reports an outage).
 
         Raises:
-            StoreUnavailableError: the server did not answer (the put would fail too).
+            StoreDeniedError: the password is refused.
         """
         redis = self._redis
+        self._bulk_reask_at = math.inf
         try:
-            reply = self._client().config_get("proto-max-bulk-len")
+            client = self._client()
+            if self.cluster:
+                # Else one node answers for all, and keys on a node with a lower limit
+                # got the "connection reset" outage back.
+                reply = client.config_get("proto-max-bulk-len", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+            else:
+                reply = client.config_get("proto-max-bulk-len")
         except redis.exceptions.ResponseError:
             return None
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
-            raise self._store_error("CONFIG GET", exc) from exc
+            error = self._store_error("CONFIG GET", exc)
+            if isinstance(error, StoreDeniedError):
+                raise error from exc
+            self._bulk_reask_at = time.monotonic() + BULK_LIMIT_REASK_S
+            return None
         return _bulk_limit_of(reply)
 
     def _staging_off(self, why: str) -> None:
