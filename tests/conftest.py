@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -73,6 +73,26 @@ def wait_until(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def ends_within(fn: Callable[[], Any], within: float) -> tuple[bool, Any]:
+    """Run ``fn`` on a daemon thread: (whether it ended within ``within`` seconds, its
+    result or the exception it raised). A call that hangs is left on its thread, so the
+    test fails instead of hanging."""
+    import threading
+
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except Exception as exc:  # returned, so the test asserts the type
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(within)
+    return (not thread.is_alive(), out[0] if out else None)
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ Real components only: redis-server processes started by the suite, the loopback 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any, Callable
 
@@ -34,7 +33,7 @@ from lmcache_core.errors import StoreFullError, StoreUnavailableError
 from lmcache_core.storage_backend.circuit import CLOSED, CircuitBreaker
 from lmcache_core.storage_backend.connector.redis_connector import READ_LIMIT_TIMEOUTS, RedisConnector
 from lmcache_core.storage_backend.remote_backend import LMCPipelinedRemoteBackend, LMCRemoteBackend
-from tests.conftest import make_key, wait_until
+from tests.conftest import ends_within, make_key, wait_until
 from tests.servers_redis import RedisCluster, RedisServer
 from tests.tcp_proxy import TcpProxy
 
@@ -154,22 +153,6 @@ def test_refused_background_puts_are_logged_once_not_once_each(
 # -- 3. a trickled reply on an I/O thread ----------------------------------------------
 
 
-def _ends_within(fn: Callable[[], Any], within: float) -> tuple[bool, Any]:
-    """(whether ``fn`` ended within ``within`` s, its result or exception); a call that
-    hangs is left on its daemon thread, so the test fails instead of hanging."""
-    out: list[Any] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except Exception as exc:  # returned, so the test asserts the type
-            out.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(within)
-    return (not thread.is_alive(), out[0] if out else None)
-
 
 def test_reads_of_a_trickled_reply_end_at_their_limit(redis_server: RedisServer) -> None:
     timeout = 0.5
@@ -184,7 +167,7 @@ def test_reads_of_a_trickled_reply_end_at_their_limit(redis_server: RedisServer)
             within = READ_LIMIT_TIMEOUTS * timeout + 5.0
             for call in (lambda: conn.get(keys[0]), lambda: conn.get_many(keys)):
                 proxy.set_mode("trickle", delay=0.25, trickle_bytes=64 << 10)
-                ended, result = _ends_within(call, within)
+                ended, result = ends_within(call, within)
                 proxy.set_mode("forward")
                 assert ended, "a read of a trickled reply ran past its limit"
                 assert isinstance(result, StoreUnavailableError) and "Timeout" in str(result), repr(result)

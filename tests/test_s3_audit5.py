@@ -16,7 +16,7 @@ from __future__ import annotations
 import http.server
 import threading
 import uuid
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -26,7 +26,7 @@ from lmcache_core.errors import StoreUnavailableError
 from lmcache_core.storage_backend.circuit import CircuitBreaker
 from lmcache_core.storage_backend.connector.fsspec_connector import PUT_LIMIT_TIMEOUTS, FsspecConnector
 from lmcache_core.storage_backend.remote_backend import LMCRemoteBackend, RetryPolicy
-from tests.conftest import make_key, wait_until
+from tests.conftest import ends_within, make_key, wait_until
 from tests.servers_s3 import S3Server
 from tests.tcp_proxy import TcpProxy
 from tests.test_conformance import chunk, same
@@ -44,22 +44,6 @@ def _prefix() -> str:
 def _encoded(key: Any, seed: int = 0) -> bytes:
     return chunk_format.encode_bytes(chunk(seed), key.to_string())
 
-
-def _in_thread(fn: Callable[[], Any], within: float) -> tuple[bool, Any]:
-    """(whether ``fn`` ended within ``within`` seconds, its result or exception); a call
-    that hangs is left on its daemon thread, so the test fails instead of hanging."""
-    out: list[Any] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except Exception as exc:  # returned, so the test asserts the type
-            out.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(within)
-    return (not thread.is_alive(), out[0] if out else None)
 
 
 @pytest.fixture
@@ -84,7 +68,7 @@ def test_a_put_to_a_server_that_went_silent_ends_and_the_store_works_when_it_ans
             lambda: conn.put(key, [_encoded(key, 1)]),
             lambda: conn.put_many([(other, [_encoded(other)]), (third, [_encoded(third)])]),
         ):
-            ended, result = _in_thread(call, ENDS_WITHIN)
+            ended, result = ends_within(call, ENDS_WITHIN)
             assert ended, "a PUT to a silent server never ended"
             assert isinstance(result, TimeoutError) and "no answer within" in str(result), repr(result)
         proxied.set_mode("forward")
@@ -122,7 +106,7 @@ def test_a_put_to_an_endpoint_that_never_sends_100_continue_ends(s3_server: S3Se
     conn = FsspecConnector("s3://bucket/p", timeout=TIMEOUT, **options)
     try:
         key = make_key("a5-http10")
-        ended, result = _in_thread(lambda: conn.put(key, [_encoded(key)]), ENDS_WITHIN)
+        ended, result = ends_within(lambda: conn.put(key, [_encoded(key)]), ENDS_WITHIN)
         assert ended, "a PUT waiting for 100 Continue never ended"
         assert isinstance(result, TimeoutError), repr(result)
     finally:

@@ -29,7 +29,7 @@ from lmcache_core.config import LMCacheEngineConfig
 from lmcache_core.errors import StoreUnavailableError
 from lmcache_core.storage_backend.connector.fsspec_connector import GET_LIMIT_TIMEOUTS, FsspecConnector
 from lmcache_core.storage_backend.remote_backend import LMCRemoteBackend
-from tests.conftest import make_key
+from tests.conftest import ends_within, make_key
 from tests.servers_s3 import S3Server
 from tests.tcp_proxy import TcpProxy
 
@@ -44,22 +44,6 @@ def _encoded(key: Any, seed: int) -> bytes:
     g = torch.Generator().manual_seed(seed)
     return chunk_format.encode_bytes(torch.randn(SHAPE, generator=g).to(torch.float16), key.to_string())
 
-
-def _in_thread(fn: Callable[[], Any], within: float) -> tuple[bool, Any]:
-    """(whether ``fn`` ended within ``within`` seconds, its result or exception); a call
-    that hangs is left on its daemon thread, so the test fails instead of hanging."""
-    out: list[Any] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except Exception as exc:  # returned, so the test asserts the type
-            out.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(within)
-    return (not thread.is_alive(), out[0] if out else None)
 
 
 @pytest.fixture
@@ -80,7 +64,7 @@ def conn(s3_server: S3Server, proxied: TcpProxy) -> Iterator[FsspecConnector]:
 
 
 def _assert_given_up(call: Callable[[], Any]) -> None:
-    ended, result = _in_thread(call, ENDS_WITHIN)
+    ended, result = ends_within(call, ENDS_WITHIN)
     assert ended, "a GET of a trickled reply ran past its limit"
     assert isinstance(result, TimeoutError) and "no answer within" in str(result), repr(result)
 
