@@ -171,17 +171,24 @@ def open_read(path: str) -> BinaryIO:
     hook = _hook
     if hook is not None:
         hook("open", path)
-    # O_NONBLOCK: a FIFO planted at a chunk path would otherwise block open()
-    # forever (a hung get). It changes nothing for regular files.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    # The file object owns the descriptor from the start: with a bare fd wrapped later,
+    # an interrupt just after open(fd) returned dropped the object (closing the fd) and
+    # the clean-up closed it again (EBADF in place of the KeyboardInterrupt, or another
+    # thread's newly opened file closed under it).
+    f = open(path, "rb", buffering=0, opener=_open_nonblocking)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise OSError(_errno.EINVAL, "not a regular file", path)
-        f = open(fd, "rb", buffering=0)
     except BaseException:
-        os.close(fd)
+        f.close()
         raise
     return f if hook is None else _FaultyFile(f, path)  # type: ignore[return-value]
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    # O_NONBLOCK: a FIFO planted at a chunk path would otherwise block open() forever
+    # (a hung get). It changes nothing for regular files.
+    return os.open(path, flags | os.O_NONBLOCK)
 
 
 def fsync(f: Any, path: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
@@ -35,7 +35,29 @@ _BASE_DST_DEVICE: property = vars(LMCBackendInterface)["dst_device"]
 _KEY_STRIPES = 64
 
 
-class _Read:
+class _Mark:
+    """A put, remove or filling read of one key under way, registered in its stripe.
+
+    The caller makes it before the ``try`` and ends it first thing in the ``finally``
+    with ``mark.marks.discard(mark)``: one C call, so no interrupt (Ctrl-C, a signal
+    handler's exception; CPython runs handlers only at a function's start, a loop's
+    back edge or after a call returns) lands between the end of the operation and
+    that undo, and none between registering and ``marks`` pointing at where it was
+    registered. A count left behind by an interrupt (before the ``try``, or at the call
+    to the clean-up method in the ``finally``) made every later read of the key start
+    stale: its read-through fills and prefetch copies were cancelled for good.
+    """
+
+    __slots__ = ("marks",)
+
+    def __init__(self) -> None:
+        self.marks: set[Any] = set()  # where it is registered (its own empty set until then)
+
+    # Identity hashing and equality, inherited from ``object`` (C): no interrupt lands
+    # inside a set operation on marks.
+
+
+class _Read(_Mark):
     """A read of a key from a slower tier, whose hit would fill the faster tiers.
 
     ``stale``: a put or remove of the key overlapped the read, so what it read may be
@@ -44,23 +66,33 @@ class _Read:
 
     __slots__ = ("stale",)
 
-    def __init__(self, stale: bool) -> None:
-        self.stale = stale
+    def __init__(self) -> None:
+        super().__init__()
+        self.stale = False
+
+
+class _Write(_Mark):
+    """A put or remove of a key under way."""
+
+    __slots__ = ()
 
 
 class _KeyStripe:
     """Under ``lock``: the writes in flight of its keys, and their reads that may fill.
 
-    Entries live only while their operation runs, so it never grows with the number of
-    keys ever written.
+    Entries live only while their operation runs (an empty set an interrupted clean-up
+    left is taken again by the key's next operation), so it never grows with the
+    number of keys ever written. An operation ends by taking its mark out of its set
+    without the lock (one C call, atomic under the GIL); a set is added to and
+    dropped from the dicts under the lock.
     """
 
     __slots__ = ("lock", "writes", "reads")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.writes: dict[CacheEngineKey, int] = {}
-        self.reads: dict[CacheEngineKey, list[_Read]] = {}
+        self.writes: dict[CacheEngineKey, set[_Write]] = {}
+        self.reads: dict[CacheEngineKey, set[_Read]] = {}
 
 
 class LMCHybridBackend(LMCBackendInterface):
@@ -136,6 +168,7 @@ class LMCHybridBackend(LMCBackendInterface):
         self.dst_device = dst_device  # now the tiers exist: where each one reads to
         self._stripes = [_KeyStripe() for _ in range(_KEY_STRIPES)]
         self._closing = threading.Event()
+        self._closed_all = False  # set once a close() has closed every tier
         self._prefetch_done = threading.Event()
         self.prefetched = 0
         self._prefetch_thread: threading.Thread | None = None
@@ -235,11 +268,13 @@ class LMCHybridBackend(LMCBackendInterface):
         check_key(key)
         check_chunk(kv_chunk)
         self._check_fork()
-        stripe = self._begin_write(key)
+        write = _Write()
         try:
+            self._begin_write(key, write)
             self._put(key, kv_chunk, blocking)
         finally:
-            self._end_write(key, stripe)
+            write.marks.discard(write)  # first: see _Mark
+            self._end(key, write)
 
     def _put(self, key: CacheEngineKey, kv_chunk: torch.Tensor, blocking: bool) -> None:
         stored = 0
@@ -353,7 +388,9 @@ class LMCHybridBackend(LMCBackendInterface):
                 if read is None:
                     # After the first miss, before the slower reads: a write that ends
                     # before this is what they read (a memory hit needs no token).
-                    read = self._begin_read(key)
+                    # Named before it is registered, so the ``finally`` always finds it.
+                    read = _Read()
+                    self._begin_read(key, read)
             assert read is not None  # there is a local tier
             chunk = self._remote_get(key)
             if chunk is None:
@@ -364,7 +401,8 @@ class LMCHybridBackend(LMCBackendInterface):
             return self._to_dst(chunk)
         finally:
             if read is not None:
-                self._end_read(key, read)
+                read.marks.discard(read)  # first: see _Mark
+                self._end(key, read)
 
     def batched_get(self, keys: Iterable[CacheEngineKey]) -> list[torch.Tensor | None]:
         keys = [check_key(k) for k in keys]
@@ -382,7 +420,8 @@ class LMCHybridBackend(LMCBackendInterface):
                     if chunk is None:
                         still.append(j)
                         if j not in reads:
-                            reads[j] = self._begin_read(keys[j])
+                            read = reads[j] = _Read()  # named first, as in get
+                            self._begin_read(keys[j], read)
                     else:
                         results[j] = chunk
                         self.stats.incr(f"hits_{name}")
@@ -403,8 +442,10 @@ class LMCHybridBackend(LMCBackendInterface):
                         self.stats.incr("hits_remote")
                         self._fill(keys[j], chunk, self._tiers, reads[j])
         finally:
+            for read in reads.values():
+                read.marks.discard(read)  # first: see _Mark
             for j, read in reads.items():
-                self._end_read(keys[j], read)
+                self._end(keys[j], read)
         self.stats.incr("misses", sum(r is None for r in results))
         return [None if r is None else self._to_dst(r) for r in results]
 
@@ -431,39 +472,39 @@ class LMCHybridBackend(LMCBackendInterface):
     def _stripe(self, key: CacheEngineKey) -> _KeyStripe:
         return self._stripes[hash(key) % _KEY_STRIPES]
 
-    def _begin_write(self, key: CacheEngineKey) -> _KeyStripe:
-        """Before a put or remove of ``key`` touches a tier; pair with ``_end_write``."""
+    def _begin_write(self, key: CacheEngineKey, write: _Write) -> None:
+        """Before a put or remove of ``key`` touches a tier: registers ``write`` and makes
+        the key's reads under way stale. The caller ends it in a ``finally`` (see ``_Mark``)."""
         stripe = self._stripe(key)
         with stripe.lock:
-            stripe.writes[key] = stripe.writes.get(key, 0) + 1
-            for read in stripe.reads.get(key, ()):
+            marks = stripe.writes.setdefault(key, set())
+            write.marks = marks  # before it is added: no interrupt lands between (see _Mark)
+            marks.add(write)
+            # A snapshot (one C call): reads end by discarding their mark without the lock,
+            # and a set changing size mid-iteration raises.
+            for read in tuple(stripe.reads.get(key, ())):
                 read.stale = True
-        return stripe
 
-    def _end_write(self, key: CacheEngineKey, stripe: _KeyStripe) -> None:
-        with stripe.lock:
-            n = stripe.writes.get(key, 0) - 1
-            if n > 0:
-                stripe.writes[key] = n
-            else:
-                stripe.writes.pop(key, None)
-
-    def _begin_read(self, key: CacheEngineKey) -> _Read:
-        """Before reading ``key`` from a tier whose hit fills faster ones; pair with ``_end_read``."""
+    def _begin_read(self, key: CacheEngineKey, read: _Read) -> None:
+        """Before reading ``key`` from a tier whose hit fills faster ones: registers ``read``
+        (stale at once while a write runs). The caller ends it in a ``finally`` (``_Mark``)."""
         stripe = self._stripe(key)
         with stripe.lock:
-            read = _Read(stale=key in stripe.writes)
-            stripe.reads.setdefault(key, []).append(read)
-        return read
+            read.stale = bool(stripe.writes.get(key))
+            marks = stripe.reads.setdefault(key, set())
+            read.marks = marks
+            marks.add(read)
 
-    def _end_read(self, key: CacheEngineKey, read: _Read) -> None:
+    def _end(self, key: CacheEngineKey, mark: _Mark) -> None:
+        """After ``mark.marks.discard(mark)``: drop its key's set from the stripe once empty."""
+        marks = mark.marks
+        if marks:
+            return
         stripe = self._stripe(key)
+        table: dict[CacheEngineKey, Any] = stripe.writes if isinstance(mark, _Write) else stripe.reads
         with stripe.lock:
-            reads = stripe.reads.get(key)
-            if reads is not None and read in reads:  # absent: begun before fork()
-                reads.remove(read)
-                if not reads:
-                    del stripe.reads[key]
+            if not marks and table.get(key) is marks:
+                del table[key]
 
     def _fill(
         self,
@@ -557,8 +598,9 @@ class LMCHybridBackend(LMCBackendInterface):
         self._check_fork()
         found = False
         failed: Exception | None = None
-        stripe = self._begin_write(key)  # a fill of what was read before cannot bring it back
+        write = _Write()
         try:
+            self._begin_write(key, write)  # a fill of what was read before cannot bring it back
             for _, tier in self.tiers():
                 try:
                     found = tier.remove(key) or found
@@ -566,7 +608,8 @@ class LMCHybridBackend(LMCBackendInterface):
                     logger.warning("remove of %s from %s failed: %s", key, tier.describe(), exc)
                     failed = failed or exc
         finally:
-            self._end_write(key, stripe)
+            write.marks.discard(write)  # first: see _Mark
+            self._end(key, write)
         if failed is not None:
             raise failed
         return found
@@ -632,8 +675,9 @@ class LMCHybridBackend(LMCBackendInterface):
                 if info.size is not None and info.size - 8 - MAX_HEADER_BYTES > max(left.values()):
                     continue
                 # A local put or remove of k from here on cancels the copy (see _fill).
-                read = self._begin_read(k)
+                read = _Read()
                 try:
+                    self._begin_read(k, read)
                     # A tier that holds k keeps its copy: it may be newer than the remote's.
                     lacking = [(name, tier) for name, tier in self._tiers if not tier.contains(k)]
                     if not lacking:
@@ -659,7 +703,8 @@ class LMCHybridBackend(LMCBackendInterface):
                     if not self._fill(k, chunk, fits, read, handed_out=False):  # nobody else holds it
                         continue
                 finally:
-                    self._end_read(k, read)
+                    read.marks.discard(read)
+                    self._end(k, read)
                 for name, _ in fits:
                     left[name] -= cost[name]
                 self.prefetched += 1
@@ -692,7 +737,14 @@ class LMCHybridBackend(LMCBackendInterface):
     # -- lifecycle -----------------------------------------------------------------
 
     def close(self) -> None:
-        if self._closing.is_set():
+        """Stop prefetch, then close every tier (each drains its queued writes). Idempotent.
+
+        A close that was interrupted (Ctrl-C, a signal handler's exception) is finished
+        by the next call: it returned at once before, leaving the tiers after the one
+        interrupted never closed (their threads running, a memory tier's queue never
+        drained). Each tier's own ``close`` is idempotent.
+        """
+        if self._closed_all:
             return
         self._check_fork()  # in a child: its own _closing (the parent's lock may be held)
         self._closing.set()
@@ -703,3 +755,4 @@ class LMCHybridBackend(LMCBackendInterface):
                 tier.close()
             except Exception as exc:
                 logger.warning("closing %s failed: %s", tier.describe(), exc)
+        self._closed_all = True

@@ -344,16 +344,13 @@ class LMCLocalBackend(LMCBackendInterface):
 # -- disk ------------------------------------------------------------------------------
 
 
-def _write_temp(
-    path: str, kv_chunk: torch.Tensor, key: str, fsync: bool, *, make_dir: bool = False
-) -> tuple[str, int]:
-    """Write ``kv_chunk`` to a fresh temp file next to ``path``: (temp path, bytes written).
-    ``make_dir``: make the directory (``disk_io.open_write``).
+def _write_temp(tmp: str, kv_chunk: torch.Tensor, key: str, fsync: bool, *, make_dir: bool = False) -> int:
+    """Write ``kv_chunk`` to the fresh temp file ``tmp`` (``layout.temp_path``): the bytes
+    written. ``make_dir``: make the directory (``disk_io.open_write``).
 
     Raises:
         OSError: the write failed; the temp file is removed.
     """
-    tmp = layout.temp_path(path)
     try:
         with disk_io.open_write(tmp, make_dir=make_dir) as f:
             n = chunk_format.write_chunk(f, kv_chunk, key)
@@ -362,7 +359,7 @@ def _write_temp(
     except BaseException:
         _discard_temp(tmp)
         raise
-    return tmp, n
+    return n
 
 
 def _mark_read(fd: int, st: os.stat_result) -> None:
@@ -444,8 +441,9 @@ def save_disk(path: str, kv_chunk: torch.Tensor, key: str | None = None, fsync: 
         OSError: the write failed; no partial file is left behind.
     """
     check_chunk(kv_chunk)
-    tmp, n = _write_temp(path, kv_chunk, key if key is not None else _key_from_path(path), fsync)
+    tmp = layout.temp_path(path)
     try:
+        n = _write_temp(tmp, kv_chunk, key if key is not None else _key_from_path(path), fsync)
         disk_io.replace(tmp, path)
     except BaseException:
         _discard_temp(tmp)
@@ -807,8 +805,9 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         path = self._path(key)
         retries = 0
         while True:
+            tmp = layout.temp_path(path)
             try:
-                tmp, written = _write_temp(path, kv_chunk, key.to_string(), self.fsync, make_dir=True)
+                written = _write_temp(tmp, kv_chunk, key.to_string(), self.fsync, make_dir=True)
                 committed = self._commit(key, seq, tmp, path, written)
                 break
             except OSError as exc:
@@ -831,6 +830,11 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                     if retries:
                         self._back_off_full_disk(key)
                     raise StoreFullError(self.describe(), f"no space left writing {key} ({exc.strerror})") from exc
+                raise
+            except BaseException:
+                # An interrupt between the write and the commit's own clean-up left the
+                # temp file for good (a reopen in this process keeps a live pid's).
+                _discard_temp(tmp)
                 raise
         if self._full_disk_backoff:  # the disk took a write again: let go freely (a racy read is harmless)
             with self._lock:

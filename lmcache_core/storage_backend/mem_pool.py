@@ -8,6 +8,16 @@ returned to a caller stays valid for as long as the caller keeps it, and memory
 is reused as soon as the caller lets go. ``acquire`` looks at a bounded number
 of buffers (those ``release`` hinted at first), so it stays O(1) with 100k
 small buffers retained. Thread-safe.
+
+Interrupt-safe: a ``KeyboardInterrupt`` (or any exception a signal handler raises)
+landing anywhere in a call leaves ``retained_bytes`` equal to what the pool keeps.
+CPython runs signal handlers only at a function's start, a loop's back edge and
+after a call returns, so each change of the pool's state is made of plain stores
+and in-place operators with at most one call, last; anything that calls out
+(allocating, counting references) runs before it. An interrupt that once landed
+between counting a new buffer and keeping it left bytes counted that no buffer
+held: the pool believed itself fuller and fuller, and puts went on allocating
+fresh memory at a fifth of the speed of warm copies.
 """
 
 from __future__ import annotations
@@ -131,15 +141,17 @@ class BufferPool:
             buf.zero_()  # fault the pages in now, not on the hot path
         return buf
 
-    def _pinned_slot(self, capacity: int) -> torch.Tensor | None:
+    def _pinned_slot(self, capacity: int) -> tuple[torch.Tensor, list[torch.Tensor], int] | None:
         """A pinned buffer of ``capacity`` bytes, or None when no slab fits the budget.
 
-        Call under the lock. Each slot is its own storage over the slab's memory (so
-        the use count says when that slot is free), and keeps the slab alive.
+        Call under the lock; nothing is changed here (``_new_buffer`` keeps the result):
+        (the slot, the spare slots it leaves, the bytes of a new slab or 0). Each slot
+        is its own storage over the slab's memory (so the use count says when that
+        slot is free), and keeps the slab alive.
         """
         spare = self._spare.get(capacity)
         if spare:
-            return spare.pop()
+            return spare[-1], spare, 0
         room = self.max_bytes - self.retained_bytes
         size = 1 << (capacity - 1).bit_length()  # the smallest power of two that holds one
         if size > room:
@@ -147,28 +159,42 @@ class BufferPool:
         while size * 2 <= min(room, _PINNED_SLAB_MAX):
             size *= 2
         slab = memoryview(cast(Any, _pinned_empty(size).numpy()))  # page-locked: already resident
-        self.retained_bytes += size
         slots = [
             torch.frombuffer(slab[i * capacity : (i + 1) * capacity], dtype=torch.uint8)
             for i in range(size // capacity - 1, -1, -1)
         ]
-        first = slots.pop()  # the slab's start
-        self._spare[capacity] = slots
-        self._slotted.update(slot.data_ptr() for slot in slots)
-        self._slotted.add(first.data_ptr())
-        return first
+        return slots[-1], slots, size  # the slab's start first
 
     def _new_buffer(self, capacity: int, touch: bool) -> torch.Tensor | None:
         """A new retained buffer, or None when it would go over ``max_bytes``. Call under the lock."""
-        buf = self._pinned_slot(capacity) if self.pin_memory else None
-        if buf is None:
+        pinned = self._pinned_slot(capacity) if self.pin_memory else None
+        if pinned is None:
             if self.retained_bytes + capacity > self.max_bytes:
                 return None
             buf = self._allocate(capacity, touch)
-            self.retained_bytes += capacity
+            slots: list[torch.Tensor] | None = None
+            cost = capacity
+        else:
+            buf, slots, cost = pinned
+        # Everything that calls out first (see the module's docstring on interrupts).
         baseline = _use_count(buf) if _HAVE_USE_COUNT else 0
-        self._free.setdefault(buf.numel(), deque()).append((buf, baseline))
-        self._by_ptr[buf.data_ptr()] = (buf, baseline)
+        entry = (buf, baseline)
+        numel, ptr = buf.numel(), buf.data_ptr()
+        slab_ptrs = {slot.data_ptr() for slot in slots} if slots is not None and cost else None
+        ring = self._free.get(numel)
+        new_ring: deque[tuple[torch.Tensor, int]] | None = deque() if ring is None else None
+        # Kept: plain stores and in-place operators only, no interrupt lands among them.
+        if slots is not None:
+            del slots[-1]  # handed out now (the spare list, or a new slab's other slots)
+            if slab_ptrs is not None:
+                self._spare[capacity] = slots
+                self._slotted |= slab_ptrs
+        if new_ring is not None:
+            ring = self._free[numel] = new_ring
+        assert ring is not None
+        ring += (entry,)
+        self._by_ptr[ptr] = entry
+        self.retained_bytes += cost
         return buf
 
     def _reclaim(self, capacity: int) -> None:
@@ -181,22 +207,29 @@ class BufferPool:
                 return
             if cap == capacity:
                 continue
-            ring = self._free.pop(cap)  # put back last: the next look starts at other rings
+            ring = self._free[cap]
             for _ in range(min(len(ring), looks)):
                 looks -= 1
                 buf, baseline = ring[0]
                 ptr = buf.data_ptr()
                 if ptr not in self._slotted and _use_count(buf) <= baseline:
-                    ring.popleft()  # nobody holds a view: dropping it frees the memory
+                    # Nobody holds a view: dropping it frees the memory. Uncounted first,
+                    # the one call last (an interrupt lands after it, never inside).
                     del self._by_ptr[ptr]
                     self.retained_bytes -= cap
                     need -= cap
+                    ring.popleft()
                     if need <= 0:
                         break
                 else:
                     ring.rotate(-1)
+            # Moved last (the next look starts at other rings), or dropped when empty: one
+            # step, so an interrupt never leaves a ring out of ``_free`` with its bytes counted.
             if ring:
+                del self._free[cap]
                 self._free[cap] = ring
+            else:
+                del self._free[cap]
 
     def reserve(self, count: int, nbytes: int) -> int:
         """Pre-allocate and touch up to ``count`` buffers for chunks of ``nbytes``.
@@ -260,13 +293,13 @@ class BufferPool:
 
     def clear(self) -> None:
         """Forget retained buffers (views already handed out stay valid)."""
+        hints: deque[int] = deque(maxlen=_MAX_HINTS)
+        slotted: set[int] = set()
         with self._lock:
-            self._free.clear()
-            self._by_ptr.clear()
-            self._hints.clear()
-            self._spare.clear()
-            self._slotted.clear()
-            self.retained_bytes = 0
+            # Swapped in by plain stores: an interrupt leaves all of it or none forgotten.
+            self._free, self._by_ptr, self._hints, self._spare, self._slotted, self.retained_bytes = (
+                {}, {}, hints, {}, slotted, 0
+            )
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

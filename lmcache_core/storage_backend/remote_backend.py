@@ -357,6 +357,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         )
         self._put_worker_count = put_workers
         self._closed = False
+        self._connector_closing = False  # close() is closing the connector (see _failed)
         self._start_runtime()
         # Without close(), queued writes are stored at interpreter exit, as the disk tier's are.
         drain_at_exit(self)
@@ -495,6 +496,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         self._io.shutdown()
         self._hashers.shutdown()
         self._read_buffers.clear()  # views already handed out stay valid
+        self._connector_closing = True
         # Closing a client may itself touch the network; never wait long for it.
         closer = threading.Thread(target=self._close_connector, name="lmcache-remote-close", daemon=True)
         closer.start()
@@ -582,6 +584,10 @@ class LMCRemoteBackend(LMCBackendInterface):
         deadline. One that cannot is abandoned by its caller mid-send, and a write
         could then land after the caller's next put of the same key and undo it.
         """
+        if self._connector_closing:
+            # close() ends the calls still under way (it closes the connector under them,
+            # once its queued writes are drained): no word on the remote, so no strike.
+            return None
         # The cause, for the errors of calls the open circuit refuses: our own errors
         # already name the remote; others get their type ("ConnectionError: ...").
         cause = str(exc) if isinstance(exc, LMCacheError) else f"{type(exc).__name__}: {exc}"
@@ -888,15 +894,18 @@ class LMCRemoteBackend(LMCBackendInterface):
             future, deadline = self._submit(
                 "put", self.connector.put_chunk, key, chunk, retry=True, timeout=timeout, admitted=admitted, tried=tried
             )
-        except Exception:
+        except BaseException:
             self._write_failed(key)
             raise
 
         def finish() -> None:
             try:
                 self._await("put", future, deadline)
-            except Exception:
-                chunk.abandon()  # a send still running must not publish what the caller changes next
+            except BaseException:
+                # A send still running must not publish what the caller changes next: also
+                # when Ctrl-C ends the wait (a reused buffer was stored as a mix of two
+                # chunks under a valid checksum, a wrong tensor for every later get).
+                chunk.abandon()
                 self._write_failed(key)
                 raise
             self._stored(key)

@@ -6,12 +6,21 @@ that finds the queue full waits for queued writes to finish: backpressure, not
 loss, since a put is acknowledged only once queued. Writes that fail finish too
 (a dead server, an open circuit), so a wait ends as the queue drains either way.
 
-Not thread-safe on its own: every method runs under the owning backend's lock,
-which the condition shares (``*_locked``).
+Not thread-safe on its own: every method runs under the owning backend's lock
+(``*_locked``).
+
+Interrupt-safe: a ``KeyboardInterrupt`` (or any exception a signal handler raises)
+landing anywhere in a wait leaves the backend's lock held by the waiter again, as
+the caller's ``with lock:`` expects. ``threading.Condition.wait`` does not promise
+that with a plain lock: an interrupt landing in its Python-level ``_release_save``
+or ``_acquire_restore`` left the lock released, and the caller's ``with`` then
+released it a second time (``RuntimeError: release unlocked lock``, or, had another
+thread taken it meanwhile, that thread's hold), so waits here use bare lock calls.
 """
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import logging
 import threading
@@ -38,7 +47,11 @@ class QueuedBytes:
             raise ValueError(f"max_queued_bytes must be >= 1, got {max_bytes}")
         self.max_bytes = max_bytes
         self.queued = 0
-        self._room = threading.Condition(lock)
+        self._lock = lock
+        # One lock per waiting put, held until a finished write releases it (what
+        # ``threading.Condition`` does, with nothing interruptible between releasing
+        # the backend's lock and taking it back).
+        self._waiters: list[Any] = []
 
     def full_locked(self, nbytes: int) -> bool:
         """Whether a put of ``nbytes`` would have to wait now."""
@@ -76,12 +89,42 @@ class QueuedBytes:
             left = stall_s if give_up is None else min(stall_s, give_up - time.monotonic())
             if left <= 0:
                 return False
-            notified = self._room.wait(timeout=left)
+            notified = self._wait_locked(left)
             if closed():
                 raise RuntimeError("backend is closed")
             if not notified and (give_up is None or time.monotonic() < give_up):
                 raise stalled(f"{self.queued} bytes of writes queued and none finished in {stall_s:g}s; not queued")
         return True
+
+    def _wait_locked(self, timeout: float) -> bool:
+        """Release the lock, wait up to ``timeout`` s for a wake-up, take the lock back.
+
+        Whatever is raised (an interrupt included), the lock is held again on the way
+        out: the release is inside the ``try`` whose ``finally`` takes it back, and
+        both are bare C calls, so no interrupt can land between a release and its
+        ``try`` or between the ``finally`` and the acquire.
+        """
+        waiter = _thread.allocate_lock()
+        waiter.acquire()
+        self._waiters.append(waiter)
+        try:
+            try:
+                self._lock.release()
+                return waiter.acquire(True, timeout)
+            finally:
+                self._lock.acquire()
+        finally:
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass
+
+    def _wake_locked(self) -> None:
+        # A waiter is released only while still held: one woken but not yet gone from the
+        # list is left alone (waiters are only ever released here, under the lock).
+        for waiter in self._waiters:
+            if waiter.locked():
+                waiter.release()
 
     def add_locked(self, nbytes: int) -> None:
         self.queued += nbytes
@@ -89,11 +132,11 @@ class QueuedBytes:
     def done_locked(self, nbytes: int) -> None:
         """A queued write of ``nbytes`` finished (stored, failed or dropped as stale)."""
         self.queued -= nbytes
-        self._room.notify_all()
+        self._wake_locked()
 
     def wake_all_locked(self) -> None:
         """Wake every waiting put (the backend is closing: they raise)."""
-        self._room.notify_all()
+        self._wake_locked()
 
 
 class _Drainable(Protocol):
@@ -126,9 +169,31 @@ def forget_at_exit(backend: _Drainable) -> None:
     _open_writers.discard(backend)
 
 
+#: Seconds the exit drain may take in all before the process ends anyway. Each backend's
+#: drain is bounded by its own terms (a remote's by its close timeout, about 71 s at the
+#: defaults), but a store left broken (a lock an interrupted thread never let go) hung
+#: the interpreter's exit for good.
+EXIT_DRAIN_LIMIT_S = 120.0
+
+
 def _drain_all() -> None:
-    for backend in list(_open_writers):
-        try:
-            backend.close()
-        except Exception:
-            logger.exception("closing %s at exit failed", backend.describe())
+    backends = list(_open_writers)
+    if not backends:
+        return
+    done = threading.Event()
+
+    def drain() -> None:
+        for backend in backends:
+            try:
+                backend.close()
+            except Exception:
+                logger.exception("closing %s at exit failed", backend.describe())
+        done.set()
+
+    try:
+        threading.Thread(target=drain, name="lmcache-exit-drain", daemon=True).start()
+    except RuntimeError:  # no new threads this late (newer Pythons): drain here, unbounded
+        drain()
+        return
+    if not done.wait(EXIT_DRAIN_LIMIT_S):
+        logger.error("queued writes still not stored after %g s at exit: given up on them", EXIT_DRAIN_LIMIT_S)
