@@ -7,7 +7,6 @@ Real stores only: memory, disk directories, a hybrid of both, and a private
 
 from __future__ import annotations
 
-import hashlib
 import threading
 
 import numpy as np
@@ -18,6 +17,7 @@ from lmcache_core import CacheEngineKey, LMCacheEngineConfig, LMCacheEngineMetad
 from lmcache_core.storage_backend import CreateStorageBackend, open_backend
 from lmcache_core.storage_backend.local_backend import LMCLocalBackend
 from lmcache_core.tokens import ChunkedKVStore
+from tests.test_key import independent_chain
 
 CHUNK = 16
 
@@ -32,13 +32,6 @@ def narrow(kv: torch.Tensor, fmt: str, n: int) -> torch.Tensor:
     return kv.narrow(2 if fmt == "vllm" else 3, 0, n)
 
 
-def independent_chain(tokens: list[int], chunk_size: int) -> list[str]:
-    out, prev = [], ""
-    for i in range(0, len(tokens), chunk_size):
-        part = b"".join(int(t).to_bytes(8, "little", signed=True) for t in tokens[i : i + chunk_size])
-        prev = hashlib.sha256(prev.encode("ascii") + part).hexdigest()
-        out.append(prev)
-    return out
 
 
 def hybrid(tmp_path, name: str = "disk"):  # type: ignore[no-untyped-def]
