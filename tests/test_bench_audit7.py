@@ -21,6 +21,7 @@ from lmcache_core.bench import BenchTarget, _RawRedis, drop_page_cache, run_benc
 from lmcache_core.config import LMCacheEngineConfig, LMCacheEngineMetadata
 from lmcache_core.storage_backend.local_backend import LMCLocalDiskBackend
 from tests.tcp_proxy import TcpProxy
+from tests.test_bench_docs import load_bench_script
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY: dict[str, Any] = {"kv_shape": (4, 8), "count": 2, "batch": 1}
@@ -265,15 +266,7 @@ def test_a_run_keeps_a_store_directory_that_was_there(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def bench_script() -> Any:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_script_audit7", ROOT / "scripts" / "bench.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    return load_bench_script("bench_script_audit7")
 
 
 def test_the_recorded_command_masks_an_option_given_with_equals(bench_script, tmp_path: Path) -> None:

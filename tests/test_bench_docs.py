@@ -16,9 +16,14 @@ MIB32 = str(32 * 2**20)
 
 @pytest.fixture(scope="module")
 def bench_script() -> Any:
+    return load_bench_script("bench_script_under_test")
+
+
+def load_bench_script(name: str) -> Any:
+    """``scripts/bench.py`` imported as module ``name``."""
     sys.path.insert(0, str(ROOT / "scripts"))  # the script imports bench_servers from there
     try:
-        spec = importlib.util.spec_from_file_location("bench_script_under_test", ROOT / "scripts" / "bench.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "bench.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
