@@ -70,6 +70,11 @@ class CacheEngineKey:
                 f"chunk_hash: must be 1-128 lowercase hex characters, got {self.chunk_hash!r:.80}"
             )
 
+    def as_tuple(self) -> tuple[str, str, int, int, str]:
+        """The fields in order: a stand-in hashed and compared in C, where the key's own
+        ``__hash__``/``__eq__`` are Python code an interrupt can land in (``LRUIndex``)."""
+        return (self.fmt, self.model_name, self.world_size, self.worker_id, self.chunk_hash)
+
     def to_string(self) -> str:
         """LMCache's ``fmt@model@world_size@worker_id@chunk_hash`` form."""
         return _SEP.join(

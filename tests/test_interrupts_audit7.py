@@ -11,9 +11,9 @@ behind: the interrupt escaping to the caller is expected; a lock left held, a co
 never taken back, a store that hangs or serves a wrong tensor is not. One test sends
 real SIGINTs from a helper thread at random moments.
 
-Tests marked xfail(strict=True) reproduce defects in files this audit did not own
-(``local_backend.py``, ``evictor.py``, ``disk_io.py``, ``remote_backend.py``); their
-reasons say what goes wrong and the report says how to fix it.
+The last four tests are regressions of defects this audit found in the memory and
+disk tiers (a queue.Queue put interrupted, an LRU index torn, a submit half done, a
+close interrupted in its join); each says what went wrong.
 """
 
 # Lambdas here are called at once, inside the iteration that made them (B023 is for
@@ -139,6 +139,16 @@ def _bounded(fn: Callable[[], Any], timeout: float = HANG_S) -> Any:
     if "error" in box:
         raise box["error"]
     return box.get("value")
+
+
+def _soon(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Whether ``condition()`` holds within ``timeout`` seconds (polled)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def _free(lock: Any) -> bool:
@@ -460,18 +470,15 @@ def test_real_sigints_at_random_moments_during_reads_never_give_a_wrong_tensor_o
     assert interrupted > 20  # the signals did land inside operations
 
 
-# -- defects in files this audit does not own (xfail, strict) -------------------------------
+# -- regressions: defects of the memory and disk tiers -------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="local_backend.py: put_nonblocking puts into a queue.Queue from the caller's thread; an "
-    "interrupt inside Queue.put (its Condition's Python __enter__/__exit__, _put) leaves the queue's "
-    "mutex held (the writer and every later put and close() hang) or the item queued without "
-    "unfinished_tasks (a writer's task_done raises ValueError and the writer thread dies), or the key "
-    "in _pending but never queued (acknowledged nowhere, stored never)",
-)
 def test_an_interrupted_queued_put_on_the_memory_tier_leaves_it_working() -> None:
+    """put_nonblocking put into a queue.Queue from the caller's thread: an interrupt
+    inside Queue.put (its Condition's Python __enter__/__exit__, _put) left the queue's
+    mutex held (the writer and every later put and close() hung), or the item queued
+    without unfinished_tasks (the writer's task_done raised and the writer died), or the
+    key in _pending but never queued. The queue is a SimpleQueue now (one C call)."""
     store = LMCLocalBackend(LMCacheEngineConfig(max_local_cache_size=0.001), None, "cpu")
     total = _points(lambda: store.put(_key(0), _chunk(0), blocking=False))
     bad: list[str] = []
@@ -480,7 +487,7 @@ def test_an_interrupted_queued_put_on_the_memory_tier_leaves_it_working() -> Non
         try:
             _bounded(lambda: store.put(_key("after"), _chunk(7), blocking=False), 5)
             assert _bounded(lambda: store._worker.is_alive())
-            assert _free(store._queue.mutex), "queue mutex left held"
+            assert _free(store._lock), "the store's lock left held"
             time.sleep(0.01)
             with store._lock:
                 stuck = [k for k in store._pending if k != _key("after")]
@@ -495,15 +502,11 @@ def test_an_interrupted_queued_put_on_the_memory_tier_leaves_it_working() -> Non
     assert not bad, bad
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="evictor.py: LRUIndex keeps an OrderedDict keyed by CacheEngineKey, whose __eq__/__hash__ are "
-    "Python code (a dataclass); an interrupt landing in __eq__ inside OrderedDict.pop or __setitem__ "
-    "leaves CPython's C OrderedDict with its linked list and its dict out of step, and every later "
-    "put of the memory tier raises KeyError from victims_over_budget (local_backend.py adds to "
-    "_chunks and the index in two steps, too)",
-)
 def test_an_interrupted_overwrite_on_the_memory_tier_leaves_its_lru_index_whole() -> None:
+    """LRUIndex kept an OrderedDict keyed by CacheEngineKey, whose __eq__/__hash__ are
+    Python code: an interrupt landing in __eq__ inside OrderedDict.pop left CPython's C
+    OrderedDict's linked list and table out of step, and every later put raised
+    KeyError. And the memory tier changed _chunks and the index in two steps."""
     store = LMCLocalBackend(LMCacheEngineConfig(max_local_cache_size=0.0001), None, "cpu")
     try:
         for i in range(4):
@@ -513,8 +516,9 @@ def test_an_interrupted_overwrite_on_the_memory_tier_leaves_its_lru_index_whole(
             _interrupted(lambda: store.put(_key(1), _chunk(1)), n)
             index = store._index
             with store._lock:
-                assert list(index._sizes.items()), "index emptied"
-                assert len(list(index._sizes.items())) == len(index._sizes)
+                assert index.items(), "index emptied"
+                assert len(index.items()) == len(index)
+                assert index.used == sum(size for _, size in index.items()), f"point {n}: used bytes off"
                 assert set(index) == set(store._chunks), f"point {n}: index and chunks differ"
             for i in range(12):  # puts evicting through the index keep working
                 store.put(_key(100 + i), _chunk(i))
@@ -522,14 +526,83 @@ def test_an_interrupted_overwrite_on_the_memory_tier_leaves_its_lru_index_whole(
         store.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="local_backend.py: put_nonblocking of the disk tier adds queued bytes, counts the put in "
-    "flight and registers its future before queue.Queue.put; an interrupt between leaves a future "
-    "that never completes (a get of the key waits on it forever), queued bytes that never drain "
-    "(the queue fills for good) and an _inflight count never taken back",
-)
+def _memory_in_step(store: LMCLocalBackend, where: str) -> None:
+    index = store._index
+    with store._lock:
+        assert index.used == sum(size for _, size in index.items()), f"{where}: used bytes off"
+        assert index.used <= index.budget, f"{where}: over budget"
+        assert set(index) == set(store._chunks), f"{where}: index and chunks differ"
+
+
+@pytest.mark.parametrize("op", ["evicting put", "remove"])
+def test_an_interrupted_eviction_or_removal_on_the_memory_tier_keeps_index_and_chunks_in_step(op: str) -> None:
+    store = LMCLocalBackend(LMCacheEngineConfig(max_local_cache_size=0.0001), None, "cpu")
+    rng = random.Random(11)
+    try:
+        for i in range(12):
+            store.put(_key(i), _chunk(i))
+        fresh = iter(range(1000, 10**6))
+
+        def step() -> None:
+            if op == "remove":
+                store.remove(_key(rng.randrange(12)))
+            else:
+                store.put(_key(next(fresh)), _chunk(3))
+
+        total = _points(step)
+        for n in range(1, total + 1):
+            _interrupted(step, n)
+            _memory_in_step(store, f"point {n}")
+            for i in range(12):  # puts evicting through the index keep working
+                store.put(_key(i), _chunk(i))
+            _memory_in_step(store, f"after point {n}")
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("op", ["evicting put", "remove"])
+def test_an_interrupted_eviction_or_removal_on_the_disk_tier_leaves_no_mark_or_count(tmp_path: Path, op: str) -> None:
+    """Drop marks (``_dropping``) and in-flight counts were left behind when an interrupt
+    ended an eviction's loop part way or landed between a put's count and its try."""
+    root = tmp_path / "d"
+    size = LMCLocalDiskBackend(LMCacheEngineConfig(local_device=None, local_disk=str(root)), None, "cpu")
+    one = size._file_size_checked(_key(0), _chunk(0))
+    size.close()
+    cfg = LMCacheEngineConfig(local_device=None, local_disk=str(tmp_path / "e"), max_local_disk_size=6 * one / 1e9)
+    store = LMCLocalDiskBackend(cfg, None, "cpu")
+    rng = random.Random(12)
+    try:
+        for i in range(6):
+            store.put(_key(i), _chunk(i))
+        fresh = iter(range(1000, 10**6))
+
+        def step() -> None:
+            if op == "remove":
+                store.remove(_key(rng.randrange(6)))
+            else:
+                store.put(_key(next(fresh)), _chunk(3))
+
+        total = _points(step, ("local_backend.py", "evictor.py"))
+        for n in _sample(total, 120, rng):
+            where = _interrupted(step, n, ("local_backend.py", "evictor.py"))
+            with store._lock:
+                assert not store._dropping, f"point {n} ({where}): a drop mark never taken back"
+                assert not store._inflight, f"point {n} ({where}): a put counted in flight for good"
+                index = store._index
+                assert index.used == sum(s for _, s in index.items()), f"point {n}: used bytes off"
+                assert index.used <= index.budget
+            store.put(_key(2), _chunk(2))  # a key of the tier's is put, evicted and read again
+            got = store.get(_key(2))
+            assert got is not None and torch.equal(got, _chunk(2)), f"point {n} ({where})"
+    finally:
+        _bounded(store.close, 10)
+
+
 def test_an_interrupted_queued_put_on_the_disk_tier_leaves_gets_answering(tmp_path: Path) -> None:
+    """put_nonblocking of the disk tier added queued bytes, counted the put in flight and
+    registered its future before queue.Queue.put: an interrupt between left a future
+    that never completed (a get of the key waited on it for good), queued bytes that
+    never drained and an _inflight count never taken back."""
     store = LMCLocalDiskBackend(
         LMCacheEngineConfig(local_device=None, local_disk=str(tmp_path / "d"), max_local_disk_size=0.01), None, "cpu"
     )
@@ -539,10 +612,11 @@ def test_an_interrupted_queued_put_on_the_disk_tier_leaves_gets_answering(tmp_pa
             _interrupted(lambda: store.put(_key(n), _chunk(n), blocking=False), n)
             got = _bounded(lambda: store.get(_key(n)), 5)
             assert got is None or torch.equal(got, _chunk(n))
-            assert _bounded(lambda: store._queue.join() or True, 5)
+            assert _soon(lambda: store._queued.queued == 0 and not store._inflight), f"point {n}: writes never drain"
             with store._lock:
                 assert store._queued.queued == 0, f"point {n}: {store._queued.queued} bytes stay queued"
                 assert not store._inflight, f"point {n}: a put stays in flight"
+                assert not store._dropping, f"point {n}: a drop mark never taken back"
     finally:
         _bounded(store.close, 10)
 
@@ -606,14 +680,10 @@ def test_a_blocking_remote_put_interrupted_while_sending_never_stores_a_mix(redi
         _bounded(store.close, 30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="local_backend.py: close() of the disk tier sets _closed before it joins its writers; an "
-    "interrupt in the join, and every later close() (the exit drain's too) returns at once while "
-    "acknowledged queued writes are still being written, and the store is never forgotten by the "
-    "exit drain's bookkeeping; the remote tier waits for the first close instead",
-)
 def test_a_close_after_an_interrupted_close_of_the_disk_tier_drains_the_queue(tmp_path: Path) -> None:
+    """close() of the disk tier set _closed before it joined its writers: after an
+    interrupt in the join, every later close() (the exit drain's too) returned at once
+    while acknowledged queued writes were still being written."""
     from lmcache_core.storage_backend import disk_io
 
     cfg = LMCacheEngineConfig(local_device=None, local_disk=str(tmp_path / "d"))

@@ -3,58 +3,90 @@
 Exact byte accounting in the style of cachetools: an entry larger than the whole
 budget is refused up front, never allowed to evict everything. Not thread-safe:
 each backend calls it under its own lock.
+
+Interrupt-safe: a ``KeyboardInterrupt`` (Ctrl-C, or whatever a signal handler
+raises) landing in any method leaves the index whole, with the change made or not.
+The ``OrderedDict`` is keyed by ``ident(key)``, a tuple of builtins hashed and
+compared in C, never by the key object itself: CPython's C ``OrderedDict`` calls a
+key's ``__eq__`` again after unlinking a node, and an interrupt landing in a
+Python ``__eq__`` (a dataclass's) there left its linked list and its table out of
+step, so every later eviction raised ``KeyError``. Each change is one statement
+whose interruption points all come before it takes effect.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Generic, Hashable, Iterator, TypeVar
+from typing import Callable, Generic, Hashable, Iterator, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
 
-class LRUIndex(Generic[K]):
-    """Keys in least- to most-recently-used order with their sizes in bytes."""
+def _same(key: K) -> Hashable:
+    return key
 
-    def __init__(self, budget_bytes: int) -> None:
+
+class LRUIndex(Generic[K]):
+    """Keys in least- to most-recently-used order with their sizes in bytes.
+
+    Args:
+        budget_bytes: the byte budget.
+        ident: maps a key to what the index is keyed by internally: equal keys, equal
+            idents; best a tuple of ``str``/``int`` (hashed and compared in C, so no
+            interrupt can land inside a table operation). Default: the key itself.
+    """
+
+    def __init__(self, budget_bytes: int, ident: Callable[[K], Hashable] | None = None) -> None:
         if budget_bytes < 0:
             raise ValueError(f"budget must be >= 0 bytes, got {budget_bytes}")
         self.budget = budget_bytes
         self.used = 0
-        self._sizes: OrderedDict[K, int] = OrderedDict()
+        self._ident: Callable[[K], Hashable] = ident or _same
+        self._entries: OrderedDict[Hashable, tuple[K, int]] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._sizes)
+        return len(self._entries)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._sizes
+        return self._ident(key) in self._entries  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[K]:
-        return iter(list(self._sizes))
+        return iter([key for key, _ in self._entries.values()])
+
+    def items(self) -> list[tuple[K, int]]:
+        """``(key, size)`` pairs, least recently used first (a snapshot)."""
+        return list(self._entries.values())
 
     def size_of(self, key: K) -> int | None:
-        return self._sizes.get(key)
+        entry = self._entries.get(self._ident(key))
+        return None if entry is None else entry[1]
 
     def touch(self, key: K) -> None:
         """Mark ``key`` most recently used (no-op when absent)."""
-        if key in self._sizes:
-            self._sizes.move_to_end(key)
+        i = self._ident(key)
+        if i in self._entries:
+            self._entries.move_to_end(i)
 
     def add(self, key: K, size: int, *, recent: bool = True) -> None:
         """Record ``key`` (replacing an older size); ``recent=False`` puts it at the LRU end."""
-        old = self._sizes.pop(key, None)
-        if old is not None:
-            self.used -= old
-        self._sizes[key] = size
-        if not recent:
-            self._sizes.move_to_end(key, last=False)
-        self.used += size
+        i = self._ident(key)
+        old = self._entries.get(i)
+        # One statement each, with no interruption point between the table's change
+        # and the count's: ``used`` always matches the entries.
+        self._entries[i] = (key, size)
+        self.used += size - (0 if old is None else old[1])
+        # A replaced entry keeps its place until moved; an interrupt before the move
+        # leaves it whole, only not yet most recently used.
+        self._entries.move_to_end(i, last=recent)
 
     def pop(self, key: K) -> int | None:
-        size = self._sizes.pop(key, None)
-        if size is not None:
-            self.used -= size
-        return size
+        i = self._ident(key)
+        entry = self._entries.get(i)
+        if entry is None:
+            return None
+        del self._entries[i]
+        self.used -= entry[1]
+        return entry[1]
 
     def check_fits(self, size: int) -> None:
         """``ValueError`` when one entry of ``size`` bytes can never fit."""
@@ -66,9 +98,10 @@ class LRUIndex(Generic[K]):
     def victims_for(self, size: int, exclude: K | None = None) -> list[K]:
         """Least recently used keys to drop so that ``size`` more bytes fit."""
         need = self.used + size - self.budget
-        if exclude is not None and exclude in self._sizes:
-            need -= self._sizes[exclude]  # replacing a key frees its old bytes
-        return self._oldest(need, skip=exclude)
+        skip = None if exclude is None else self._ident(exclude)
+        if skip is not None and skip in self._entries:
+            need -= self._entries[skip][1]  # replacing a key frees its old bytes
+        return self._oldest(need, skip)
 
     def victims_over_budget(self, keep: K | None = None) -> list[K]:
         """Least recently used keys to drop so that ``used <= budget``, never ``keep``.
@@ -78,22 +111,24 @@ class LRUIndex(Generic[K]):
         leave the budget exceeded by one entry). ``check_fits`` made sure ``keep``
         alone fits, so dropping the others always suffices.
         """
-        return self._oldest(self.used - self.budget, skip=keep)
+        return self._oldest(self.used - self.budget, None if keep is None else self._ident(keep))
 
     def oldest(self, nbytes: int, skip: K | None = None) -> list[K]:
         """Least recently used keys other than ``skip`` whose sizes add up to ``nbytes``
         (fewer when the index holds less): what to drop to free ``nbytes`` whatever the
         budget says, as when the medium itself is full."""
-        return self._oldest(nbytes, skip=skip)
+        return self._oldest(nbytes, None if skip is None else self._ident(skip))
 
-    def _oldest(self, need: int, skip: K | None) -> list[K]:
-        """Least recently used keys other than ``skip`` whose sizes add up to ``need``."""
+    def _oldest(self, need: int, skip: Hashable | None) -> list[K]:
+        """Least recently used keys, other than the one of ident ``skip``, whose sizes add up to ``need``."""
         victims: list[K] = []
-        for key, s in self._sizes.items():
-            if need <= 0:
-                break
-            if key == skip:
+        if need <= 0:
+            return victims
+        for i, (key, size) in self._entries.items():
+            if i == skip:
                 continue
             victims.append(key)
-            need -= s
+            need -= size
+            if need <= 0:
+                break
         return victims

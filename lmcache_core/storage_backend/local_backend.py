@@ -92,7 +92,7 @@ class LMCLocalBackend(LMCBackendInterface):
         # A bare "cuda" is pinned to this thread's GPU, as dst_device is: the put
         # worker thread would otherwise allocate on GPU 0.
         storage = resolve_device(self.device, "local_device")
-        self._index: LRUIndex[CacheEngineKey] = LRUIndex(config.memory_budget_bytes)
+        self._index: LRUIndex[CacheEngineKey] = LRUIndex(config.memory_budget_bytes, CacheEngineKey.as_tuple)
         self._chunks: dict[CacheEngineKey, torch.Tensor] = {}
         self._pending: dict[CacheEngineKey, torch.Tensor] = {}
         self._lock = threading.Lock()
@@ -103,7 +103,9 @@ class LMCLocalBackend(LMCBackendInterface):
             slot = math.prod(fixed[0]) * fixed[1].itemsize
             if slot > 0:
                 self._pool.reserve(config.memory_budget_bytes // slot, slot)
-        self._queue: queue.Queue[Any] = queue.Queue()
+        # A SimpleQueue: its put is one C call, so an interrupt landing in a caller's
+        # put leaves the item queued or not, never a queue.Queue's mutex held.
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
         self._worker = self._start_worker()
 
@@ -117,7 +119,7 @@ class LMCLocalBackend(LMCBackendInterface):
         # held at fork() would stay held forever: fresh ones for this process.
         self._lock = threading.Lock()
         self._pool.after_fork()
-        self._queue = queue.Queue()
+        self._queue = queue.SimpleQueue()
         # Writes acknowledged before fork() are in this copy of _pending: queue them
         # again, so this copy of the cache ends up as the parent's does.
         for key, chunk in self._pending.items():
@@ -166,6 +168,8 @@ class LMCLocalBackend(LMCBackendInterface):
             # either lands before the end signal (and is drained) or raises.
             if self._closed:
                 raise RuntimeError("backend is closed")
+            # Nothing an interrupt can land in between these two: the key's
+            # __hash__/__eq__ run before the dict changes, the queue's put is one C call.
             self._pending[key] = kv_chunk
             self._queue.put((key, kv_chunk))
 
@@ -173,20 +177,17 @@ class LMCLocalBackend(LMCBackendInterface):
         """Body of the background writer thread: store queued chunks in order."""
         while True:
             item = self._queue.get()
+            if isinstance(item, LocalBackendEndSignal):
+                return
+            key, chunk = item
             try:
-                if isinstance(item, LocalBackendEndSignal):
-                    return
-                key, chunk = item
-                try:
-                    self._store(key, chunk, only_if_pending=True)
-                except Exception:
-                    self.stats.incr("put_failures")
-                    logger.exception("background put of %s failed", key)
-                    with self._lock:
-                        if self._pending.get(key) is chunk:
-                            del self._pending[key]
-            finally:
-                self._queue.task_done()
+                self._store(key, chunk, only_if_pending=True)
+            except Exception:
+                self.stats.incr("put_failures")
+                logger.exception("background put of %s failed", key)
+                with self._lock:
+                    if self._pending.get(key) is chunk:
+                        del self._pending[key]
 
     def _store(
         self,
@@ -206,7 +207,11 @@ class LMCLocalBackend(LMCBackendInterface):
         with self._lock:
             if only_if_pending and self._pending.get(key) is not kv_chunk:
                 return  # removed (or replaced) while queued: make no room for it either
-            self._evict(self._index.victims_for(nbytes, exclude=key))
+            try:
+                self._evict(self._index.victims_for(nbytes, exclude=key))
+            except BaseException:
+                self._resync_locked()
+                raise
         buf = self._pool.acquire(nbytes)
         stored = buf.view(kv_chunk.dtype).view(kv_chunk.shape) if nbytes else torch.empty(
             kv_chunk.shape, dtype=kv_chunk.dtype, device=self._pool.device
@@ -215,16 +220,20 @@ class LMCLocalBackend(LMCBackendInterface):
         # hybrid's writers, a get on another stream) may read the slot once published.
         finished(stored.copy_(kv_chunk))
         with self._lock:
-            if only_if_pending:
-                if self._pending.get(key) is not kv_chunk:
-                    return  # removed (or replaced) while queued
+            if only_if_pending and self._pending.get(key) is not kv_chunk:
+                return  # removed (or replaced) while queued
+            try:
+                self._chunks[key] = stored
+                self._index.add(key, nbytes)
+                # Concurrent writers may have filled the budget meanwhile.
+                self._evict(self._index.victims_over_budget(keep=key))
+            except BaseException:
+                self._resync_locked()
+                raise
+            # Only once stored: a put interrupted before that leaves the queued write
+            # it supersedes to land, not the key older still.
+            if only_if_pending or (supersedes is not None and self._pending.get(key) is supersedes):
                 del self._pending[key]
-            elif supersedes is not None and self._pending.get(key) is supersedes:
-                del self._pending[key]
-            self._chunks[key] = stored
-            self._index.add(key, nbytes)
-            # Concurrent writers may have filled the budget meanwhile.
-            self._evict(self._index.victims_over_budget(keep=key))
         self.stats.incr("puts")
 
     def _evict(self, victims: list[CacheEngineKey]) -> None:
@@ -232,6 +241,19 @@ class LMCLocalBackend(LMCBackendInterface):
             self._index.pop(victim)
             self._release(self._chunks.pop(victim, None))
             self.stats.incr("evictions")
+
+    def _resync_locked(self) -> None:
+        """Bring ``_chunks`` and ``_index`` back in step (under ``_lock``), after an exception.
+
+        A put, eviction or removal changes one and then the other: an interrupt
+        landing between them left a chunk the index did not count (held forever) or
+        an index entry with no chunk (evicting it did nothing). An unindexed chunk is
+        dropped, an entry without a chunk forgotten. O(chunks), on that path only.
+        """
+        for key in [k for k in self._chunks if k not in self._index]:
+            self._release(self._chunks.pop(key))
+        for key in [k for k in self._index if k not in self._chunks]:
+            self._index.pop(key)
 
     def _release(self, chunk: torch.Tensor | None) -> None:
         # Tell the pool where a free slot probably is, so the next put finds it in O(1).
@@ -276,8 +298,12 @@ class LMCLocalBackend(LMCBackendInterface):
         self._check_fork()
         with self._lock:
             was_pending = self._pending.pop(key, None) is not None
-            present = self._index.pop(key) is not None
-            self._release(self._chunks.pop(key, None))
+            try:
+                present = self._index.pop(key) is not None
+                self._release(self._chunks.pop(key, None))
+            except BaseException:
+                self._resync_locked()
+                raise
         return present or was_pending
 
     def list(self) -> list[CacheEngineKey]:
@@ -330,15 +356,17 @@ class LMCLocalBackend(LMCBackendInterface):
 
     def close(self) -> None:
         """Store every queued chunk, then stop the put worker. Idempotent."""
-        if self._closed:
+        if self._closed and not self._worker.is_alive():
             return
         self._check_fork()  # in a child: its own worker, which close must drain
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(LocalBackendEndSignal())  # after every put queued before it
-        self._worker.join()
+            if not self._closed:
+                self._closed = True
+                self._queue.put(LocalBackendEndSignal())  # after every put queued before it
+        # Every close waits, not only the first: one interrupted in its join must not
+        # leave a later close returning with writes still queued.
+        if self._worker is not threading.current_thread():
+            self._worker.join()
 
 
 # -- disk ------------------------------------------------------------------------------
@@ -480,6 +508,16 @@ FULL_DISK_BACKOFF_S = 60.0
 FULL_DISK_BACKOFF_MAX_S = 3600.0
 
 
+class _Victims(builtins.list):  # type: ignore[type-arg]
+    """Keys one eviction took out of the disk tier's index, with the token of their drop marks."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: int) -> None:
+        super().__init__()
+        self.token = token
+
+
 class LMCLocalDiskBackend(LMCBackendInterface):
     """KV chunks as files in one directory, LRU under a byte budget.
 
@@ -531,7 +569,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         self.root = os.path.abspath(os.path.expanduser(root))
         os.makedirs(self.root, exist_ok=True)
         self.fsync = fsync
-        self._index: LRUIndex[CacheEngineKey] = LRUIndex(config.disk_budget_bytes)
+        self._index: LRUIndex[CacheEngineKey] = LRUIndex(config.disk_budget_bytes, CacheEngineKey.as_tuple)
         self._lock = threading.Lock()
         # Chunks put_nonblocking queued that no writer has finished, bounded (backpressure).
         self._queued = QueuedBytes(self._lock, max_queued_bytes)
@@ -541,17 +579,23 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         # number of puts in flight and the sequence below which they are stale
         # (kept only while some are in flight).
         self._seq = itertools.count()
-        self._inflight: dict[CacheEngineKey, int] = {}
+        # Sequence numbers rather than a count: ending one is idempotent, so a clean-up
+        # an interrupt landed in may simply be done again.
+        self._inflight: dict[CacheEngineKey, set[int]] = {}
         self._floor: dict[CacheEngineKey, int] = {}
         # Serialise, per key, what changes its file: commit (replace + index),
         # remove, eviction's unlink, quarantine. Striped: different keys rarely wait.
         self._key_locks = [threading.Lock() for _ in range(_KEY_LOCKS)]
         # Keys being unlinked right now (with a count): a reader that opened the file
         # just before must not put them back in the index (a ghost entry).
-        self._dropping: dict[CacheEngineKey, int] = {}
+        # Each mark is the token of one eviction (``_Victims``), so taking it back twice
+        # is harmless: a clean-up an interrupt landed in is simply done again.
+        self._dropping: dict[CacheEngineKey, set[int]] = {}
         pin = self._dst.type == "cuda"
         self._pool = BufferPool("cpu", max_bytes=read_pool_bytes(metadata), pin_memory=pin)
-        self._queue: queue.Queue[Any] = queue.Queue()
+        # A SimpleQueue: its put is one C call (see _submit_locked).
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._ends_queued = 0  # end signals queued for the writers (close())
         self._readers: ThreadPoolExecutor | None = None
         self._readers_lock = threading.Lock()
         self._closed = False
@@ -594,7 +638,8 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         self._inflight = {}
         self._floor = {}
         self._dropping = {}
-        self._queue = queue.Queue()
+        self._queue = queue.SimpleQueue()
+        self._ends_queued = 0
         if not self._closed:
             self._workers = self._start_workers()
 
@@ -636,12 +681,19 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                 continue
             found.append((max(st.st_atime, st.st_mtime), key, st.st_size))
         found.sort(key=lambda item: item[0])
-        with self._lock:
-            for _, key, size in found:
-                self._index.add(key, size)
-            # The budget may have shrunk since the last run.
-            over = self._evict_locked(self._index.victims_over_budget())
-        self._unlink_evicted(over)
+        over: builtins.list[CacheEngineKey] = []
+        try:
+            with self._lock:
+                for _, key, size in found:
+                    self._index.add(key, size)
+                # The budget may have shrunk since the last run.
+                over = self._evict_locked(self._index.victims_over_budget())
+        finally:
+            try:
+                self._unlink_evicted(over)
+            except BaseException:
+                self._unlink_evicted(over)  # an interrupt landed in the first: once more (idempotent)
+                raise
         if self.stale_temps_removed:
             logger.info("removed %d stale temp files under %s", self.stale_temps_removed, self.root)
 
@@ -677,13 +729,20 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         """Write now; ``OSError``/``StoreFullError`` when the disk refuses (a full disk only
         once the tier's own least recently used chunks could not make room). Thread-safe."""
         self._check_put(key, kv_chunk)
-        with self._lock:
-            seq = self._begin_locked(key)
-            older = self._futures.get(key)
+        counted = False
         try:
+            with self._lock:
+                older = self._futures.get(key)
+                seq = self._begin_locked(key)
+                counted = True  # nothing an interrupt can land in since the count
             committed = self._write(key, kv_chunk, seq)
         finally:
-            self._end(key)
+            if counted:
+                try:
+                    self._end(key, seq)
+                except BaseException:
+                    self._end(key, seq)  # an interrupt landed in the first: once more (idempotent)
+                    raise
         if committed and older is not None:
             # That queued put is older than this one, so it will be discarded as stale:
             # reads must not wait for it (behind a backlog). A newer one stays.
@@ -713,11 +772,41 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                 raise RuntimeError("backend is closed")
             if not self._room_locked(nbytes, timeout=None if wait else 0):
                 return False
-            self._queued.add_locked(nbytes)
-            seq = self._begin_locked(key)
-            self._futures[key] = future
-            self._queue.put((key, kv_chunk, seq, future, nbytes))
+            self._submit_locked(key, kv_chunk, future, nbytes)
         return True
+
+    def _submit_locked(self, key: CacheEngineKey, kv_chunk: torch.Tensor, future: Future[None], nbytes: int) -> None:
+        """Queue a write for the workers (under ``_lock``): all of it, or none when interrupted.
+
+        A ``KeyboardInterrupt`` landing part way left a future no writer would ever
+        complete (a get of the key waited on it for good), queued bytes that never
+        drained and a put counted in flight for good. Each step below is one statement
+        whose interruption points (a key's Python ``__hash__``/``__eq__``, a method's
+        start) all come before it takes effect, and ``stage`` follows them. After the
+        last, the only point left is the return of the queue's put (one C call), with
+        the item queued: the writer then finishes it, so nothing is undone.
+        """
+        older = self._futures.get(key)
+        stage = 0
+        try:
+            seq = self._begin_locked(key)
+            stage = 1
+            self._futures[key] = future
+            stage = 2
+            self._queued.add_locked(nbytes)
+            stage = 3
+            self._queue.put((key, kv_chunk, seq, future, nbytes))
+        except BaseException:
+            if stage < 3:
+                if stage == 2:
+                    if older is None:
+                        del self._futures[key]
+                    else:
+                        self._futures[key] = older
+                if stage >= 1:
+                    self._end_locked(key, seq)
+                future.set_result(None)
+            raise
 
     def wait_for_queue_room(self, nbytes: int, timeout: float) -> bool:
         """Wait up to ``timeout`` s until a ``put_nonblocking`` of ``nbytes`` would not wait;
@@ -752,18 +841,15 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         """Body of each background writer thread: write queued chunks until the end signal."""
         while True:
             item = self._queue.get()
+            if isinstance(item, LocalBackendEndSignal):
+                return
+            key, chunk, seq, future, nbytes = item
             try:
-                if isinstance(item, LocalBackendEndSignal):
-                    return
-                key, chunk, seq, future, nbytes = item
-                try:
-                    self._background_put(key, chunk, seq)
-                finally:
-                    with self._lock:
-                        self._queued.done_locked(nbytes)
-                    future.set_result(None)
+                self._background_put(key, chunk, seq)
             finally:
-                self._queue.task_done()
+                with self._lock:
+                    self._queued.done_locked(nbytes)
+                future.set_result(None)
 
     def _background_put(self, key: CacheEngineKey, kv_chunk: torch.Tensor, seq: int) -> None:
         """One queued write; failures are logged and counted, never silent."""
@@ -773,21 +859,34 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             logger.exception("background write of %s to %s failed", key, self.root)
             self.stats.incr("background_put_failures")
         finally:
-            self._end(key)
+            self._end(key, seq)
 
     def _begin_locked(self, key: CacheEngineKey) -> int:
-        """A new sequence number for a put of ``key`` (call under ``_lock``)."""
-        self._inflight[key] = self._inflight.get(key, 0) + 1
-        return next(self._seq)
+        """A new sequence number for a put of ``key``, counted in flight (under ``_lock``).
 
-    def _end(self, key: CacheEngineKey) -> None:
+        It is counted last, in one statement: an interrupt lands before that or not at all.
+        """
+        seq = next(self._seq)
+        seqs = self._inflight.get(key)
+        if seqs is None:
+            self._inflight[key] = {seq}
+        else:
+            seqs.add(seq)
+        return seq
+
+    def _end(self, key: CacheEngineKey, seq: int) -> None:
         with self._lock:
-            n = self._inflight[key] - 1
-            if n:
-                self._inflight[key] = n
-            else:
-                del self._inflight[key]
-                self._floor.pop(key, None)
+            self._end_locked(key, seq)
+
+    def _end_locked(self, key: CacheEngineKey, seq: int) -> None:
+        """Put ``seq`` of ``key`` is no longer in flight. Idempotent."""
+        seqs = self._inflight.get(key)
+        if seqs is None:
+            return
+        seqs.discard(seq)
+        if not seqs:
+            del self._inflight[key]
+            self._floor.pop(key, None)
 
     def _stale_locked(self, key: CacheEngineKey, seq: int) -> bool:
         return self._floor.get(key, -1) > seq
@@ -795,13 +894,22 @@ class LMCLocalDiskBackend(LMCBackendInterface):
     def _write(self, key: CacheEngineKey, kv_chunk: torch.Tensor, seq: int) -> bool:
         """Write and commit put number ``seq`` of ``key``; False when a later one superseded it."""
         size = self._file_size_checked(key, kv_chunk)
-        with self._lock:
-            if self._stale_locked(key, seq):
-                self.stats.incr("superseded_puts")
-                return False
-            # Make room first, so the disk has space for the new file.
-            victims = self._evict_live_locked(lambda: self._index.victims_for(size, exclude=key))
-        self._unlink_evicted(victims)
+        victims: builtins.list[CacheEngineKey] = []
+        # Victims are unlinked in a finally: an interrupt landing as the lock is let go
+        # left them out of the index, marked as dropping, and their files in place.
+        try:
+            with self._lock:
+                if self._stale_locked(key, seq):
+                    self.stats.incr("superseded_puts")
+                    return False
+                # Make room first, so the disk has space for the new file.
+                victims = self._evict_live_locked(lambda: self._index.victims_for(size, exclude=key))
+        finally:
+            try:
+                self._unlink_evicted(victims)
+            except BaseException:
+                self._unlink_evicted(victims)  # an interrupt landed in the first: once more (idempotent)
+                raise
         path = self._path(key)
         retries = 0
         while True:
@@ -882,9 +990,16 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         # only by age (layout.STALE_TEMP_SECONDS). At most once a minute: a full disk
         # sends every put here, and the sweep is a scan of the whole store.
         swept = self._sweep_stale_temps() if sweep else 0
-        with self._lock:
-            victims = self._evict_live_locked(lambda: self._index.oldest(size - swept, skip=key))
-        unlinked = self._unlink_evicted(victims)
+        victims: builtins.list[CacheEngineKey] = []
+        try:
+            with self._lock:
+                victims = self._evict_live_locked(lambda: self._index.oldest(size - swept, skip=key))
+        finally:
+            try:
+                unlinked = self._unlink_evicted(victims)
+            except BaseException:
+                self._unlink_evicted(victims)  # an interrupt landed in the first: once more (idempotent)
+                raise
         if unlinked:
             self.stats.incr("full_disk_evictions", unlinked)
         if unlinked or swept:
@@ -900,23 +1015,32 @@ class LMCLocalDiskBackend(LMCBackendInterface):
 
     def _commit(self, key: CacheEngineKey, seq: int, tmp: str, path: str, size: int) -> bool:
         """Move the temp file of put ``seq`` into place unless a later put/remove committed."""
-        with self._key_lock(key):
-            with self._lock:
-                stale = self._stale_locked(key, seq)
-            if stale:
-                _discard_temp(tmp)
-                return False
+        over: builtins.list[CacheEngineKey] = []
+        try:
+            with self._key_lock(key):
+                with self._lock:
+                    stale = self._stale_locked(key, seq)
+                if stale:
+                    _discard_temp(tmp)
+                    return False
+                try:
+                    disk_io.replace(tmp, path)
+                except BaseException:
+                    _discard_temp(tmp)
+                    raise
+                with self._lock:
+                    self._floor[key] = seq
+                    self._index.add(key, size)
+                    # Concurrent writers may have filled the budget meanwhile.
+                    over = self._evict_live_locked(lambda: self._index.victims_over_budget(keep=key))
+        finally:
+            # Outside the key's lock (a victim's may be the same stripe), and whatever
+            # was raised: the victims are out of the index and marked as dropping.
             try:
-                disk_io.replace(tmp, path)
+                self._unlink_evicted(over)
             except BaseException:
-                _discard_temp(tmp)
+                self._unlink_evicted(over)  # an interrupt landed in the first: once more (idempotent)
                 raise
-            with self._lock:
-                self._floor[key] = seq
-                self._index.add(key, size)
-                # Concurrent writers may have filled the budget meanwhile.
-                over = self._evict_live_locked(lambda: self._index.victims_over_budget(keep=key))
-        self._unlink_evicted(over)
         return True
 
     def buffer_sweeper(self) -> None:
@@ -935,14 +1059,28 @@ class LMCLocalDiskBackend(LMCBackendInterface):
 
     # -- eviction and removal --------------------------------------------------------
 
-    def _evict_locked(self, victims: builtins.list[CacheEngineKey]) -> builtins.list[CacheEngineKey]:
-        """Take ``victims`` out of the index now (under ``_lock``); unlink them with ``_unlink_evicted``."""
-        for victim in victims:
-            self._index.pop(victim)
-            self._dropping[victim] = self._dropping.get(victim, 0) + 1
-        return victims
+    def _evict_locked(self, victims: builtins.list[CacheEngineKey]) -> _Victims:
+        """Take ``victims`` out of the index now and mark them as dropping (under ``_lock``);
+        unlink them with ``_unlink_evicted``, which takes the marks back."""
+        taken = _Victims(next(self._seq))
+        try:
+            for victim in victims:
+                taken.append(victim)  # first: taking back a mark never made is harmless
+                self._index.pop(victim)
+                marks = self._dropping.get(victim)
+                if marks is None:
+                    self._dropping[victim] = {taken.token}
+                else:
+                    marks.add(taken.token)
+        except BaseException:
+            # Interrupted part way: no unlink follows, so none may stay marked (a mark
+            # never taken back kept the key from being learnt again for good).
+            for victim in taken:
+                self._undrop_locked(victim, taken.token)
+            raise
+        return taken
 
-    def _evict_live_locked(self, pick: Callable[[], builtins.list[CacheEngineKey]]) -> builtins.list[CacheEngineKey]:
+    def _evict_live_locked(self, pick: Callable[[], builtins.list[CacheEngineKey]]) -> _Victims:
         """``_evict_locked(pick())``, after forgetting picked entries whose file is gone.
 
         Another process (``lmcache evict``, another server on the directory) may have
@@ -960,70 +1098,104 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                 self._index.pop(victim)
             self.stats.incr("forgotten", len(gone))
 
-    def _undrop_locked(self, key: CacheEngineKey) -> None:
-        n = self._dropping[key] - 1
-        if n:
-            self._dropping[key] = n
-        else:
+    def _undrop_locked(self, key: CacheEngineKey, token: int) -> None:
+        """Take back eviction ``token``'s mark on ``key`` (under ``_lock``). Idempotent."""
+        marks = self._dropping.get(key)
+        if marks is None:
+            return
+        marks.discard(token)
+        if not marks:
             del self._dropping[key]
 
+    def _undrop(self, key: CacheEngineKey, token: int) -> None:
+        with self._lock:
+            self._undrop_locked(key, token)
+
     def _unlink_evicted(self, victims: builtins.list[CacheEngineKey]) -> int:
-        """Unlink the files of ``victims`` (taken out by ``_evict_locked``); how many went."""
+        """Unlink the files of ``victims`` (``_evict_locked``'s); how many went.
+
+        Every victim's mark is taken back, even when an interrupt ends the loop part
+        way. Idempotent: a call done again after an interrupt landed in it finds the
+        marks gone and leaves those files alone.
+        """
+        if not isinstance(victims, _Victims):
+            return 0  # nothing was evicted
+        token = victims.token
         unlinked = 0
-        for victim in victims:
-            with self._key_lock(victim):
-                try:
-                    with self._lock:
-                        # A put committed it again since: that file is new, keep it.
-                        if victim in self._index:
-                            continue
-                    disk_io.unlink(self._path(victim))
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    logger.warning("evicting %s failed: %s", victim, exc)
-                    continue
-                finally:
-                    with self._lock:
-                        self._undrop_locked(victim)
-            unlinked += 1
-            self.stats.incr("evictions")
+        try:
+            for victim in victims:
+                with self._key_lock(victim):
+                    try:
+                        with self._lock:
+                            # A put committed it again since (that file is new), or this
+                            # victim was seen to already: keep it.
+                            if victim in self._index or token not in self._dropping.get(victim, ()):
+                                continue
+                        disk_io.unlink(self._path(victim))
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:
+                        logger.warning("evicting %s failed: %s", victim, exc)
+                        continue
+                    finally:
+                        with self._lock:
+                            self._undrop_locked(victim, token)
+                unlinked += 1
+                self.stats.incr("evictions")
+        except BaseException:
+            with self._lock:
+                for victim in victims:
+                    self._undrop_locked(victim, token)
+            raise
         return unlinked
 
     def _drop(self, key: CacheEngineKey, *, supersede: bool = False) -> bool:
         """Remove ``key``'s file; ``supersede``: puts of it submitted earlier are discarded."""
         with self._key_lock(key):
-            with self._lock:
-                if supersede and key in self._inflight:
-                    self._floor[key] = next(self._seq)
-                self._evict_locked([key])
+            marked: _Victims | None = None
             try:
+                with self._lock:
+                    if supersede and key in self._inflight:
+                        self._floor[key] = next(self._seq)
+                    marked = self._evict_locked([key])
                 disk_io.unlink(self._path(key))
             except FileNotFoundError:
                 return False
             finally:
-                with self._lock:
-                    self._undrop_locked(key)
+                if marked is not None:
+                    try:
+                        self._undrop(key, marked.token)
+                    except BaseException:
+                        self._undrop(key, marked.token)  # an interrupt landed in the first: once more
+                        raise
         return True
 
     def _learn(self, key: CacheEngineKey, path: str) -> None:
         """Mark ``key`` used, indexing it if another process wrote it (then evict to budget)."""
-        with self._lock:
-            if key in self._index:
-                self._index.touch(key)
-                return
-            if key in self._dropping:
-                return
-            try:
-                # Under the lock: an eviction that finished since our read has
-                # unlinked the file, and indexing it would leave a ghost entry.
-                size = os.stat(path).st_size
-            except OSError:
-                return
-            self._index.add(key, size)
-            # The budget holds over chunks learnt from other processes too.
-            over = self._evict_live_locked(lambda: self._index.victims_over_budget(keep=key))
-        self._unlink_evicted(over)
+        over: builtins.list[CacheEngineKey] = []
+        try:
+            with self._lock:
+                if key in self._index:
+                    self._index.touch(key)
+                    return
+                if self._dropping.get(key):
+                    return
+                try:
+                    # Under the lock: an eviction that finished since our read has
+                    # unlinked the file, and indexing it would leave a ghost entry.
+                    size = os.stat(path).st_size
+                except OSError:
+                    return
+                self._index.add(key, size)
+                # The budget holds over chunks learnt from other processes too.
+                over = self._evict_live_locked(lambda: self._index.victims_over_budget(keep=key))
+        finally:
+            if over:  # a get's path: no call when nothing was evicted
+                try:
+                    self._unlink_evicted(over)
+                except BaseException:
+                    self._unlink_evicted(over)  # an interrupt landed in the first: once more (idempotent)
+                    raise
 
     # -- reads ---------------------------------------------------------------------
 
@@ -1141,18 +1313,23 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             if st is not None and (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
                 return  # replaced since it was read
             logger.warning("corrupt chunk %s removed: %s", path, exc)
-            with self._lock:
-                # Marked as dropping, as eviction does: a contains() or get() until the
-                # unlink must not index the file again (a ghost entry, counted in
-                # used_bytes, after the file is gone).
-                self._evict_locked([key])
+            marked: _Victims | None = None
             try:
+                with self._lock:
+                    # Marked as dropping, as eviction does: a contains() or get() until the
+                    # unlink must not index the file again (a ghost entry, counted in
+                    # used_bytes, after the file is gone).
+                    marked = self._evict_locked([key])
                 _remove_if_same(path, st)
             except OSError:
                 pass
             finally:
-                with self._lock:
-                    self._undrop_locked(key)
+                if marked is not None:
+                    try:
+                        self._undrop(key, marked.token)
+                    except BaseException:
+                        self._undrop(key, marked.token)  # an interrupt landed in the first: once more
+                        raise
 
     def contains(self, key: CacheEngineKey) -> bool:
         """Whether ``key`` is queued or its chunk file is there. Thread-safe.
@@ -1230,12 +1407,16 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         """Write every queued chunk, then stop the writer and reader threads. Idempotent."""
         self._check_fork()  # in a child: its own writers, which close must drain
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._queued.wake_all_locked()  # a put waiting for room raises now
-            for _ in self._workers:
+            if not self._closed:
+                self._closed = True
+                self._queued.wake_all_locked()  # a put waiting for room raises now
+            # Counted, so a close interrupted part way queues the rest next time (one
+            # too many, when the interrupt lands on a put's return, is harmless).
+            while self._ends_queued < len(self._workers):
                 self._queue.put(LocalBackendEndSignal())
+                self._ends_queued += 1
+        # Every close waits, not only the first: one interrupted in its join (the exit
+        # drain's caller, a Ctrl-C) must not leave a later close returning early.
         me = threading.current_thread()
         for worker in self._workers:
             if worker is not me:
