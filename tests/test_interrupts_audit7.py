@@ -38,6 +38,7 @@ import torch
 
 from lmcache_core.config import LMCacheEngineConfig, LMCacheEngineMetadata
 from lmcache_core.key import CacheEngineKey
+from lmcache_core.layout import scan_store
 from lmcache_core.storage_backend import CreateStorageBackend, mem_pool, open_backend, write_queue
 from lmcache_core.storage_backend.hybrid_backend import LMCHybridBackend
 from lmcache_core.storage_backend.local_backend import LMCLocalBackend, LMCLocalDiskBackend
@@ -487,7 +488,6 @@ def test_an_interrupted_queued_put_on_the_memory_tier_leaves_it_working() -> Non
         try:
             _bounded(lambda: store.put(_key("after"), _chunk(7), blocking=False), 5)
             assert _bounded(lambda: store._worker.is_alive())
-            assert _free(store._lock), "the store's lock left held"
             time.sleep(0.01)
             with store._lock:
                 stuck = [k for k in store._pending if k != _key("after")]
@@ -532,6 +532,8 @@ def _memory_in_step(store: LMCLocalBackend, where: str) -> None:
         assert index.used == sum(size for _, size in index.items()), f"{where}: used bytes off"
         assert index.used <= index.budget, f"{where}: over budget"
         assert set(index) == set(store._chunks), f"{where}: index and chunks differ"
+        sizes = {k: c.numel() * c.element_size() for k, c in store._chunks.items()}
+        assert dict(index.items()) == sizes, f"{where}: index sizes and stored bytes differ"
 
 
 @pytest.mark.parametrize("op", ["evicting put", "remove"])
@@ -591,6 +593,9 @@ def test_an_interrupted_eviction_or_removal_on_the_disk_tier_leaves_no_mark_or_c
                 index = store._index
                 assert index.used == sum(s for _, s in index.items()), f"point {n}: used bytes off"
                 assert index.used <= index.budget
+                # Every chunk file is counted, at its size (none left out of the index).
+                files = {key: st.st_size for _, st, key in scan_store(store.root) if key is not None}
+                assert dict(index.items()) == files, f"point {n} ({where}): index and files differ"
             store.put(_key(2), _chunk(2))  # a key of the tier's is put, evicted and read again
             got = store.get(_key(2))
             assert got is not None and torch.equal(got, _chunk(2)), f"point {n} ({where})"

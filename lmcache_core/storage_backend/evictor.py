@@ -4,9 +4,9 @@ Exact byte accounting in the style of cachetools: an entry larger than the whole
 budget is refused up front, never allowed to evict everything. Not thread-safe:
 each backend calls it under its own lock.
 
-Interrupt-safe: a ``KeyboardInterrupt`` (Ctrl-C, or whatever a signal handler
-raises) landing in any method leaves the index whole, with the change made or not.
-The ``OrderedDict`` is keyed by ``ident(key)``, a tuple of builtins hashed and
+Interrupt-safe given an ``ident`` hashed and compared in C: a ``KeyboardInterrupt``
+(Ctrl-C, or whatever a signal handler raises) landing in any method leaves the
+index whole, with the change made or not. The ``OrderedDict`` is keyed by ``ident(key)``, a tuple of builtins hashed and
 compared in C, never by the key object itself: CPython's C ``OrderedDict`` calls a
 key's ``__eq__`` again after unlinking a node, and an interrupt landing in a
 Python ``__eq__`` (a dataclass's) there left its linked list and its table out of

@@ -247,13 +247,18 @@ class LMCLocalBackend(LMCBackendInterface):
 
         A put, eviction or removal changes one and then the other: an interrupt
         landing between them left a chunk the index did not count (held forever) or
-        an index entry with no chunk (evicting it did nothing). An unindexed chunk is
-        dropped, an entry without a chunk forgotten. O(chunks), on that path only.
+        an index entry with no chunk (evicting it did nothing), or an overwrite counted
+        at its old size. An unindexed chunk is dropped, an entry without a chunk
+        forgotten, a size put right. O(chunks), on that path only.
         """
         for key in [k for k in self._chunks if k not in self._index]:
             self._release(self._chunks.pop(key))
         for key in [k for k in self._index if k not in self._chunks]:
             self._index.pop(key)
+        for key, chunk in self._chunks.items():
+            nbytes = chunk.numel() * chunk.element_size()
+            if self._index.size_of(key) != nbytes:
+                self._index.add(key, nbytes, recent=False)
 
     def _release(self, chunk: torch.Tensor | None) -> None:
         # Tell the pool where a free slot probably is, so the next put finds it in O(1).
@@ -289,6 +294,7 @@ class LMCLocalBackend(LMCBackendInterface):
             return key in self._chunks or key in self._pending
 
     def touch(self, key: CacheEngineKey) -> None:
+        check_key(key)
         self._check_fork()
         with self._lock:
             self._index.touch(key)
@@ -868,10 +874,9 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         """
         seq = next(self._seq)
         seqs = self._inflight.get(key)
-        if seqs is None:
-            self._inflight[key] = {seq}
-        else:
-            seqs.add(seq)
+        # A new set, stored in one statement: after ``set.add`` (a C call) an interrupt
+        # could land on its return, with the count made and ``seq`` lost to the caller.
+        self._inflight[key] = {seq} if seqs is None else seqs | {seq}
         return seq
 
     def _end(self, key: CacheEngineKey, seq: int) -> None:
@@ -1025,14 +1030,23 @@ class LMCLocalDiskBackend(LMCBackendInterface):
                     return False
                 try:
                     disk_io.replace(tmp, path)
+                    with self._lock:
+                        self._floor[key] = seq
+                        self._index.add(key, size)
+                        # Concurrent writers may have filled the budget meanwhile.
+                        over = self._evict_live_locked(lambda: self._index.victims_over_budget(keep=key))
                 except BaseException:
-                    _discard_temp(tmp)
+                    if os.path.lexists(tmp):  # not renamed: nothing committed
+                        _discard_temp(tmp)
+                        raise
+                    # Renamed (an interrupt may land just after): the file is in place, so
+                    # it is counted, and older puts of the key stay stale (no other commit
+                    # or remove of it runs meanwhile: the key's lock).
+                    with self._lock:
+                        self._floor[key] = seq
+                        if self._index.size_of(key) != size:
+                            self._index.add(key, size)
                     raise
-                with self._lock:
-                    self._floor[key] = seq
-                    self._index.add(key, size)
-                    # Concurrent writers may have filled the budget meanwhile.
-                    over = self._evict_live_locked(lambda: self._index.victims_over_budget(keep=key))
         finally:
             # Outside the key's lock (a victim's may be the same stripe), and whatever
             # was raised: the victims are out of the index and marked as dropping.
@@ -1061,22 +1075,31 @@ class LMCLocalDiskBackend(LMCBackendInterface):
 
     def _evict_locked(self, victims: builtins.list[CacheEngineKey]) -> _Victims:
         """Take ``victims`` out of the index now and mark them as dropping (under ``_lock``);
-        unlink them with ``_unlink_evicted``, which takes the marks back."""
-        taken = _Victims(next(self._seq))
+        unlink them with ``_unlink_evicted``, which takes the marks back.
+
+        All or nothing: interrupted part way, the victims taken so far go back into
+        the index (at its LRU end) unmarked, since no unlink follows (a mark never taken
+        back kept the key from being learnt again; a file out of the index was never
+        counted again).
+        """
+        token = next(self._seq)
+        popped: builtins.list[tuple[CacheEngineKey, int | None]] = []
         try:
             for victim in victims:
-                taken.append(victim)  # first: taking back a mark never made is harmless
-                self._index.pop(victim)
+                # One append after the pop, with no interruption point between.
+                popped.append((victim, self._index.pop(victim)))
                 marks = self._dropping.get(victim)
                 if marks is None:
-                    self._dropping[victim] = {taken.token}
+                    self._dropping[victim] = {token}
                 else:
-                    marks.add(taken.token)
+                    marks.add(token)
+            taken = _Victims(token)
+            taken.extend(victims)
         except BaseException:
-            # Interrupted part way: no unlink follows, so none may stay marked (a mark
-            # never taken back kept the key from being learnt again for good).
-            for victim in taken:
-                self._undrop_locked(victim, taken.token)
+            for victim, size in popped:
+                if size is not None and victim not in self._index:
+                    self._index.add(victim, size, recent=False)
+                self._undrop_locked(victim, token)
             raise
         return taken
 
@@ -1111,64 +1134,73 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         with self._lock:
             self._undrop_locked(key, token)
 
-    def _unlink_evicted(self, victims: builtins.list[CacheEngineKey]) -> int:
-        """Unlink the files of ``victims`` (``_evict_locked``'s); how many went.
+    def _unlink_evicted(
+        self, victims: builtins.list[CacheEngineKey], *, stat: str | None = "evictions", strict: bool = False
+    ) -> int:
+        """Unlink the files of ``victims`` (``_evict_locked``'s); how many went (counted as ``stat``).
 
-        Every victim's mark is taken back, even when an interrupt ends the loop part
-        way. Idempotent: a call done again after an interrupt landed in it finds the
-        marks gone and leaves those files alone.
+        A failed unlink (other than a file already gone) is logged, or with ``strict``
+        raised once its victim's mark is taken back (a remove must report it).
+
+        Each victim's mark is taken back once its file is dealt with (unlinked, gone,
+        or kept because a put committed it again), never before: called again after an
+        interrupt landed in it (every caller does), it finishes the victims still
+        marked and leaves the others alone.
         """
         if not isinstance(victims, _Victims):
             return 0  # nothing was evicted
         token = victims.token
         unlinked = 0
-        try:
-            for victim in victims:
-                with self._key_lock(victim):
+        for victim in victims:
+            with self._key_lock(victim):
+                with self._lock:
+                    # A put committed it again since (that file is new), or this victim
+                    # was dealt with already: keep it.
+                    keep = victim in self._index or token not in self._dropping.get(victim, ())
+                gone = False
+                failed: OSError | None = None
+                if not keep:
                     try:
-                        with self._lock:
-                            # A put committed it again since (that file is new), or this
-                            # victim was seen to already: keep it.
-                            if victim in self._index or token not in self._dropping.get(victim, ()):
-                                continue
                         disk_io.unlink(self._path(victim))
+                        gone = True
                     except FileNotFoundError:
-                        continue
+                        pass
                     except OSError as exc:
-                        logger.warning("evicting %s failed: %s", victim, exc)
-                        continue
-                    finally:
-                        with self._lock:
-                            self._undrop_locked(victim, token)
-                unlinked += 1
-                self.stats.incr("evictions")
-        except BaseException:
-            with self._lock:
-                for victim in victims:
+                        if not strict:
+                            logger.warning("evicting %s failed: %s", victim, exc)
+                        failed = exc
+                with self._lock:
                     self._undrop_locked(victim, token)
-            raise
+                if strict and failed is not None:
+                    raise failed
+            if gone:
+                unlinked += 1
+                if stat is not None:
+                    self.stats.incr(stat)
         return unlinked
 
     def _drop(self, key: CacheEngineKey, *, supersede: bool = False) -> bool:
-        """Remove ``key``'s file; ``supersede``: puts of it submitted earlier are discarded."""
-        with self._key_lock(key):
-            marked: _Victims | None = None
+        """Remove ``key``'s file; ``supersede``: puts of it submitted earlier are discarded.
+
+        Whether a file went. As an eviction: marked, then unlinked, so a remove an
+        interrupt lands in is finished, never leaves the file there unindexed; a put
+        submitted after it and committed meanwhile is kept (it is newer).
+        """
+        marked: builtins.list[CacheEngineKey] = []
+        try:
+            with self._lock:
+                if supersede and key in self._inflight:
+                    self._floor[key] = next(self._seq)
+                marked = self._evict_locked([key])
+        finally:
             try:
-                with self._lock:
-                    if supersede and key in self._inflight:
-                        self._floor[key] = next(self._seq)
-                    marked = self._evict_locked([key])
-                disk_io.unlink(self._path(key))
-            except FileNotFoundError:
-                return False
-            finally:
-                if marked is not None:
-                    try:
-                        self._undrop(key, marked.token)
-                    except BaseException:
-                        self._undrop(key, marked.token)  # an interrupt landed in the first: once more
-                        raise
-        return True
+                gone = self._unlink_evicted(marked, stat=None, strict=True)
+            except BaseException:
+                # An interrupt landed in the first: once more (idempotent). After an
+                # unlink error it finds the mark taken back and does nothing.
+                self._unlink_evicted(marked, stat=None, strict=True)
+                raise
+        return gone > 0
 
     def _learn(self, key: CacheEngineKey, path: str) -> None:
         """Mark ``key`` used, indexing it if another process wrote it (then evict to budget)."""
@@ -1357,6 +1389,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         return True
 
     def touch(self, key: CacheEngineKey) -> None:
+        check_key(key)
         self._check_fork()
         with self._lock:
             self._index.touch(key)
