@@ -166,6 +166,18 @@ class ErrorReportingGroup(TyperGroup):
             raise _usage_exit(exc, ctx.command_path) from None
 
     def invoke(self, ctx: Any) -> Any:
+        from lmcache_cli.log_lines import release_store_warnings
+
+        try:
+            return self._invoke_reporting(ctx)
+        finally:
+            # Store warnings held while the command ran and not said by an error line
+            # (see log_lines): after a success, an exit or an interrupt, all of them.
+            release_store_warnings()
+
+    def _invoke_reporting(self, ctx: Any) -> Any:
+        from lmcache_cli.log_lines import release_store_warnings
+
         try:
             result = super().invoke(ctx)
             sys.stdout.flush()  # a closed pipe must surface here, not at interpreter exit
@@ -187,5 +199,6 @@ class ErrorReportingGroup(TyperGroup):
             if debug_enabled():
                 raise
             message, code = describe_error(exc)
+            release_store_warnings(message)  # those this line does not say come first
             sys.stderr.write(f"error: {message}\n")
             raise typer.Exit(code) from None

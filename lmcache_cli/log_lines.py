@@ -6,15 +6,33 @@ connection reset, which the store already reported as a failed call) came out as
 60 lines of traceback. ``LMCACHE_DEBUG=1`` adds tracebacks, asyncio's records and
 lmcache's own debug lines (never other libraries' debug lines: botocore's print
 request headers with credentials).
+
+A store's warnings that it refused or could not be reached (a denied password, a
+server down, its circuit open) are held until the command ends: a command that then
+fails says so in its one ``error:`` line, and the warning before it only repeated
+(or, worded by the library, seemed to contradict) that line. Held warnings about a
+store the error line names are left out; every other one is printed before the
+error line, or at the end of a command that succeeds. With ``LMCACHE_DEBUG`` nothing
+is held.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import threading
+from dataclasses import dataclass
+from typing import TextIO
 
 from lmcache_cli.errors import debug_enabled, one_line
 from lmcache_cli.output import mask_secrets
+
+# The loggers of the stores themselves (tiers, remotes, their connectors and breakers).
+_STORE_LOGGERS = "lmcache_core.storage_backend"
+# A URL as the library prints a store (``redis://:***@host:6379/0``, ``s3://bucket/p``),
+# ended by white space or by the ": " that follows it in ``"<store>: <what>"``.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*?(?=[:,;.)]?(?:\s|$))")
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -33,6 +51,115 @@ class _OneLineFormatter(logging.Formatter):
         return one_line(mask_secrets(text))
 
 
+@dataclass(frozen=True)
+class _Held:
+    line: str  # the formatted ``warning:`` line
+    message: str  # the record's message, masked, one line
+    stores: tuple[str, ...]  # the store URLs it names
+
+
+def is_store_failure(record: logging.LogRecord) -> bool:
+    """Whether ``record`` is a store's warning that it refused or was unreachable.
+
+    Told from the record, not its words alone: a warning of a store logger that
+    carries the ``OSError`` it reports (``StoreUnavailableError``, ``StoreDeniedError``
+    and ``StoreFullError`` are ones), the circuit breaker's state changes, and the
+    remote's once-a-minute "<what> refused:" line (which carries the text only).
+    Not errors (a close that dropped writes), and not warnings about chunks (a
+    corrupt one removed), which are news on a failing command too.
+    """
+    if record.levelno != logging.WARNING or not record.name.startswith(_STORE_LOGGERS):
+        return False
+    args = record.args if isinstance(record.args, tuple) else ()
+    return (
+        any(isinstance(arg, OSError) for arg in args)
+        or record.name.endswith(".circuit")
+        or " refused: " in str(record.msg)
+    )
+
+
+class HoldingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes records as they come, except the store failures it holds (see the module).
+
+    Thread-safe: records come from the stores' I/O threads.
+    """
+
+    def __init__(self, stream: TextIO, debug: bool) -> None:
+        super().__init__(stream)
+        self.setFormatter(_OneLineFormatter(debug))
+        self.holding = not debug
+        self._held: list[_Held] = []
+        self._held_lock = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not (self.holding and is_store_failure(record)):
+            super().emit(record)
+            return
+        try:
+            line = self.format(record)
+            message = one_line(mask_secrets(record.getMessage()))
+        except Exception:
+            self.handleError(record)
+            return
+        with self._held_lock:
+            self._held.append(_Held(line, message, tuple(_URL.findall(message))))
+
+    def release_held(self, reported: str | None) -> None:
+        """Write the held lines, leaving out those about a store ``reported`` names."""
+        with self._held_lock:
+            held, self._held = self._held, []
+        masked = mask_secrets(reported) if reported is not None else ""
+        for item in held:
+            if reported is not None and any(url in masked for url in item.stores):
+                continue  # the error line says it
+            try:
+                self.stream.write(item.line + self.terminator)
+            except (OSError, ValueError):
+                return  # stderr gone: nothing more can be said
+        self.flush()
+
+    def held_cause(self, about: str) -> str | None:
+        """What the last held warning about a store ``about`` names says, without the store's name."""
+        with self._held_lock:
+            held = list(self._held)
+        masked = mask_secrets(about)
+        for item in reversed(held):
+            named = [url for url in item.stores if url in masked]
+            if named:
+                text = item.message
+                for url in named:
+                    text = text.replace(f"{url}: ", "")
+                return re.sub(r"\s*\(such refusals are logged [^)]*\)", "", text).strip() or None
+        return None
+
+
+def _installed() -> HoldingHandler | None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, HoldingHandler):
+            return handler
+    return None
+
+
+def release_store_warnings(reported: str | None = None) -> None:
+    """Print the store warnings held so far before the command's next (or last) line.
+
+    Args:
+        reported: the error line about to be printed: held warnings about a store it
+            names are dropped, it says so. None: print them all (the command succeeded).
+    """
+    handler = _installed()
+    if handler is not None:
+        handler.release_held(reported)
+
+
+def store_failure_cause(about: str) -> str | None:
+    """Why a store that ``about`` names (its URL, or a text with it) refused or failed,
+    from its latest held warning; None if none is held (no handler, debug on, or the
+    store said nothing), for an error line that then says it instead."""
+    handler = _installed()
+    return None if handler is None else handler.held_cause(about)
+
+
 def install_log_handler() -> None:
     """Send log records (warnings and up; lmcache's debug lines too with ``LMCACHE_DEBUG``)
     to stderr as one masked line each. Left alone where logging is configured already.
@@ -41,9 +168,7 @@ def install_log_handler() -> None:
     if root.handlers:
         return
     debug = debug_enabled()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OneLineFormatter(debug))
-    root.addHandler(handler)
+    root.addHandler(HoldingHandler(sys.stderr, debug))
     root.setLevel(logging.WARNING)
     if debug:
         # Debug lines of ours only: botocore's print request headers (Authorization,

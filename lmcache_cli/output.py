@@ -97,7 +97,11 @@ class Output:
         self.stderr.write(f"warning: {_one_line(mask_secrets(text))}\n")
 
     def error(self, text: str) -> None:
-        """One error line on stderr, always shown, secrets masked."""
+        """One error line on stderr, always shown, secrets masked; the store warnings
+        held so far go first, less those about a store it names (see ``log_lines``)."""
+        from lmcache_cli.log_lines import release_store_warnings  # it imports this module
+
+        release_store_warnings(text)
         self.stderr.write(f"error: {_one_line(mask_secrets(text))}\n")
         self.stderr.flush()
 

@@ -37,7 +37,7 @@ class Bar:
 @contextmanager
 def progress_bar(
     out: Output, description: str, total_bytes: int | None, total_chunks: int, *, by_chunks: bool = False,
-    bytes_label: str = "",
+    bytes_label: str = "", show_bytes: bool = True,
 ) -> Iterator[Bar]:
     """A bar showing how much is done (percent, chunks, bytes), rate and ETA; a silent
     counter off a terminal.
@@ -49,6 +49,8 @@ def progress_bar(
             finish without moving its bytes (``warm`` skips what the destination has),
             which would leave a bar in bytes short of its end, or empty on a rerun.
         bytes_label: with ``by_chunks``, the word after the byte count ("copied").
+        show_bytes: with ``by_chunks``, show the byte count (False: work that reads
+            no payloads, like ``lookup``, would only ever show "0 B").
     """
     if not out.progress_enabled:
         yield Bar(by_chunks=by_chunks)
@@ -68,7 +70,8 @@ def progress_bar(
     columns: list[Any] = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn()]
     if by_chunks:
         label = f" {bytes_label}" if bytes_label else ""
-        columns.append(TextColumn("{task.fields[chunks]}" + of_chunks + " chunks, {task.fields[nbytes]}" + label))
+        moved = ", {task.fields[nbytes]}" + label if show_bytes else ""
+        columns.append(TextColumn("{task.fields[chunks]}" + of_chunks + " chunks" + moved))
     else:
         columns += [
             DownloadColumn(binary_units=True),

@@ -85,5 +85,11 @@ def answered(store: Store, what: str) -> Iterator[None]:
     yield
     for backend, count in zip(watched, before, strict=True):
         if _no_answers(backend) > count:
+            from lmcache_cli.log_lines import store_failure_cause
+
             name = getattr(backend, "display_url", None) or backend.describe()
-            raise StoreUnavailableError(name, f"could not ask {what} (no answer, refused, or circuit open)")
+            # The store's own words, when it logged them ("EXISTS: authentication
+            # failed"): this line replaces that warning on stderr (see log_lines).
+            cause = store_failure_cause(name)
+            detail = f": {cause}" if cause else " (no answer, refused, or circuit open)"
+            raise StoreUnavailableError(name, f"could not ask {what}{detail}")

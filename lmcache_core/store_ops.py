@@ -1422,6 +1422,7 @@ def prefix_lookup(
     chunk_size: int = 256,
     world_size: int = 1,
     worker_id: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """How many leading tokens (and chunks) of a prompt are cached, per tier.
 
@@ -1432,6 +1433,11 @@ def prefix_lookup(
     exists). Overall, each chunk is judged by the first tier that holds a sound
     header for it, as ``get --tokens`` reads the first tier with a good copy.
     Payload checksums are ``verify``'s job. On a disk store no torch is imported.
+
+    Args:
+        progress: called with (chunks done, chunks total) after each chunk of the
+            prompt is judged in every tier, and once with (total, total) when the
+            prefix ends early in all of them (the rest need no look).
 
     Raises:
         ValueError: an unknown ``fmt`` (or an invalid model name or rank).
@@ -1446,31 +1452,42 @@ def prefix_lookup(
     tiers: list[tuple[str, Any]] = (
         [(store.describe(), None)] if store.is_disk else (store.tiers() or [(store.backend.describe(), store.backend)])
     )
-    seen: dict[tuple[int, int], ChunkHeader | None] = {}  # (tier, chunk) -> header: each read once
+    # One pass over the prompt's chunks, every prefix (each tier's, then the overall one,
+    # which takes each chunk from the first tier holding a sound header) advanced
+    # together: the headers read are those one pass per prefix would read, each once,
+    # and a chunk is done once, so progress counts the prompt's chunks. The last slot
+    # is the overall prefix.
+    prefixes = [range(t, t + 1) for t in range(len(tiers))] + [range(len(tiers))]
+    hits = [0] * len(prefixes)
+    firsts: list[ChunkHeader | None] = [None] * len(prefixes)
+    open_ = set(range(len(prefixes)))
+    for i, k in enumerate(keys):
+        seen: dict[int, ChunkHeader | None] = {}  # tier -> this chunk's header there
 
-    def header(t: int, i: int) -> ChunkHeader | None:
-        if (t, i) not in seen:
-            name, tier = tiers[t]
-            seen[t, i] = store.header(keys[i]) if tier is None else _tier_header(name, tier, keys[i])
-        return seen[t, i]
+        def header(t: int, k: CacheEngineKey = k, seen: dict[int, ChunkHeader | None] = seen) -> ChunkHeader | None:
+            if t not in seen:
+                name, tier = tiers[t]
+                seen[t] = store.header(k) if tier is None else _tier_header(name, tier, k)
+            return seen[t]
 
-    def prefix(in_tiers: range) -> int:
-        """Leading chunks with a sound header, each from the first of ``in_tiers`` holding one."""
-        first: ChunkHeader | None = None
-        for i, k in enumerate(keys):
-            h = next((h for t in in_tiers if (h := header(t, i)) is not None), None)
-            if h is None or not _continues(h, k, first, axis, min(chunk_size, n - i * chunk_size)):
-                return i
-            first = first or h
-        return len(keys)
-
-    per_tier = {name: min(n, prefix(range(t, t + 1)) * chunk_size) for t, (name, _) in enumerate(tiers)}
-    hits = prefix(range(len(tiers)))
-    tokens = min(n, hits * chunk_size)
+        for p in sorted(open_):
+            h = next((h for t in prefixes[p] if (h := header(t)) is not None), None)
+            if h is None or not _continues(h, k, firsts[p], axis, min(chunk_size, n - i * chunk_size)):
+                open_.discard(p)
+            else:
+                firsts[p] = firsts[p] or h
+                hits[p] += 1
+        if progress is not None:
+            progress(len(keys) if not open_ else i + 1, len(keys))
+        if not open_:
+            break  # every prefix has ended: the later chunks cannot extend any
+    per_tier = {name: min(n, hits[t] * chunk_size) for t, (name, _) in enumerate(tiers)}
+    overall = hits[-1]
+    tokens = min(n, overall * chunk_size)
     return {
         "model": model,
         "tokens": tokens,
-        "chunks": hits,
+        "chunks": overall,
         "total_tokens": n,
         "total_chunks": len(keys),
         "chunk_size": chunk_size,
@@ -1560,6 +1577,7 @@ def read_prefix(
     world_size: int = 1,
     worker_id: int = 0,
     jobs: int = 4,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> PrefixRead:
     """The leading chunks of a prompt that the store holds and that pass their check.
 
@@ -1567,6 +1585,11 @@ def read_prefix(
     the prefix and is reported in ``stopped`` (never deleted, its age unchanged),
     as is a chunk that cannot extend it (another dtype or shape, or not exactly the
     tokens it should cover: ``tokens.chunk_tokens``). Up to ``jobs`` chunks are read at once, in order.
+
+    Args:
+        progress: called with (chunks done, chunks total, bytes read) as each chunk
+            of the prefix is read and accepted, in order, and once with (total,
+            total, bytes read) when the prefix ends early (the rest are not read).
 
     Raises:
         ValueError: an invalid model name, fmt or rank.
@@ -1596,6 +1619,7 @@ def read_prefix(
             return None, ChunkCheck(key, key.to_string(), False, f"not verified: {exc}", status=UNVERIFIED)
 
     found: list[Any] = []
+    nbytes = 0
     stopped: ChunkCheck | None = None
     if held:
         with worker_pool(workers) as pool:
@@ -1609,10 +1633,15 @@ def read_prefix(
                     stopped = ChunkCheck(keys[i], keys[i].to_string(), False, reason, check.header, MISMATCHED)
                 else:
                     found.append(chunk)
+                    nbytes += chunk.numel() * chunk.element_size()
+                    if progress is not None:
+                        progress(i + 1, len(keys), nbytes)
                     continue
                 for later in reads[i + 1 :]:  # past the end of the prefix: not read
                     later.cancel()
                 break
+    if progress is not None and keys and len(found) < len(keys):
+        progress(len(keys), len(keys), nbytes)  # the prefix ended: nothing more to read
     covered = sum(int(c.shape[axis]) for c in found)  # each chunk exactly its tokens (continues_prefix)
     return PrefixRead(found, covered, n, len(keys), axis, stopped)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Annotated
 
@@ -19,6 +20,7 @@ from lmcache_cli.options import (
     parse_key,
 )
 from lmcache_cli.output import Output
+from lmcache_cli.progress import progress_bar
 from lmcache_cli.state import CliState, FormatOption, get_state
 from lmcache_cli.store_tiers import answered
 from lmcache_cli.units import human_size, plural
@@ -101,14 +103,26 @@ def _get_prefix(
 
     token_ids = load_tokens(tokens_path)
     size = chunk_size or state.config().chunk_size
+    n_chunks = math.ceil(len(token_ids) / size)
     with state.open_store(must_exist=True) as store:
         # The inspection read `get KEY` uses: a bad chunk ends the prefix and is
         # reported, never deleted, and no chunk's age changes. A tier that could not
         # be asked is an error, not "no cached prefix" (store_tiers.answered).
-        with answered(store, "whether chunks are cached"):
+        # By chunks, as `put --tokens`: a prefix that ends early reads no more bytes,
+        # and its bar jumps to the end rather than stopping short of it.
+        with answered(store, "whether chunks are cached"), progress_bar(
+            out, "get", None, n_chunks, by_chunks=True, bytes_label="read"
+        ) as bar:
+            last = [0, 0]  # chunks and bytes reported so far: the library counts up, the bar adds
+
+            def advance(done: int, total: int, nbytes: int) -> None:
+                bar.advance(done - last[0], nbytes - last[1])
+                last[:] = [done, nbytes]
+
             found = store_ops.read_prefix(
-                store, token_ids, model=model, fmt=fmt, chunk_size=size, world_size=world_size, worker_id=worker_id
-            )
+                store, token_ids, model=model, fmt=fmt, chunk_size=size, world_size=world_size, worker_id=worker_id,
+                progress=advance,
+            )  # fmt: skip
         where = store.describe()
     total = len(token_ids)
     covered = found.tokens

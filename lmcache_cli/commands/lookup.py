@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
@@ -15,6 +16,7 @@ from lmcache_cli.options import (
     key_fields,
 )
 from lmcache_cli.output import Column
+from lmcache_cli.progress import progress_bar
 from lmcache_cli.state import FormatOption, get_state
 from lmcache_cli.store_tiers import answered
 
@@ -43,13 +45,23 @@ def lookup(
     key_fields(model, fmt.value, world_size, worker_id)
     token_ids = load_tokens(tokens)
     size = chunk_size or state.config().chunk_size
+    n_chunks = math.ceil(len(token_ids) / size)
     with state.open_store(must_exist=True) as store:
         # "0 cached" must mean the store said so, not that a tier was down: an
-        # unanswered contains() is an error here (see store_tiers.answered).
-        with answered(store, "whether chunks are cached"):
+        # unanswered contains() is an error here (see store_tiers.answered). A header
+        # read per chunk (a request each on a remote): a long prompt shows a bar.
+        with answered(store, "whether chunks are cached"), progress_bar(
+            out, "lookup", None, n_chunks, by_chunks=True, show_bytes=False
+        ) as bar:
+            last = [0]  # chunks reported so far: the library counts up, the bar adds
+
+            def advance(done: int, total: int) -> None:
+                bar.advance(done - last[0])
+                last[0] = done
+
             result = store_ops.prefix_lookup(
                 store, token_ids, model=model, fmt=fmt.value, chunk_size=size, world_size=world_size,
-                worker_id=worker_id,
+                worker_id=worker_id, progress=advance,
             )
         result["store"] = store.describe()
     if out.json:

@@ -84,11 +84,16 @@ def put(
             f"stored {chunk_key} ({result['dtype']} {tuple(chunk.shape)}, {human_size(nbytes)}) in {' + '.join(held)}"
         )
     if missing:
-        out.error(
-            f"{chunk_key} not stored in {' and '.join(missing)} (the tier refused the write or is down); "
-            "rerun once it is back"
-        )
+        out.error(f"{chunk_key} not stored in {' and '.join(missing)} ({_why_not(missing)}); rerun once it is back")
         raise typer.Exit(1)
+
+
+def _why_not(tiers: list[str]) -> str:
+    """Why ``tiers`` did not take a write: the store's own words where it logged them
+    (this error line replaces that warning, see ``log_lines``), else the likely causes."""
+    from lmcache_cli.log_lines import store_failure_cause
+
+    return store_failure_cause(" ".join(tiers)) or "the tier refused the write or is down"
 
 
 def _put_tokens(
@@ -181,7 +186,6 @@ def _put_tokens(
     if result.failed:
         tiers = " and ".join(lacking) if lacking else f"every tier of {where}"
         out.error(
-            f"{plural(result.failed, 'chunk')} not stored in {tiers} "
-            "(the tier refused the write or is down); rerun once it is back"
+            f"{plural(result.failed, 'chunk')} not stored in {tiers} ({_why_not(lacking)}); rerun once it is back"
         )
         raise typer.Exit(1)

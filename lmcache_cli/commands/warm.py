@@ -140,7 +140,14 @@ def warm(
             f"{header['from']} -> {header['to']}"
         )
     if result.failed:
-        out.error(f"{plural(len(result.failed), 'chunk')} failed to copy; rerun warm to retry them (copied ones are skipped)")
+        # The first reason in the error line: with --format json it is the only line on
+        # stderr, and it names the store, whose own warnings it then replaces (log_lines).
+        first_key, first_reason = result.failed[0]
+        first = "" if len(result.failed) == 1 else "first: "
+        out.error(
+            f"{plural(len(result.failed), 'chunk')} failed to copy ({first}{first_key}: {first_reason}); "
+            "rerun warm to retry them (copied ones are skipped)"
+        )
         raise typer.Exit(1)
 
 
