@@ -864,8 +864,31 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         except Exception:
             logger.exception("background write of %s to %s failed", key, self.root)
             self.stats.incr("background_put_failures")
+            self._forget_older(key, seq)
         finally:
             self._end(key, seq)
+
+    def _forget_older(self, key: CacheEngineKey, seq: int) -> None:
+        """Put ``seq`` of ``key`` failed in the background: remove the file of an older put.
+
+        The caller was told the write was queued, and may already have dropped its
+        own copy (a hybrid's memory tier evicts it): a later get served the chunk this
+        put replaced, a wrong tensor for the key. Now it is a miss, and older puts
+        still in flight are discarded as stale. A newer put or remove that committed
+        meanwhile is left alone. Failures here are logged only (the put's are counted).
+        """
+        marked: builtins.list[CacheEngineKey] = []
+        try:
+            with self._lock:
+                if self._stale_locked(key, seq):
+                    return  # a newer put or a remove committed since: that is the key's now
+                self._floor[key] = seq
+                marked = self._evict_locked([key])
+        finally:
+            try:
+                self._unlink_evicted(marked, stat="failed_put_forgotten")
+            except Exception as exc:
+                logger.warning("removing the older chunk of %s after its put failed: %s", key, exc)
 
     def _begin_locked(self, key: CacheEngineKey) -> int:
         """A new sequence number for a put of ``key``, counted in flight (under ``_lock``).
