@@ -17,6 +17,7 @@ and the backend recovers by itself when the remote answers again.
 
 from __future__ import annotations
 
+import _thread
 import builtins
 import functools
 import itertools
@@ -29,10 +30,10 @@ import threading
 import time
 import weakref
 import zlib
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterable, Sequence, TypeVar
 
 import torch
 
@@ -157,12 +158,100 @@ class _Strikes:
         return next(self._taken) == 0
 
 
-class _CallFuture(Future[T]):
-    """A remote call's future, with the call's ``_Strikes``."""
+class _Signal:
+    """Set once (by a worker thread); waited on with bare lock calls. Thread-safe.
+
+    ``threading.Event`` waits through a ``Condition``: a KeyboardInterrupt landing in
+    its Python ``__enter__`` or ``wait`` left the condition's lock held (the thread
+    calling ``set()`` then hung for good) or released twice (a ``RuntimeError``
+    replaced the interrupt). Here each waiter waits on a lock of its own, which
+    ``set`` releases: an interrupted wait leaves nothing behind but that lock.
+    """
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[Any] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        """Wake every waiter. Call once."""
+        self._set = True  # first: a waiter registering from now on sees it and never blocks
+        for waiter in self._waiters:  # each released here only, once
+            waiter.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether it was set within ``timeout`` seconds (None: no limit)."""
+        if self._set:
+            return True
+        waiter = _thread.allocate_lock()
+        waiter.acquire()
+        self._waiters.append(waiter)
+        if self._set:  # set() ran before the append: it may not have seen this waiter
+            return True
+        return waiter.acquire(True, -1 if timeout is None else max(0.0, min(timeout, threading.TIMEOUT_MAX)))
+
+
+class _CallFuture(Generic[T]):
+    """A remote call's future, with the call's ``_Strikes``: what ``_DaemonPool`` runs it
+    into and the caller waits on (``_await``).
+
+    Not ``concurrent.futures.Future``: its waits go through a ``Condition``, and a
+    KeyboardInterrupt in the caller's ``result()`` left that condition's lock held
+    (the I/O thread finishing the call then hung in ``set_result`` for good, one
+    thread of the pool lost per interrupt) or released it twice (a ``RuntimeError``
+    replaced the interrupt, and the backend read it as an outage: a miss). Here the
+    worker's steps are single C-level operations and the wait a bare lock's.
+    """
+
+    __slots__ = ("strikes", "_claim", "_outcome", "_done")
 
     def __init__(self, strikes: _Strikes) -> None:
-        super().__init__()
         self.strikes = strikes
+        # The first next() decides: the worker starting it, or the caller cancelling it.
+        self._claim = itertools.count()
+        self._outcome: tuple[bool, Any] | None = None  # (ok, result or exception)
+        self._done = _Signal()
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return next(self._claim) == 0
+
+    def cancel(self) -> bool:
+        """Keep the call from starting; False if it started already."""
+        if next(self._claim) != 0:
+            return False
+        self._finish(False, CancelledError())
+        return True
+
+    def _finish(self, ok: bool, value: Any) -> None:
+        self._outcome = (ok, value)  # one store: a waiter sees all of it or none
+        self._done.set()
+
+    def set_result(self, result: T) -> None:
+        self._finish(True, result)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._finish(False, exc)
+
+    def done(self) -> bool:
+        return self._outcome is not None
+
+    def exception(self) -> BaseException | None:
+        outcome = self._outcome
+        return None if outcome is None or outcome[0] else outcome[1]
+
+    def result(self, timeout: float | None = None) -> T:
+        """The call's result, or its exception raised; ``FutureTimeout`` if not done in time."""
+        if not self._done.wait(timeout):
+            raise FutureTimeout()
+        outcome = self._outcome
+        assert outcome is not None
+        if outcome[0]:
+            return outcome[1]  # type: ignore[no-any-return]
+        raise outcome[1]
 
 
 class _DaemonPool:
@@ -184,8 +273,12 @@ class _DaemonPool:
             t.start()
 
     def submit(
-        self, fn: Callable[..., T], *args: Any, deadline: float | None = None, future: Future[T] | None = None
-    ) -> Future[T]:
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        deadline: float | None = None,
+        future: Future[T] | _CallFuture[T] | None = None,
+    ) -> Future[T] | _CallFuture[T]:
         """Run ``fn(*args)`` on a pool thread (into ``future``, or a new one). After
         ``shutdown`` the future fails at once: no thread is left to run it, and its
         caller would wait out its whole deadline for nothing."""
@@ -208,7 +301,8 @@ class _DaemonPool:
             del item
 
     @staticmethod
-    def _run_one(future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...], deadline: float | None) -> None:
+    def _run_one(
+        future: Future[Any] | _CallFuture[Any], fn: Callable[..., Any], args: tuple[Any, ...], deadline: float | None) -> None:
         if not future.set_running_or_notify_cancel():
             return
         if deadline is not None and time.monotonic() >= deadline:
@@ -251,39 +345,55 @@ KNOWN_KEYS_MAX = 1 << 18
 REFUSAL_WARN_EVERY_S = 60.0
 
 
+_Fields = tuple[str, str, int, int, str]
+
+
 class _KnownKeys:
     """The most recently seen ``max_keys`` keys (insertion order; a re-add moves a key
-    last). A hint: a key it forgot is asked of the remote. Not thread-safe (the
-    backend's lock guards it)."""
+    last). Not thread-safe (the backend's lock guards it).
+
+    Kept by ``key.as_tuple()``, hashed and compared in C: a key's own ``__hash__``
+    and ``__eq__`` are Python code, and a KeyboardInterrupt landing between a re-add's
+    removal and its insertion dropped the key (for ``_stale``: a mark lost, and an
+    older chunk served). With tuples each change is a run of bytecodes with no call
+    in it, where no interrupt lands.
+    """
 
     __slots__ = ("_keys", "_max")
 
     def __init__(self, max_keys: int) -> None:
-        self._keys: dict[CacheEngineKey, None] = {}
+        self._keys: dict[_Fields, None] = {}
         self._max = max_keys
 
     def __contains__(self, key: object) -> bool:
-        return key in self._keys
+        return isinstance(key, CacheEngineKey) and key.as_tuple() in self._keys
 
     def __len__(self) -> int:
         return len(self._keys)
 
     def add(self, key: CacheEngineKey) -> None:
-        self._keys.pop(key, None)
-        self._keys[key] = None
-        if len(self._keys) > self._max:
-            del self._keys[next(iter(self._keys))]
+        fields = key.as_tuple()
+        keys = self._keys
+        if fields in keys:
+            del keys[fields]
+        keys[fields] = None
+        if len(keys) > self._max:
+            del keys[next(iter(keys))]
 
     def update(self, keys: Iterable[CacheEngineKey]) -> None:
         for key in keys:
             self.add(key)
 
     def discard(self, key: CacheEngineKey) -> None:
-        self._keys.pop(key, None)
+        fields = key.as_tuple()
+        keys = self._keys
+        if fields in keys:
+            del keys[fields]
 
     def replace(self, keys: Iterable[CacheEngineKey]) -> None:
-        self._keys = {}
-        self.update(keys)
+        fresh = _KnownKeys(self._max)
+        fresh.update(keys)
+        self._keys = fresh._keys  # one store: an interrupt leaves the old set or the new one
 
 
 class LMCRemoteBackend(LMCBackendInterface):
@@ -373,9 +483,10 @@ class LMCRemoteBackend(LMCBackendInterface):
     def _start_runtime(self) -> None:
         """Locks, thread pools and queues: everything a forked child must rebuild."""
         self._lock = threading.Lock()
-        # Set once the first close() has drained and released everything (a closed
-        # backend forked stays closed: nothing to wait for in the child).
-        self._close_done = threading.Event()
+        # Set once close() has drained and released everything (a closed backend forked
+        # stays closed: nothing to wait for in the child).
+        self._close_done = _Signal()
+        self._close_claim = itertools.count()  # the first next() runs the shutdown
         if self._closed:
             self._close_done.set()
         self._known = _KnownKeys(KNOWN_KEYS_MAX)
@@ -388,7 +499,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         # Chunks put_nonblocking queued that no writer has finished, bounded (backpressure).
         self._queued = QueuedBytes(self._lock, self._max_queued_bytes)
         self._pending: dict[CacheEngineKey, torch.Tensor] = {}
-        self._writing: dict[CacheEngineKey, threading.Event] = {}
+        self._writing: dict[CacheEngineKey, _Signal] = {}
         self._last_stored = 0.0  # monotonic time a background write last succeeded
         self._io = _DaemonPool(self._io_threads(), "lmcache-remote-io")
         # For chunks streamed from a local directory (connector.streams): warm buffers,
@@ -400,12 +511,15 @@ class LMCRemoteBackend(LMCBackendInterface):
         # queued writes of one key land in the order they were made. Each writer
         # thread runs ``put_worker()`` (the seed's no-argument loop), which finds
         # its own queue in ``_queue_of_writer``, filled before the thread starts.
-        self._put_queues: list[queue.Queue[Any]] = [queue.Queue() for _ in range(self._put_worker_count)]
+        # SimpleQueue: its put is one C call. queue.Queue.put, run by the caller, is Python
+        # under a Condition: a KeyboardInterrupt in it left the queue's mutex held (the
+        # writer and close() hung) or the item queued with no writer woken.
+        self._put_queues: list[queue.SimpleQueue[Any]] = [queue.SimpleQueue() for _ in range(self._put_worker_count)]
         self._put_threads = [
             threading.Thread(target=self.put_worker, name=f"lmcache-remote-put-{i}", daemon=True)
             for i in range(self._put_worker_count)
         ]
-        self._queue_of_writer: dict[threading.Thread, queue.Queue[Any]] = dict(
+        self._queue_of_writer: dict[threading.Thread, queue.SimpleQueue[Any]] = dict(
             zip(self._put_threads, self._put_queues, strict=True)
         )
         for t in self._put_threads:
@@ -421,7 +535,13 @@ class LMCRemoteBackend(LMCBackendInterface):
         # Locks held by other parent threads at fork() stay held in the child: rebuild them.
         self.breaker.after_fork()
         stale = self._stale  # the remote's older chunks stay unserved here too (a hybrid's
-        self._start_runtime()  # memory tier came over with the newer ones)
+        # memory tier came over with the newer ones), but not the marks of writes that
+        # were only in flight on the parent's writer threads: no writer here ever clears
+        # them, and those keys were misses in the child for good.
+        in_flight = list(self._writing)
+        self._start_runtime()
+        for key in in_flight:
+            stale.discard(key)
         self._stale = stale
 
     def _check_open(self) -> None:
@@ -456,18 +576,28 @@ class LMCRemoteBackend(LMCBackendInterface):
             self._closed = True
             return
         with self._lock:  # put_nonblocking queues under it: none lands after the end signals
-            first = not self._closed
             self._closed = True
-            if first:
-                self._queued.wake_all_locked()  # a put waiting for room raises now
-        if not first:
-            # Another thread is closing (or closed) it: return once its drain is over, not
-            # while acknowledged writes are still queued (the exit drain racing a close()).
-            # Bounded as that close() is (twice over: a wait never outlives the process).
-            self._close_done.wait(2 * self.close_timeout + 1)
+            self._queued.wake_all_locked()  # a put waiting for room raises now
+        if not self._close_done.is_set():
+            # The shutdown runs on a thread of its own, once (the first to claim it), and
+            # every close() waits for it: one interrupted (Ctrl-C) before or while it ran
+            # left it undone, or done in part with later calls returning at once while
+            # acknowledged writes were still queued. Now an interrupt ends only the wait,
+            # and the next close() (the exit drain's too) waits for the same shutdown.
+            try:
+                _thread.start_new_thread(self._close_once, ())
+            except RuntimeError:  # no new threads (interpreter exit): shut down here
+                self._close_once()
+        self._close_done.wait()
+
+    def _close_once(self) -> None:
+        """``_shut_down`` by the first caller only; then wakes every ``close()``."""
+        if next(self._close_claim) != 0:
             return
         try:
             self._shut_down()
+        except Exception:
+            logger.exception("%s: closing failed", self.display_url)
         finally:
             self._close_done.set()
 
@@ -624,7 +754,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         timeout: float | None = None,
         admitted: bool = False,
         tried: int = 0,
-    ) -> tuple[Future[T], float]:
+    ) -> tuple[_CallFuture[T], float]:
         """Start a remote call on an I/O thread; fail fast while the circuit is open.
 
         ``admitted``: the caller already has the breaker's leave for this call (asking
@@ -636,12 +766,11 @@ class LMCRemoteBackend(LMCBackendInterface):
             self._admit(what)
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
         strikes = _Strikes()
-        future = self._io.submit(
-            self._attempts, what, fn, args, deadline, retry, tried, strikes, deadline=deadline, future=_CallFuture(strikes)
-        )
+        future: _CallFuture[T] = _CallFuture(strikes)
+        self._io.submit(self._attempts, what, fn, args, deadline, retry, tried, strikes, deadline=deadline, future=future)
         return future, deadline
 
-    def _await(self, what: str, future: Future[T], deadline: float) -> T:
+    def _await(self, what: str, future: _CallFuture[T], deadline: float) -> T:
         """The call's result, or ``StoreUnavailableError`` at the deadline (the call may hang on)."""
         try:
             return future.result(timeout=max(0.0, deadline - time.monotonic()))
@@ -650,7 +779,7 @@ class LMCRemoteBackend(LMCBackendInterface):
             # A TimeoutError the call raised itself was struck by _attempts already.
             if not ran:
                 future.cancel()
-                if not isinstance(future, _CallFuture) or future.strikes.first():
+                if future.strikes.first():
                     self.breaker.record_failure(f"{what}: no answer in time")
             raise self._no_answer(what) from None
         except LMCacheError:
@@ -693,6 +822,7 @@ class LMCRemoteBackend(LMCBackendInterface):
     def put_blocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
         """Store now, bounded by ``remote_timeout``. Thread-safe."""
         self._check_put(key, kv_chunk)
+        self._mark_stale(key)  # first: see _mark_stale
         self._supersede(key)
         self._write(key, kv_chunk)
 
@@ -717,6 +847,7 @@ class LMCRemoteBackend(LMCBackendInterface):
                 or timed out (from the wait).
         """
         self._check_put(key, kv_chunk)
+        self._mark_stale(key)  # first: see _mark_stale
         self._supersede(key)
         return self._start_write(key, kv_chunk)
 
@@ -733,14 +864,24 @@ class LMCRemoteBackend(LMCBackendInterface):
         self._check_put(key, kv_chunk)
         for_library_threads(kv_chunk)  # a writer copies it to the host on its own stream
         nbytes = kv_chunk.numel() * kv_chunk.element_size()
+        work = self._put_queues[zlib.crc32(key.chunk_hash.encode()) % len(self._put_queues)]
+        item = (key, kv_chunk, nbytes)
         with self._lock:
             # Checked under the lock close() sets it under: a put that raced close()
             # is queued before the end signals (and drained) or raises.
             self._check_open()
             self._wait_for_room_locked(nbytes)
+            # A KeyboardInterrupt may land at any call here: the bytes are counted, then
+            # the key is registered (taken back if interrupted), then the write is queued
+            # by one C call, with no call between (so nothing is counted that no writer
+            # will take back, and no key waits in _pending for a write never queued).
             self._queued.add_locked(nbytes)
-            self._pending[key] = kv_chunk
-            self._put_queues[zlib.crc32(key.chunk_hash.encode()) % len(self._put_queues)].put((key, kv_chunk, nbytes))
+            try:
+                self._pending[key] = kv_chunk
+            except BaseException:
+                self._queued.done_locked(nbytes)
+                raise
+            work.put(item)
 
     def _wait_for_room_locked(self, nbytes: int) -> None:
         """Under ``_lock``: wait until ``nbytes`` more fit in the write queue (backpressure).
@@ -795,8 +936,9 @@ class LMCRemoteBackend(LMCBackendInterface):
         with self._lock:
             if self._pending.get(key) is not chunk:
                 return  # removed or superseded while queued
-            done = self._writing[key] = threading.Event()
+            done = self._writing[key] = _Signal()
         try:
+            self._mark_stale(key)
             self._write(key, chunk)
             self._last_stored = time.monotonic()  # close() drains while writes land
         except Exception as exc:
@@ -815,11 +957,12 @@ class LMCRemoteBackend(LMCBackendInterface):
             done.set()
 
     def _write(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
+        """Store now (the caller marked ``key`` stale first: ``_mark_stale``)."""
         chunk = chunk_format.UnsealedChunk(kv_chunk, key.to_string())
         if self.connector.puts_inline(chunk.size):
             self._put_inline(key, chunk)
         else:
-            self._start_chunk_write(key, chunk)()
+            self._write_by_io_thread(key, chunk)
 
     def _put_inline(self, key: CacheEngineKey, chunk: chunk_format.UnsealedChunk) -> None:
         """Store ``chunk`` on this thread, the connector bounding each wait by the deadline.
@@ -845,7 +988,7 @@ class LMCRemoteBackend(LMCBackendInterface):
             self._stored(key)
             return
         # Still the call the breaker let through above (in half-open state, its one probe).
-        self._start_chunk_write(key, chunk, timeout=deadline - time.monotonic(), admitted=True, tried=tried)()
+        self._write_by_io_thread(key, chunk, timeout=deadline - time.monotonic(), admitted=True, tried=tried)
 
     def _one_try_here(self, what: str, fn: Callable[..., T], *args: Any) -> tuple[T | None, int, float]:
         """One try of a connector's ``*_by`` call on this thread (``fn(*args, deadline)``),
@@ -895,6 +1038,9 @@ class LMCRemoteBackend(LMCBackendInterface):
                 "put", self.connector.put_chunk, key, chunk, retry=True, timeout=timeout, admitted=admitted, tried=tried
             )
         except BaseException:
+            # Also a KeyboardInterrupt once the write was queued: the caller is told it
+            # failed and may change the tensor, so nothing hashed from now on is published.
+            chunk.abandon()
             self._write_failed(key)
             raise
 
@@ -910,7 +1056,30 @@ class LMCRemoteBackend(LMCBackendInterface):
                 raise
             self._stored(key)
 
+        finish.abandon = chunk.abandon  # type: ignore[attr-defined]  # for a caller interrupted before it waits
         return finish
+
+    def _write_by_io_thread(
+        self,
+        key: CacheEngineKey,
+        chunk: chunk_format.UnsealedChunk,
+        timeout: float | None = None,
+        admitted: bool = False,
+        tried: int = 0,
+    ) -> None:
+        """``_start_chunk_write`` and its wait in one ``try``: a KeyboardInterrupt landing
+        between the two (as the wait was called) left the send unabandoned, and the
+        caller's next bytes in its buffer could be hashed and stored under ``key``."""
+        try:
+            future, deadline = self._submit(
+                "put", self.connector.put_chunk, key, chunk, retry=True, timeout=timeout, admitted=admitted, tried=tried
+            )
+            self._await("put", future, deadline)
+        except BaseException:
+            chunk.abandon()
+            self._write_failed(key)
+            raise
+        self._stored(key)
 
     def _stored(self, key: CacheEngineKey) -> None:
         """Bookkeeping of a put the remote has acknowledged."""
@@ -921,11 +1090,24 @@ class LMCRemoteBackend(LMCBackendInterface):
 
     def _write_failed(self, key: CacheEngineKey) -> None:
         """Bookkeeping of a put that failed: the remote may hold an older chunk of ``key``
-        (or, for a send given up on, the new one later), so reads of it are misses."""
+        (or, for a send given up on, the new one later), so reads of it are misses.
+
+        Marks again what ``_mark_stale`` marked before the write: a put of the key
+        that succeeded meanwhile cleared the mark."""
+        self._mark_stale(key)
         self.stats.incr("put_failures")
+
+    def _mark_stale(self, key: CacheEngineKey) -> None:
+        """``key``'s reads are misses until a put or remove of it succeeds here.
+
+        Set before every write and remove, not only once one fails: a KeyboardInterrupt
+        can land anywhere in a write or in its failure's bookkeeping, and the key must
+        then read as a miss, never as the older chunk the remote may still hold (a
+        hybrid's local tiers may have the newer one). ``_stored`` clears it.
+        """
         with self._lock:
+            self._stale.add(key)  # first: one step, see _KnownKeys
             self._known.discard(key)
-            self._stale.add(key)
 
     def _stale_miss(self, key: CacheEngineKey) -> bool:
         """Whether ``key``'s latest write or remove here failed (see ``_stale``): then
@@ -939,12 +1121,25 @@ class LMCRemoteBackend(LMCBackendInterface):
         return True
 
     def _supersede(self, key: CacheEngineKey) -> bool:
-        """Drop a queued write of ``key`` and wait for one in flight; True if one was queued."""
+        """Drop a queued write of ``key`` and wait for one in flight; True if one was queued.
+        The caller marked ``key`` stale first (``_mark_stale``).
+
+        The wait is a ``_Signal``'s: an interrupted ``threading.Event.wait`` could leave
+        its lock held, and the writer then hung in ``set()`` for good (its queued bytes
+        never taken back, close() giving up on the writes queued behind it)."""
         with self._lock:
+            # Marked again under this lock: a queued write of the key that finished since
+            # the caller's mark cleared it (and made the key known), and a remove then
+            # left the key known after deleting it, or served it after failing to.
+            self._stale.add(key)
+            self._known.discard(key)
             was_pending = self._pending.pop(key, None) is not None
             writing = self._writing.get(key)
         if writing is not None:
             writing.wait(timeout=self.timeout * 2)
+            # The write that finished cleared the caller's mark (and made the key known);
+            # the caller's own put or remove is still to come.
+            self._mark_stale(key)
         return was_pending
 
     # -- reads ---------------------------------------------------------------------
@@ -1162,17 +1357,12 @@ class LMCRemoteBackend(LMCBackendInterface):
         check_key(key)
         self._check_fork()
         self._check_open()
+        # Until the delete is done the remote may still hold the chunk: a caller that goes
+        # on (a hybrid, whose local tiers did drop it) must not read it back, also when
+        # the delete failed or a KeyboardInterrupt ended it anywhere (marked first).
+        self._mark_stale(key)
         was_pending = self._supersede(key)
-        with self._lock:
-            self._known.discard(key)
-        try:
-            removed = bool(self._call("delete", self.connector.delete, key, retry=False))
-        except Exception:
-            # The remote may still hold the chunk: a caller that goes on (a hybrid, whose
-            # local tiers did drop it) must not read it back.
-            with self._lock:
-                self._stale.add(key)
-            raise
+        removed = bool(self._call("delete", self.connector.delete, key, retry=False))
         with self._lock:
             self._stale.discard(key)
         return removed or was_pending
@@ -1339,7 +1529,14 @@ class _BatchCall:
         self._group_size = group_size
         self._unfinished: set[int] = set()
         self._closed = False
-        self._cond = threading.Condition(threading.Lock())
+        # A plain lock and a bare "bell" lock, not a Condition: a KeyboardInterrupt in the
+        # caller's Condition calls left its lock held (every fetch and decode thread that
+        # touched the call then hung for good) or released twice (a RuntimeError replaced
+        # the interrupt). The stages ring the bell (release it) on every change the
+        # caller's wait must see; the caller takes it to wait.
+        self._mutex = threading.Lock()
+        self._bell = _thread.allocate_lock()
+        self._bell.acquire()
         self._submit = submit
         self._next = 0  # index into to_fetch of the next key to hand out
         # The call's one strike for running out of time: taken by the caller at the
@@ -1364,18 +1561,18 @@ class _BatchCall:
 
     def abort(self) -> None:
         """End the call now (its backend closed): the caller's ``wait`` returns at once."""
-        with self._cond:
+        with self._mutex:
             if not self._closed:
                 self.aborted = True
-                self._cond.notify_all()
+                self._ring()
 
     def mark_started(self) -> None:
         """A fetch thread took up the call: from now on its clock is the remote's."""
-        with self._cond:
+        with self._mutex:
             if not self.started and self._live():
                 self.started = True
                 self.deadline = time.monotonic() + self.timeout
-                self._cond.notify_all()  # the caller's wait recomputes its deadline
+                self._ring()  # the caller's wait recomputes its deadline
 
     def take_next(self) -> int | None:
         """The next group, formed now (None: no keys left, or the caller gave up).
@@ -1385,7 +1582,7 @@ class _BatchCall:
         be woken for it (a handoff per group cost more than a fifth of the batch's
         throughput with 2 MiB Redis values).
         """
-        with self._cond:
+        with self._mutex:
             if not self._live() or self._next >= len(self.to_fetch):
                 return None
             size = max(1, self._group_size(self))
@@ -1405,7 +1602,7 @@ class _BatchCall:
 
     def progress(self) -> None:
         """The remote answered for this call: it gets another ``timeout`` (if still live)."""
-        with self._cond:
+        with self._mutex:
             if self._live():
                 self.deadline = time.monotonic() + self.timeout
 
@@ -1416,7 +1613,7 @@ class _BatchCall:
         every group within its timeout still ends the call one timeout after the
         last progress, not one timeout per group.
         """
-        with self._cond:
+        with self._mutex:
             if not self._live() or gid not in self._unfinished:
                 return False
             if tensors is not None:
@@ -1425,11 +1622,21 @@ class _BatchCall:
                 self.deadline = time.monotonic() + self.timeout
             self._unfinished.discard(gid)
             if self._done():
-                self._cond.notify_all()
+                self._ring()
             return True
 
     def _done(self) -> bool:
         return not self._unfinished and self._next >= len(self.to_fetch)
+
+    def _ring(self) -> None:
+        """Under the lock: wake the caller's wait (a ring it has not taken yet stays)."""
+        if self._bell.locked():
+            self._bell.release()
+
+    def close(self) -> None:
+        """The caller gives up (interrupted): no group is handed out or recorded from now on."""
+        with self._mutex:
+            self._closed = True
 
     def wait(self) -> tuple[list[int], int]:
         """Block until every key is finished or the deadline, then close the call.
@@ -1438,14 +1645,14 @@ class _BatchCall:
             The groups in flight at the deadline (timed out) and the number of keys
             never handed out (not tried: misses).
         """
-        with self._cond:
-            while not self._done() and not self.aborted:
+        while True:
+            with self._mutex:
                 left = self._end() - time.monotonic()  # moves on with each progress
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            self._closed = True
-            return sorted(self._unfinished), len(self.to_fetch) - self._next
+                if self._done() or self.aborted or left <= 0:
+                    self._closed = True
+                    return sorted(self._unfinished), len(self.to_fetch) - self._next
+            # A ring since the state was read above returns at once.
+            self._bell.acquire(True, min(left, threading.TIMEOUT_MAX))
 
 
 class LMCPipelinedRemoteBackend(LMCRemoteBackend):
@@ -1509,11 +1716,28 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
         # The stages start with the first batched_get: a backend that only writes
         # (or only gets one key at a time) never holds their threads.
         self._stage_threads: list[threading.Thread] = []
+        self._stage_claim = itertools.count()  # the first next() starts them
         # Calls in flight, for close() to end (weak: a finished call is gone).
         self._calls: weakref.WeakSet[_BatchCall] = weakref.WeakSet()
 
     def _start_stages(self) -> None:
+        """Have the stage threads started (by a thread of their own, once); never waits:
+        the call's groups wait in the fetch queue meanwhile.
+
+        ``Thread.start`` waits for the new thread through a ``threading.Event``: a
+        KeyboardInterrupt in that wait on the caller's thread could leave its lock held
+        (the new thread then hung before running), and one between two starts left the
+        stages half started and unrecorded (close() never ended them).
+        """
         if self._stage_threads:
+            return
+        try:
+            _thread.start_new_thread(self._start_stages_once, ())
+        except RuntimeError:  # no new threads (interpreter exit): start them here
+            self._start_stages_once()
+
+    def _start_stages_once(self) -> None:
+        if next(self._stage_claim) != 0:
             return
         with self._lock:
             if self._stage_threads or self._closed:
@@ -1525,9 +1749,9 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
                 threading.Thread(target=self.deserialize_worker, name=f"lmcache-remote-decode-{i}", daemon=True)
                 for i in range(self.decode_workers)
             ]
+            self._stage_threads = threads  # seen started by all: the lock is held until they are
             for t in threads:
                 t.start()
-            self._stage_threads = threads
 
     def describe(self) -> str:
         return f"remote {self.display_url} (pipelined)"
@@ -1705,8 +1929,12 @@ class LMCPipelinedRemoteBackend(LMCRemoteBackend):
         if closing:
             self.stats.incr("misses", len(to_fetch))
             return results
-        call.start()
-        unfinished, not_sent = call.wait()
+        try:
+            call.start()
+            unfinished, not_sent = call.wait()
+        except BaseException:
+            call.close()  # interrupted: the stages drop the rest of the call
+            raise
         if call.aborted:  # the backend closed under it: misses, not the remote's timeouts
             self.stats.incr("misses", sum(len(call.groups[gid]) for gid in unfinished) + not_sent)
             unfinished, not_sent = [], 0

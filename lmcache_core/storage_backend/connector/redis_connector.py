@@ -491,17 +491,21 @@ class RedisConnector(RemoteConnector):
             if conn is None:
                 return None
             _arriving.payload, _arriving.deadline = payload, deadline
+            clean = False  # set once the reply is read: only then may others use the connection
             try:
                 _send_by(conn, conn.pack_command("GET", name), deadline)
                 value = _none_on_wrongtype(redis, lambda: conn.read_response(timeout=_time_left(deadline)))
+                clean = True
             except redis.exceptions.ResponseError:
-                raise  # the server answered: the connection is fine
-            except BaseException:
-                conn.disconnect()  # a reply half read must not reach the next user
+                clean = True  # the server answered: the connection is fine
                 raise
             finally:
                 _arriving.payload = _arriving.deadline = None
-                pool.release(conn)
+                try:
+                    _give_back(pool, conn, clean)
+                except BaseException:  # interrupted giving it back: closed, it goes back now
+                    _give_back_unless_released(pool, conn)
+                    raise
         except (redis.exceptions.RedisError, OSError) as exc:
             raise self._store_error("GET", exc) from exc
         self.learn_value_sizes((value,))
@@ -615,16 +619,20 @@ class RedisConnector(RemoteConnector):
             conn = _take_open_connection(pool, redis)
             if conn is None:
                 return False
+            clean = False  # set once the reply is read: only then may others use the connection
             try:
                 _send_by(conn, parts, deadline)
                 conn.read_response(timeout=_time_left(deadline))
+                clean = True
             except redis.exceptions.ResponseError:
-                raise  # the server answered: the connection is fine
-            except BaseException:
-                conn.disconnect()  # a half-sent command must not reach the next user
+                clean = True  # the server answered: the connection is fine
                 raise
             finally:
-                pool.release(conn)
+                try:
+                    _give_back(pool, conn, clean)
+                except BaseException:  # interrupted giving it back: closed, it goes back now
+                    _give_back_unless_released(pool, conn)
+                    raise
         except (redis.exceptions.RedisError, OSError) as exc:
             raise self._store_error("SET", exc) from exc
         return True
@@ -1094,7 +1102,12 @@ class _ChunkValuePacker:
         self._plain = PythonRespSerializer(6000, self._encode)
 
     def pack(self, *args: Any) -> Iterable[bytes | memoryview]:
-        if not any(type(a) is ChunkValue or isinstance(a, chunk_format.UnsealedChunk) for a in args):
+        # A loop, not any() over a generator: one it leaves unfinished is closed as it is
+        # freed, and an interrupt landing in that close is ignored by Python (a lost Ctrl-C).
+        for a in args:
+            if type(a) is ChunkValue or isinstance(a, chunk_format.UnsealedChunk):
+                break
+        else:
             return self._plain.pack(*args)  # type: ignore[no-any-return]
         if isinstance(args[0], str) and " " in args[0]:
             args = tuple(args[0].encode().split()) + args[1:]
@@ -1153,7 +1166,10 @@ def _waiting_pool_class() -> type:
         def reset(self) -> None:
             # Also run by __init__ and after a fork (a condition a parent thread held
             # at fork() would stay held in the child).
-            self._room = threading.Condition(threading.Lock())
+            # Entered through the plain lock (C-level __enter__): a KeyboardInterrupt in
+            # Condition.__enter__ (Python) could leave it held, and every release() hung.
+            self._room_lock = threading.Lock()
+            self._room = threading.Condition(self._room_lock)
             self._freed = 0  # connections released so far: a waiter wakes on a change
             super().reset()
 
@@ -1166,7 +1182,7 @@ def _waiting_pool_class() -> type:
                 except RedisConnectionError as exc:
                     if not pool_full(exc):
                         raise
-                    with self._room:
+                    with self._room_lock:
                         while self._freed == freed:
                             left = deadline - time.monotonic()
                             if left <= 0:
@@ -1175,7 +1191,7 @@ def _waiting_pool_class() -> type:
 
         def release(self, connection: Any) -> None:
             super().release(connection)
-            with self._room:
+            with self._room_lock:
                 self._freed += 1
                 self._room.notify()
 
@@ -1252,24 +1268,54 @@ def _take_open_connection(pool: Any, redis: Any) -> Any | None:
     is off where they are missing).
     """
     pool._checkpid()
-    with pool._lock:
-        idle = pool._available_connections
-        for i in range(len(idle) - 1, -1, -1):
-            if getattr(idle[i], "_sock", None) is not None:
-                conn = idle.pop(i)
-                pool._in_use_connections.add(conn)
-                break
-        else:
-            return None
+    conn = None
     try:
-        stale = conn.can_read(timeout=0)  # a reply nobody read, or the server's EOF
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
-        stale = True
+        with pool._lock:
+            idle = pool._available_connections
+            for i in range(len(idle) - 1, -1, -1):
+                if getattr(idle[i], "_sock", None) is not None:
+                    conn = idle[i]
+                    del idle[i]  # no call between taking it and counting it in use
+                    pool._in_use_connections.add(conn)
+                    break
+            else:
+                return None
+        try:
+            stale = conn.can_read(timeout=0)  # a reply nobody read, or the server's EOF
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+            stale = True
+    except BaseException:  # a KeyboardInterrupt: the connection goes back, closed
+        if conn is not None:
+            _give_back(pool, conn, False)
+        raise
     if stale:
-        conn.disconnect()
-        pool.release(conn)
+        _give_back(pool, conn, False)
         return None
     return conn
+
+
+def _give_back(pool: Any, conn: Any, clean: bool) -> None:
+    """Return a connection ``_take_open_connection`` took; one not ``clean`` (a command
+    half sent, a reply not read) is closed first.
+
+    Closed, then released: a KeyboardInterrupt landing in the close leaves it out of
+    the pool for good (a connection lost), never in it with a reply the next user
+    would read as its own (released first, or released by a ``finally`` that ran
+    after an interrupted close, it gave later calls the previous call's reply).
+    """
+    if not clean:
+        conn.disconnect()
+    pool.release(conn)
+
+
+def _give_back_unless_released(pool: Any, conn: Any) -> None:
+    """``_give_back`` of a connection not known clean, after one was interrupted (the
+    caller's ``finally``: the interrupt landed at the call, before any of it ran): unless
+    it got as far as taking the connection out of the pool's in-use set."""
+    with pool._lock:
+        in_use = conn in pool._in_use_connections
+    if in_use:
+        _give_back(pool, conn, False)
 
 
 def _send_by(conn: Any, parts: Iterable[bytes | memoryview], deadline: float) -> None:
