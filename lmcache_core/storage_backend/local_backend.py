@@ -514,6 +514,21 @@ FULL_DISK_BACKOFF_S = 60.0
 FULL_DISK_BACKOFF_MAX_S = 3600.0
 
 
+def _discard_mark(marks: dict[CacheEngineKey, set[int]], key: CacheEngineKey, mark: int) -> bool:
+    """Take ``mark`` out of ``marks[key]``, the key out once it has none; whether it has none.
+
+    Idempotent, so a clean-up an interrupt landed in may simply be done again.
+    """
+    held = marks.get(key)
+    if held is None:
+        return True
+    held.discard(mark)
+    if held:
+        return False
+    del marks[key]
+    return True
+
+
 class _Victims(builtins.list):  # type: ignore[type-arg]
     """Keys one eviction took out of the disk tier's index, with the token of their drop marks."""
 
@@ -908,13 +923,8 @@ class LMCLocalDiskBackend(LMCBackendInterface):
 
     def _end_locked(self, key: CacheEngineKey, seq: int) -> None:
         """Put ``seq`` of ``key`` is no longer in flight. Idempotent."""
-        seqs = self._inflight.get(key)
-        if seqs is None:
-            return
-        seqs.discard(seq)
-        if not seqs:
-            del self._inflight[key]
-            self._floor.pop(key, None)
+        if _discard_mark(self._inflight, key, seq):
+            self._floor.pop(key, None)  # kept only while puts of the key are in flight
 
     def _stale_locked(self, key: CacheEngineKey, seq: int) -> bool:
         return self._floor.get(key, -1) > seq
@@ -1146,12 +1156,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
 
     def _undrop_locked(self, key: CacheEngineKey, token: int) -> None:
         """Take back eviction ``token``'s mark on ``key`` (under ``_lock``). Idempotent."""
-        marks = self._dropping.get(key)
-        if marks is None:
-            return
-        marks.discard(token)
-        if not marks:
-            del self._dropping[key]
+        _discard_mark(self._dropping, key, token)
 
     def _undrop(self, key: CacheEngineKey, token: int) -> None:
         with self._lock:
