@@ -558,7 +558,13 @@ class LMCHybridBackend(LMCBackendInterface):
             True when every tier in ``tiers`` got the chunk; False when a write of
             ``key`` superseded the fill (nothing written) or a tier skipped it.
         """
-        disk = next((t for _, t in tiers if isinstance(t, LMCLocalDiskBackend)), None)
+        # A loop, not next() over a generator: an interrupt landing as that generator was
+        # closed was printed as "Exception ignored" and lost (the Ctrl-C did nothing).
+        disk = None
+        for _, tier in tiers:
+            if isinstance(tier, LMCLocalDiskBackend):
+                disk = tier
+                break
         disk_room = disk is not None and disk.wait_for_queue_room(chunk.numel() * chunk.element_size(), 0.0)
         if disk is not None and not disk_room:
             self.stats.incr("fills_skipped_backlog")
