@@ -640,6 +640,11 @@ def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor, 
     state = xxhash.xxh3_128()
     inline = n < SPLIT_READ_MIN_BYTES or helper is ALONE
     pread = None if inline else _positional_reader(f)
+    if pread is not None and n and not _cached(f, f.tell() + n - 1):
+        # A cold file: one thread reading in order keeps the kernel's readahead going,
+        # where two reading pieces at spread offsets defeated it (32 MiB cold reads:
+        # 0.92-1.06x a raw header + payload readinto alone, 0.75-0.84x split).
+        inline, pread = True, None
     if inline:
         piece = n if 0 < n <= WHOLE_READ_BYTES else READ_PIECE_BYTES
         for start in range(0, n, piece):
@@ -669,6 +674,24 @@ def read_payload_verified(f: BinaryIO, header: ChunkHeader, dest: torch.Tensor, 
 
 
 _PositionalReader = Callable[[memoryview, int], int]
+
+_PROBE = bytearray(1)  # what _cached reads into (shared: its bytes are never looked at)
+
+
+def _cached(f: Any, offset: int) -> bool:
+    """Whether the byte at ``offset`` of the plain file ``f`` is in the page cache: a
+    ``preadv`` with ``RWF_NOWAIT`` fails with EAGAIN instead of reading the disk. True
+    where that cannot be told (no such flag, no descriptor, a filesystem refusing it)."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None:
+        return True
+    try:
+        os.preadv(f.fileno(), [_PROBE], offset, flag)
+    except BlockingIOError:
+        return False
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return True
+    return True
 
 
 def _submit(pool: Any, fn: Callable[..., Any], *args: Any) -> Any:
