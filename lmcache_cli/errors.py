@@ -34,8 +34,15 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ct
 
 def end_interrupted(message: str = "error: interrupted\n") -> None:
     """Write ``message`` to stderr and end the process at once with ``EXIT_INTERRUPTED``
-    (the last word of a Ctrl-C whose KeyboardInterrupt did not end it in time)."""
+    (the last word of a Ctrl-C whose KeyboardInterrupt did not end it in time).
+    Store warnings still held (``log_lines``) come first: they say why it hung."""
     try:
+        try:
+            from lmcache_cli.log_lines import release_store_warnings
+
+            release_store_warnings(last=True)
+        except BaseException:  # the process ends here whatever happens
+            pass
         os.write(2, message.encode())
     finally:
         os._exit(EXIT_INTERRUPTED)
@@ -172,8 +179,9 @@ class ErrorReportingGroup(TyperGroup):
             return self._invoke_reporting(ctx)
         finally:
             # Store warnings held while the command ran and not said by an error line
-            # (see log_lines): after a success, an exit or an interrupt, all of them.
-            release_store_warnings()
+            # (see log_lines): after a success, an exit or an interrupt, all of them;
+            # later ones (threads still running, the exit drain) print as they come.
+            release_store_warnings(last=True)
 
     def _invoke_reporting(self, ctx: Any) -> Any:
         from lmcache_cli.log_lines import release_store_warnings

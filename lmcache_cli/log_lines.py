@@ -22,6 +22,7 @@ import logging
 import re
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -51,11 +52,19 @@ class _OneLineFormatter(logging.Formatter):
         return one_line(mask_secrets(text))
 
 
+#: Seconds a store's warning is held at most: a command that fails fails within a few
+#: (a refused connection at once, a timeout within ``remote_timeout``), and one that
+#: goes on for minutes (``warm`` against a flapping remote) must still show why it stalls.
+HOLD_S = 5.0
+
+
 @dataclass(frozen=True)
 class _Held:
     line: str  # the formatted ``warning:`` line
     message: str  # the record's message, masked, one line
-    stores: tuple[str, ...]  # the store URLs it names
+    stores: frozenset[str]  # the store URLs it names
+    cause: bool  # it says why a store failed (not a breaker's "answered again" line)
+    at: float  # time.monotonic() when held
 
 
 def is_store_failure(record: logging.LogRecord) -> bool:
@@ -70,12 +79,17 @@ def is_store_failure(record: logging.LogRecord) -> bool:
     """
     if record.levelno != logging.WARNING or not record.name.startswith(_STORE_LOGGERS):
         return False
+    return _says_why(record) or record.name.endswith(".circuit")
+
+
+def _says_why(record: logging.LogRecord) -> bool:
+    """Whether ``record`` carries the reason a store failed (its ``OSError``, or a "refused:" text)."""
     args = record.args if isinstance(record.args, tuple) else ()
-    return (
-        any(isinstance(arg, OSError) for arg in args)
-        or record.name.endswith(".circuit")
-        or " refused: " in str(record.msg)
-    )
+    return any(isinstance(arg, OSError) for arg in args) or " refused: " in str(record.msg)
+
+
+def _urls(text: str) -> frozenset[str]:
+    return frozenset(_URL.findall(text))
 
 
 class HoldingHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -90,6 +104,7 @@ class HoldingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.holding = not debug
         self._held: list[_Held] = []
         self._held_lock = threading.Lock()
+        self._timer: threading.Timer | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         if not (self.holding and is_store_failure(record)):
@@ -102,30 +117,63 @@ class HoldingHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
             return
         with self._held_lock:
-            self._held.append(_Held(line, message, tuple(_URL.findall(message))))
+            self._held.append(_Held(line, message, _urls(message), _says_why(record), time.monotonic()))
+            if self._timer is None:
+                self._start_timer_locked(HOLD_S)
 
-    def release_held(self, reported: str | None) -> None:
-        """Write the held lines, leaving out those about a store ``reported`` names."""
+    def _start_timer_locked(self, delay: float) -> None:
+        self._timer = threading.Timer(delay, self._release_old)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _release_old(self) -> None:
+        """Write the lines held ``HOLD_S`` or longer (the timer's; see ``HOLD_S``)."""
+        with self._held_lock:
+            self._timer = None
+            now = time.monotonic()
+            old = [item for item in self._held if now - item.at >= HOLD_S]
+            self._held = [item for item in self._held if now - item.at < HOLD_S]
+            if self._held:
+                self._start_timer_locked(max(0.05, HOLD_S - (now - self._held[0].at)))
+        self._write(old)
+
+    def _write(self, items: list[_Held]) -> None:
+        if not items:
+            return
+        # The handler's own lock, so no line lands inside another record's; bounded, as
+        # end_interrupted's timer thread comes here while the main thread may hold it.
+        locked = self.lock is not None and self.lock.acquire(timeout=1.0)
+        try:
+            for item in items:
+                self.stream.write(item.line + self.terminator)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr gone: nothing more can be said
+        finally:
+            if locked and self.lock is not None:
+                self.lock.release()
+
+    def release_held(self, reported: str | None, *, last: bool = False) -> None:
+        """Write the held lines, leaving out those about a store ``reported`` names (the
+        same URL exactly: ``s3://b/p`` is not ``s3://b/p2``). ``last``: hold nothing more."""
         with self._held_lock:
             held, self._held = self._held, []
-        masked = mask_secrets(reported) if reported is not None else ""
-        for item in held:
-            if reported is not None and any(url in masked for url in item.stores):
-                continue  # the error line says it
-            try:
-                self.stream.write(item.line + self.terminator)
-            except (OSError, ValueError):
-                return  # stderr gone: nothing more can be said
-        self.flush()
+            if last:
+                self.holding = False
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        named = _urls(mask_secrets(reported)) if reported is not None else frozenset()
+        self._write([item for item in held if not item.stores & named])
 
     def held_cause(self, about: str) -> str | None:
         """What the last held warning about a store ``about`` names says, without the store's name."""
         with self._held_lock:
             held = list(self._held)
-        masked = mask_secrets(about)
+        wanted = _urls(mask_secrets(about))
         for item in reversed(held):
-            named = [url for url in item.stores if url in masked]
-            if named:
+            named = item.stores & wanted
+            if named and item.cause:
                 text = item.message
                 for url in named:
                     text = text.replace(f"{url}: ", "")
@@ -140,16 +188,18 @@ def _installed() -> HoldingHandler | None:
     return None
 
 
-def release_store_warnings(reported: str | None = None) -> None:
+def release_store_warnings(reported: str | None = None, *, last: bool = False) -> None:
     """Print the store warnings held so far before the command's next (or last) line.
 
     Args:
         reported: the error line about to be printed: held warnings about a store it
             names are dropped, it says so. None: print them all (the command succeeded).
+        last: the command has ended: from now on (worker threads still running, the
+            exit drain) warnings print as they come.
     """
     handler = _installed()
     if handler is not None:
-        handler.release_held(reported)
+        handler.release_held(reported, last=last)
 
 
 def store_failure_cause(about: str) -> str | None:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lmcache_cli import log_lines
 from lmcache_cli.log_lines import HoldingHandler, is_store_failure
 from lmcache_core.errors import StoreDeniedError
 from tests.servers_redis import RedisServer, free_port
@@ -183,3 +187,58 @@ def test_debug_holds_nothing() -> None:
     handler = HoldingHandler(stream, debug=True)
     handler.handle(_record("lmcache_core.storage_backend.circuit", "%s: circuit open", "redis://h:1/0"))
     assert "circuit open" in stream.getvalue()
+
+
+def test_a_store_named_like_another_is_not_taken_for_it() -> None:
+    """URLs are compared whole: an error about s3://bucket/p2 says nothing of s3://bucket/p."""
+    stream = io.StringIO()
+    handler = HoldingHandler(stream, debug=False)
+    handler.handle(_record("lmcache_core.storage_backend.remote_backend", "%s: %s refused: %s", "s3://bucket/p", "list", "AccessDenied"))  # fmt: skip
+    assert handler.held_cause("store unavailable: s3://bucket/p2: put: timed out") is None
+    handler.release_held("store unavailable: s3://bucket/p2: put: timed out")
+    assert stream.getvalue() == "warning: s3://bucket/p: list refused: AccessDenied\n"
+
+
+def test_a_breakers_recovery_line_is_never_given_as_the_cause() -> None:
+    stream = io.StringIO()
+    handler = HoldingHandler(stream, debug=False)
+    url = "redis://h:6379/0"
+    handler.handle(_record("lmcache_core.storage_backend.circuit", "%s: %d consecutive failures, circuit open", url, 5))
+    handler.handle(_record("lmcache_core.storage_backend.circuit", "%s: remote answered again, circuit closed", url))
+    assert handler.held_cause(f"could not ask {url}") is None
+    handler.handle(_record("lmcache_core.storage_backend.remote_backend", "%s: %s refused: %s", url, "exists", "EXISTS: down"))
+    assert handler.held_cause(f"could not ask {url}") == "exists refused: EXISTS: down"
+
+
+def test_a_held_warning_is_printed_after_a_few_seconds_on_a_command_that_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long command (warm against a flapping remote) shows why it stalls while it runs."""
+    monkeypatch.setattr(log_lines, "HOLD_S", 0.2)
+    stream = io.StringIO()
+    handler = HoldingHandler(stream, debug=False)
+    handler.handle(_record("lmcache_core.storage_backend.remote_backend", "%s: %s refused: %s", "s3://b/p", "put", "slow down"))  # fmt: skip
+    assert stream.getvalue() == ""
+    deadline = time.monotonic() + 5
+    while not stream.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert stream.getvalue() == "warning: s3://b/p: put refused: slow down\n"
+    handler.release_held(None, last=True)
+    assert stream.getvalue().count("warning:") == 1  # not twice
+    handler.handle(_record("lmcache_core.storage_backend.remote_backend", "%s: %s refused: %s", "s3://b/p", "get", "x"))
+    assert stream.getvalue().endswith("warning: s3://b/p: get refused: x\n")  # the command ended: no holding
+
+
+def test_warnings_held_when_ctrl_c_ends_the_process_are_printed_first(tmp_path: Path) -> None:
+    """end_interrupted (the grace timer after Ctrl-C, bench's second Ctrl-C) ends the
+    process with os._exit: the warnings still held explained the hang, and were lost."""
+    code = (
+        "import logging\n"
+        "from lmcache_cli.log_lines import install_log_handler\n"
+        "from lmcache_cli.errors import end_interrupted\n"
+        "install_log_handler()\n"
+        "logging.getLogger('lmcache_core.storage_backend.remote_backend').warning("
+        "'%s: %s refused: %s', 'redis://h:1/0', 'exists', ConnectionError('down'))\n"
+        "end_interrupted()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 130
+    assert proc.stderr.splitlines() == ["warning: redis://h:1/0: exists refused: down", "error: interrupted"], proc.stderr
