@@ -173,3 +173,37 @@ def test_a_hybrid_whose_background_disk_write_failed_serves_no_older_chunk(tmp_p
         assert got is None or torch.equal(got, _chunk(2)), "the older chunk was served"
     finally:
         store.close()
+
+
+def test_a_remove_while_an_older_put_commits_leaves_the_key_removed(tmp_path: Path) -> None:
+    """A queued put past its stale check, its rename held, while the key is removed.
+
+    The remove used to let go of the key's lock between raising the floor and the
+    unlink: the put committed in between, and was kept as if it were newer (the
+    removed key came back; seen as a flaky conformance failure of the hybrid)."""
+    store = LMCLocalDiskBackend(
+        LMCacheEngineConfig(local_device=None, local_disk=str(tmp_path / "d")), None, "cpu", put_workers=1
+    )
+    at_rename, gate = threading.Event(), threading.Event()
+
+    def held_rename(op: str, path: str) -> None:
+        if op == "replace":
+            at_rename.set()
+            gate.wait(WAIT_S)
+
+    try:
+        with disk_io.fault_hook(_writer_only(held_rename)):
+            store.put_nonblocking(_key(1), _chunk(1))
+            assert at_rename.wait(WAIT_S)  # the writer holds the key's lock, its check passed
+            remover = threading.Thread(target=store.remove, args=(_key(1),))
+            remover.start()
+            time.sleep(0.2)  # the remove is under way (waiting for the key's lock, now)
+            gate.set()
+            remover.join(WAIT_S)
+            assert not remover.is_alive()
+        assert not store.contains(_key(1))
+        assert store.get(_key(1)) is None
+        assert not list((tmp_path / "d").rglob("*.safetensors"))
+    finally:
+        gate.set()
+        store.close()

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import itertools
 import logging
@@ -893,17 +894,18 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         meanwhile is left alone. Failures here are logged only (the put's are counted).
         """
         marked: builtins.list[CacheEngineKey] = []
-        try:
-            with self._lock:
-                if self._stale_locked(key, seq):
-                    return  # a newer put or a remove committed since: that is the key's now
-                self._floor[key] = seq
-                marked = self._evict_locked([key])
-        finally:
+        with self._key_lock(key):  # throughout, as _drop: no older put commits in between
             try:
-                self._unlink_evicted(marked, stat="failed_put_forgotten")
-            except Exception as exc:
-                logger.warning("removing the older chunk of %s after its put failed: %s", key, exc)
+                with self._lock:
+                    if self._stale_locked(key, seq):
+                        return  # a newer put or a remove committed since: that is the key's now
+                    self._floor[key] = seq
+                    marked = self._evict_locked([key])
+            finally:
+                try:
+                    self._unlink_evicted(marked, stat="failed_put_forgotten", key_locked=True)
+                except Exception as exc:
+                    logger.warning("removing the older chunk of %s after its put failed: %s", key, exc)
 
     def _begin_locked(self, key: CacheEngineKey) -> int:
         """A new sequence number for a put of ``key``, counted in flight (under ``_lock``).
@@ -1163,12 +1165,18 @@ class LMCLocalDiskBackend(LMCBackendInterface):
             self._undrop_locked(key, token)
 
     def _unlink_evicted(
-        self, victims: builtins.list[CacheEngineKey], *, stat: str | None = "evictions", strict: bool = False
+        self,
+        victims: builtins.list[CacheEngineKey],
+        *,
+        stat: str | None = "evictions",
+        strict: bool = False,
+        key_locked: bool = False,
     ) -> int:
         """Unlink the files of ``victims`` (``_evict_locked``'s); how many went (counted as ``stat``).
 
         A failed unlink (other than a file already gone) is logged, or with ``strict``
         raised once its victim's mark is taken back (a remove must report it).
+        ``key_locked``: the caller holds the victims' key lock (one victim) already.
 
         Each victim's mark is taken back once its file is dealt with (unlinked, gone,
         or kept because a put committed it again), never before: called again after an
@@ -1180,7 +1188,7 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         token = victims.token
         unlinked = 0
         for victim in victims:
-            with self._key_lock(victim):
+            with contextlib.nullcontext() if key_locked else self._key_lock(victim):
                 with self._lock:
                     # A put committed it again since (that file is new), or this victim
                     # was dealt with already: keep it.
@@ -1215,19 +1223,24 @@ class LMCLocalDiskBackend(LMCBackendInterface):
         submitted after it and committed meanwhile is kept (it is newer).
         """
         marked: builtins.list[CacheEngineKey] = []
-        try:
-            with self._lock:
-                if supersede and key in self._inflight:
-                    self._floor[key] = next(self._seq)
-                marked = self._evict_locked([key])
-        finally:
+        # The key's lock throughout: a put of the key that passed its stale check before
+        # the floor went up must commit before this (then its file is unlinked here) or
+        # not at all; with the lock let go between, it committed in the gap, lowered the
+        # floor and was kept as if newer (a removed key came back).
+        with self._key_lock(key):
             try:
-                gone = self._unlink_evicted(marked, stat=None, strict=True)
-            except BaseException:
-                # An interrupt landed in the first: once more (idempotent). After an
-                # unlink error it finds the mark taken back and does nothing.
-                self._unlink_evicted(marked, stat=None, strict=True)
-                raise
+                with self._lock:
+                    if supersede and key in self._inflight:
+                        self._floor[key] = next(self._seq)
+                    marked = self._evict_locked([key])
+            finally:
+                try:
+                    gone = self._unlink_evicted(marked, stat=None, strict=True, key_locked=True)
+                except BaseException:
+                    # An interrupt landed in the first: once more (idempotent). After an
+                    # unlink error it finds the mark taken back and does nothing.
+                    self._unlink_evicted(marked, stat=None, strict=True, key_locked=True)
+                    raise
         return gone > 0
 
     def _learn(self, key: CacheEngineKey, path: str) -> None:
