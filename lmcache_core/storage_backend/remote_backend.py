@@ -822,8 +822,7 @@ class LMCRemoteBackend(LMCBackendInterface):
     def put_blocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
         """Store now, bounded by ``remote_timeout``. Thread-safe."""
         self._check_put(key, kv_chunk)
-        self._mark_stale(key)  # first: see _mark_stale
-        self._supersede(key)
+        self._supersede(key)  # marks the key stale first: see _mark_stale
         self._write(key, kv_chunk)
 
     def start_put(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> Callable[[], None]:
@@ -847,8 +846,7 @@ class LMCRemoteBackend(LMCBackendInterface):
                 or timed out (from the wait).
         """
         self._check_put(key, kv_chunk)
-        self._mark_stale(key)  # first: see _mark_stale
-        self._supersede(key)
+        self._supersede(key)  # marks the key stale first: see _mark_stale
         return self._start_write(key, kv_chunk)
 
     def put_nonblocking(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> None:
@@ -1121,16 +1119,17 @@ class LMCRemoteBackend(LMCBackendInterface):
         return True
 
     def _supersede(self, key: CacheEngineKey) -> bool:
-        """Drop a queued write of ``key`` and wait for one in flight; True if one was queued.
-        The caller marked ``key`` stale first (``_mark_stale``).
+        """Mark ``key`` stale (``_mark_stale``), drop a queued write of it and wait for one
+        in flight; True if one was queued. Called before a put or remove of ``key``.
 
         The wait is a ``_Signal``'s: an interrupted ``threading.Event.wait`` could leave
         its lock held, and the writer then hung in ``set()`` for good (its queued bytes
         never taken back, close() giving up on the writes queued behind it)."""
         with self._lock:
-            # Marked again under this lock: a queued write of the key that finished since
-            # the caller's mark cleared it (and made the key known), and a remove then
-            # left the key known after deleting it, or served it after failing to.
+            # First, in the one lock hold that also looks for a queued write: a mark made
+            # in a hold of its own let a queued write of the key finish in between and
+            # clear it (and make the key known), and a remove then left the key known
+            # after deleting it, or served it after failing to.
             self._stale.add(key)
             self._known.discard(key)
             was_pending = self._pending.pop(key, None) is not None
@@ -1360,8 +1359,7 @@ class LMCRemoteBackend(LMCBackendInterface):
         # Until the delete is done the remote may still hold the chunk: a caller that goes
         # on (a hybrid, whose local tiers did drop it) must not read it back, also when
         # the delete failed or a KeyboardInterrupt ended it anywhere (marked first).
-        self._mark_stale(key)
-        was_pending = self._supersede(key)
+        was_pending = self._supersede(key)  # marks the key stale first
         removed = bool(self._call("delete", self.connector.delete, key, retry=False))
         with self._lock:
             self._stale.discard(key)
