@@ -364,7 +364,8 @@ def small_chunk_limits(rows: list[dict[str, Any]]) -> list[str]:
         f"work, ran at {ceiling:.2f}x `readinto` alone (median of the runs), against {row['ratio']:.2f}x "
         "for the get; the rest is the get's own work around its read and hash (opening the file, its "
         "header, a pool buffer and the tensor views, the index). Gets of "
-        f"{SPLIT_READ_MIN_BYTES >> 20} MiB or more split reading and hashing over two threads.",
+        f"{SPLIT_READ_MIN_BYTES >> 20} MiB or more split reading and hashing over two threads when the file "
+        "is in the page cache, and read a cold one in order on one thread (the kernel's readahead).",
         "",
     ]
 
