@@ -46,12 +46,20 @@ def store(tmp_path: Path) -> str:
 def on_terminal(args: list[str]) -> tuple[int, str]:
     """Run ``lmcache ARGS`` with stdout and stderr on a pseudo-terminal, as a person
     at a shell does; (exit code, output without colour codes)."""
+    code, _, output = on_pty(args, pipe_stdout=False)
+    return code, output
+
+
+def on_pty(args: list[str], *, pipe_stdout: bool) -> tuple[int, str, str]:
+    """Run ``lmcache ARGS`` with stderr (and stdout, unless ``pipe_stdout``: as in
+    ``lmcache ... --format json | jq``) on a pseudo-terminal; (exit code, piped stdout,
+    terminal output without colour codes)."""
     main, child = pty.openpty()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
     env.update(COLUMNS="200", LINES="50", TERM="xterm")
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from lmcache_cli.main import main; sys.argv[0] = 'lmcache'; main()", *args],
-        stdin=subprocess.DEVNULL, stdout=child, stderr=child, env=env,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if pipe_stdout else child, stderr=child, env=env,
     )  # fmt: skip
     os.close(child)
     chunks = []
@@ -64,8 +72,9 @@ def on_terminal(args: list[str]) -> tuple[int, str]:
             break
         chunks.append(data)
     os.close(main)
+    stdout = proc.stdout.read().decode() if proc.stdout is not None else ""
     code = proc.wait(timeout=120)
-    return code, _ANSI.sub("", b"".join(chunks).decode("utf-8", "replace"))
+    return code, stdout, _ANSI.sub("", b"".join(chunks).decode("utf-8", "replace"))
 
 
 # -- A: table cells on a terminal are text, never markup -----------------------------------

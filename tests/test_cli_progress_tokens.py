@@ -5,11 +5,7 @@ terminal leaves results, and JSON on stdout, exactly as they were."""
 from __future__ import annotations
 
 import json
-import os
-import pty
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +14,7 @@ import torch
 from lmcache_core.config import LMCacheEngineConfig
 from lmcache_core.store_ops import Store, prefix_lookup, read_prefix
 from lmcache_core.tokens import ChunkedKVStore
-from tests.test_cli_audit4 import on_terminal
+from tests.test_cli_audit4 import on_pty, on_terminal
 from tests.test_cli_audit_fixes import lmcache
 
 pytestmark = pytest.mark.usefixtures("private_cli_env")
@@ -123,34 +119,10 @@ def _prompt_file(tmp_path: Path, tokens: list[int]) -> Path:
     return path
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
-
-
 def _stderr_on_terminal(args: list[str]) -> tuple[int, str, str]:
-    """``lmcache ARGS`` with stderr on a pseudo-terminal (bars drawn) and stdout piped,
-    as in ``lmcache ... --format json | jq``; (exit code, stdout, stderr)."""
-    main, child = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
-    env.update(COLUMNS="200", LINES="50", TERM="xterm")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from lmcache_cli.main import main; sys.argv[0] = 'lmcache'; main()", *args],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=child, env=env,
-    )  # fmt: skip
-    os.close(child)
-    chunks = []
-    while True:
-        try:
-            data = os.read(main, 65536)
-        except OSError:  # EIO: the child closed its end
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(main)
-    assert proc.stdout is not None
-    stdout = proc.stdout.read().decode()
-    code = proc.wait(timeout=120)
-    return code, stdout, _ANSI.sub("", b"".join(chunks).decode("utf-8", "replace"))
+    """``lmcache ARGS`` with stderr on a pseudo-terminal (bars drawn) and stdout piped;
+    (exit code, stdout, stderr)."""
+    return on_pty(args, pipe_stdout=True)
 
 
 def _prefix_file(path: Path) -> tuple[bytes, dict[str, str] | None]:
