@@ -536,21 +536,27 @@ def _memory_in_step(store: LMCLocalBackend, where: str) -> None:
         assert dict(index.items()) == sizes, f"{where}: index sizes and stored bytes differ"
 
 
+def _evicting_put_or_remove(store: Any, op: str, keys: int, rng: random.Random) -> Callable[[], None]:
+    """Fill ``store`` with ``keys`` chunks; a step that puts a new key (evicting one) or
+    removes one of them."""
+    for i in range(keys):
+        store.put(_key(i), _chunk(i))
+    fresh = iter(range(1000, 10**6))
+
+    def step() -> None:
+        if op == "remove":
+            store.remove(_key(rng.randrange(keys)))
+        else:
+            store.put(_key(next(fresh)), _chunk(3))
+
+    return step
+
+
 @pytest.mark.parametrize("op", ["evicting put", "remove"])
 def test_an_interrupted_eviction_or_removal_on_the_memory_tier_keeps_index_and_chunks_in_step(op: str) -> None:
     store = LMCLocalBackend(LMCacheEngineConfig(max_local_cache_size=0.0001), None, "cpu")
-    rng = random.Random(11)
     try:
-        for i in range(12):
-            store.put(_key(i), _chunk(i))
-        fresh = iter(range(1000, 10**6))
-
-        def step() -> None:
-            if op == "remove":
-                store.remove(_key(rng.randrange(12)))
-            else:
-                store.put(_key(next(fresh)), _chunk(3))
-
+        step = _evicting_put_or_remove(store, op, 12, random.Random(11))
         total = _points(step)
         for n in range(1, total + 1):
             _interrupted(step, n)
@@ -574,16 +580,7 @@ def test_an_interrupted_eviction_or_removal_on_the_disk_tier_leaves_no_mark_or_c
     store = LMCLocalDiskBackend(cfg, None, "cpu")
     rng = random.Random(12)
     try:
-        for i in range(6):
-            store.put(_key(i), _chunk(i))
-        fresh = iter(range(1000, 10**6))
-
-        def step() -> None:
-            if op == "remove":
-                store.remove(_key(rng.randrange(6)))
-            else:
-                store.put(_key(next(fresh)), _chunk(3))
-
+        step = _evicting_put_or_remove(store, op, 6, rng)
         total = _points(step, ("local_backend.py", "evictor.py"))
         for n in _sample(total, 120, rng):
             where = _interrupted(step, n, ("local_backend.py", "evictor.py"))
