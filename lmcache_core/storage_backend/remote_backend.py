@@ -1021,25 +1021,13 @@ class LMCRemoteBackend(LMCBackendInterface):
 
     def _start_write(self, key: CacheEngineKey, kv_chunk: torch.Tensor) -> Callable[[], None]:
         """Submit the write of ``kv_chunk`` to an I/O thread; the returned function awaits it."""
-        return self._start_chunk_write(key, chunk_format.UnsealedChunk(kv_chunk, key.to_string()))
-
-    def _start_chunk_write(
-        self,
-        key: CacheEngineKey,
-        chunk: chunk_format.UnsealedChunk,
-        timeout: float | None = None,
-        admitted: bool = False,
-        tried: int = 0,
-    ) -> Callable[[], None]:
+        chunk = chunk_format.UnsealedChunk(kv_chunk, key.to_string())
         try:
-            future, deadline = self._submit(
-                "put", self.connector.put_chunk, key, chunk, retry=True, timeout=timeout, admitted=admitted, tried=tried
-            )
+            future, deadline = self._submit_put(key, chunk)
         except BaseException:
             # Also a KeyboardInterrupt once the write was queued: the caller is told it
             # failed and may change the tensor, so nothing hashed from now on is published.
-            chunk.abandon()
-            self._write_failed(key)
+            self._write_abandoned(key, chunk)
             raise
 
         def finish() -> None:
@@ -1049,8 +1037,7 @@ class LMCRemoteBackend(LMCBackendInterface):
                 # A send still running must not publish what the caller changes next: also
                 # when Ctrl-C ends the wait (a reused buffer was stored as a mix of two
                 # chunks under a valid checksum, a wrong tensor for every later get).
-                chunk.abandon()
-                self._write_failed(key)
+                self._write_abandoned(key, chunk)
                 raise
             self._stored(key)
 
@@ -1065,19 +1052,27 @@ class LMCRemoteBackend(LMCBackendInterface):
         admitted: bool = False,
         tried: int = 0,
     ) -> None:
-        """``_start_chunk_write`` and its wait in one ``try``: a KeyboardInterrupt landing
-        between the two (as the wait was called) left the send unabandoned, and the
-        caller's next bytes in its buffer could be hashed and stored under ``key``."""
+        """``_start_write`` and its wait in one ``try``: a KeyboardInterrupt landing between
+        the two (as the wait was called) left the send unabandoned, and the caller's next
+        bytes in its buffer could be hashed and stored under ``key``."""
         try:
-            future, deadline = self._submit(
-                "put", self.connector.put_chunk, key, chunk, retry=True, timeout=timeout, admitted=admitted, tried=tried
-            )
+            future, deadline = self._submit_put(key, chunk, timeout=timeout, admitted=admitted, tried=tried)
             self._await("put", future, deadline)
         except BaseException:
-            chunk.abandon()
-            self._write_failed(key)
+            self._write_abandoned(key, chunk)
             raise
         self._stored(key)
+
+    def _submit_put(
+        self, key: CacheEngineKey, chunk: chunk_format.UnsealedChunk, **limits: Any
+    ) -> tuple[Any, float]:
+        """The put of ``chunk`` on an I/O thread, retried; (its future, its deadline)."""
+        return self._submit("put", self.connector.put_chunk, key, chunk, retry=True, **limits)
+
+    def _write_abandoned(self, key: CacheEngineKey, chunk: chunk_format.UnsealedChunk) -> None:
+        """A write whose caller was told it failed: nothing hashed from now on is published."""
+        chunk.abandon()
+        self._write_failed(key)
 
     def _stored(self, key: CacheEngineKey) -> None:
         """Bookkeeping of a put the remote has acknowledged."""
